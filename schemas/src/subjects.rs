@@ -1,0 +1,56 @@
+//! Subject names, stream names and header keys: the one place they are spelled.
+
+use crate::event::AggregateKind;
+
+/// The event stream: system of record and audit trail.
+pub const EVENTS_STREAM: &str = "CUSTOS_EVENTS";
+/// Prefix of every event subject: `custos.evt.<aggregate kind>.<aggregate id>.<EVENT_TYPE>`.
+pub const EVENTS_PREFIX: &str = "custos.evt";
+/// Wildcard covering every event subject.
+pub const EVENTS_ALL: &str = "custos.evt.>";
+/// Dead letters, one subject per step: `custos.dlq.<step>`.
+pub const DLQ_STREAM: &str = "CUSTOS_DLQ";
+pub const DLQ_PREFIX: &str = "custos.dlq";
+/// Upstream transfer requests (request/reply). The only subject upstream may publish to.
+pub const REQ_TRANSFER: &str = "custos.req.transfer";
+/// Queue group shared by intake instances.
+pub const INTAKE_QUEUE: &str = "custos-intake";
+/// Appends from processes outside the ledger writer (request/reply).
+pub const LEDGER_APPEND: &str = "custos.ledger.append";
+pub const LEDGER_QUEUE: &str = "custos-ledger";
+
+/// Subject of one event.
+pub fn event_subject(kind: AggregateKind, aggregate_id: &str, event_type: &str) -> String {
+    format!("{EVENTS_PREFIX}.{}.{aggregate_id}.{event_type}", kind.as_str())
+}
+
+/// Filter matching every event of one aggregate.
+pub fn aggregate_filter(kind: AggregateKind, aggregate_id: &str) -> String {
+    format!("{EVENTS_PREFIX}.{}.{aggregate_id}.*", kind.as_str())
+}
+
+/// Filter matching one event type across all aggregates of a kind.
+pub fn event_type_filter(kind: AggregateKind, event_type: &str) -> String {
+    format!("{EVENTS_PREFIX}.{}.*.{event_type}", kind.as_str())
+}
+
+/// Dead-letter subject of a step.
+pub fn dlq_subject(step: &str) -> String {
+    format!("{DLQ_PREFIX}.{step}")
+}
+
+/// Header keys Custos writes or reads.
+pub mod headers {
+    /// `application/msgpack` (default) or `application/json`.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    /// Hash of the previous event in the chain (hex).
+    pub const PREV_HASH: &str = "Custos-Prev-Hash";
+    /// Hash of this event (hex).
+    pub const HASH: &str = "Custos-Hash";
+    /// Reason a message was dead-lettered.
+    pub const DLQ_REASON: &str = "Custos-Dlq-Reason";
+    /// Stream sequence of the dead-lettered message.
+    pub const DLQ_STREAM_SEQ: &str = "Custos-Dlq-Stream-Seq";
+    /// Subject of the dead-lettered message.
+    pub const DLQ_SUBJECT: &str = "Custos-Dlq-Subject";
+}
