@@ -7,15 +7,18 @@
 pub mod codec;
 pub mod event;
 pub mod ids;
+pub mod ledger;
 pub mod request;
 pub mod subjects;
 
 pub use codec::{ContentType, DecodeError};
 pub use event::{
     Actor, AggregateKind, Checkpoint, Event, EventType, Outcome, Payload, RequestContext, Target,
+    WalletDescriptor,
 };
 pub use ids::{IdError, validate_token};
-pub use request::{IntakeError, IntakeReply, TransferRequest};
+pub use ledger::{AppendReply, AppendRequest, Proposal};
+pub use request::{Decimal, FieldError, IntakeError, IntakeReply, TransferRequest};
 
 /// Version of every envelope this build writes; readers accept this version only
 /// and name it in the error otherwise.

@@ -1,0 +1,183 @@
+//! The ledger's state, pure: the chain head, every aggregate's version and (for
+//! transfers) its workflow state, and the wallet directory. The ledger writer (in
+//! `workers`) is the only process that seals events; it rebuilds this state by
+//! replaying the stream and then extends the chain from memory, so appends never
+//! wait on a read.
+
+use std::collections::HashMap;
+
+use custos_schemas::{
+    AggregateKind, Event, EventType, Payload, Proposal, SCHEMA_VERSION, WalletDescriptor, codec, subjects, validate_token,
+};
+
+use crate::chain::{self, ChainHash, Link};
+use crate::transfer::{self, Transfer};
+
+/// One aggregate's position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AggregateState {
+    pub version: u64,
+    pub last_event: Option<EventType>,
+    /// The workflow state, for transfers.
+    pub transfer: Option<Transfer>,
+}
+
+/// An event ready to publish: its place in the stream and its chain hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub seq: u64,
+    pub subject: String,
+    pub msg_id: String,
+    pub body: Vec<u8>,
+    pub prev_hash: ChainHash,
+    pub hash: ChainHash,
+    pub event: Event,
+}
+
+/// Why proposals were not sealed. Nothing is sealed when any one fails.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("{workflow_id}: expected version {expected}, the aggregate is at {actual}")]
+    Conflict { workflow_id: String, expected: u64, actual: u64 },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why a stored event could not be replayed: the trail is broken or holds an
+/// event the rules forbid. The ledger then refuses to extend it (fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("seq {seq}: {reason}")]
+pub struct ReplayError {
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    head: ChainHash,
+    last_seq: u64,
+    last_timestamp: i64,
+    aggregates: HashMap<(AggregateKind, String), AggregateState>,
+    wallets: HashMap<String, WalletDescriptor>,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger { head: ChainHash::GENESIS, last_seq: 0, last_timestamp: 0, aggregates: HashMap::new(), wallets: HashMap::new() }
+    }
+}
+
+impl Ledger {
+    pub fn head(&self) -> ChainHash {
+        self.head
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    pub fn aggregate(&self, kind: AggregateKind, id: &str) -> Option<&AggregateState> {
+        self.aggregates.get(&(kind, id.to_string()))
+    }
+
+    pub fn version(&self, kind: AggregateKind, id: &str) -> u64 {
+        self.aggregate(kind, id).map_or(0, |a| a.version)
+    }
+
+    pub fn wallet(&self, name: &str) -> Option<&WalletDescriptor> {
+        self.wallets.get(name)
+    }
+
+    /// Replays one stored event, checking that it extends the chain.
+    pub fn replay(&mut self, l: Link<'_>) -> Result<(), ReplayError> {
+        let fail = |reason: String| ReplayError { seq: l.seq, reason };
+        let hash = chain::check_link(&self.head, self.last_seq, l)
+            .map_err(|kind| fail(chain::Break { seq: l.seq, kind }.to_string()))?;
+        let event: Event = codec::from_msgpack(l.body).map_err(|e| fail(format!("undecodable event: {e}")))?;
+        let key = (event.aggregate_kind, event.workflow_id.clone());
+        let current = self.aggregates.get(&key).cloned().unwrap_or_default();
+        let next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
+        self.note_wallet(&event);
+        self.aggregates.insert(key, next);
+        self.head = hash;
+        self.last_seq = l.seq;
+        self.last_timestamp = self.last_timestamp.max(event.timestamp);
+        Ok(())
+    }
+
+    /// Seals proposals into events at the next stream sequences, all or none.
+    /// `now_ms` is the writer's clock; timestamps never go backwards.
+    pub fn seal(&mut self, proposals: Vec<Proposal>, now_ms: i64) -> Result<Vec<Sealed>, SealError> {
+        let timestamp = now_ms.max(self.last_timestamp);
+        let mut touched: HashMap<(AggregateKind, String), AggregateState> = HashMap::new();
+        let mut events = Vec::with_capacity(proposals.len());
+        for p in proposals {
+            validate_token("workflowId", &p.workflow_id).map_err(|e| SealError::Refused(e.to_string()))?;
+            let key = (p.aggregate_kind, p.workflow_id.clone());
+            let current = touched.get(&key).or_else(|| self.aggregates.get(&key)).cloned().unwrap_or_default();
+            if current.version != p.expected_version {
+                return Err(SealError::Conflict { workflow_id: p.workflow_id, expected: p.expected_version, actual: current.version });
+            }
+            let version = current.version + 1;
+            let event = Event {
+                schema_version: SCHEMA_VERSION,
+                id: Event::message_id(p.aggregate_kind, &p.workflow_id, version),
+                timestamp,
+                event_type: p.event_type,
+                aggregate_kind: p.aggregate_kind,
+                workflow_id: p.workflow_id,
+                version,
+                causation_id: p.causation_id,
+                actor: p.actor,
+                target: p.target,
+                context: p.context,
+                result: p.result,
+                metadata: p.metadata,
+                payload: p.payload,
+            };
+            let next = advance(current, &event).map_err(|e| SealError::Refused(format!("{}: {e}", event.workflow_id)))?;
+            touched.insert(key, next);
+            events.push(event);
+        }
+        let mut sealed = Vec::with_capacity(events.len());
+        for event in events {
+            let seq = self.last_seq + 1;
+            let subject = subjects::event_subject(event.aggregate_kind, &event.workflow_id, event.event_type.as_str());
+            let body = codec::to_msgpack(&event);
+            let hash = chain::link(&self.head, seq, &subject, &body);
+            self.note_wallet(&event);
+            sealed.push(Sealed { seq, subject, msg_id: event.id.clone(), body, prev_hash: self.head, hash, event });
+            self.head = hash;
+            self.last_seq = seq;
+        }
+        self.aggregates.extend(touched);
+        self.last_timestamp = timestamp;
+        Ok(sealed)
+    }
+
+    fn note_wallet(&mut self, event: &Event) {
+        if let Payload::WalletCreated(w) = &event.payload {
+            self.wallets.insert(w.name.clone(), w.clone());
+        }
+    }
+}
+
+/// The aggregate's next state after `event`, or why the event is not allowed.
+fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, String> {
+    if event.version != state.version + 1 {
+        return Err(format!("version {} does not follow {}", event.version, state.version));
+    }
+    if event.aggregate_kind == AggregateKind::Tx {
+        let current = state.transfer.take().unwrap_or_default();
+        let (next, _commands) = transfer::apply(&current, event).map_err(|e| e.to_string())?;
+        state.transfer = Some(next);
+    }
+    if let Payload::WalletCreated(w) = &event.payload {
+        if event.aggregate_kind != AggregateKind::Wallet || w.name != event.workflow_id || event.version != 1 {
+            return Err(format!("wallet {} must be created as the first event of aggregate wallet.{}", w.name, w.name));
+        }
+    }
+    state.version = event.version;
+    state.last_event = Some(event.event_type);
+    Ok(state)
+}

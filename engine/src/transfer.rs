@@ -1,0 +1,149 @@
+//! The transfer workflow as a pure state machine: `apply(state, event) -> (state,
+//! commands)`. A workflow's state is the fold of its events; the ledger runs this
+//! fold before it appends, so an event the machine does not allow is never written.
+
+use custos_schemas::{Event, EventType, Outcome, Payload, TransferRequest};
+
+/// Where a transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// No event yet.
+    #[default]
+    New,
+    /// Created; the policy step decides next.
+    AwaitingPolicy,
+    /// The policy requires business approvals.
+    AwaitingApprovals,
+    /// Allowed (by policy or by a reached quorum); the signing step is next.
+    ReadyToSign,
+    Signed,
+    Broadcast,
+    Confirmed,
+    /// Blocked by policy or rejected by an approver.
+    Rejected,
+    /// A step failed for good.
+    Failed,
+}
+
+impl Stage {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Stage::Confirmed | Stage::Rejected | Stage::Failed)
+    }
+}
+
+/// What the workflow asks the workers to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    EvaluatePolicy,
+    CollectApprovals,
+    Sign,
+    Broadcast,
+    AwaitConfirmation,
+}
+
+/// The state of one transfer workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transfer {
+    pub stage: Stage,
+    pub version: u64,
+    pub request: Option<TransferRequest>,
+    /// Hex SHA-256 of the canonical request: what approvals and guardians bind to.
+    pub request_hash: Option<String>,
+    pub approvals: u64,
+    /// Why it was rejected or failed.
+    pub reason: Option<String>,
+}
+
+/// An event the machine does not accept in the current stage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{event} is not allowed when the transfer is {stage:?}{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+pub struct TransitionError {
+    pub stage: Stage,
+    pub event: &'static str,
+    pub detail: Option<String>,
+}
+
+/// Applies one event. `event.version` must be `state.version + 1`.
+pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>), TransitionError> {
+    use EventType as E;
+    use Stage as S;
+    let refuse = |detail: Option<String>| TransitionError { stage: state.stage, event: event.event_type.as_str(), detail };
+    if event.version != state.version + 1 {
+        return Err(refuse(Some(format!("version {} does not follow {}", event.version, state.version))));
+    }
+    let mut next = state.clone();
+    next.version = event.version;
+    let reason = || match &event.payload {
+        Payload::StepFailed { step, reason } => Some(format!("{step}: {reason}")),
+        _ => event.metadata.get("reason").cloned(),
+    };
+    let commands = match (state.stage, event.event_type, event.result) {
+        (S::New, E::TransactionCreated, _) => {
+            let Payload::TransferRequested { request, request_hash } = &event.payload else {
+                return Err(refuse(Some("payload must be the transfer request".into())));
+            };
+            next.request = Some(request.clone());
+            next.request_hash = Some(request_hash.clone());
+            next.stage = S::AwaitingPolicy;
+            vec![Command::EvaluatePolicy]
+        }
+        (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Success) => {
+            next.stage = S::ReadyToSign;
+            vec![Command::Sign]
+        }
+        (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Pending) => {
+            next.stage = S::AwaitingApprovals;
+            vec![Command::CollectApprovals]
+        }
+        (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Denied | Outcome::Failure) => {
+            next.stage = S::Rejected;
+            next.reason = reason();
+            vec![]
+        }
+        // An approval that does not complete the quorum is recorded as pending.
+        (S::AwaitingApprovals, E::TransactionApproved, Outcome::Pending) => {
+            next.approvals += 1;
+            vec![]
+        }
+        (S::AwaitingApprovals, E::TransactionApproved, Outcome::Success) => {
+            next.approvals += 1;
+            next.stage = S::ReadyToSign;
+            vec![Command::Sign]
+        }
+        (S::AwaitingApprovals, E::TransactionRejected, _) => {
+            next.stage = S::Rejected;
+            next.reason = reason();
+            vec![]
+        }
+        (S::ReadyToSign, E::TransactionSigned, Outcome::Success) => {
+            next.stage = S::Signed;
+            vec![Command::Broadcast]
+        }
+        (S::Signed, E::TransactionBroadcast, Outcome::Success) => {
+            next.stage = S::Broadcast;
+            vec![Command::AwaitConfirmation]
+        }
+        (S::Broadcast, E::TransactionConfirmed, Outcome::Success) => {
+            next.stage = S::Confirmed;
+            vec![]
+        }
+        (stage, E::TransactionFailed, _) if stage != S::New && !stage.is_terminal() => {
+            next.stage = S::Failed;
+            next.reason = reason();
+            vec![]
+        }
+        _ => return Err(refuse(None)),
+    };
+    Ok((next, commands))
+}
+
+/// Folds a whole history; the commands are those of the last event.
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<(Transfer, Vec<Command>), TransitionError> {
+    let mut state = Transfer::default();
+    let mut commands = Vec::new();
+    for e in events {
+        (state, commands) = apply(&state, e)?;
+    }
+    Ok((state, commands))
+}
