@@ -17,6 +17,8 @@ use crate::transfer::{self, Transfer};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AggregateState {
     pub version: u64,
+    /// Stream sequence of the aggregate's first event.
+    pub first_seq: u64,
     pub last_event: Option<EventType>,
     /// The workflow state, for transfers.
     pub transfer: Option<Transfer>,
@@ -96,7 +98,10 @@ impl Ledger {
         let event: Event = codec::from_msgpack(l.body).map_err(|e| fail(format!("undecodable event: {e}")))?;
         let key = (event.aggregate_kind, event.workflow_id.clone());
         let current = self.aggregates.get(&key).cloned().unwrap_or_default();
-        let next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
+        let mut next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
+        if event.version == 1 {
+            next.first_seq = l.seq;
+        }
         self.note_wallet(&event);
         self.aggregates.insert(key, next);
         self.head = hash;
@@ -145,6 +150,11 @@ impl Ledger {
             let subject = subjects::event_subject(event.aggregate_kind, &event.workflow_id, event.event_type.as_str());
             let body = codec::to_msgpack(&event);
             let hash = chain::link(&self.head, seq, &subject, &body);
+            if event.version == 1 {
+                if let Some(state) = touched.get_mut(&(event.aggregate_kind, event.workflow_id.clone())) {
+                    state.first_seq = seq;
+                }
+            }
             self.note_wallet(&event);
             sealed.push(Sealed { seq, subject, msg_id: event.id.clone(), body, prev_hash: self.head, hash, event });
             self.head = hash;

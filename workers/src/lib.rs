@@ -1,1 +1,40 @@
+//! Thin IO shells around the engine: the ledger writer, request intake, the
+//! remote append service, and the runtime that drives workflow steps.
 
+pub mod engine;
+pub mod intake;
+pub mod ledger;
+pub mod remote;
+pub mod runtime;
+
+use tokio::sync::watch;
+
+/// A shutdown signal shared by every task of a process.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+/// Triggers a [`Shutdown`].
+#[derive(Debug)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger(tx), Shutdown(rx))
+    }
+
+    /// Resolves once shutdown is triggered (or the trigger is dropped).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.0.send(true);
+    }
+}

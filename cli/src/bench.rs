@@ -1,0 +1,259 @@
+//! `custos bench`: measurements against a real nats-server started for the run,
+//! each printed as a ratio to a limit measured in the same run on the same server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use custos_adapters::jetstream::{StreamSettings, provision};
+use custos_adapters::nats_server::{Durability, NatsServer};
+use custos_engine::chain::Verifier;
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, ContentType, EventType, IntakeReply, Outcome, Payload, Proposal, RequestContext,
+    Target, TransferRequest, WalletDescriptor, subjects,
+};
+use custos_workers::Shutdown;
+use custos_workers::ledger::{LedgerConfig, LedgerHandle};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Which benchmark: audit (append + verify), intake, or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake"])]
+    which: String,
+    /// Server profiles to measure: both, durable or default.
+    #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
+    profile: String,
+    /// Events appended per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    events: u64,
+    /// Intake requests per measurement.
+    #[arg(long, default_value_t = 5_000)]
+    requests: u64,
+    /// Concurrent writers (appenders, or upstream publishers for intake).
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    let profiles: Vec<Durability> = match args.profile.as_str() {
+        "durable" => vec![Durability::Always],
+        "default" => vec![Durability::Default],
+        _ => vec![Durability::Default, Durability::Always],
+    };
+    println!("custos bench {} (events {}, requests {}, concurrency {})", args.which, args.events, args.requests, args.concurrency);
+    for durability in profiles {
+        let name = match durability {
+            Durability::Always => "durable (sync_interval: always)",
+            Durability::Default => "server default",
+        };
+        println!("\n== profile: {name}");
+        let dir = tempdir()?;
+        let server = NatsServer::start(&dir, 0, durability).await?;
+        let client = crate::connect(&server.url()).await?;
+        let js = jetstream::new(client.clone());
+        provision(&js, StreamSettings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (trigger, shutdown) = Shutdown::new();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let engine = tokio::spawn(custos_workers::engine::run(client.clone(), LedgerConfig::new(key), shutdown, Some(ready_tx)));
+        let ledger = ready.await?;
+        if args.which == "all" || args.which == "audit" {
+            audit(&js, &ledger, args.events, args.concurrency).await?;
+        }
+        if args.which == "all" || args.which == "intake" {
+            intake(&client, &ledger, args.requests, args.concurrency).await?;
+        }
+        trigger.trigger();
+        let _ = engine.await;
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("custos-bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A proposal whose sealed body is about `size` bytes: a system alert on its own
+/// aggregate, padded through its summary.
+fn proposal(i: u64, pad: usize) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::System,
+        workflow_id: format!("bench-{i}"),
+        expected_version: 0,
+        event_type: EventType::AlertRaised,
+        causation_id: None,
+        actor: Actor::system("bench"),
+        target: Target { kind: "bench".into(), id: i.to_string(), amount: None, currency: None },
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload: Payload::Alert { severity: "info".into(), summary: "x".repeat(pad) },
+    }
+}
+
+async fn audit(js: &jetstream::Context, ledger: &LedgerHandle, events: u64, concurrency: usize) -> anyhow::Result<()> {
+    // Size of one sealed event, to give the raw publish the same payloads.
+    let mut probe = custos_engine::ledger::Ledger::default();
+    let body_len = probe.seal(vec![proposal(0, 40)], 0).map(|s| s[0].body.len()).unwrap_or(300);
+
+    // Limit: raw pipelined JetStream publish of the same sizes to the same server.
+    js.create_stream(stream::Config { name: "BENCH_RAW".into(), subjects: vec!["bench.raw.>".into()], ..Default::default() })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let payload = bytes::Bytes::from(vec![b'x'; body_len]);
+    let started = Instant::now();
+    let mut inflight = std::collections::VecDeque::new();
+    for i in 0..events {
+        let msg = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(format!("raw-{i}"));
+        inflight.push_back(js.send_publish(format!("bench.raw.{}", i % 1000), msg).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+        if inflight.len() >= 4_096 {
+            if let Some(f) = inflight.pop_front() {
+                f.await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+        }
+    }
+    for f in inflight {
+        f.await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let raw_rate = events as f64 / started.elapsed().as_secs_f64();
+
+    // Audit append: sealed, chained, sequence-checked, acknowledged to each writer.
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (ledger, next) = (ledger.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut failures = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i > events {
+                    return failures;
+                }
+                if !matches!(ledger.append(vec![proposal(i, 40)]).await, AppendReply::Appended { .. }) {
+                    failures += 1;
+                }
+            }
+        }));
+    }
+    let mut failures = 0;
+    for t in tasks {
+        failures += t.await?;
+    }
+    let append_rate = events as f64 / started.elapsed().as_secs_f64();
+    println!("audit append      {append_rate:>10.0} events/s  raw pipelined publish {raw_rate:>10.0} msg/s ({body_len} B)  ratio {:.2} (target >= 0.5){}", append_rate / raw_rate, if failures > 0 { format!("  FAILURES {failures}") } else { String::new() });
+
+    // Verify, end to end from the stream, and in memory; against raw SHA-256 of the same bytes.
+    let mut records = Vec::new();
+    let started = Instant::now();
+    let verified = crate::audit::verify_stream(js, Verifier::new(subjects::EVENTS_STREAM, vec![])).await?;
+    let stream_secs = started.elapsed().as_secs_f64();
+    let verified = verified.map_err(|b| anyhow::anyhow!("verify failed: {b}"))?;
+    custos_adapters::jetstream::read_events(js, 1, None, |e| {
+        records.push(e);
+        Ok(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bytes: usize = records.iter().map(|r| r.body.len() + r.subject.len()).sum();
+    let started = Instant::now();
+    for r in &records {
+        let mut h = Sha256::new();
+        h.update(&r.subject);
+        h.update(&r.body);
+        std::hint::black_box(h.finalize());
+    }
+    let sha_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let mut v = Verifier::new(subjects::EVENTS_STREAM, vec![]);
+    for r in &records {
+        v.push(r.link()).map_err(|b| anyhow::anyhow!("{b}"))?;
+    }
+    let memory_secs = started.elapsed().as_secs_f64();
+    let n = records.len() as f64;
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "audit verify      in memory {:>10.0} events/s ({:.0} MB/s)  raw SHA-256 {:>10.0} events/s ({:.0} MB/s)  ratio {:.2} (target >= 0.5)",
+        n / memory_secs,
+        mb / memory_secs,
+        n / sha_secs,
+        mb / sha_secs,
+        sha_secs / memory_secs
+    );
+    println!("audit verify      from the stream {:>10.0} events/s ({} events, {} checkpoints)  ratio to raw SHA-256 {:.2}", verified.events as f64 / stream_secs, verified.events, verified.checkpoints, sha_secs / stream_secs);
+    Ok(())
+}
+
+async fn intake(client: &async_nats::Client, ledger: &LedgerHandle, requests: u64, concurrency: usize) -> anyhow::Result<()> {
+    let wallet = WalletDescriptor { name: "bench-wallet".into(), model: "hd".into(), chain: "evm-31337".into(), address: "0x1111111111111111111111111111111111111111".into() };
+    let reply = ledger
+        .append(vec![Proposal {
+            aggregate_kind: AggregateKind::Wallet,
+            workflow_id: wallet.name.clone(),
+            expected_version: 0,
+            event_type: EventType::WalletCreated,
+            causation_id: None,
+            actor: Actor::system("bench"),
+            target: Target { kind: "wallet".into(), id: wallet.name.clone(), amount: None, currency: None },
+            context: RequestContext::default(),
+            result: Outcome::Success,
+            metadata: Default::default(),
+            payload: Payload::WalletCreated(wallet),
+        }])
+        .await;
+    anyhow::ensure!(matches!(reply, AppendReply::Appended { .. }), "creating the bench wallet: {reply:?}");
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, next) = (client.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i > requests {
+                    return latencies;
+                }
+                let request = TransferRequest {
+                    request_id: format!("bench-{i}"),
+                    wallet: "bench-wallet".into(),
+                    asset: "ETH".into(),
+                    destination: "0x2222222222222222222222222222222222222222".into(),
+                    amount: "0.5".into(),
+                    memo: None,
+                    initiator: "bench".into(),
+                };
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(subjects::headers::CONTENT_TYPE, ContentType::JSON);
+                let t = Instant::now();
+                let ok = match client.request_with_headers(subjects::REQ_TRANSFER, headers, ContentType::Json.encode(&request).into()).await {
+                    Ok(msg) => matches!(ContentType::Json.decode::<IntakeReply>(&msg.payload), Ok(IntakeReply::Accepted { .. })),
+                    Err(_) => false,
+                };
+                latencies.push((t.elapsed(), ok));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let elapsed = started.elapsed();
+    let failed = all.iter().filter(|(_, ok)| !ok).count();
+    let mut latencies: Vec<Duration> = all.into_iter().map(|(d, _)| d).collect();
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    println!(
+        "intake            {:>10.0} requests/s at {concurrency} publishers  p50 {:.2} ms  p99 {:.2} ms{}",
+        requests as f64 / elapsed.as_secs_f64(),
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        if failed > 0 { format!("  FAILED {failed}") } else { String::new() }
+    );
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! `custos up`: the engine on embedded defaults, or against a given NATS.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use custos_adapters::jetstream::{StreamSettings, provision};
+use custos_adapters::nats_server::{Durability, NatsServer};
+use custos_workers::Shutdown;
+use custos_workers::ledger::LedgerConfig;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the embedded server's JetStream data and the audit key live.
+    #[arg(long, env = "CUSTOS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Use this NATS server instead of starting one.
+    #[arg(long, env = "CUSTOS_NATS_URL")]
+    nats_url: Option<String>,
+    /// Client port of the embedded server.
+    #[arg(long, default_value_t = 4222)]
+    nats_port: u16,
+    /// `durable` (fsync before every ack; the default for a system of record) or
+    /// `default` (the server's own setting: faster, loses the last writes on an OS crash).
+    #[arg(long, default_value = "durable", value_parser = ["durable", "default"])]
+    profile: String,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let durability = if args.profile == "durable" { Durability::Always } else { Durability::Default };
+    let (_server, url, embedded) = match args.nats_url {
+        Some(url) => (None, url, false),
+        None => {
+            let server = NatsServer::start(&data_dir.join("nats"), args.nats_port, durability).await?;
+            let url = server.url();
+            (Some(server), url, true)
+        }
+    };
+    let client = crate::connect(&url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    provision(&js, StreamSettings::default()).await.map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
+    let audit_key = crate::keys::load_or_create_audit_key(&data_dir)?;
+    let public = hex::encode(audit_key.verifying_key().as_bytes());
+
+    println!("Custos is up.");
+    if embedded {
+        println!("  NATS        {url}  (embedded nats-server, JetStream in {}, profile {})", data_dir.join("nats").display(), args.profile);
+    } else {
+        println!("  NATS        {url}");
+    }
+    println!("  Audit key   {public}  ({})", crate::keys::audit_pub_path(&data_dir).display());
+    println!("  Intake      request/reply on {}", custos_schemas::subjects::REQ_TRANSFER);
+    println!("  Try         custos tx submit --wallet W --asset LTC --to ADDR --amount 0.1");
+    println!("              custos audit verify");
+    println!("Ctrl-C stops it.");
+
+    let (trigger, shutdown) = Shutdown::new();
+    let mut engine = tokio::spawn(custos_workers::engine::run(client, LedgerConfig::new(audit_key), shutdown, None));
+    let stopped = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        result = &mut engine => Some(result),
+    };
+    let result = match stopped {
+        Some(result) => result,
+        None => {
+            println!("Stopping...");
+            trigger.trigger();
+            engine.await
+        }
+    };
+    match result {
+        Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(anyhow::anyhow!("engine task failed: {e}")),
+    }
+}

@@ -1,0 +1,233 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use custos_engine::chain::{self, Break, ChainHash, Link, Verified, Verifier};
+use custos_engine::ledger::{Ledger, Sealed};
+use custos_schemas::{
+    Actor, AggregateKind, Checkpoint, EventType, Outcome, Payload, Proposal, RequestContext,
+    Target, TransferRequest, WalletDescriptor,
+};
+use ed25519_dalek::SigningKey;
+
+pub const STREAM: &str = "CUSTOS_EVENTS";
+
+/// A deterministic audit key.
+pub fn key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// A proposal with a plain envelope.
+pub fn proposal(
+    kind: AggregateKind,
+    id: &str,
+    expected_version: u64,
+    event_type: EventType,
+    result: Outcome,
+    payload: Payload,
+) -> Proposal {
+    Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.to_string(),
+        expected_version,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("tests"),
+        target: Target { kind: kind.as_str().into(), id: id.into(), amount: None, currency: None },
+        context: RequestContext::default(),
+        result,
+        metadata: BTreeMap::new(),
+        payload,
+    }
+}
+
+/// A simple event on an aggregate without a state machine.
+pub fn simple(kind: AggregateKind, id: &str, expected_version: u64, event_type: EventType) -> Proposal {
+    proposal(kind, id, expected_version, event_type, Outcome::Success, Payload::None)
+}
+
+pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
+    proposal(
+        AggregateKind::Wallet,
+        name,
+        0,
+        EventType::WalletCreated,
+        Outcome::Success,
+        Payload::WalletCreated(WalletDescriptor {
+            name: name.into(),
+            model: "frost".into(),
+            chain: chain.into(),
+            address: address.into(),
+        }),
+    )
+}
+
+pub fn checkpoint_proposal(id: &str, expected_version: u64, cp: Checkpoint) -> Proposal {
+    proposal(
+        AggregateKind::Audit,
+        id,
+        expected_version,
+        EventType::AuditCheckpoint,
+        Outcome::Success,
+        Payload::Checkpoint(cp),
+    )
+}
+
+/// A regtest Litecoin segwit v1 address with a 32-byte program of `byte`.
+pub fn rltc_address(byte: u8) -> String {
+    segwit_address("rltc", byte)
+}
+
+pub fn segwit_address(hrp: &str, byte: u8) -> String {
+    let hrp = bech32::Hrp::parse(hrp).expect("valid hrp");
+    bech32::segwit::encode(hrp, bech32::segwit::VERSION_1, &[byte; 32]).expect("encodable")
+}
+
+pub fn transfer_request(request_id: &str, wallet: &str, asset: &str, destination: &str, amount: &str) -> TransferRequest {
+    TransferRequest {
+        request_id: request_id.into(),
+        wallet: wallet.into(),
+        asset: asset.into(),
+        destination: destination.into(),
+        amount: amount.into(),
+        memo: None,
+        initiator: "alice".into(),
+    }
+}
+
+/// The TRANSACTION_CREATED proposal of a transfer workflow.
+pub fn tx_created(id: &str) -> Proposal {
+    let request = transfer_request(&format!("req-{id}"), "w", "LTC", &rltc_address(7), "1.5");
+    let request_hash = custos_engine::intake::request_hash(&request);
+    proposal(
+        AggregateKind::Tx,
+        id,
+        0,
+        EventType::TransactionCreated,
+        Outcome::Pending,
+        Payload::TransferRequested { request, request_hash },
+    )
+}
+
+/// The happy path of a transfer after creation: the proposal at `version` (1-based
+/// position of the event it proposes), for versions 2..=5.
+pub fn tx_step(id: &str, expected_version: u64) -> Proposal {
+    let event_type = match expected_version {
+        0 => return tx_created(id),
+        1 => EventType::PolicyEvaluated,
+        2 => EventType::TransactionSigned,
+        3 => EventType::TransactionBroadcast,
+        _ => EventType::TransactionConfirmed,
+    };
+    proposal(AggregateKind::Tx, id, expected_version, event_type, Outcome::Success, Payload::None)
+}
+
+/// A sealed event as it sits in the stream: seq, subject, body and its chain headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub subject: String,
+    pub body: Vec<u8>,
+    pub prev_hash: Option<String>,
+    pub hash: Option<String>,
+}
+
+impl Stored {
+    pub fn link(&self) -> Link<'_> {
+        Link {
+            seq: self.seq,
+            subject: &self.subject,
+            body: &self.body,
+            prev_hash: self.prev_hash.as_deref(),
+            hash: self.hash.as_deref(),
+        }
+    }
+
+    /// A new stored event at `seq` following `prev`, with correctly computed hashes.
+    pub fn forge(prev: &ChainHash, seq: u64, subject: &str, body: Vec<u8>) -> Stored {
+        let hash = chain::link(prev, seq, subject, &body);
+        Stored {
+            seq,
+            subject: subject.into(),
+            body,
+            prev_hash: Some(prev.to_hex()),
+            hash: Some(hash.to_hex()),
+        }
+    }
+}
+
+impl From<&Sealed> for Stored {
+    fn from(s: &Sealed) -> Self {
+        Stored {
+            seq: s.seq,
+            subject: s.subject.clone(),
+            body: s.body.clone(),
+            prev_hash: Some(s.prev_hash.to_hex()),
+            hash: Some(s.hash.to_hex()),
+        }
+    }
+}
+
+pub fn stored(sealed: &[Sealed]) -> Vec<Stored> {
+    sealed.iter().map(Stored::from).collect()
+}
+
+/// Verifies a trail with no trusted keys and no external checkpoints.
+pub fn verify(trail: &[Stored]) -> Result<Verified, Break> {
+    verify_with(Verifier::new(STREAM, Vec::new()), trail)
+}
+
+pub fn verify_with(mut verifier: Verifier, trail: &[Stored]) -> Result<Verified, Break> {
+    for s in trail {
+        verifier.push(s.link())?;
+    }
+    verifier.finish()
+}
+
+/// A ledger holding `n` sealed events over several aggregates (users, policies, a
+/// wallet, transfer workflows), sealed one or a few at a time.
+pub fn sample_chain(n: usize) -> (Ledger, Vec<Sealed>) {
+    let mut ledger = Ledger::default();
+    let mut all = Vec::new();
+    let mut i = 0usize;
+    while all.len() < n {
+        let p = match i % 6 {
+            0 => {
+                let id = format!("user-{}", i % 4);
+                simple(AggregateKind::User, &id, ledger.version(AggregateKind::User, &id), EventType::UserCreated)
+            }
+            1 => {
+                let id = format!("tx-{}", i / 30);
+                let v = ledger.version(AggregateKind::Tx, &id);
+                if v >= 5 {
+                    simple(AggregateKind::System, "ops", ledger.version(AggregateKind::System, "ops"), EventType::AlertRaised)
+                } else {
+                    tx_step(&id, v)
+                }
+            }
+            2 if ledger.wallet(&format!("w{}", i / 12)).is_none() => {
+                let name = format!("w{}", i / 12);
+                wallet_created(&name, "ltc-regtest", &rltc_address(1))
+            }
+            3 => {
+                let mut p = proposal(
+                    AggregateKind::Policy,
+                    "limits",
+                    ledger.version(AggregateKind::Policy, "limits"),
+                    EventType::SpendingLimitChanged,
+                    Outcome::Success,
+                    Payload::Alert { severity: "info".into(), summary: format!("limit {i}") },
+                );
+                p.metadata.insert("n".into(), i.to_string());
+                p
+            }
+            _ => simple(AggregateKind::Auth, "alice", ledger.version(AggregateKind::Auth, "alice"), EventType::LoginSuccess),
+        };
+        let sealed = ledger.seal(vec![p], 1_700_000_000_000 + i as i64).expect("sample proposals seal");
+        all.extend(sealed);
+        i += 1;
+    }
+    all.truncate(n);
+    (ledger, all)
+}
