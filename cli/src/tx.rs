@@ -22,7 +22,7 @@ pub enum TxCommand {
         #[arg(long)]
         to: String,
         /// Decimal amount in the asset's units, e.g. 0.015.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: String,
         #[arg(long)]
         memo: Option<String>,

@@ -15,7 +15,11 @@ fn brk(seq: u64, kind: BreakKind) -> Result<chain::Verified, Break> {
 
 /// Head of the chain after the event at `seq` (GENESIS for 0).
 fn head_at(sealed: &[Sealed], seq: u64) -> ChainHash {
-    if seq == 0 { ChainHash::GENESIS } else { sealed[seq as usize - 1].hash }
+    if seq == 0 {
+        ChainHash::GENESIS
+    } else {
+        sealed[seq as usize - 1].hash
+    }
 }
 
 #[test]
@@ -31,7 +35,10 @@ fn sealed_chain_verifies() {
     for (i, s) in sealed.iter().enumerate() {
         assert_eq!(s.seq, i as u64 + 1);
         assert_eq!(s.prev_hash, head_at(&sealed, i as u64));
-        assert_eq!(s.hash, chain::link(&s.prev_hash, s.seq, &s.subject, &s.body));
+        assert_eq!(
+            s.hash,
+            chain::link(&s.prev_hash, s.seq, &s.subject, &s.body)
+        );
     }
 }
 
@@ -45,16 +52,36 @@ fn empty_trail_verifies_to_genesis() {
 fn link_binds_every_input() {
     let prev = ChainHash([9; 32]);
     let base = chain::link(&prev, 5, "custos.evt.user.a.USER_CREATED", b"body");
-    assert_ne!(base, chain::link(&ChainHash::GENESIS, 5, "custos.evt.user.a.USER_CREATED", b"body"));
-    assert_ne!(base, chain::link(&prev, 6, "custos.evt.user.a.USER_CREATED", b"body"));
-    assert_ne!(base, chain::link(&prev, 5, "custos.evt.user.b.USER_CREATED", b"body"));
-    assert_ne!(base, chain::link(&prev, 5, "custos.evt.user.a.USER_CREATED", b"bodz"));
+    assert_ne!(
+        base,
+        chain::link(
+            &ChainHash::GENESIS,
+            5,
+            "custos.evt.user.a.USER_CREATED",
+            b"body"
+        )
+    );
+    assert_ne!(
+        base,
+        chain::link(&prev, 6, "custos.evt.user.a.USER_CREATED", b"body")
+    );
+    assert_ne!(
+        base,
+        chain::link(&prev, 5, "custos.evt.user.b.USER_CREATED", b"body")
+    );
+    assert_ne!(
+        base,
+        chain::link(&prev, 5, "custos.evt.user.a.USER_CREATED", b"bodz")
+    );
     // The subject length is hashed, so moving bytes between subject and body changes the hash.
     assert_ne!(
         chain::link(&prev, 5, "ab", b"c"),
         chain::link(&prev, 5, "a", b"bc"),
     );
-    assert_eq!(base, chain::link(&prev, 5, "custos.evt.user.a.USER_CREATED", b"body"));
+    assert_eq!(
+        base,
+        chain::link(&prev, 5, "custos.evt.user.a.USER_CREATED", b"body")
+    );
 }
 
 #[test]
@@ -74,7 +101,11 @@ fn modified_body_byte_is_found_at_its_seq() {
         let mut trail = stored(&sealed);
         let mid = trail[target].body.len() / 2;
         trail[target].body[mid] ^= 0x01;
-        assert_eq!(verify(&trail), brk(target as u64 + 1, BreakKind::Modified), "event {target}");
+        assert_eq!(
+            verify(&trail),
+            brk(target as u64 + 1, BreakKind::Modified),
+            "event {target}"
+        );
     }
 }
 
@@ -110,7 +141,12 @@ fn deleted_event_is_missing() {
         trail.remove(deleted);
         assert_eq!(
             verify(&trail),
-            brk(deleted as u64 + 2, BreakKind::Missing { expected: deleted as u64 + 1 }),
+            brk(
+                deleted as u64 + 2,
+                BreakKind::Missing {
+                    expected: deleted as u64 + 1
+                }
+            ),
             "deleted {deleted}"
         );
     }
@@ -122,7 +158,11 @@ fn deleted_run_of_events_is_missing() {
     let mut trail = stored(&sealed);
     trail.drain(3..7);
     assert_eq!(verify(&trail), brk(8, BreakKind::Missing { expected: 4 }));
-    let msg = Break { seq: 8, kind: BreakKind::Missing { expected: 4 } }.to_string();
+    let msg = Break {
+        seq: 8,
+        kind: BreakKind::Missing { expected: 4 },
+    }
+    .to_string();
     assert!(msg.contains("4..7"), "{msg}");
 }
 
@@ -141,7 +181,15 @@ fn forged_body() -> (String, Vec<u8>) {
     // A perfectly plausible event, sealed by a rogue ledger.
     let mut rogue = Ledger::default();
     let sealed = rogue
-        .seal(vec![simple(AggregateKind::User, "mallory", 0, EventType::RoleAssigned)], 1)
+        .seal(
+            vec![simple(
+                AggregateKind::User,
+                "mallory",
+                0,
+                EventType::RoleAssigned,
+            )],
+            1,
+        )
         .expect("seals");
     (sealed[0].subject.clone(), sealed[0].body.clone())
 }
@@ -158,7 +206,10 @@ fn inserted_event_over_the_right_head_is_found_at_the_next_event() {
     // Kept numbering: the original seq 7 now follows the forged seq 7.
     let mut trail = stored(&sealed);
     trail.insert(k as usize, forged.clone());
-    assert_eq!(verify(&trail), brk(k + 1, BreakKind::OutOfOrder { previous: k + 1 }));
+    assert_eq!(
+        verify(&trail),
+        brk(k + 1, BreakKind::OutOfOrder { previous: k + 1 })
+    );
 
     // Renumbered tail: the original seq 7 (now 8) no longer links.
     let mut trail = stored(&sealed);
@@ -183,7 +234,12 @@ fn inserted_event_with_rehashed_follower_is_still_unlinked_later() {
         s.seq += 1;
     }
     let next = &trail[k as usize];
-    let rehashed = Stored::forge(&forged_hash, next.seq, &next.subject.clone(), next.body.clone());
+    let rehashed = Stored::forge(
+        &forged_hash,
+        next.seq,
+        &next.subject.clone(),
+        next.body.clone(),
+    );
     trail[k as usize] = rehashed;
     trail.insert(k as usize, forged);
     assert_eq!(verify(&trail), brk(k + 3, BreakKind::Unlinked));
@@ -195,7 +251,10 @@ fn duplicated_event_is_out_of_order() {
     let mut trail = stored(&sealed);
     let dup = trail[3].clone();
     trail.insert(4, dup);
-    assert_eq!(verify(&trail), brk(4, BreakKind::OutOfOrder { previous: 4 }));
+    assert_eq!(
+        verify(&trail),
+        brk(4, BreakKind::OutOfOrder { previous: 4 })
+    );
 }
 
 #[test]
@@ -210,7 +269,10 @@ fn reordered_events_are_found() {
     let mut trail = stored(&sealed);
     let (a, b) = (trail[3].clone(), trail[4].clone());
     trail[3] = Stored { seq: a.seq, ..b };
-    trail[4] = Stored { seq: a.seq + 1, ..a };
+    trail[4] = Stored {
+        seq: a.seq + 1,
+        ..a
+    };
     assert_eq!(verify(&trail), brk(4, BreakKind::Unlinked));
 
     // Swap with a distant event.
@@ -234,7 +296,11 @@ fn dropped_chain_headers_are_unchained() {
         let mut trail = stored(&sealed);
         trail[5].prev_hash = prev.clone();
         trail[5].hash = hash.clone();
-        assert_eq!(verify(&trail), brk(6, BreakKind::Unchained), "{prev:?} {hash:?}");
+        assert_eq!(
+            verify(&trail),
+            brk(6, BreakKind::Unchained),
+            "{prev:?} {hash:?}"
+        );
     }
 }
 
@@ -243,10 +309,19 @@ fn first_event_must_follow_genesis() {
     let (_, sealed) = sample_chain(3);
     let trail = stored(&sealed);
     // Starting mid-trail without the prefix is reported as missing events.
-    assert_eq!(verify(&trail[1..]), brk(2, BreakKind::Missing { expected: 1 }));
+    assert_eq!(
+        verify(&trail[1..]),
+        brk(2, BreakKind::Missing { expected: 1 })
+    );
     // Seq 0 is never valid.
-    let bad = Stored { seq: 0, ..trail[0].clone() };
-    assert_eq!(verify(&[bad]), brk(0, BreakKind::OutOfOrder { previous: 0 }));
+    let bad = Stored {
+        seq: 0,
+        ..trail[0].clone()
+    };
+    assert_eq!(
+        verify(&[bad]),
+        brk(0, BreakKind::OutOfOrder { previous: 0 })
+    );
 }
 
 #[test]
@@ -278,15 +353,21 @@ fn external_checkpoint_is_verified_and_counted() {
     let key = key(1);
     for at in [1u64, 7, 10] {
         let mut v = Verifier::new(STREAM, vec![key.verifying_key()]);
-        v.expect_checkpoint(sign_checkpoint(&key, STREAM, at, &head_at(&sealed, at))).expect("trusted");
+        v.expect_checkpoint(sign_checkpoint(&key, STREAM, at, &head_at(&sealed, at)))
+            .expect("trusted");
         let ok = verify_with(v, &stored(&sealed)).expect("checkpoint matches");
         assert_eq!(ok.checkpoints, 1, "at {at}");
     }
     // Two checkpoints, same trail.
     let mut v = Verifier::new(STREAM, vec![key.verifying_key()]);
-    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 3, &head_at(&sealed, 3))).expect("trusted");
-    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 9, &head_at(&sealed, 9))).expect("trusted");
-    assert_eq!(verify_with(v, &stored(&sealed)).map(|v| v.checkpoints), Ok(2));
+    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 3, &head_at(&sealed, 3)))
+        .expect("trusted");
+    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 9, &head_at(&sealed, 9)))
+        .expect("trusted");
+    assert_eq!(
+        verify_with(v, &stored(&sealed)).map(|v| v.checkpoints),
+        Ok(2)
+    );
 }
 
 #[test]
@@ -301,7 +382,11 @@ fn truncation_after_an_external_checkpoint_is_found() {
         for s in &trail {
             v.push(s.link()).expect("prefix is intact");
         }
-        assert_eq!(v.finish(), brk(8, BreakKind::Truncated { last: keep as u64 }), "keep {keep}");
+        assert_eq!(
+            v.finish(),
+            brk(8, BreakKind::Truncated { last: keep as u64 }),
+            "keep {keep}"
+        );
     }
     // Exactly up to the checkpoint is fine.
     let mut v = Verifier::new(STREAM, vec![key.verifying_key()]);
@@ -309,9 +394,14 @@ fn truncation_after_an_external_checkpoint_is_found() {
     assert!(verify_with(v, &stored(&sealed[..8])).is_ok());
     // With two pending checkpoints the earliest one is reported.
     let mut v = Verifier::new(STREAM, Vec::new());
-    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 9, &head_at(&sealed, 9))).expect("ok");
-    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 6, &head_at(&sealed, 6))).expect("ok");
-    assert_eq!(verify_with(v, &stored(&sealed[..4])), brk(6, BreakKind::Truncated { last: 4 }));
+    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 9, &head_at(&sealed, 9)))
+        .expect("ok");
+    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 6, &head_at(&sealed, 6)))
+        .expect("ok");
+    assert_eq!(
+        verify_with(v, &stored(&sealed[..4])),
+        brk(6, BreakKind::Truncated { last: 4 })
+    );
 }
 
 #[test]
@@ -319,10 +409,14 @@ fn external_checkpoint_with_wrong_head_is_rejected_at_its_seq() {
     let (_, sealed) = sample_chain(10);
     let key = key(1);
     let mut v = Verifier::new(STREAM, vec![key.verifying_key()]);
-    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 6, &head_at(&sealed, 5))).expect("signature is fine");
+    v.expect_checkpoint(sign_checkpoint(&key, STREAM, 6, &head_at(&sealed, 5)))
+        .expect("signature is fine");
     let err = verify_with(v, &stored(&sealed)).expect_err("head differs");
     assert_eq!(err.seq, 6);
-    assert!(matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains(&head_at(&sealed, 6).to_hex())), "{err:?}");
+    assert!(
+        matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains(&head_at(&sealed, 6).to_hex())),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -331,15 +425,26 @@ fn external_checkpoint_from_an_untrusted_key_is_refused() {
     let trusted = key(1);
     let rogue = key(2);
     let mut v = Verifier::new(STREAM, vec![trusted.verifying_key()]);
-    let err = v.expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3))).expect_err("untrusted");
+    let err = v
+        .expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3)))
+        .expect_err("untrusted");
     assert_eq!(err.seq, 3);
-    assert!(matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains("untrusted")), "{err:?}");
+    assert!(
+        matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains("untrusted")),
+        "{err:?}"
+    );
     // Without trusted keys it is checked for consistency only, and accepted.
     let mut v = Verifier::new(STREAM, Vec::new());
-    assert!(v.expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3))).is_ok());
+    assert!(
+        v.expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3)))
+            .is_ok()
+    );
     // Several trusted keys: any of them will do.
     let mut v = Verifier::new(STREAM, vec![trusted.verifying_key(), rogue.verifying_key()]);
-    assert!(v.expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3))).is_ok());
+    assert!(
+        v.expect_checkpoint(sign_checkpoint(&rogue, STREAM, 3, &head_at(&sealed, 3)))
+            .is_ok()
+    );
 }
 
 #[test]
@@ -349,22 +454,46 @@ fn forged_checkpoint_signatures_are_refused() {
     let good = sign_checkpoint(&key, STREAM, 3, &head_at(&sealed, 3));
     let tampered: Vec<Checkpoint> = vec![
         // Moved to another sequence without re-signing.
-        Checkpoint { sequence: 2, ..good.clone() },
+        Checkpoint {
+            sequence: 2,
+            ..good.clone()
+        },
         // Another head without re-signing.
-        Checkpoint { head_hash: head_at(&sealed, 2).to_hex(), ..good.clone() },
+        Checkpoint {
+            head_hash: head_at(&sealed, 2).to_hex(),
+            ..good.clone()
+        },
         // Another stream without re-signing.
-        Checkpoint { stream: "OTHER".into(), ..good.clone() },
+        Checkpoint {
+            stream: "OTHER".into(),
+            ..good.clone()
+        },
         // Broken signature encodings.
-        Checkpoint { signature: "00".repeat(64), ..good.clone() },
-        Checkpoint { signature: "abc".into(), ..good.clone() },
-        Checkpoint { public_key: "00".into(), ..good.clone() },
-        Checkpoint { public_key: hex::encode(key_for_other_sig()), ..good.clone() },
+        Checkpoint {
+            signature: "00".repeat(64),
+            ..good.clone()
+        },
+        Checkpoint {
+            signature: "abc".into(),
+            ..good.clone()
+        },
+        Checkpoint {
+            public_key: "00".into(),
+            ..good.clone()
+        },
+        Checkpoint {
+            public_key: hex::encode(key_for_other_sig()),
+            ..good.clone()
+        },
     ];
     for cp in tampered {
         for trusted in [vec![], vec![key.verifying_key()]] {
             let mut v = Verifier::new(STREAM, trusted);
             let err = v.expect_checkpoint(cp.clone()).expect_err("refused");
-            assert!(matches!(err.kind, BreakKind::BadCheckpoint(_)), "{cp:?}: {err:?}");
+            assert!(
+                matches!(err.kind, BreakKind::BadCheckpoint(_)),
+                "{cp:?}: {err:?}"
+            );
             assert_eq!(err.seq, cp.sequence);
         }
     }
@@ -384,13 +513,23 @@ fn chain_with_embedded(
     let mut sealed = Vec::new();
     for i in 0..before {
         let id = format!("u{}", i % 3);
-        let p = simple(AggregateKind::User, &id, ledger.version(AggregateKind::User, &id), EventType::PermissionChanged);
+        let p = simple(
+            AggregateKind::User,
+            &id,
+            ledger.version(AggregateKind::User, &id),
+            EventType::PermissionChanged,
+        );
         sealed.extend(ledger.seal(vec![p], i as i64).expect("seals"));
     }
     let cp = make(&ledger);
     sealed.extend(ledger.seal(vec![cp], 100).expect("checkpoint seals"));
     for i in 0..after {
-        let p = simple(AggregateKind::System, "ops", ledger.version(AggregateKind::System, "ops"), EventType::AlertRaised);
+        let p = simple(
+            AggregateKind::System,
+            "ops",
+            ledger.version(AggregateKind::System, "ops"),
+            EventType::AlertRaised,
+        );
         sealed.extend(ledger.seal(vec![p], 200 + i as i64).expect("seals"));
     }
     (ledger, sealed)
@@ -409,7 +548,8 @@ fn embedded_checkpoint_verifies() {
         });
         assert!(sealed[before].subject.ends_with(".AUDIT_CHECKPOINT"));
         let trail = stored(&sealed);
-        let ok = verify_with(Verifier::new(STREAM, vec![key.verifying_key()]), &trail).expect("verifies");
+        let ok = verify_with(Verifier::new(STREAM, vec![key.verifying_key()]), &trail)
+            .expect("verifies");
         assert_eq!(ok.checkpoints, 1);
         assert_eq!(ok.events, before as u64 + 4);
         assert_eq!(ok.head, ledger.head());
@@ -424,13 +564,24 @@ fn several_embedded_checkpoints_verify() {
     let mut sealed = Vec::new();
     for round in 0..3 {
         for _ in 0..2 {
-            let p = simple(AggregateKind::User, "u", ledger.version(AggregateKind::User, "u"), EventType::PasswordChanged);
+            let p = simple(
+                AggregateKind::User,
+                "u",
+                ledger.version(AggregateKind::User, "u"),
+                EventType::PasswordChanged,
+            );
             sealed.extend(ledger.seal(vec![p], round).expect("seals"));
         }
-        let cp = embedded(&ledger, sign_checkpoint(&key, STREAM, ledger.last_seq(), &ledger.head()));
+        let cp = embedded(
+            &ledger,
+            sign_checkpoint(&key, STREAM, ledger.last_seq(), &ledger.head()),
+        );
         sealed.extend(ledger.seal(vec![cp], round).expect("seals"));
     }
-    let ok = verify_with(Verifier::new(STREAM, vec![key.verifying_key()]), &stored(&sealed));
+    let ok = verify_with(
+        Verifier::new(STREAM, vec![key.verifying_key()]),
+        &stored(&sealed),
+    );
     assert_eq!(ok.map(|v| (v.checkpoints, v.events)), Ok((3, 9)));
 }
 
@@ -441,10 +592,16 @@ fn embedded_checkpoint_with_untrusted_key_is_rejected() {
     let (_, sealed) = chain_with_embedded(4, 2, |l| {
         embedded(l, sign_checkpoint(&rogue, STREAM, l.last_seq(), &l.head()))
     });
-    let err = verify_with(Verifier::new(STREAM, vec![trusted.verifying_key()]), &stored(&sealed))
-        .expect_err("untrusted key");
+    let err = verify_with(
+        Verifier::new(STREAM, vec![trusted.verifying_key()]),
+        &stored(&sealed),
+    )
+    .expect_err("untrusted key");
     assert_eq!(err.seq, 5);
-    assert!(matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains("untrusted")), "{err:?}");
+    assert!(
+        matches!(&err.kind, BreakKind::BadCheckpoint(why) if why.contains("untrusted")),
+        "{err:?}"
+    );
     // Consistency-only verification accepts it.
     assert!(verify(&stored(&sealed)).is_ok());
 }
@@ -454,39 +611,69 @@ fn embedded_checkpoint_with_wrong_head_is_rejected() {
     let key = key(5);
     // Head of an earlier event.
     let (_, sealed) = chain_with_embedded(4, 2, |l| {
-        embedded(l, sign_checkpoint(&key, STREAM, l.last_seq(), &ChainHash([3; 32])))
+        embedded(
+            l,
+            sign_checkpoint(&key, STREAM, l.last_seq(), &ChainHash([3; 32])),
+        )
     });
-    let err = verify_with(Verifier::new(STREAM, vec![key.verifying_key()]), &stored(&sealed))
-        .expect_err("wrong head");
+    let err = verify_with(
+        Verifier::new(STREAM, vec![key.verifying_key()]),
+        &stored(&sealed),
+    )
+    .expect_err("wrong head");
     assert_eq!(err.seq, 5);
     assert!(matches!(err.kind, BreakKind::BadCheckpoint(_)), "{err:?}");
 }
 
+type MakeProposal<'a> = dyn Fn(&Ledger) -> Proposal + 'a;
+
 #[test]
 fn embedded_checkpoint_with_wrong_sequence_stream_or_payload_is_rejected() {
     let key = key(5);
-    let makers: Vec<Box<dyn Fn(&Ledger) -> Proposal>> = vec![
+    let makers: Vec<Box<MakeProposal>> = vec![
         // Right head, claimed at the wrong sequence.
-        Box::new(|l: &Ledger| embedded(l, sign_checkpoint(&key, STREAM, l.last_seq() - 1, &l.head()))),
+        Box::new(|l: &Ledger| {
+            embedded(
+                l,
+                sign_checkpoint(&key, STREAM, l.last_seq() - 1, &l.head()),
+            )
+        }),
         // Another stream.
-        Box::new(|l: &Ledger| embedded(l, sign_checkpoint(&key, "OTHER_STREAM", l.last_seq(), &l.head()))),
+        Box::new(|l: &Ledger| {
+            embedded(
+                l,
+                sign_checkpoint(&key, "OTHER_STREAM", l.last_seq(), &l.head()),
+            )
+        }),
         // Signature broken after signing.
         Box::new(|l: &Ledger| {
             let mut cp = sign_checkpoint(&key, STREAM, l.last_seq(), &l.head());
-            cp.signature = sign_checkpoint(&key, STREAM, l.last_seq(), &ChainHash::GENESIS).signature;
+            cp.signature =
+                sign_checkpoint(&key, STREAM, l.last_seq(), &ChainHash::GENESIS).signature;
             embedded(l, cp)
         }),
         // No checkpoint payload at all.
         Box::new(|l: &Ledger| {
-            proposal(AggregateKind::Audit, STREAM, l.version(AggregateKind::Audit, STREAM), EventType::AuditCheckpoint, Outcome::Success, Payload::None)
+            proposal(
+                AggregateKind::Audit,
+                STREAM,
+                l.version(AggregateKind::Audit, STREAM),
+                EventType::AuditCheckpoint,
+                Outcome::Success,
+                Payload::None,
+            )
         }),
     ];
     for (i, make) in makers.iter().enumerate() {
         let (_, sealed) = chain_with_embedded(4, 1, make);
         for trusted in [vec![], vec![key.verifying_key()]] {
-            let err = verify_with(Verifier::new(STREAM, trusted), &stored(&sealed)).expect_err("rejected");
+            let err = verify_with(Verifier::new(STREAM, trusted), &stored(&sealed))
+                .expect_err("rejected");
             assert_eq!(err.seq, 5, "case {i}");
-            assert!(matches!(err.kind, BreakKind::BadCheckpoint(_)), "case {i}: {err:?}");
+            assert!(
+                matches!(err.kind, BreakKind::BadCheckpoint(_)),
+                "case {i}: {err:?}"
+            );
         }
     }
 }
@@ -503,7 +690,11 @@ fn break_messages_name_the_seq() {
         BreakKind::Truncated { last: 2 },
     ];
     for kind in cases {
-        let msg = Break { seq: 9, kind: kind.clone() }.to_string();
+        let msg = Break {
+            seq: 9,
+            kind: kind.clone(),
+        }
+        .to_string();
         assert!(msg.contains('9'), "{kind:?}: {msg}");
     }
 }
@@ -517,8 +708,22 @@ fn external_checkpoint_for_another_stream_is_refused() {
     let (_, sealed) = sample_chain(6);
     let key = key(1);
     let mut v = Verifier::new(STREAM, vec![key.verifying_key()]);
-    let res = v.expect_checkpoint(sign_checkpoint(&key, "OTHER_STREAM", 4, &head_at(&sealed, 4)));
-    assert!(matches!(res, Err(Break { seq: 4, kind: BreakKind::BadCheckpoint(_) })), "{res:?}");
+    let res = v.expect_checkpoint(sign_checkpoint(
+        &key,
+        "OTHER_STREAM",
+        4,
+        &head_at(&sealed, 4),
+    ));
+    assert!(
+        matches!(
+            res,
+            Err(Break {
+                seq: 4,
+                kind: BreakKind::BadCheckpoint(_)
+            })
+        ),
+        "{res:?}"
+    );
 }
 
 /// Engine bug (chain.rs, `check_embedded_checkpoint`: `cp.sequence + 1 != l.seq`):
@@ -533,7 +738,16 @@ fn embedded_checkpoint_with_huge_sequence_is_rejected_not_panicking() {
     });
     let res = std::panic::catch_unwind(|| verify(&stored(&sealed)));
     let res = res.expect("verifier must not panic");
-    assert!(matches!(res, Err(Break { seq: 3, kind: BreakKind::BadCheckpoint(_) })), "{res:?}");
+    assert!(
+        matches!(
+            res,
+            Err(Break {
+                seq: 3,
+                kind: BreakKind::BadCheckpoint(_)
+            })
+        ),
+        "{res:?}"
+    );
 }
 
 // ---- property tests ----
@@ -541,7 +755,13 @@ fn embedded_checkpoint_with_huge_sequence_is_rejected_not_panicking() {
 #[derive(Debug, Clone)]
 enum Action {
     /// An event on an aggregate without a state machine.
-    Generic { kind: usize, id: usize, event: usize, payload: usize, meta: Option<String> },
+    Generic {
+        kind: usize,
+        id: usize,
+        event: usize,
+        payload: usize,
+        meta: Option<String>,
+    },
     /// The next happy-path step of transfer `id` (or an alert when it is done).
     TxStep { id: usize },
     /// A wallet, created once.
@@ -560,7 +780,11 @@ const GENERIC_KINDS: [AggregateKind; 6] = [
 ];
 
 fn generic_types() -> Vec<EventType> {
-    EventType::ALL.iter().copied().filter(|t| *t != EventType::AuditCheckpoint).collect()
+    EventType::ALL
+        .iter()
+        .copied()
+        .filter(|t| *t != EventType::AuditCheckpoint)
+        .collect()
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -588,9 +812,12 @@ fn build(actions: &[Action], batches: &[usize], clock: &[i64]) -> (Ledger, Vec<S
         let now = clock[b % clock.len()];
         b += 1;
         // Versions as they will be once the batch's earlier proposals are sealed.
-        let mut pending: std::collections::HashMap<(AggregateKind, String), u64> = Default::default();
+        let mut pending: std::collections::HashMap<(AggregateKind, String), u64> =
+            Default::default();
         let mut version = |l: &Ledger, kind: AggregateKind, id: &str| {
-            let v = pending.entry((kind, id.to_string())).or_insert_with(|| l.version(kind, id));
+            let v = pending
+                .entry((kind, id.to_string()))
+                .or_insert_with(|| l.version(kind, id));
             *v += 1;
             *v - 1
         };
@@ -598,17 +825,47 @@ fn build(actions: &[Action], batches: &[usize], clock: &[i64]) -> (Ledger, Vec<S
         let end = (i + size).min(actions.len());
         for a in &actions[i..end] {
             let p = match a {
-                Action::Generic { kind, id, event, payload, meta } => {
+                Action::Generic {
+                    kind,
+                    id,
+                    event,
+                    payload,
+                    meta,
+                } => {
                     let kind = GENERIC_KINDS[*kind];
                     // Wallet aggregates are reserved for creations.
-                    let id = format!("{}{id}", if kind == AggregateKind::Wallet { "notwallet" } else { "a" });
+                    let id = format!(
+                        "{}{id}",
+                        if kind == AggregateKind::Wallet {
+                            "notwallet"
+                        } else {
+                            "a"
+                        }
+                    );
                     let payload = match payload {
                         0 => Payload::None,
-                        1 => Payload::Alert { severity: "warn".into(), summary: meta.clone().unwrap_or_default() },
-                        2 => Payload::StepFailed { step: "sign".into(), reason: "x".into() },
-                        _ => Payload::RequestRejected { request_id: None, field: meta.clone(), reason: "r".into() },
+                        1 => Payload::Alert {
+                            severity: "warn".into(),
+                            summary: meta.clone().unwrap_or_default(),
+                        },
+                        2 => Payload::StepFailed {
+                            step: "sign".into(),
+                            reason: "x".into(),
+                        },
+                        _ => Payload::RequestRejected {
+                            request_id: None,
+                            field: meta.clone(),
+                            reason: "r".into(),
+                        },
                     };
-                    let mut p = proposal(kind, &id, version(&ledger, kind, &id), types[*event], Outcome::Success, payload);
+                    let mut p = proposal(
+                        kind,
+                        &id,
+                        version(&ledger, kind, &id),
+                        types[*event],
+                        Outcome::Success,
+                        payload,
+                    );
                     if let Some(m) = meta {
                         p.metadata.insert("note".into(), m.clone());
                     }
@@ -637,7 +894,11 @@ fn build(actions: &[Action], batches: &[usize], clock: &[i64]) -> (Ledger, Vec<S
                     // Only valid as the first proposal of a batch (it states the sealed head).
                     if batch.is_empty() {
                         let v = version(&ledger, AggregateKind::Audit, STREAM);
-                        checkpoint_proposal(STREAM, v, sign_checkpoint(&key, STREAM, ledger.last_seq(), &ledger.head()))
+                        checkpoint_proposal(
+                            STREAM,
+                            v,
+                            sign_checkpoint(&key, STREAM, ledger.last_seq(), &ledger.head()),
+                        )
                     } else {
                         let v = version(&ledger, AggregateKind::System, "cp");
                         simple(AggregateKind::System, "cp", v, EventType::SettingsModified)

@@ -85,6 +85,7 @@ impl DecodeError {
         let named = reason.split('`').nth(1).filter(|_| reason.starts_with("unknown field") || reason.starts_with("missing field"));
         let field = match (named, path.as_str()) {
             (Some(name), "." | "") => Some(name.to_string()),
+            (Some(name), p) if p == name || p.ends_with(&format!(".{name}")) => Some(p.to_string()),
             (Some(name), p) => Some(format!("{p}.{name}")),
             (None, "." | "") => None,
             (None, p) => Some(p.to_string()),

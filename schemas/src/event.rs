@@ -244,7 +244,7 @@ pub enum Outcome {
 /// Typed data of an event. Several event types share a shape; which shapes an
 /// event type may carry is checked by the engine when it folds events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Payload {
     /// Nothing beyond the envelope (actor, target, context, metadata).
     None,

@@ -34,7 +34,12 @@ pub fn proposal(
         event_type,
         causation_id: None,
         actor: Actor::system("tests"),
-        target: Target { kind: kind.as_str().into(), id: id.into(), amount: None, currency: None },
+        target: Target {
+            kind: kind.as_str().into(),
+            id: id.into(),
+            amount: None,
+            currency: None,
+        },
         context: RequestContext::default(),
         result,
         metadata: BTreeMap::new(),
@@ -43,8 +48,20 @@ pub fn proposal(
 }
 
 /// A simple event on an aggregate without a state machine.
-pub fn simple(kind: AggregateKind, id: &str, expected_version: u64, event_type: EventType) -> Proposal {
-    proposal(kind, id, expected_version, event_type, Outcome::Success, Payload::None)
+pub fn simple(
+    kind: AggregateKind,
+    id: &str,
+    expected_version: u64,
+    event_type: EventType,
+) -> Proposal {
+    proposal(
+        kind,
+        id,
+        expected_version,
+        event_type,
+        Outcome::Success,
+        Payload::None,
+    )
 }
 
 pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
@@ -84,7 +101,13 @@ pub fn segwit_address(hrp: &str, byte: u8) -> String {
     bech32::segwit::encode(hrp, bech32::segwit::VERSION_1, &[byte; 32]).expect("encodable")
 }
 
-pub fn transfer_request(request_id: &str, wallet: &str, asset: &str, destination: &str, amount: &str) -> TransferRequest {
+pub fn transfer_request(
+    request_id: &str,
+    wallet: &str,
+    asset: &str,
+    destination: &str,
+    amount: &str,
+) -> TransferRequest {
     TransferRequest {
         request_id: request_id.into(),
         wallet: wallet.into(),
@@ -106,7 +129,10 @@ pub fn tx_created(id: &str) -> Proposal {
         0,
         EventType::TransactionCreated,
         Outcome::Pending,
-        Payload::TransferRequested { request, request_hash },
+        Payload::TransferRequested {
+            request,
+            request_hash,
+        },
     )
 }
 
@@ -120,7 +146,14 @@ pub fn tx_step(id: &str, expected_version: u64) -> Proposal {
         3 => EventType::TransactionBroadcast,
         _ => EventType::TransactionConfirmed,
     };
-    proposal(AggregateKind::Tx, id, expected_version, event_type, Outcome::Success, Payload::None)
+    proposal(
+        AggregateKind::Tx,
+        id,
+        expected_version,
+        event_type,
+        Outcome::Success,
+        Payload::None,
+    )
 }
 
 /// A sealed event as it sits in the stream: seq, subject, body and its chain headers.
@@ -195,13 +228,23 @@ pub fn sample_chain(n: usize) -> (Ledger, Vec<Sealed>) {
         let p = match i % 6 {
             0 => {
                 let id = format!("user-{}", i % 4);
-                simple(AggregateKind::User, &id, ledger.version(AggregateKind::User, &id), EventType::UserCreated)
+                simple(
+                    AggregateKind::User,
+                    &id,
+                    ledger.version(AggregateKind::User, &id),
+                    EventType::UserCreated,
+                )
             }
             1 => {
                 let id = format!("tx-{}", i / 30);
                 let v = ledger.version(AggregateKind::Tx, &id);
                 if v >= 5 {
-                    simple(AggregateKind::System, "ops", ledger.version(AggregateKind::System, "ops"), EventType::AlertRaised)
+                    simple(
+                        AggregateKind::System,
+                        "ops",
+                        ledger.version(AggregateKind::System, "ops"),
+                        EventType::AlertRaised,
+                    )
                 } else {
                     tx_step(&id, v)
                 }
@@ -217,14 +260,24 @@ pub fn sample_chain(n: usize) -> (Ledger, Vec<Sealed>) {
                     ledger.version(AggregateKind::Policy, "limits"),
                     EventType::SpendingLimitChanged,
                     Outcome::Success,
-                    Payload::Alert { severity: "info".into(), summary: format!("limit {i}") },
+                    Payload::Alert {
+                        severity: "info".into(),
+                        summary: format!("limit {i}"),
+                    },
                 );
                 p.metadata.insert("n".into(), i.to_string());
                 p
             }
-            _ => simple(AggregateKind::Auth, "alice", ledger.version(AggregateKind::Auth, "alice"), EventType::LoginSuccess),
+            _ => simple(
+                AggregateKind::Auth,
+                "alice",
+                ledger.version(AggregateKind::Auth, "alice"),
+                EventType::LoginSuccess,
+            ),
         };
-        let sealed = ledger.seal(vec![p], 1_700_000_000_000 + i as i64).expect("sample proposals seal");
+        let sealed = ledger
+            .seal(vec![p], 1_700_000_000_000 + i as i64)
+            .expect("sample proposals seal");
         all.extend(sealed);
         i += 1;
     }
