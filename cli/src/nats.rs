@@ -22,13 +22,24 @@ pub enum NatsCommand {
 
 pub async fn run(command: NatsCommand) -> anyhow::Result<ExitCode> {
     match command {
-        NatsCommand::Provision { nats_url, replicas, retention_days } => {
+        NatsCommand::Provision {
+            nats_url,
+            replicas,
+            retention_days,
+        } => {
             let client = crate::connect(&nats_url).await?;
             let js = async_nats::jetstream::new(client);
-            let max_age = (retention_days > 0).then(|| Duration::from_secs(retention_days * 86_400));
-            let done = provision(&js, StreamSettings { replicas, max_age }).await.map_err(|e| anyhow::anyhow!("provisioning: {e}"))?;
+            let max_age =
+                (retention_days > 0).then(|| Duration::from_secs(retention_days * 86_400));
+            let done = provision(&js, StreamSettings { replicas, max_age })
+                .await
+                .map_err(|e| anyhow::anyhow!("provisioning: {e}"))?;
             for p in done {
-                println!("{} {}", if p.created { "created" } else { "up to date" }, p.what);
+                println!(
+                    "{} {}",
+                    if p.created { "created" } else { "up to date" },
+                    p.what
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

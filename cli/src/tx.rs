@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use custos_adapters::jetstream::read_events;
 use custos_engine::transfer::{self, Stage, Transfer};
-use custos_schemas::{AggregateKind, ContentType, Event, IntakeReply, TransferRequest, codec, subjects};
+use custos_schemas::{
+    AggregateKind, ContentType, Event, IntakeReply, TransferRequest, codec, subjects,
+};
 use rand::RngCore;
 
 #[derive(Debug, clap::Subcommand)]
@@ -51,40 +53,79 @@ pub enum TxCommand {
 pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode> {
     let client = crate::connect(nats_url).await?;
     match command {
-        TxCommand::Submit { wallet, asset, to, amount, memo, initiator, request_id, json } => {
+        TxCommand::Submit {
+            wallet,
+            asset,
+            to,
+            amount,
+            memo,
+            initiator,
+            request_id,
+            json,
+        } => {
             let request_id = request_id.unwrap_or_else(|| {
                 let mut bytes = [0u8; 12];
                 rand::rngs::OsRng.fill_bytes(&mut bytes);
                 format!("cli-{}", hex::encode(bytes))
             });
-            let request = TransferRequest { request_id, wallet, asset, destination: to, amount, memo, initiator };
+            let request = TransferRequest {
+                request_id,
+                wallet,
+                asset,
+                destination: to,
+                amount,
+                memo,
+                initiator,
+            };
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(subjects::headers::CONTENT_TYPE, ContentType::JSON);
             let body = ContentType::Json.encode(&request);
-            let reply = tokio::time::timeout(Duration::from_secs(30), client.request_with_headers(subjects::REQ_TRANSFER, headers, body.into()))
-                .await
-                .context("no answer from intake within 30 s")?
-                .map_err(|e| anyhow::anyhow!("intake request failed: {e} (is `custos up` running?)"))?;
-            let reply: IntakeReply = ContentType::Json.decode(&reply.payload).map_err(|e| anyhow::anyhow!("unreadable intake reply: {e}"))?;
+            let reply = tokio::time::timeout(
+                Duration::from_secs(30),
+                client.request_with_headers(subjects::REQ_TRANSFER, headers, body.into()),
+            )
+            .await
+            .context("no answer from intake within 30 s")?
+            .map_err(|e| anyhow::anyhow!("intake request failed: {e} (is `custos up` running?)"))?;
+            let reply: IntakeReply = ContentType::Json
+                .decode(&reply.payload)
+                .map_err(|e| anyhow::anyhow!("unreadable intake reply: {e}"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply)?);
             }
             Ok(match reply {
-                IntakeReply::Accepted { workflow_id, duplicate } => {
+                IntakeReply::Accepted {
+                    workflow_id,
+                    duplicate,
+                } => {
                     if !json {
-                        println!("{workflow_id}{}", if duplicate { " (already submitted)" } else { "" });
+                        println!(
+                            "{workflow_id}{}",
+                            if duplicate {
+                                " (already submitted)"
+                            } else {
+                                ""
+                            }
+                        );
                     }
                     ExitCode::SUCCESS
                 }
                 IntakeReply::Rejected(e) => {
                     if !json {
-                        eprintln!("rejected: {}{}", e.field.map(|f| format!("{f}: ")).unwrap_or_default(), e.reason);
+                        eprintln!(
+                            "rejected: {}{}",
+                            e.field.map(|f| format!("{f}: ")).unwrap_or_default(),
+                            e.reason
+                        );
                     }
                     ExitCode::FAILURE
                 }
                 IntakeReply::Unavailable { reason } => {
                     if !json {
-                        eprintln!("not recorded, retry with --request-id {}: {reason}", request.request_id);
+                        eprintln!(
+                            "not recorded, retry with --request-id {}: {reason}",
+                            request.request_id
+                        );
                     }
                     ExitCode::FAILURE
                 }
@@ -93,13 +134,21 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
         TxCommand::Show { id, json } => {
             custos_schemas::validate_token("id", &id)?;
             let js = async_nats::jetstream::new(client);
-            let events = read_decoded(&js, Some(subjects::aggregate_filter(AggregateKind::Tx, &id))).await?;
+            let events = read_decoded(
+                &js,
+                Some(subjects::aggregate_filter(AggregateKind::Tx, &id)),
+            )
+            .await?;
             if events.is_empty() {
                 anyhow::bail!("no transfer workflow {id}");
             }
-            let (state, _) = transfer::fold(events.iter()).map_err(|e| anyhow::anyhow!("workflow {id} does not replay: {e}"))?;
+            let (state, _) = transfer::fold(events.iter())
+                .map_err(|e| anyhow::anyhow!("workflow {id} does not replay: {e}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary(&id, &state, &events))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary(&id, &state, &events))?
+                );
             } else {
                 print_show(&id, &state, &events);
             }
@@ -107,10 +156,14 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
         }
         TxCommand::List { json } => {
             let js = async_nats::jetstream::new(client);
-            let events = read_decoded(&js, Some(format!("{}.tx.>", subjects::EVENTS_PREFIX))).await?;
+            let events =
+                read_decoded(&js, Some(format!("{}.tx.>", subjects::EVENTS_PREFIX))).await?;
             let mut by_workflow: BTreeMap<String, Vec<Event>> = BTreeMap::new();
             for e in events {
-                by_workflow.entry(e.workflow_id.clone()).or_default().push(e);
+                by_workflow
+                    .entry(e.workflow_id.clone())
+                    .or_default()
+                    .push(e);
             }
             let mut rows = Vec::new();
             for (id, events) in &by_workflow {
@@ -122,10 +175,26 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<28} {:<18} {:>20} {:<6} {:<12} DESTINATION", "WORKFLOW", "STAGE", "AMOUNT", "ASSET", "WALLET");
+                println!(
+                    "{:<28} {:<18} {:>20} {:<6} {:<12} DESTINATION",
+                    "WORKFLOW", "STAGE", "AMOUNT", "ASSET", "WALLET"
+                );
                 for r in &rows {
-                    let s = |k: &str| r.pointer(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-                    println!("{:<28} {:<18} {:>20} {:<6} {:<12} {}", s("/workflowId"), s("/stage"), s("/request/amount"), s("/request/asset"), s("/request/wallet"), s("/request/destination"));
+                    let s = |k: &str| {
+                        r.pointer(k)
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    println!(
+                        "{:<28} {:<18} {:>20} {:<6} {:<12} {}",
+                        s("/workflowId"),
+                        s("/stage"),
+                        s("/request/amount"),
+                        s("/request/asset"),
+                        s("/request/wallet"),
+                        s("/request/destination")
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -134,7 +203,10 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
 }
 
 /// Reads and decodes events (optionally filtered) in stream order.
-pub async fn read_decoded(js: &async_nats::jetstream::Context, filter: Option<String>) -> anyhow::Result<Vec<Event>> {
+pub async fn read_decoded(
+    js: &async_nats::jetstream::Context,
+    filter: Option<String>,
+) -> anyhow::Result<Vec<Event>> {
     let mut events = Vec::new();
     let mut bad = None;
     read_events(js, 1, filter, |stored| {
@@ -193,7 +265,10 @@ fn print_show(id: &str, state: &Transfer, events: &[Event]) {
         None => println!(),
     }
     if let Some(r) = &state.request {
-        println!("transfer   {} {} from wallet {} to {}", r.amount, r.asset, r.wallet, r.destination);
+        println!(
+            "transfer   {} {} from wallet {} to {}",
+            r.amount, r.asset, r.wallet, r.destination
+        );
         println!("initiator  {}   request id {}", r.initiator, r.request_id);
     }
     if let Some(reason) = &state.reason {
@@ -201,6 +276,13 @@ fn print_show(id: &str, state: &Transfer, events: &[Event]) {
     }
     println!("history");
     for e in events {
-        println!("  v{:<3} {}  {:<24} {:<20} {:?}", e.version, crate::audit::format_ms(e.timestamp), e.event_type.as_str(), e.actor.user_id, e.result);
+        println!(
+            "  v{:<3} {}  {:<24} {:<20} {:?}",
+            e.version,
+            crate::audit::format_ms(e.timestamp),
+            e.event_type.as_str(),
+            e.actor.user_id,
+            e.result
+        );
     }
 }

@@ -28,36 +28,59 @@ pub struct UpArgs {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-    let durability = if args.profile == "durable" { Durability::Always } else { Durability::Default };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let durability = if args.profile == "durable" {
+        Durability::Always
+    } else {
+        Durability::Default
+    };
     let (_server, url, embedded) = match args.nats_url {
         Some(url) => (None, url, false),
         None => {
-            let server = NatsServer::start(&data_dir.join("nats"), args.nats_port, durability).await?;
+            let server =
+                NatsServer::start(&data_dir.join("nats"), args.nats_port, durability).await?;
             let url = server.url();
             (Some(server), url, true)
         }
     };
     let client = crate::connect(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
-    provision(&js, StreamSettings::default()).await.map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
+    provision(&js, StreamSettings::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
     let audit_key = crate::keys::load_or_create_audit_key(&data_dir)?;
     let public = hex::encode(audit_key.verifying_key().as_bytes());
 
     println!("Custos is up.");
     if embedded {
-        println!("  NATS        {url}  (embedded nats-server, JetStream in {}, profile {})", data_dir.join("nats").display(), args.profile);
+        println!(
+            "  NATS        {url}  (embedded nats-server, JetStream in {}, profile {})",
+            data_dir.join("nats").display(),
+            args.profile
+        );
     } else {
         println!("  NATS        {url}");
     }
-    println!("  Audit key   {public}  ({})", crate::keys::audit_pub_path(&data_dir).display());
-    println!("  Intake      request/reply on {}", custos_schemas::subjects::REQ_TRANSFER);
+    println!(
+        "  Audit key   {public}  ({})",
+        crate::keys::audit_pub_path(&data_dir).display()
+    );
+    println!(
+        "  Intake      request/reply on {}",
+        custos_schemas::subjects::REQ_TRANSFER
+    );
     println!("  Try         custos tx submit --wallet W --asset LTC --to ADDR --amount 0.1");
     println!("              custos audit verify");
     println!("Ctrl-C stops it.");
 
     let (trigger, shutdown) = Shutdown::new();
-    let mut engine = tokio::spawn(custos_workers::engine::run(client, LedgerConfig::new(audit_key), shutdown, None));
+    let mut engine = tokio::spawn(custos_workers::engine::run(
+        client,
+        LedgerConfig::new(audit_key),
+        shutdown,
+        None,
+    ));
     let stopped = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         result = &mut engine => Some(result),

@@ -48,7 +48,11 @@ pub fn link(prev: &ChainHash, seq: u64, subject: &str, body: &[u8]) -> ChainHash
     h.update(prev.0);
     h.update(seq.to_be_bytes());
     // Subjects are short (tokens are at most 128 bytes each); saturate rather than wrap.
-    h.update(u16::try_from(subject.len()).unwrap_or(u16::MAX).to_be_bytes());
+    h.update(
+        u16::try_from(subject.len())
+            .unwrap_or(u16::MAX)
+            .to_be_bytes(),
+    );
     h.update(subject.as_bytes());
     h.update(body);
     ChainHash(h.finalize().into())
@@ -73,9 +77,14 @@ pub fn check_link(head: &ChainHash, last_seq: u64, l: Link<'_>) -> Result<ChainH
         return Err(BreakKind::OutOfOrder { previous: last_seq });
     }
     if seq != last_seq + 1 {
-        return Err(BreakKind::Missing { expected: last_seq + 1 });
+        return Err(BreakKind::Missing {
+            expected: last_seq + 1,
+        });
     }
-    let (Some(prev), Some(hash)) = (l.prev_hash.and_then(ChainHash::from_hex), l.hash.and_then(ChainHash::from_hex)) else {
+    let (Some(prev), Some(hash)) = (
+        l.prev_hash.and_then(ChainHash::from_hex),
+        l.hash.and_then(ChainHash::from_hex),
+    ) else {
         return Err(BreakKind::Unchained);
     };
     let computed = link(head, seq, l.subject, l.body);
@@ -83,7 +92,11 @@ pub fn check_link(head: &ChainHash, last_seq: u64, l: Link<'_>) -> Result<ChainH
         // Tell a modified event from one that sits in the wrong place: if its own
         // recorded predecessor reproduces its hash, only its position is wrong.
         let moved = link(&prev, seq, l.subject, l.body) == hash;
-        return Err(if moved || prev != *head { BreakKind::Unlinked } else { BreakKind::Modified });
+        return Err(if moved || prev != *head {
+            BreakKind::Unlinked
+        } else {
+            BreakKind::Modified
+        });
     }
     if prev != *head {
         return Err(BreakKind::Unlinked);
@@ -121,13 +134,32 @@ impl fmt::Display for Break {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let seq = self.seq;
         match &self.kind {
-            BreakKind::Missing { expected } => write!(f, "seq {seq}: events {expected}..{} are missing (deleted)", seq - 1),
-            BreakKind::OutOfOrder { previous } => write!(f, "seq {seq}: follows seq {previous} (reordered or duplicated event)"),
-            BreakKind::Modified => write!(f, "seq {seq}: content does not match its hash (modified event)"),
-            BreakKind::Unlinked => write!(f, "seq {seq}: its previous-hash is not the hash of the event before it (inserted, deleted or reordered event)"),
-            BreakKind::Unchained => write!(f, "seq {seq}: carries no chain hash (not written by the ledger: inserted event)"),
+            BreakKind::Missing { expected } => write!(
+                f,
+                "seq {seq}: events {expected}..{} are missing (deleted)",
+                seq - 1
+            ),
+            BreakKind::OutOfOrder { previous } => write!(
+                f,
+                "seq {seq}: follows seq {previous} (reordered or duplicated event)"
+            ),
+            BreakKind::Modified => write!(
+                f,
+                "seq {seq}: content does not match its hash (modified event)"
+            ),
+            BreakKind::Unlinked => write!(
+                f,
+                "seq {seq}: its previous-hash is not the hash of the event before it (inserted, deleted or reordered event)"
+            ),
+            BreakKind::Unchained => write!(
+                f,
+                "seq {seq}: carries no chain hash (not written by the ledger: inserted event)"
+            ),
             BreakKind::BadCheckpoint(why) => write!(f, "seq {seq}: checkpoint rejected: {why}"),
-            BreakKind::Truncated { last } => write!(f, "trail truncated: a checkpoint covers seq {seq} but the trail ends at seq {last}"),
+            BreakKind::Truncated { last } => write!(
+                f,
+                "trail truncated: a checkpoint covers seq {seq} but the trail ends at seq {last}"
+            ),
         }
     }
 }
@@ -158,12 +190,33 @@ impl Verifier {
     /// `trusted`: audit public keys whose checkpoints are accepted. With none, a
     /// checkpoint is checked against its own embedded key (consistency only).
     pub fn new(stream: &str, trusted: Vec<VerifyingKey>) -> Self {
-        Verifier { stream: stream.to_string(), trusted, head: ChainHash::GENESIS, last_seq: 0, pending: Vec::new(), verified_checkpoints: 0, events: 0 }
+        Verifier {
+            stream: stream.to_string(),
+            trusted,
+            head: ChainHash::GENESIS,
+            last_seq: 0,
+            pending: Vec::new(),
+            verified_checkpoints: 0,
+            events: 0,
+        }
     }
 
     /// Requires the trail to contain `checkpoint`'s prefix unchanged.
     pub fn expect_checkpoint(&mut self, checkpoint: Checkpoint) -> Result<(), Break> {
-        self.check_signature(&checkpoint).map_err(|why| Break { seq: checkpoint.sequence, kind: BreakKind::BadCheckpoint(why) })?;
+        let fail = |why: String| Break {
+            seq: checkpoint.sequence,
+            kind: BreakKind::BadCheckpoint(why),
+        };
+        if checkpoint.stream != self.stream {
+            return Err(fail(format!(
+                "names stream {:?}, expected {:?}",
+                checkpoint.stream, self.stream
+            )));
+        }
+        if checkpoint.sequence == 0 {
+            return Err(fail("covers no event (sequence 0)".into()));
+        }
+        self.check_signature(&checkpoint).map_err(fail)?;
         self.pending.push(checkpoint);
         Ok(())
     }
@@ -198,7 +251,9 @@ impl Verifier {
             false
         });
         match mismatch {
-            Some(h) => brk(BreakKind::BadCheckpoint(format!("the checkpoint says the head is {h} but the trail has {head_hex}"))),
+            Some(h) => brk(BreakKind::BadCheckpoint(format!(
+                "the checkpoint says the head is {h} but the trail has {head_hex}"
+            ))),
             None => {
                 self.verified_checkpoints += (before - self.pending.len()) as u64;
                 Ok(())
@@ -207,44 +262,82 @@ impl Verifier {
     }
 
     fn check_embedded_checkpoint(&mut self, l: Link<'_>, covered: &ChainHash) -> Result<(), Break> {
-        let fail = |why: String| Break { seq: l.seq, kind: BreakKind::BadCheckpoint(why) };
-        let event: custos_schemas::Event = custos_schemas::codec::from_msgpack(l.body).map_err(|e| fail(format!("undecodable: {e}")))?;
+        let fail = |why: String| Break {
+            seq: l.seq,
+            kind: BreakKind::BadCheckpoint(why),
+        };
+        let event: custos_schemas::Event = custos_schemas::codec::from_msgpack(l.body)
+            .map_err(|e| fail(format!("undecodable: {e}")))?;
         let custos_schemas::Payload::Checkpoint(cp) = event.payload else {
             return Err(fail("no checkpoint payload".into()));
         };
         self.check_signature(&cp).map_err(fail)?;
         if cp.stream != self.stream {
-            return Err(fail(format!("names stream {:?}, expected {:?}", cp.stream, self.stream)));
+            return Err(fail(format!(
+                "names stream {:?}, expected {:?}",
+                cp.stream, self.stream
+            )));
         }
         // A checkpoint states the head as of the event just before it.
-        if cp.sequence + 1 != l.seq || cp.head_hash != covered.to_hex() {
-            return Err(fail(format!("states head {} at seq {}, the trail has {} at seq {}", cp.head_hash, cp.sequence, covered.to_hex(), l.seq - 1)));
+        if cp.sequence.checked_add(1) != Some(l.seq) || cp.head_hash != covered.to_hex() {
+            return Err(fail(format!(
+                "states head {} at seq {}, the trail has {} at seq {}",
+                cp.head_hash,
+                cp.sequence,
+                covered.to_hex(),
+                l.seq.saturating_sub(1)
+            )));
         }
         self.verified_checkpoints += 1;
         Ok(())
     }
 
     fn check_signature(&self, cp: &Checkpoint) -> Result<(), String> {
-        let key_bytes: [u8; 32] = hex::decode(&cp.public_key).ok().and_then(|b| b.try_into().ok()).ok_or("public key is not 32 hex bytes")?;
-        let key = VerifyingKey::from_bytes(&key_bytes).map_err(|_| "public key is not a valid ed25519 key")?;
+        let key_bytes: [u8; 32] = hex::decode(&cp.public_key)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or("public key is not 32 hex bytes")?;
+        let key = VerifyingKey::from_bytes(&key_bytes)
+            .map_err(|_| "public key is not a valid ed25519 key")?;
         if !self.trusted.is_empty() && !self.trusted.contains(&key) {
             return Err(format!("signed by untrusted key {}", cp.public_key));
         }
-        let sig_bytes: [u8; 64] = hex::decode(&cp.signature).ok().and_then(|b| b.try_into().ok()).ok_or("signature is not 64 hex bytes")?;
-        key.verify(&Checkpoint::signed_bytes(&cp.stream, cp.sequence, &cp.head_hash), &Signature::from_bytes(&sig_bytes))
-            .map_err(|_| "signature does not verify".to_string())
+        let sig_bytes: [u8; 64] = hex::decode(&cp.signature)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or("signature is not 64 hex bytes")?;
+        key.verify(
+            &Checkpoint::signed_bytes(&cp.stream, cp.sequence, &cp.head_hash),
+            &Signature::from_bytes(&sig_bytes),
+        )
+        .map_err(|_| "signature does not verify".to_string())
     }
 
     pub fn finish(self) -> Result<Verified, Break> {
         if let Some(cp) = self.pending.iter().min_by_key(|cp| cp.sequence) {
-            return Err(Break { seq: cp.sequence, kind: BreakKind::Truncated { last: self.last_seq } });
+            return Err(Break {
+                seq: cp.sequence,
+                kind: BreakKind::Truncated {
+                    last: self.last_seq,
+                },
+            });
         }
-        Ok(Verified { events: self.events, last_seq: self.last_seq, head: self.head, checkpoints: self.verified_checkpoints })
+        Ok(Verified {
+            events: self.events,
+            last_seq: self.last_seq,
+            head: self.head,
+            checkpoints: self.verified_checkpoints,
+        })
     }
 }
 
 /// Signs a checkpoint of the chain head at `sequence`.
-pub fn sign_checkpoint(key: &SigningKey, stream: &str, sequence: u64, head: &ChainHash) -> Checkpoint {
+pub fn sign_checkpoint(
+    key: &SigningKey,
+    stream: &str,
+    sequence: u64,
+    head: &ChainHash,
+) -> Checkpoint {
     let head_hash = head.to_hex();
     let signature = key.sign(&Checkpoint::signed_bytes(stream, sequence, &head_hash));
     Checkpoint {

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use custos_schemas::{
-    AggregateKind, Event, EventType, Payload, Proposal, SCHEMA_VERSION, WalletDescriptor, codec, subjects, validate_token,
+    AggregateKind, Event, EventType, Payload, Proposal, SCHEMA_VERSION, WalletDescriptor, codec,
+    subjects, validate_token,
 };
 
 use crate::chain::{self, ChainHash, Link};
@@ -40,7 +41,11 @@ pub struct Sealed {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SealError {
     #[error("{workflow_id}: expected version {expected}, the aggregate is at {actual}")]
-    Conflict { workflow_id: String, expected: u64, actual: u64 },
+    Conflict {
+        workflow_id: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("{0}")]
     Refused(String),
 }
@@ -65,7 +70,13 @@ pub struct Ledger {
 
 impl Default for Ledger {
     fn default() -> Self {
-        Ledger { head: ChainHash::GENESIS, last_seq: 0, last_timestamp: 0, aggregates: HashMap::new(), wallets: HashMap::new() }
+        Ledger {
+            head: ChainHash::GENESIS,
+            last_seq: 0,
+            last_timestamp: 0,
+            aggregates: HashMap::new(),
+            wallets: HashMap::new(),
+        }
     }
 }
 
@@ -95,7 +106,19 @@ impl Ledger {
         let fail = |reason: String| ReplayError { seq: l.seq, reason };
         let hash = chain::check_link(&self.head, self.last_seq, l)
             .map_err(|kind| fail(chain::Break { seq: l.seq, kind }.to_string()))?;
-        let event: Event = codec::from_msgpack(l.body).map_err(|e| fail(format!("undecodable event: {e}")))?;
+        let event: Event =
+            codec::from_msgpack(l.body).map_err(|e| fail(format!("undecodable event: {e}")))?;
+        let subject = subjects::event_subject(
+            event.aggregate_kind,
+            &event.workflow_id,
+            event.event_type.as_str(),
+        );
+        if subject != l.subject {
+            return Err(fail(format!(
+                "event {} is filed under {}, it belongs under {subject}",
+                event.id, l.subject
+            )));
+        }
         let key = (event.aggregate_kind, event.workflow_id.clone());
         let current = self.aggregates.get(&key).cloned().unwrap_or_default();
         let mut next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
@@ -112,16 +135,29 @@ impl Ledger {
 
     /// Seals proposals into events at the next stream sequences, all or none.
     /// `now_ms` is the writer's clock; timestamps never go backwards.
-    pub fn seal(&mut self, proposals: Vec<Proposal>, now_ms: i64) -> Result<Vec<Sealed>, SealError> {
+    pub fn seal(
+        &mut self,
+        proposals: Vec<Proposal>,
+        now_ms: i64,
+    ) -> Result<Vec<Sealed>, SealError> {
         let timestamp = now_ms.max(self.last_timestamp);
         let mut touched: HashMap<(AggregateKind, String), AggregateState> = HashMap::new();
         let mut events = Vec::with_capacity(proposals.len());
         for p in proposals {
-            validate_token("workflowId", &p.workflow_id).map_err(|e| SealError::Refused(e.to_string()))?;
+            validate_token("workflowId", &p.workflow_id)
+                .map_err(|e| SealError::Refused(e.to_string()))?;
             let key = (p.aggregate_kind, p.workflow_id.clone());
-            let current = touched.get(&key).or_else(|| self.aggregates.get(&key)).cloned().unwrap_or_default();
+            let current = touched
+                .get(&key)
+                .or_else(|| self.aggregates.get(&key))
+                .cloned()
+                .unwrap_or_default();
             if current.version != p.expected_version {
-                return Err(SealError::Conflict { workflow_id: p.workflow_id, expected: p.expected_version, actual: current.version });
+                return Err(SealError::Conflict {
+                    workflow_id: p.workflow_id,
+                    expected: p.expected_version,
+                    actual: current.version,
+                });
             }
             let version = current.version + 1;
             let event = Event {
@@ -140,23 +176,37 @@ impl Ledger {
                 metadata: p.metadata,
                 payload: p.payload,
             };
-            let next = advance(current, &event).map_err(|e| SealError::Refused(format!("{}: {e}", event.workflow_id)))?;
+            let next = advance(current, &event)
+                .map_err(|e| SealError::Refused(format!("{}: {e}", event.workflow_id)))?;
             touched.insert(key, next);
             events.push(event);
         }
         let mut sealed = Vec::with_capacity(events.len());
         for event in events {
             let seq = self.last_seq + 1;
-            let subject = subjects::event_subject(event.aggregate_kind, &event.workflow_id, event.event_type.as_str());
+            let subject = subjects::event_subject(
+                event.aggregate_kind,
+                &event.workflow_id,
+                event.event_type.as_str(),
+            );
             let body = codec::to_msgpack(&event);
             let hash = chain::link(&self.head, seq, &subject, &body);
-            if event.version == 1 {
-                if let Some(state) = touched.get_mut(&(event.aggregate_kind, event.workflow_id.clone())) {
-                    state.first_seq = seq;
-                }
+            if event.version == 1
+                && let Some(state) =
+                    touched.get_mut(&(event.aggregate_kind, event.workflow_id.clone()))
+            {
+                state.first_seq = seq;
             }
             self.note_wallet(&event);
-            sealed.push(Sealed { seq, subject, msg_id: event.id.clone(), body, prev_hash: self.head, hash, event });
+            sealed.push(Sealed {
+                seq,
+                subject,
+                msg_id: event.id.clone(),
+                body,
+                prev_hash: self.head,
+                hash,
+                event,
+            });
             self.head = hash;
             self.last_seq = seq;
         }
@@ -175,17 +225,26 @@ impl Ledger {
 /// The aggregate's next state after `event`, or why the event is not allowed.
 fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, String> {
     if event.version != state.version + 1 {
-        return Err(format!("version {} does not follow {}", event.version, state.version));
+        return Err(format!(
+            "version {} does not follow {}",
+            event.version, state.version
+        ));
     }
     if event.aggregate_kind == AggregateKind::Tx {
         let current = state.transfer.take().unwrap_or_default();
         let (next, _commands) = transfer::apply(&current, event).map_err(|e| e.to_string())?;
         state.transfer = Some(next);
     }
-    if let Payload::WalletCreated(w) = &event.payload {
-        if event.aggregate_kind != AggregateKind::Wallet || w.name != event.workflow_id || event.version != 1 {
-            return Err(format!("wallet {} must be created as the first event of aggregate wallet.{}", w.name, w.name));
-        }
+    if let Payload::WalletCreated(w) = &event.payload
+        && (event.event_type != EventType::WalletCreated
+            || event.aggregate_kind != AggregateKind::Wallet
+            || w.name != event.workflow_id
+            || event.version != 1)
+    {
+        return Err(format!(
+            "wallet {} must be created as the first event of aggregate wallet.{}",
+            w.name, w.name
+        ));
     }
     state.version = event.version;
     state.last_event = Some(event.event_type);

@@ -68,9 +68,16 @@ pub struct TransitionError {
 pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>), TransitionError> {
     use EventType as E;
     use Stage as S;
-    let refuse = |detail: Option<String>| TransitionError { stage: state.stage, event: event.event_type.as_str(), detail };
+    let refuse = |detail: Option<String>| TransitionError {
+        stage: state.stage,
+        event: event.event_type.as_str(),
+        detail,
+    };
     if event.version != state.version + 1 {
-        return Err(refuse(Some(format!("version {} does not follow {}", event.version, state.version))));
+        return Err(refuse(Some(format!(
+            "version {} does not follow {}",
+            event.version, state.version
+        ))));
     }
     let mut next = state.clone();
     next.version = event.version;
@@ -80,9 +87,18 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
     };
     let commands = match (state.stage, event.event_type, event.result) {
         (S::New, E::TransactionCreated, _) => {
-            let Payload::TransferRequested { request, request_hash } = &event.payload else {
+            let Payload::TransferRequested {
+                request,
+                request_hash,
+            } = &event.payload
+            else {
                 return Err(refuse(Some("payload must be the transfer request".into())));
             };
+            if *request_hash != crate::intake::request_hash(request) {
+                return Err(refuse(Some(
+                    "request hash does not match the request".into(),
+                )));
+            }
             next.request = Some(request.clone());
             next.request_hash = Some(request_hash.clone());
             next.stage = S::AwaitingPolicy;
@@ -139,7 +155,9 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
 }
 
 /// Folds a whole history; the commands are those of the last event.
-pub fn fold<'a>(events: impl IntoIterator<Item = &'a Event>) -> Result<(Transfer, Vec<Command>), TransitionError> {
+pub fn fold<'a>(
+    events: impl IntoIterator<Item = &'a Event>,
+) -> Result<(Transfer, Vec<Command>), TransitionError> {
     let mut state = Transfer::default();
     let mut commands = Vec::new();
     for e in events {

@@ -703,7 +703,6 @@ fn break_messages_name_the_seq() {
 /// that names another stream is accepted and counted for this one. The embedded
 /// path checks `cp.stream`; the external one does not.
 #[test]
-#[ignore = "engine bug: expect_checkpoint does not check the checkpoint's stream"]
 fn external_checkpoint_for_another_stream_is_refused() {
     let (_, sealed) = sample_chain(6);
     let key = key(1);
@@ -730,7 +729,6 @@ fn external_checkpoint_for_another_stream_is_refused() {
 /// a self-signed embedded checkpoint claiming sequence u64::MAX overflows and
 /// panics in debug builds instead of being reported as a bad checkpoint.
 #[test]
-#[ignore = "engine bug: embedded checkpoint with sequence u64::MAX overflows"]
 fn embedded_checkpoint_with_huge_sequence_is_rejected_not_panicking() {
     let key = key(5);
     let (_, sealed) = chain_with_embedded(2, 0, |l| {

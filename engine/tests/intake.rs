@@ -517,7 +517,6 @@ fn repeated_rejections_follow_the_intake_version() {
 /// wallet's own (checksummed) address passes the check and a transfer to itself is
 /// admitted.
 #[test]
-#[ignore = "engine bug: own-address check is case-sensitive for EVM addresses"]
 fn own_address_in_another_case_is_refused() {
     let l = ledger();
     assert_rejected(
@@ -531,7 +530,6 @@ fn own_address_in_another_case_is_refused() {
 /// bech32 address is valid (BIP-173) but its HRP compares as "RLTC" and the address
 /// is refused as belonging to another network.
 #[test]
-#[ignore = "engine bug: uppercase segwit addresses are refused as another network"]
 fn uppercase_segwit_address_is_accepted() {
     let l = ledger();
     let upper = rltc_address(7).to_ascii_uppercase();

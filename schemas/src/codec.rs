@@ -17,11 +17,26 @@ impl ContentType {
 
     /// From a `Content-Type` header value; absent means MessagePack.
     pub fn from_header(value: Option<&str>) -> Result<Self, DecodeError> {
-        match value.map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
+        match value.map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        }) {
             None => Ok(ContentType::MsgPack),
-            Some(v) if v == Self::MSGPACK || v == "application/x-msgpack" => Ok(ContentType::MsgPack),
+            Some(v) if v == Self::MSGPACK || v == "application/x-msgpack" => {
+                Ok(ContentType::MsgPack)
+            }
             Some(v) if v == Self::JSON => Ok(ContentType::Json),
-            Some(v) => Err(DecodeError { field: None, reason: format!("unsupported Content-Type {v:?}: use {} or {}", Self::JSON, Self::MSGPACK) }),
+            Some(v) => Err(DecodeError {
+                field: None,
+                reason: format!(
+                    "unsupported Content-Type {v:?}: use {} or {}",
+                    Self::JSON,
+                    Self::MSGPACK
+                ),
+            }),
         }
     }
 
@@ -45,8 +60,12 @@ impl ContentType {
             ContentType::MsgPack => from_msgpack(bytes),
             ContentType::Json => {
                 let mut de = serde_json::Deserializer::from_slice(bytes);
-                let value = serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_path)?;
-                de.end().map_err(|e| DecodeError { field: None, reason: e.to_string() })?;
+                let value =
+                    serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_path)?;
+                de.end().map_err(|e| DecodeError {
+                    field: None,
+                    reason: e.to_string(),
+                })?;
                 Ok(value)
             }
         }
@@ -63,7 +82,10 @@ pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError>
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
     let value = serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_path)?;
     if de.position() as usize != bytes.len() {
-        return Err(DecodeError { field: None, reason: "trailing bytes after the message".into() });
+        return Err(DecodeError {
+            field: None,
+            reason: "trailing bytes after the message".into(),
+        });
     }
     Ok(value)
 }
@@ -82,7 +104,10 @@ impl DecodeError {
         let reason = e.inner().to_string();
         // For an unknown or missing field serde names it in the message, and the
         // path is the enclosing struct.
-        let named = reason.split('`').nth(1).filter(|_| reason.starts_with("unknown field") || reason.starts_with("missing field"));
+        let named = reason
+            .split('`')
+            .nth(1)
+            .filter(|_| reason.starts_with("unknown field") || reason.starts_with("missing field"));
         let field = match (named, path.as_str()) {
             (Some(name), "." | "") => Some(name.to_string()),
             (Some(name), p) if p == name || p.ends_with(&format!(".{name}")) => Some(p.to_string()),
@@ -125,10 +150,19 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("amount"));
         let e = ContentType::Json.decode::<TransferRequest>(br#"{"requestId":"r","wallet":"w","asset":"A","destination":"d","amount":"5","initiator":"i","fee":1}"#).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("fee"), "{e}");
-        let e = ContentType::Json.decode::<TransferRequest>(br#"{"requestId":"r"}"#).unwrap_err();
+        let e = ContentType::Json
+            .decode::<TransferRequest>(br#"{"requestId":"r"}"#)
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("wallet"), "{e}");
-        assert!(ContentType::MsgPack.decode::<TransferRequest>(b"\xc1garbage").is_err());
+        assert!(
+            ContentType::MsgPack
+                .decode::<TransferRequest>(b"\xc1garbage")
+                .is_err()
+        );
         assert!(ContentType::from_header(Some("text/plain")).is_err());
-        assert_eq!(ContentType::from_header(Some("application/json; charset=utf-8")), Ok(ContentType::Json));
+        assert_eq!(
+            ContentType::from_header(Some("application/json; charset=utf-8")),
+            Ok(ContentType::Json)
+        );
     }
 }

@@ -184,7 +184,11 @@ pub struct Actor {
 impl Actor {
     /// Custos itself (a worker acting on its own).
     pub fn system(component: &str) -> Self {
-        Actor { user_id: format!("system:{component}"), email: None, role: Some("system".into()) }
+        Actor {
+            user_id: format!("system:{component}"),
+            email: None,
+            role: Some("system".into()),
+        }
     }
 }
 
@@ -250,15 +254,28 @@ pub enum Payload {
     None,
     /// A transfer workflow starts: the request exactly as accepted, and the hash of
     /// its canonical encoding (what approvals and guardians bind to).
-    TransferRequested { request: TransferRequest, request_hash: String },
+    TransferRequested {
+        request: TransferRequest,
+        request_hash: String,
+    },
     /// A request refused at intake.
-    RequestRejected { request_id: Option<String>, field: Option<String>, reason: String },
+    RequestRejected {
+        request_id: Option<String>,
+        field: Option<String>,
+        reason: String,
+    },
     /// A wallet became active.
     WalletCreated(WalletDescriptor),
     /// A step failed for good; the workflow ends or waits as its machine says.
     StepFailed { step: String, reason: String },
     /// A poison message left its consumer.
-    DeadLettered { step: String, stream_sequence: u64, subject: String, deliveries: u64, reason: String },
+    DeadLettered {
+        step: String,
+        stream_sequence: u64,
+        subject: String,
+        deliveries: u64,
+        reason: String,
+    },
     /// An alert for the on-call route.
     Alert { severity: String, summary: String },
     /// A signed statement of the chain head.
@@ -317,8 +334,13 @@ mod tests {
 
     #[test]
     fn ip_masking() {
-        assert_eq!(RequestContext::mask_ip("192.168.1.77".parse().unwrap_or(IpAddr::from([0; 4]))), "192.168.1.***");
-        let v6: IpAddr = "2001:db8:85a3::8a2e:370:7334".parse().unwrap_or(IpAddr::from([0; 4]));
+        assert_eq!(
+            RequestContext::mask_ip("192.168.1.77".parse().unwrap_or(IpAddr::from([0; 4]))),
+            "192.168.1.***"
+        );
+        let v6: IpAddr = "2001:db8:85a3::8a2e:370:7334"
+            .parse()
+            .unwrap_or(IpAddr::from([0; 4]));
         assert_eq!(RequestContext::mask_ip(v6), "2001:db8:85a3:****");
     }
 

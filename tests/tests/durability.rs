@@ -19,7 +19,8 @@ async fn kill_9_mid_load_loses_no_acknowledged_event_and_intake_resumes() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..16 {
-        let (ledger, acknowledged, stop) = (engine.ledger.clone(), acknowledged.clone(), stop.clone());
+        let (ledger, acknowledged, stop) =
+            (engine.ledger.clone(), acknowledged.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut version = 0;
             let id = format!("w{w}");
@@ -32,19 +33,30 @@ async fn kill_9_mid_load_loses_no_acknowledged_event_and_intake_resumes() {
                     // The first attempt after the crash may have been stored without
                     // its ack reaching us: then the aggregate is one ahead.
                     AppendReply::Conflict { actual_version, .. } => version = actual_version,
-                    AppendReply::Unavailable { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+                    AppendReply::Unavailable { .. } => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
                     AppendReply::Refused { reason } => panic!("refused: {reason}"),
                 }
             }
         }));
     }
-    assert!(eventually(Duration::from_secs(20), || async { acknowledged.lock().await.len() >= 300 }).await, "load did not start");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            acknowledged.lock().await.len() >= 300
+        })
+        .await,
+        "load did not start"
+    );
     nats.server.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     nats.server.restart().await.expect("restart");
     let before = acknowledged.lock().await.len();
     assert!(
-        eventually(Duration::from_secs(60), || async { acknowledged.lock().await.len() >= before + 300 }).await,
+        eventually(Duration::from_secs(60), || async {
+            acknowledged.lock().await.len() >= before + 300
+        })
+        .await,
         "appends did not resume after the restart"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -53,15 +65,29 @@ async fn kill_9_mid_load_loses_no_acknowledged_event_and_intake_resumes() {
     }
 
     let js = nats.js().await;
-    let stored: HashSet<(String, u64)> = all_events(&js).await.into_iter().map(|(_, e)| (e.workflow_id, e.version)).collect();
+    let stored: HashSet<(String, u64)> = all_events(&js)
+        .await
+        .into_iter()
+        .map(|(_, e)| (e.workflow_id, e.version))
+        .collect();
     for ack in acknowledged.lock().await.iter() {
         assert!(stored.contains(ack), "acknowledged event {ack:?} was lost");
     }
-    verify_stream(&js).await.expect("chain verifies after the crash");
+    verify_stream(&js)
+        .await
+        .expect("chain verifies after the crash");
 
     // Intake answers again.
     let to = taproot_address("rltc", [3; 32]);
-    append_ok(&engine.ledger, vec![wallet_created("after-crash", "ltc-regtest", &taproot_address("rltc", [4; 32]))]).await;
+    append_ok(
+        &engine.ledger,
+        vec![wallet_created(
+            "after-crash",
+            "ltc-regtest",
+            &taproot_address("rltc", [4; 32]),
+        )],
+    )
+    .await;
     let reply = submit_json(&engine.client, &json!({"requestId": "post-crash", "wallet": "after-crash", "asset": "LTC", "destination": to, "amount": "1", "initiator": "erp"})).await;
     assert!(matches!(reply, IntakeReply::Accepted { .. }), "{reply:?}");
     engine.stop().await;
@@ -79,8 +105,7 @@ async fn concurrent_writers_on_one_workflow_never_write_a_version_twice() {
         tasks.push(tokio::spawn(async move {
             let mut wins = 0;
             let mut seen = 0;
-            let mut own = 0;
-            for _ in 0..30 {
+            for own in 0..30 {
                 match ledger.append(vec![alert("shared", seen)]).await {
                     AppendReply::Appended { .. } => {
                         wins += 1;
@@ -90,7 +115,6 @@ async fn concurrent_writers_on_one_workflow_never_write_a_version_twice() {
                     other => panic!("{other:?}"),
                 }
                 append_ok(&ledger, vec![alert(&format!("own-{w}"), own)]).await;
-                own += 1;
             }
             wins
         }));
@@ -103,14 +127,23 @@ async fn concurrent_writers_on_one_workflow_never_write_a_version_twice() {
     let events = all_events(&js).await;
     let mut versions: HashMap<String, Vec<u64>> = HashMap::new();
     for (_, e) in &events {
-        versions.entry(e.workflow_id.clone()).or_default().push(e.version);
+        versions
+            .entry(e.workflow_id.clone())
+            .or_default()
+            .push(e.version);
     }
     for (id, v) in &versions {
         let expected: Vec<u64> = (1..=v.len() as u64).collect();
-        assert_eq!(v, &expected, "{id}: versions must be 1..n in order, without gaps or repeats");
+        assert_eq!(
+            v, &expected,
+            "{id}: versions must be 1..n in order, without gaps or repeats"
+        );
     }
     assert_eq!(versions["shared"].len(), wins);
-    assert_eq!(versions.keys().filter(|k| k.starts_with("own-")).count(), 20);
+    assert_eq!(
+        versions.keys().filter(|k| k.starts_with("own-")).count(),
+        20
+    );
     verify_stream(&js).await.expect("chain verifies");
 }
 
@@ -120,7 +153,10 @@ async fn two_ledger_writers_on_one_stream_never_fork_the_chain() {
     let first = Engine::start(&nats).await;
     let second = Engine::start(&nats).await;
     let mut tasks = Vec::new();
-    for (w, ledger) in [first.ledger.clone(), second.ledger.clone()].into_iter().enumerate() {
+    for (w, ledger) in [first.ledger.clone(), second.ledger.clone()]
+        .into_iter()
+        .enumerate()
+    {
         for t in 0..4 {
             let ledger = ledger.clone();
             tasks.push(tokio::spawn(async move {
@@ -136,7 +172,9 @@ async fn two_ledger_writers_on_one_stream_never_fork_the_chain() {
                             stored += 1;
                         }
                         AppendReply::Conflict { actual_version, .. } => version = actual_version,
-                        AppendReply::Unavailable { .. } => tokio::time::sleep(Duration::from_millis(5)).await,
+                        AppendReply::Unavailable { .. } => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
                         AppendReply::Refused { reason } => panic!("{reason}"),
                     }
                 }
@@ -153,6 +191,11 @@ async fn two_ledger_writers_on_one_stream_never_fork_the_chain() {
     assert!(verified.events >= 400);
     let mut seen = HashSet::new();
     for (_, e) in all_events(&js).await {
-        assert!(seen.insert((e.workflow_id.clone(), e.version)), "{} v{} written twice", e.workflow_id, e.version);
+        assert!(
+            seen.insert((e.workflow_id.clone(), e.version)),
+            "{} v{} written twice",
+            e.workflow_id,
+            e.version
+        );
     }
 }

@@ -16,14 +16,20 @@ pub async fn run(
 ) -> Result<(), LedgerError> {
     let (handle, jobs) = ledger::channel();
     let writer = tokio::spawn(ledger::run(client.clone(), config, jobs, shutdown.clone()));
-    let intake = tokio::spawn(intake::serve(client.clone(), handle.clone(), shutdown.clone()));
+    let intake = tokio::spawn(intake::serve(
+        client.clone(),
+        handle.clone(),
+        shutdown.clone(),
+    ));
     let appends = tokio::spawn(remote::serve(client, handle.clone(), shutdown));
     if let Some(ready) = ready {
         let _ = ready.send(handle);
     }
     let result = match writer.await {
         Ok(r) => r,
-        Err(e) => Err(LedgerError::Nats(format!("ledger writer task failed: {e}").into())),
+        Err(e) => Err(LedgerError::Nats(
+            format!("ledger writer task failed: {e}").into(),
+        )),
     };
     intake.abort();
     appends.abort();

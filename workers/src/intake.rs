@@ -3,7 +3,9 @@
 //! recorded. Bad bytes never reach further than a `REQUEST_REJECTED` event.
 
 use async_nats::Client;
-use custos_schemas::{ContentType, IntakeError, IntakeReply, RequestContext, TransferRequest, subjects};
+use custos_schemas::{
+    ContentType, IntakeError, IntakeReply, RequestContext, TransferRequest, subjects,
+};
 use futures::StreamExt;
 
 use crate::Shutdown;
@@ -15,8 +17,14 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 const CONCURRENCY: usize = 1_024;
 
 /// Serves intake until `shutdown`, as one member of the intake queue group.
-pub async fn serve(client: Client, ledger: LedgerHandle, mut shutdown: Shutdown) -> Result<(), async_nats::Error> {
-    let mut requests = client.queue_subscribe(subjects::REQ_TRANSFER, subjects::INTAKE_QUEUE.into()).await?;
+pub async fn serve(
+    client: Client,
+    ledger: LedgerHandle,
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
+    let mut requests = client
+        .queue_subscribe(subjects::REQ_TRANSFER, subjects::INTAKE_QUEUE.into())
+        .await?;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     loop {
         let msg = tokio::select! {
@@ -27,13 +35,27 @@ pub async fn serve(client: Client, ledger: LedgerHandle, mut shutdown: Shutdown)
             tracing::debug!("transfer request without a reply subject ignored");
             continue;
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let (client, ledger) = (client.clone(), ledger.clone());
         tokio::spawn(async move {
-            let content_type = msg.headers.as_ref().and_then(|h| h.get(subjects::headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
-            let user_agent = msg.headers.as_ref().and_then(|h| h.get("User-Agent")).map(|v| v.as_str().chars().take(256).collect());
-            let (reply_type, reply) = admit(&ledger, content_type.as_deref(), &msg.payload, user_agent).await;
-            if let Err(e) = client.publish(reply_to, reply_type.encode(&reply).into()).await {
+            let content_type = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(subjects::headers::CONTENT_TYPE))
+                .map(|v| v.as_str().to_string());
+            let user_agent = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("User-Agent"))
+                .map(|v| v.as_str().chars().take(256).collect());
+            let (reply_type, reply) =
+                admit(&ledger, content_type.as_deref(), &msg.payload, user_agent).await;
+            if let Err(e) = client
+                .publish(reply_to, reply_type.encode(&reply).into())
+                .await
+            {
                 tracing::warn!(error = %e, "could not send an intake reply");
             }
             drop(permit);
@@ -44,8 +66,17 @@ pub async fn serve(client: Client, ledger: LedgerHandle, mut shutdown: Shutdown)
 
 /// Decodes and admits one request; the reply is encoded like the request (JSON
 /// when the content type is unsupported, so that the error is readable).
-pub async fn admit(ledger: &LedgerHandle, content_type: Option<&str>, payload: &[u8], user_agent: Option<String>) -> (ContentType, IntakeReply) {
-    let context = RequestContext { ip_address: None, user_agent, session_id: None };
+pub async fn admit(
+    ledger: &LedgerHandle,
+    content_type: Option<&str>,
+    payload: &[u8],
+    user_agent: Option<String>,
+) -> (ContentType, IntakeReply) {
+    let context = RequestContext {
+        ip_address: None,
+        user_agent,
+        session_id: None,
+    };
     let content = match ContentType::from_header(content_type) {
         Ok(ct) => ct,
         Err(e) => {
@@ -54,8 +85,22 @@ pub async fn admit(ledger: &LedgerHandle, content_type: Option<&str>, payload: &
         }
     };
     if payload.len() > MAX_REQUEST_BYTES {
-        let error = IntakeError { field: None, reason: format!("request is {} bytes, at most {MAX_REQUEST_BYTES} are accepted", payload.len()) };
-        let reply = ledger.intake(Err(custos_schemas::DecodeError { field: error.field, reason: error.reason }), context).await;
+        let error = IntakeError {
+            field: None,
+            reason: format!(
+                "request is {} bytes, at most {MAX_REQUEST_BYTES} are accepted",
+                payload.len()
+            ),
+        };
+        let reply = ledger
+            .intake(
+                Err(custos_schemas::DecodeError {
+                    field: error.field,
+                    reason: error.reason,
+                }),
+                context,
+            )
+            .await;
         return (content, reply);
     }
     let decoded = content.decode::<TransferRequest>(payload);

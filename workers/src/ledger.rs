@@ -20,8 +20,8 @@ use custos_engine::chain;
 use custos_engine::intake::{self, Admission};
 use custos_engine::ledger::{Ledger, ReplayError, SealError, Sealed};
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, DecodeError, EventType, IntakeReply, Outcome, Payload, Proposal, RequestContext,
-    Target, TransferRequest, subjects,
+    Actor, AggregateKind, AppendReply, DecodeError, EventType, IntakeReply, Outcome, Payload,
+    Proposal, RequestContext, Target, TransferRequest, subjects,
 };
 use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot};
@@ -60,15 +60,30 @@ impl LedgerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
-    #[error("the audit trail does not verify, refusing to extend it ({0}); run `custos audit verify` to inspect it")]
+    #[error(
+        "the audit trail does not verify, refusing to extend it ({0}); run `custos audit verify` to inspect it"
+    )]
     Broken(ReplayError),
     #[error("event stream: {0}")]
     Nats(#[from] async_nats::Error),
 }
 
 enum Job {
-    Append { proposals: Vec<Proposal>, reply: oneshot::Sender<AppendReply> },
-    Intake { decoded: Result<TransferRequest, DecodeError>, context: RequestContext, reply: oneshot::Sender<IntakeReply> },
+    Append {
+        proposals: Vec<Proposal>,
+        reply: oneshot::Sender<AppendReply>,
+    },
+    Intake {
+        request: Box<IntakeRequest>,
+        reply: oneshot::Sender<IntakeReply>,
+    },
+}
+
+/// An upstream request as intake decoded it.
+#[derive(Clone)]
+struct IntakeRequest {
+    decoded: Result<TransferRequest, DecodeError>,
+    context: RequestContext,
 }
 
 /// Submits work to the ledger writer running in this process.
@@ -83,19 +98,44 @@ impl LedgerHandle {
     /// Appends proposals, all or none; answers once stored.
     pub async fn append(&self, proposals: Vec<Proposal>) -> AppendReply {
         let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job::Append { proposals, reply }).await.is_err() {
-            return AppendReply::Unavailable { reason: GONE.into() };
+        if self
+            .jobs
+            .send(Job::Append { proposals, reply })
+            .await
+            .is_err()
+        {
+            return AppendReply::Unavailable {
+                reason: GONE.into(),
+            };
         }
-        answer.await.unwrap_or(AppendReply::Unavailable { reason: GONE.into() })
+        answer.await.unwrap_or(AppendReply::Unavailable {
+            reason: GONE.into(),
+        })
     }
 
     /// Admits an upstream transfer request; answers once the outcome is recorded.
-    pub async fn intake(&self, decoded: Result<TransferRequest, DecodeError>, context: RequestContext) -> IntakeReply {
+    pub async fn intake(
+        &self,
+        decoded: Result<TransferRequest, DecodeError>,
+        context: RequestContext,
+    ) -> IntakeReply {
         let (reply, answer) = oneshot::channel();
-        if self.jobs.send(Job::Intake { decoded, context, reply }).await.is_err() {
-            return IntakeReply::Unavailable { reason: GONE.into() };
+        if self
+            .jobs
+            .send(Job::Intake {
+                request: Box::new(IntakeRequest { decoded, context }),
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return IntakeReply::Unavailable {
+                reason: GONE.into(),
+            };
         }
-        answer.await.unwrap_or(IntakeReply::Unavailable { reason: GONE.into() })
+        answer.await.unwrap_or(IntakeReply::Unavailable {
+            reason: GONE.into(),
+        })
     }
 }
 
@@ -123,8 +163,14 @@ enum Reply {
 /// What to answer a job with once its events are stored.
 enum Answer {
     Appended(oneshot::Sender<AppendReply>),
-    Accepted { workflow_id: String, reply: oneshot::Sender<IntakeReply> },
-    Rejected { error: custos_schemas::IntakeError, reply: oneshot::Sender<IntakeReply> },
+    Accepted {
+        workflow_id: String,
+        reply: oneshot::Sender<IntakeReply>,
+    },
+    Rejected {
+        error: custos_schemas::IntakeError,
+        reply: oneshot::Sender<IntakeReply>,
+    },
     /// A checkpoint: nobody waits.
     Nobody,
 }
@@ -143,7 +189,7 @@ struct Waiter {
 
 enum Retry {
     Append(Vec<Proposal>),
-    Intake { decoded: Result<TransferRequest, DecodeError>, context: RequestContext },
+    Intake(Box<IntakeRequest>),
 }
 
 struct Inflight {
@@ -155,7 +201,12 @@ struct Inflight {
 
 /// Runs the ledger writer until `shutdown`. Returns an error only when it cannot
 /// go on safely (a broken trail).
-pub async fn run(client: Client, config: LedgerConfig, jobs: LedgerJobs, mut shutdown: Shutdown) -> Result<(), LedgerError> {
+pub async fn run(
+    client: Client,
+    config: LedgerConfig,
+    jobs: LedgerJobs,
+    mut shutdown: Shutdown,
+) -> Result<(), LedgerError> {
     let js = jetstream::new(client.clone());
     let publisher = EventPublisher::new(client).await?;
     let mut writer = Writer {
@@ -215,7 +266,9 @@ struct Writer {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 const MAX_ATTEMPTS: u32 = 5;
@@ -227,7 +280,7 @@ impl Writer {
         let mut work: Vec<(Retry, Reply, u32)> = self.retries.drain(..).collect();
         work.extend(jobs.into_iter().map(|job| match job {
             Job::Append { proposals, reply } => (Retry::Append(proposals), Reply::Append(reply), 0),
-            Job::Intake { decoded, context, reply } => (Retry::Intake { decoded, context }, Reply::Intake(reply), 0),
+            Job::Intake { request, reply } => (Retry::Intake(request), Reply::Intake(reply), 0),
         }));
         for (retry, reply, attempts) in work {
             if sealed_all.len() >= self.config.max_batch {
@@ -237,25 +290,45 @@ impl Writer {
             }
             self.seal_one(retry, reply, attempts, &mut sealed_all, &mut waiters);
         }
-        if self.since_checkpoint + sealed_all.len() as u64 >= self.config.checkpoint_every && !sealed_all.is_empty() {
+        if self.since_checkpoint + sealed_all.len() as u64 >= self.config.checkpoint_every
+            && !sealed_all.is_empty()
+        {
             self.seal_checkpoint(&mut sealed_all, &mut waiters);
         }
         self.publish(sealed_all, waiters).await
     }
 
-    fn seal_one(&mut self, retry: Retry, reply: Reply, attempts: u32, out: &mut Vec<Sealed>, waiters: &mut Vec<Waiter>) {
+    fn seal_one(
+        &mut self,
+        retry: Retry,
+        reply: Reply,
+        attempts: u32,
+        out: &mut Vec<Sealed>,
+        waiters: &mut Vec<Waiter>,
+    ) {
         let (proposals, answer) = match (&retry, reply) {
             (Retry::Append(p), Reply::Append(reply)) => {
                 if p.len() > self.config.max_batch {
-                    let reason = format!("too many events in one append ({}, at most {})", p.len(), self.config.max_batch);
+                    let reason = format!(
+                        "too many events in one append ({}, at most {})",
+                        p.len(),
+                        self.config.max_batch
+                    );
                     let _ = reply.send(AppendReply::Refused { reason });
                     return;
                 }
                 (p.clone(), Answer::Appended(reply))
             }
-            (Retry::Intake { decoded, context }, Reply::Intake(reply)) => match intake::admit(&self.ledger, decoded.clone(), context.clone()) {
+            (Retry::Intake(request), Reply::Intake(reply)) => match intake::admit(
+                &self.ledger,
+                request.decoded.clone(),
+                request.context.clone(),
+            ) {
                 Admission::Duplicate { workflow_id } => {
-                    let created = self.ledger.aggregate(AggregateKind::Tx, &workflow_id).map_or(0, |a| a.first_seq);
+                    let created = self
+                        .ledger
+                        .aggregate(AggregateKind::Tx, &workflow_id)
+                        .map_or(0, |a| a.first_seq);
                     let answer = Answer::Accepted { workflow_id, reply };
                     if created <= self.confirmed_seq {
                         answer.send(true, &[]);
@@ -264,33 +337,60 @@ impl Writer {
                     }
                     return;
                 }
-                Admission::Create { workflow_id, proposal } => (vec![proposal], Answer::Accepted { workflow_id, reply }),
-                Admission::Reject { error, proposal } => (vec![proposal], Answer::Rejected { error, reply }),
+                Admission::Create {
+                    workflow_id,
+                    proposal,
+                } => (vec![proposal], Answer::Accepted { workflow_id, reply }),
+                Admission::Reject { error, proposal } => {
+                    (vec![proposal], Answer::Rejected { error, reply })
+                }
             },
             (_, Reply::Append(reply)) => {
-                let _ = reply.send(AppendReply::Refused { reason: "internal: job and answer do not match".into() });
+                let _ = reply.send(AppendReply::Refused {
+                    reason: "internal: job and answer do not match".into(),
+                });
                 return;
             }
             (_, Reply::Intake(reply)) => {
-                let _ = reply.send(IntakeReply::Unavailable { reason: "internal: job and answer do not match".into() });
+                let _ = reply.send(IntakeReply::Unavailable {
+                    reason: "internal: job and answer do not match".into(),
+                });
                 return;
             }
         };
         match self.ledger.seal(proposals, now_ms()) {
             Ok(sealed) => {
-                let events = sealed.iter().map(|s| (s.msg_id.clone(), bytes::Bytes::from(s.body.clone()))).collect();
+                let events = sealed
+                    .iter()
+                    .map(|s| (s.msg_id.clone(), bytes::Bytes::from(s.body.clone())))
+                    .collect();
                 let sequences = sealed.iter().map(|s| s.seq).collect();
-                waiters.push(Waiter { answer, retry: Some(retry), events, sequences, attempts });
+                waiters.push(Waiter {
+                    answer,
+                    retry: Some(retry),
+                    events,
+                    sequences,
+                    attempts,
+                });
                 out.extend(sealed);
             }
-            Err(SealError::Conflict { workflow_id, expected, actual }) => answer.conflict(workflow_id, expected, actual),
+            Err(SealError::Conflict {
+                workflow_id,
+                expected,
+                actual,
+            }) => answer.conflict(workflow_id, expected, actual),
             Err(SealError::Refused(reason)) => answer.refuse(reason),
         }
     }
 
     fn seal_checkpoint(&mut self, out: &mut Vec<Sealed>, waiters: &mut Vec<Waiter>) {
         let stream = subjects::EVENTS_STREAM;
-        let checkpoint = chain::sign_checkpoint(&self.config.audit_key, stream, self.ledger.last_seq(), &self.ledger.head());
+        let checkpoint = chain::sign_checkpoint(
+            &self.config.audit_key,
+            stream,
+            self.ledger.last_seq(),
+            &self.ledger.head(),
+        );
         let proposal = Proposal {
             aggregate_kind: AggregateKind::Audit,
             workflow_id: "chain".into(),
@@ -298,7 +398,12 @@ impl Writer {
             event_type: EventType::AuditCheckpoint,
             causation_id: None,
             actor: Actor::system("ledger"),
-            target: Target { kind: "audit-chain".into(), id: stream.into(), amount: None, currency: None },
+            target: Target {
+                kind: "audit-chain".into(),
+                id: stream.into(),
+                amount: None,
+                currency: None,
+            },
             context: RequestContext::default(),
             result: Outcome::Success,
             metadata: Default::default(),
@@ -306,37 +411,70 @@ impl Writer {
         };
         if let Ok(sealed) = self.ledger.seal(vec![proposal], now_ms()) {
             let sequences = sealed.iter().map(|s| s.seq).collect();
-            waiters.push(Waiter { answer: Answer::Nobody, retry: None, events: Vec::new(), sequences, attempts: 0 });
+            waiters.push(Waiter {
+                answer: Answer::Nobody,
+                retry: None,
+                events: Vec::new(),
+                sequences,
+                attempts: 0,
+            });
             out.extend(sealed);
             self.since_checkpoint = 0;
             self.last_checkpoint_at = Instant::now();
         }
     }
 
-    async fn publish(&mut self, sealed: Vec<Sealed>, waiters: Vec<Waiter>) -> Result<(), LedgerError> {
-        let Some(last) = sealed.last() else { return Ok(()) };
+    async fn publish(
+        &mut self,
+        sealed: Vec<Sealed>,
+        waiters: Vec<Waiter>,
+    ) -> Result<(), LedgerError> {
+        let Some(last) = sealed.last() else {
+            return Ok(());
+        };
         let last_seq = last.seq;
         let expected = sealed[0].seq - 1;
-        self.since_checkpoint += sealed.iter().filter(|s| s.event.event_type != EventType::AuditCheckpoint).count() as u64;
+        self.since_checkpoint += sealed
+            .iter()
+            .filter(|s| s.event.event_type != EventType::AuditCheckpoint)
+            .count() as u64;
         let outgoing: Vec<OutgoingEvent> = sealed
             .into_iter()
-            .map(|s| OutgoingEvent { subject: s.subject, msg_id: s.msg_id, body: s.body.into(), prev_hash: s.prev_hash.to_hex(), hash: s.hash.to_hex() })
+            .map(|s| OutgoingEvent {
+                subject: s.subject,
+                msg_id: s.msg_id,
+                body: s.body.into(),
+                prev_hash: s.prev_hash.to_hex(),
+                hash: s.hash.to_hex(),
+            })
             .collect();
         match self.publisher.publish(expected, &outgoing).await {
             Ok(token) => {
-                self.inflight.push_back(Inflight { token, last_seq, sent_at: Instant::now(), waiters });
+                self.inflight.push_back(Inflight {
+                    token,
+                    last_seq,
+                    sent_at: Instant::now(),
+                    waiters,
+                });
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publishing to the event stream failed");
-                self.inflight.push_back(Inflight { token: u64::MAX, last_seq, sent_at: Instant::now(), waiters });
+                self.inflight.push_back(Inflight {
+                    token: u64::MAX,
+                    last_seq,
+                    sent_at: Instant::now(),
+                    waiters,
+                });
                 self.recover().await
             }
         }
     }
 
     async fn on_ack(&mut self, token: u64, ack: PubAck) -> Result<(), LedgerError> {
-        let Some(front) = self.inflight.front() else { return Ok(()) };
+        let Some(front) = self.inflight.front() else {
+            return Ok(());
+        };
         if front.token != token {
             // A late answer to a batch already given up on.
             return Ok(());
@@ -346,7 +484,11 @@ impl Writer {
             return self.recover().await;
         }
         if ack.seq != front.last_seq {
-            tracing::warn!(expected = front.last_seq, got = ack.seq, "append stored at an unexpected sequence");
+            tracing::warn!(
+                expected = front.last_seq,
+                got = ack.seq,
+                "append stored at an unexpected sequence"
+            );
             return self.recover().await;
         }
         if let Some(done) = self.inflight.pop_front() {
@@ -361,7 +503,9 @@ impl Writer {
 
     fn answer_duplicates(&mut self) {
         let confirmed = self.confirmed_seq;
-        let (ready, waiting) = std::mem::take(&mut self.waiting_duplicates).into_iter().partition(|(seq, _)| *seq <= confirmed);
+        let (ready, waiting) = std::mem::take(&mut self.waiting_duplicates)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= confirmed);
         self.waiting_duplicates = waiting;
         for (_, answer) in ready {
             answer.send(true, &[]);
@@ -372,13 +516,16 @@ impl Writer {
         if !self.healthy {
             return self.recover().await;
         }
-        if let Some(front) = self.inflight.front() {
-            if front.sent_at.elapsed() > self.config.ack_timeout {
-                tracing::warn!(seq = front.last_seq, "append not acknowledged in time");
-                return self.recover().await;
-            }
+        if let Some(front) = self.inflight.front()
+            && front.sent_at.elapsed() > self.config.ack_timeout
+        {
+            tracing::warn!(seq = front.last_seq, "append not acknowledged in time");
+            return self.recover().await;
         }
-        if self.since_checkpoint > 0 && self.last_checkpoint_at.elapsed() >= self.config.checkpoint_interval && self.inflight.len() < self.config.max_inflight {
+        if self.since_checkpoint > 0
+            && self.last_checkpoint_at.elapsed() >= self.config.checkpoint_interval
+            && self.inflight.len() < self.config.max_inflight
+        {
             let mut sealed = Vec::new();
             let mut waiters = Vec::new();
             self.seal_checkpoint(&mut sealed, &mut waiters);
@@ -404,23 +551,32 @@ impl Writer {
                 for mut w in waiters {
                     w.attempts += 1;
                     if w.attempts >= MAX_ATTEMPTS {
-                        w.answer.fail("the event stream is unreachable; retry with the same ids");
+                        w.answer
+                            .fail("the event stream is unreachable; retry with the same ids");
                     } else {
                         keep.push(w);
                     }
                 }
-                self.inflight.push_back(Inflight { token: u64::MAX, last_seq: 0, sent_at: Instant::now(), waiters: keep });
+                self.inflight.push_back(Inflight {
+                    token: u64::MAX,
+                    last_seq: 0,
+                    sent_at: Instant::now(),
+                    waiters: keep,
+                });
                 return Ok(());
             }
             Err(broken) => return Err(broken),
         }
         for w in waiters {
-            let stored = !w.events.is_empty() && w.sequences.len() == w.events.len() && w.sequences.iter().all(|s| *s > 0);
+            let stored = !w.events.is_empty()
+                && w.sequences.len() == w.events.len()
+                && w.sequences.iter().all(|s| *s > 0);
             if stored {
                 w.answer.send(false, &w.sequences);
             } else if let Some(retry) = w.retry {
                 if w.attempts + 1 >= MAX_ATTEMPTS {
-                    w.answer.fail("the event stream did not store the event; retry with the same ids");
+                    w.answer
+                        .fail("the event stream did not store the event; retry with the same ids");
                 } else {
                     if let Some(reply) = w.answer.into_reply() {
                         self.retries.push_back((retry, reply, w.attempts + 1));
@@ -453,13 +609,22 @@ impl Writer {
                 broken = Some(e);
                 return Ok(());
             }
-            since_checkpoint = if stored.subject.ends_with(EventType::AuditCheckpoint.as_str()) { 0 } else { since_checkpoint + 1 };
+            since_checkpoint = if stored
+                .subject
+                .ends_with(EventType::AuditCheckpoint.as_str())
+            {
+                0
+            } else {
+                since_checkpoint + 1
+            };
             if !wanted.is_empty() {
-                let id = custos_schemas::codec::from_msgpack::<custos_schemas::Event>(&stored.body).map(|e| e.id).unwrap_or_default();
-                if let Some((wi, ei)) = wanted.get(&id) {
-                    if waiters[*wi].events[*ei].1 == stored.body {
-                        waiters[*wi].sequences[*ei] = stored.seq;
-                    }
+                let id = custos_schemas::codec::from_msgpack::<custos_schemas::Event>(&stored.body)
+                    .map(|e| e.id)
+                    .unwrap_or_default();
+                if let Some((wi, ei)) = wanted.get(&id)
+                    && waiters[*wi].events[*ei].1 == stored.body
+                {
+                    waiters[*wi].sequences[*ei] = stored.seq;
                 }
             }
             Ok(())
@@ -499,7 +664,9 @@ impl Answer {
     fn into_reply(self) -> Option<Reply> {
         match self {
             Answer::Appended(reply) => Some(Reply::Append(reply)),
-            Answer::Accepted { reply, .. } | Answer::Rejected { reply, .. } => Some(Reply::Intake(reply)),
+            Answer::Accepted { reply, .. } | Answer::Rejected { reply, .. } => {
+                Some(Reply::Intake(reply))
+            }
             Answer::Nobody => None,
         }
     }
@@ -507,10 +674,15 @@ impl Answer {
     fn send(self, duplicate: bool, sequences: &[u64]) {
         match self {
             Answer::Appended(reply) => {
-                let _ = reply.send(AppendReply::Appended { sequences: sequences.to_vec() });
+                let _ = reply.send(AppendReply::Appended {
+                    sequences: sequences.to_vec(),
+                });
             }
             Answer::Accepted { workflow_id, reply } => {
-                let _ = reply.send(IntakeReply::Accepted { workflow_id, duplicate });
+                let _ = reply.send(IntakeReply::Accepted {
+                    workflow_id,
+                    duplicate,
+                });
             }
             Answer::Rejected { error, reply } => {
                 let _ = reply.send(IntakeReply::Rejected(error));
@@ -522,10 +694,14 @@ impl Answer {
     fn fail(self, reason: &str) {
         match self {
             Answer::Appended(reply) => {
-                let _ = reply.send(AppendReply::Unavailable { reason: reason.into() });
+                let _ = reply.send(AppendReply::Unavailable {
+                    reason: reason.into(),
+                });
             }
             Answer::Accepted { reply, .. } | Answer::Rejected { reply, .. } => {
-                let _ = reply.send(IntakeReply::Unavailable { reason: reason.into() });
+                let _ = reply.send(IntakeReply::Unavailable {
+                    reason: reason.into(),
+                });
             }
             Answer::Nobody => {}
         }
@@ -534,7 +710,11 @@ impl Answer {
     fn conflict(self, workflow_id: String, expected_version: u64, actual_version: u64) {
         match self {
             Answer::Appended(reply) => {
-                let _ = reply.send(AppendReply::Conflict { workflow_id, expected_version, actual_version });
+                let _ = reply.send(AppendReply::Conflict {
+                    workflow_id,
+                    expected_version,
+                    actual_version,
+                });
             }
             other => other.fail("internal: intake conflict; retry with the same request id"),
         }

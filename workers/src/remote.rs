@@ -24,21 +24,43 @@ impl Appender for LedgerHandle {
 }
 
 /// Serves [`subjects::LEDGER_APPEND`] until `shutdown`.
-pub async fn serve(client: Client, ledger: LedgerHandle, mut shutdown: Shutdown) -> Result<(), async_nats::Error> {
-    let mut requests = client.queue_subscribe(subjects::LEDGER_APPEND, subjects::LEDGER_QUEUE.into()).await?;
+pub async fn serve(
+    client: Client,
+    ledger: LedgerHandle,
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
+    let mut requests = client
+        .queue_subscribe(subjects::LEDGER_APPEND, subjects::LEDGER_QUEUE.into())
+        .await?;
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait() => break,
             msg = requests.next() => match msg { Some(m) => m, None => break },
         };
-        let Some(reply_to) = msg.reply.clone() else { continue };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
         let (client, ledger) = (client.clone(), ledger.clone());
         tokio::spawn(async move {
-            let content_type = msg.headers.as_ref().and_then(|h| h.get(subjects::headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+            let content_type = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(subjects::headers::CONTENT_TYPE))
+                .map(|v| v.as_str().to_string());
             let (ct, reply) = match ContentType::from_header(content_type.as_deref()) {
-                Err(e) => (ContentType::Json, AppendReply::Refused { reason: e.to_string() }),
+                Err(e) => (
+                    ContentType::Json,
+                    AppendReply::Refused {
+                        reason: e.to_string(),
+                    },
+                ),
                 Ok(ct) => match ct.decode::<AppendRequest>(&msg.payload) {
-                    Err(e) => (ct, AppendReply::Refused { reason: e.to_string() }),
+                    Err(e) => (
+                        ct,
+                        AppendReply::Refused {
+                            reason: e.to_string(),
+                        },
+                    ),
                     Ok(req) => (ct, ledger.append(req.proposals).await),
                 },
             };
@@ -59,7 +81,10 @@ pub struct RemoteLedger {
 
 impl RemoteLedger {
     pub fn new(client: Client) -> Self {
-        RemoteLedger { client, timeout: Duration::from_secs(30) }
+        RemoteLedger {
+            client,
+            timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -70,9 +95,15 @@ impl Appender for RemoteLedger {
         match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(msg)) => ContentType::MsgPack
                 .decode(&msg.payload)
-                .unwrap_or_else(|e| AppendReply::Unavailable { reason: format!("unreadable reply from the ledger: {e}") }),
-            Ok(Err(e)) => AppendReply::Unavailable { reason: format!("ledger unreachable: {e}") },
-            Err(_) => AppendReply::Unavailable { reason: "the ledger did not answer in time".into() },
+                .unwrap_or_else(|e| AppendReply::Unavailable {
+                    reason: format!("unreadable reply from the ledger: {e}"),
+                }),
+            Ok(Err(e)) => AppendReply::Unavailable {
+                reason: format!("ledger unreachable: {e}"),
+            },
+            Err(_) => AppendReply::Unavailable {
+                reason: "the ledger did not answer in time".into(),
+            },
         }
     }
 }

@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use custos_adapters::jetstream::StepConsumer;
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, RequestContext, Target, codec,
-    subjects,
+    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal,
+    RequestContext, Target, codec, subjects,
 };
 use futures::StreamExt;
 
@@ -38,7 +38,10 @@ pub enum StepError {
 /// One workflow step: given an event, the events to append next.
 pub trait Step: Send + Sync + 'static {
     fn consumer(&self) -> StepConsumer;
-    fn handle(&self, event: &Event) -> impl Future<Output = Result<Vec<Proposal>, StepError>> + Send;
+    fn handle(
+        &self,
+        event: &Event,
+    ) -> impl Future<Output = Result<Vec<Proposal>, StepError>> + Send;
 }
 
 /// Backoff before the n-th redelivery after a transient error.
@@ -48,7 +51,12 @@ pub fn backoff(delivered: i64) -> Duration {
 }
 
 /// Runs `step` until `shutdown`.
-pub async fn run<S: Step, A: Appender>(js: jetstream::Context, ledger: A, step: S, mut shutdown: Shutdown) -> Result<(), async_nats::Error> {
+pub async fn run<S: Step, A: Appender>(
+    js: jetstream::Context,
+    ledger: A,
+    step: S,
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
     let def = step.consumer();
     let stream = js.get_stream(subjects::EVENTS_STREAM).await?;
     let consumer = stream.create_consumer(def.config()).await?;
@@ -68,7 +76,14 @@ pub async fn run<S: Step, A: Appender>(js: jetstream::Context, ledger: A, step: 
         };
         // Steps are handled in their own task so a panicking step cannot take the
         // runtime down; a panic counts as a transient failure.
-        let handled = tokio::spawn(handle_message(js.clone(), ledger.clone(), step.clone(), def.clone(), msg)).await;
+        let handled = tokio::spawn(handle_message(
+            js.clone(),
+            ledger.clone(),
+            step.clone(),
+            def.clone(),
+            msg,
+        ))
+        .await;
         if let Err(e) = handled {
             tracing::error!(step = def.name, error = %e, "step task failed");
         }
@@ -76,7 +91,13 @@ pub async fn run<S: Step, A: Appender>(js: jetstream::Context, ledger: A, step: 
     Ok(())
 }
 
-async fn handle_message<S: Step, A: Appender>(js: jetstream::Context, ledger: A, step: Arc<S>, def: StepConsumer, msg: jetstream::Message) {
+async fn handle_message<S: Step, A: Appender>(
+    js: jetstream::Context,
+    ledger: A,
+    step: Arc<S>,
+    def: StepConsumer,
+    msg: jetstream::Message,
+) {
     let (delivered, stream_seq) = match msg.info() {
         Ok(info) => (info.delivered, info.stream_sequence),
         Err(_) => (1, 0),
@@ -85,7 +106,16 @@ async fn handle_message<S: Step, A: Appender>(js: jetstream::Context, ledger: A,
     let event: Event = match codec::from_msgpack(&msg.payload) {
         Ok(e) => e,
         Err(e) => {
-            dead_letter(&js, &ledger, &def, &msg, stream_seq, delivered, &format!("undecodable event: {e}")).await;
+            dead_letter(
+                &js,
+                &ledger,
+                &def,
+                &msg,
+                stream_seq,
+                delivered,
+                &format!("undecodable event: {e}"),
+            )
+            .await;
             return;
         }
     };
@@ -103,11 +133,45 @@ async fn handle_message<S: Step, A: Appender>(js: jetstream::Context, ledger: A,
         Ok(proposals) => match ledger.append(proposals).await {
             // Conflict: the workflow moved on, so this event was handled already.
             AppendReply::Appended { .. } | AppendReply::Conflict { .. } => ack(&msg).await,
-            AppendReply::Refused { reason } => fail_permanently(&js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason).await,
-            AppendReply::Unavailable { reason } => retry_or_dead_letter(&js, &ledger, &def, &msg, stream_seq, delivered, last_attempt, &reason).await,
+            AppendReply::Refused { reason } => {
+                fail_permanently(
+                    &js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason,
+                )
+                .await
+            }
+            AppendReply::Unavailable { reason } => {
+                retry_or_dead_letter(
+                    &js,
+                    &ledger,
+                    &def,
+                    &msg,
+                    stream_seq,
+                    delivered,
+                    last_attempt,
+                    &reason,
+                )
+                .await
+            }
         },
-        Err(StepError::Transient(reason)) => retry_or_dead_letter(&js, &ledger, &def, &msg, stream_seq, delivered, last_attempt, &reason).await,
-        Err(StepError::Permanent(reason)) => fail_permanently(&js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason).await,
+        Err(StepError::Transient(reason)) => {
+            retry_or_dead_letter(
+                &js,
+                &ledger,
+                &def,
+                &msg,
+                stream_seq,
+                delivered,
+                last_attempt,
+                &reason,
+            )
+            .await
+        }
+        Err(StepError::Permanent(reason)) => {
+            fail_permanently(
+                &js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason,
+            )
+            .await
+        }
     }
 }
 
@@ -126,7 +190,13 @@ async fn retry_or_dead_letter<A: Appender>(
         let why = format!("still failing after {delivered} deliveries: {reason}");
         dead_letter(js, ledger, def, msg, stream_seq, delivered, &why).await;
     } else {
-        tracing::info!(step = def.name, seq = stream_seq, delivered, reason, "transient failure, redelivering later");
+        tracing::info!(
+            step = def.name,
+            seq = stream_seq,
+            delivered,
+            reason,
+            "transient failure, redelivering later"
+        );
         if let Err(e) = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await {
             tracing::warn!(error = %e, "nak failed; the server redelivers after ack_wait");
         }
@@ -145,7 +215,10 @@ async fn fail_permanently<A: Appender>(
     delivered: i64,
     reason: &str,
 ) {
-    let payload = Payload::StepFailed { step: def.name.into(), reason: reason.into() };
+    let payload = Payload::StepFailed {
+        step: def.name.into(),
+        reason: reason.into(),
+    };
     let proposal = if event.aggregate_kind == AggregateKind::Tx {
         Proposal {
             aggregate_kind: AggregateKind::Tx,
@@ -189,7 +262,12 @@ fn alert(def: &StepConsumer, stream_seq: u64, cause: &str, payload: Payload) -> 
         event_type,
         causation_id: Some(cause.to_string()),
         actor: Actor::system(def.name),
-        target: Target { kind: "message".into(), id: stream_seq.to_string(), amount: None, currency: None },
+        target: Target {
+            kind: "message".into(),
+            id: stream_seq.to_string(),
+            amount: None,
+            currency: None,
+        },
         context: RequestContext::default(),
         result: Outcome::Failure,
         metadata: Default::default(),
@@ -209,13 +287,34 @@ async fn dead_letter<A: Appender>(
     delivered: i64,
     reason: &str,
 ) {
-    tracing::warn!(step = def.name, seq = stream_seq, reason, "dead-lettering a message");
+    tracing::warn!(
+        step = def.name,
+        seq = stream_seq,
+        reason,
+        "dead-lettering a message"
+    );
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert(subjects::headers::DLQ_REASON, reason.chars().take(512).collect::<String>().as_str());
-    headers.insert(subjects::headers::DLQ_STREAM_SEQ, stream_seq.to_string().as_str());
+    headers.insert(
+        subjects::headers::DLQ_REASON,
+        reason.chars().take(512).collect::<String>().as_str(),
+    );
+    headers.insert(
+        subjects::headers::DLQ_STREAM_SEQ,
+        stream_seq.to_string().as_str(),
+    );
     headers.insert(subjects::headers::DLQ_SUBJECT, msg.subject.as_str());
-    headers.insert("Nats-Msg-Id", format!("dlq-{}-{stream_seq}", def.name).as_str());
-    let stored = match js.publish_with_headers(subjects::dlq_subject(def.name), headers, msg.payload.clone()).await {
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("dlq-{}-{stream_seq}", def.name).as_str(),
+    );
+    let stored = match js
+        .publish_with_headers(
+            subjects::dlq_subject(def.name),
+            headers,
+            msg.payload.clone(),
+        )
+        .await
+    {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,
     };
@@ -227,7 +326,14 @@ async fn dead_letter<A: Appender>(
         reason: reason.into(),
     };
     let recorded = matches!(
-        ledger.append(vec![alert(def, stream_seq, &format!("stream-seq-{stream_seq}"), payload)]).await,
+        ledger
+            .append(vec![alert(
+                def,
+                stream_seq,
+                &format!("stream-seq-{stream_seq}"),
+                payload
+            )])
+            .await,
         AppendReply::Appended { .. } | AppendReply::Conflict { .. }
     );
     if stored && recorded {
