@@ -35,5 +35,7 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("intake-reply.json", schema::<IntakeReply>()),
         ("event.json", schema::<Event>()),
         ("checkpoint.json", schema::<Checkpoint>()),
+        ("append-request.json", schema::<AppendRequest>()),
+        ("append-reply.json", schema::<AppendReply>()),
     ]
 }

@@ -1,0 +1,125 @@
+//! Architecture invariants checked mechanically: the engine and the wire types do
+//! no IO, take no clock and no ambient randomness.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Command;
+
+/// Crates that mean IO, a runtime or a clock. (`getrandom` is not listed: cargo's
+/// feature unification reaches it through `rand_core` when the binary uses `rand`;
+/// the source check below forbids calling it.)
+const FORBIDDEN: &[&str] = &[
+    "tokio",
+    "async-nats",
+    "mio",
+    "socket2",
+    "hyper",
+    "reqwest",
+    "sqlx",
+    "lettre",
+    "slack-morphism",
+    "axum",
+    "chrono",
+    "time",
+];
+
+fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
+
+/// Normal (non-dev) dependencies of `package`, transitively, from `cargo metadata`.
+fn dependencies_of(package: &str) -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata json");
+    let names: HashMap<&str, &str> = meta["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    let nodes: HashMap<&str, &serde_json::Value> = meta["resolve"]["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap_or(""), n))
+        .collect();
+    let root = names
+        .iter()
+        .find(|(_, n)| **n == package)
+        .map(|(id, _)| *id)
+        .expect("package in metadata");
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![root];
+    while let Some(id) = todo.pop() {
+        for dep in nodes[id]["deps"].as_array().into_iter().flatten() {
+            let normal = dep["dep_kinds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|k| k["kind"].is_null());
+            let dep_id = dep["pkg"].as_str().unwrap_or("");
+            if normal && seen.insert(names[dep_id].to_string()) {
+                todo.push(dep_id);
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn engine_and_schemas_depend_on_no_io_crate() {
+    for package in ["custos-engine", "custos-schemas"] {
+        let deps = dependencies_of(package);
+        let bad: Vec<&&str> = FORBIDDEN.iter().filter(|f| deps.contains(**f)).collect();
+        assert!(
+            bad.is_empty(),
+            "{package} must do no IO, yet depends on {bad:?}"
+        );
+    }
+}
+
+#[test]
+fn engine_and_schemas_sources_take_no_clock_file_network_or_rng() {
+    const BANNED: &[&str] = &[
+        "std::fs",
+        "std::net::TcpStream",
+        "std::net::UdpSocket",
+        "SystemTime",
+        "Instant::now",
+        "thread_rng",
+        "OsRng",
+        "getrandom",
+        "std::process",
+        "std::env",
+    ];
+    for dir in ["engine/src", "schemas/src"] {
+        for entry in std::fs::read_dir(workspace_root().join(dir)).expect("source dir") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("source");
+            for banned in BANNED {
+                assert!(
+                    !text.contains(banned),
+                    "{}: uses {banned}; the pure core takes these as arguments",
+                    path.display()
+                );
+            }
+        }
+    }
+}
