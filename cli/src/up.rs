@@ -24,6 +24,9 @@ pub struct UpArgs {
     /// `default` (the server's own setting: faster, loses the last writes on an OS crash).
     #[arg(long, default_value = "durable", value_parser = ["durable", "default"])]
     profile: String,
+    /// Replicas of the streams: 3 on a 3-node cluster.
+    #[arg(long, env = "CUSTOS_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -46,7 +49,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let client = crate::connect(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
-    provision(&js, StreamSettings::default())
+    provision(&js, StreamSettings { replicas: args.stream_replicas, ..StreamSettings::default() })
         .await
         .map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
     let audit_key = crate::keys::load_or_create_audit_key(&data_dir)?;
