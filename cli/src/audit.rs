@@ -174,6 +174,11 @@ async fn verify(
         );
     }
     let mut verifier = Verifier::new(subjects::EVENTS_STREAM, trusted);
+    if checkpoint.is_none() {
+        eprintln!(
+            "note: without --checkpoint, a trail cut after its last checkpoint cannot be told from a complete one"
+        );
+    }
     if let Some(cp) = checkpoint.take()
         && let Err(b) = verifier.expect_checkpoint(cp)
     {
@@ -252,6 +257,13 @@ fn verify_file(
         if let Err(b) = verifier.push(link) {
             return Ok(Err(b));
         }
+        if !record.time_matches {
+            let kind = custos_engine::chain::BreakKind::Modified;
+            return Ok(Err(custos_engine::chain::Break {
+                seq: record.seq,
+                kind,
+            }));
+        }
     }
     Ok(verifier.finish())
 }
@@ -264,6 +276,7 @@ struct ExportRecord {
     prev_hash: String,
     hash: String,
     event: Event,
+    time_matches: bool,
 }
 
 /// Fields an export adds around the event.
@@ -306,16 +319,21 @@ impl ExportRecord {
         let subject = text(take("subject")?, "subject")?;
         let prev_hash = text(take("prevHash")?, "prevHash")?;
         let hash = text(take("hash")?, "hash")?;
+        let time = map.remove("time");
         for k in CHAIN_FIELDS {
             map.remove(k);
         }
-        let event = serde_json::from_value(Value::Object(map)).context("event")?;
+        let event: Event = serde_json::from_value(Value::Object(map)).context("event")?;
+        // `time` is a readable copy of `timestamp`; a forged one counts as a modification.
+        let time_matches =
+            time.as_ref().and_then(Value::as_str) == Some(format_ms(event.timestamp).as_str());
         Ok(ExportRecord {
             seq,
             subject,
             prev_hash,
             hash,
             event,
+            time_matches,
         })
     }
 }
@@ -451,6 +469,9 @@ async fn tail(js: &jetstream::Context, lines: u64, follow: bool) -> anyhow::Resu
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .state
         .last_sequence;
+    if lines == 0 && !follow {
+        return Ok(());
+    }
     let start = last.saturating_sub(lines.saturating_sub(1)).max(1);
     let consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {

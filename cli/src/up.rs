@@ -49,9 +49,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let client = crate::connect(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
-    provision(&js, StreamSettings { replicas: args.stream_replicas, ..StreamSettings::default() })
-        .await
-        .map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
+    provision(
+        &js,
+        StreamSettings {
+            replicas: args.stream_replicas,
+            ..StreamSettings::default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;
     let audit_key = crate::keys::load_or_create_audit_key(&data_dir)?;
     let public = hex::encode(audit_key.verifying_key().as_bytes());
 
