@@ -28,6 +28,12 @@ impl ChainHash {
         hex::encode(self.0)
     }
 
+    /// Whether `s` is this hash in lowercase hex, without allocating.
+    pub fn hex_eq(&self, s: &str) -> bool {
+        let mut buf = [0u8; 64];
+        hex::encode_to_slice(self.0, &mut buf).is_ok() && buf == s.as_bytes()
+    }
+
     pub fn from_hex(s: &str) -> Option<Self> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(s, &mut out).ok()?;
@@ -81,13 +87,18 @@ pub fn check_link(head: &ChainHash, last_seq: u64, l: Link<'_>) -> Result<ChainH
             expected: last_seq + 1,
         });
     }
-    let (Some(prev), Some(hash)) = (
-        l.prev_hash.and_then(ChainHash::from_hex),
-        l.hash.and_then(ChainHash::from_hex),
-    ) else {
+    let (Some(prev_hex), Some(hash_hex)) = (l.prev_hash, l.hash) else {
         return Err(BreakKind::Unchained);
     };
     let computed = link(head, seq, l.subject, l.body);
+    // The hot path compares hex as stored; decoding happens only to explain a break.
+    if computed.hex_eq(hash_hex) && head.hex_eq(prev_hex) {
+        return Ok(computed);
+    }
+    let (Some(prev), Some(hash)) = (ChainHash::from_hex(prev_hex), ChainHash::from_hex(hash_hex))
+    else {
+        return Err(BreakKind::Unchained);
+    };
     if computed != hash {
         // Tell a modified event from one that sits in the wrong place: if its own
         // recorded predecessor reproduces its hash, only its position is wrong.
