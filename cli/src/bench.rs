@@ -161,6 +161,7 @@ async fn audit(
         f.await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let raw_rate = events as f64 / started.elapsed().as_secs_f64();
+    let atomic_rate = raw_atomic_batches(js, body_len, events).await?;
 
     // Audit append: sealed, chained, sequence-checked, acknowledged to each writer.
     let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
@@ -189,6 +190,10 @@ async fn audit(
         failures += t.await?;
     }
     let append_rate = events as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "raw atomic batch  {atomic_rate:>10.0} msg/s (256 per batch, the ledger's headers, no ledger)  ratio to raw {:.2}",
+        atomic_rate / raw_rate
+    );
     println!(
         "audit append      {append_rate:>10.0} events/s  raw pipelined publish {raw_rate:>10.0} msg/s ({body_len} B)  ratio {:.2} (target >= 0.5){}",
         append_rate / raw_rate,
@@ -245,6 +250,63 @@ async fn audit(
         sha_secs / stream_secs
     );
     Ok(())
+}
+
+/// The server's side of the ledger's appends alone: atomic batches of 256 with the
+/// same headers and sizes, pipelined like the ledger pipelines them.
+async fn raw_atomic_batches(
+    js: &jetstream::Context,
+    body_len: usize,
+    events: u64,
+) -> anyhow::Result<f64> {
+    let stream = js
+        .create_stream(stream::Config {
+            name: "BENCH_ATOMIC".into(),
+            subjects: vec!["bench.atomic.>".into()],
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut last = stream.cached_info().state.last_sequence;
+    let client = js.client();
+    let mut publisher = custos_adapters::jetstream::EventPublisher::new(client)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let body = bytes::Bytes::from(vec![b'x'; body_len]);
+    let hash = "0".repeat(64);
+    let started = Instant::now();
+    let (mut sent, mut inflight, mut acked) = (0u64, 0usize, 0u64);
+    while acked < events {
+        while sent < events && inflight < 32 {
+            let n = (events - sent).min(256);
+            let batch: Vec<_> = (0..n)
+                .map(|i| custos_adapters::jetstream::OutgoingEvent {
+                    subject: format!("bench.atomic.{}", (sent + i) % 1000),
+                    msg_id: format!("atomic-{}", sent + i),
+                    body: body.clone(),
+                    prev_hash: hash.clone(),
+                    hash: hash.clone(),
+                })
+                .collect();
+            publisher
+                .publish(last, &batch)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            last += n;
+            sent += n;
+            inflight += 1;
+        }
+        let Some((_, ack)) = publisher.next_ack().await else {
+            anyhow::bail!("acks stopped")
+        };
+        if let Some(e) = ack.error {
+            anyhow::bail!("atomic batch refused: {}", e.description);
+        }
+        inflight -= 1;
+        acked = ack.seq - stream.cached_info().state.last_sequence;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
 async fn intake(
