@@ -19,6 +19,15 @@ pub struct StreamSettings {
     pub max_age: Option<Duration>,
 }
 
+impl StreamSettings {
+    /// `retention_days` 0 keeps events forever.
+    pub fn new(replicas: usize, retention_days: u64) -> Self {
+        let max_age = (retention_days > 0)
+            .then(|| Duration::from_secs(retention_days.saturating_mul(86_400)));
+        StreamSettings { replicas, max_age }
+    }
+}
+
 impl Default for StreamSettings {
     fn default() -> Self {
         StreamSettings {

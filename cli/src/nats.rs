@@ -1,7 +1,6 @@
 //! `custos nats`: provisioning of streams and consumers.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use custos_adapters::jetstream::{StreamSettings, provision};
 
@@ -29,15 +28,13 @@ pub async fn run(command: NatsCommand) -> anyhow::Result<ExitCode> {
         } => {
             let client = crate::connect(&nats_url).await?;
             let js = async_nats::jetstream::new(client);
-            let max_age =
-                (retention_days > 0).then(|| Duration::from_secs(retention_days * 86_400));
-            let done = provision(&js, StreamSettings { replicas, max_age })
+            let done = provision(&js, StreamSettings::new(replicas, retention_days))
                 .await
                 .map_err(|e| anyhow::anyhow!("provisioning: {e}"))?;
             for p in done {
                 println!(
                     "{} {}",
-                    if p.created { "created" } else { "up to date" },
+                    if p.created { "created" } else { "updated" },
                     p.what
                 );
             }

@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// Replicas of the streams: 3 on a 3-node cluster.
     #[arg(long, env = "CUSTOS_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// Keep events this many days (0: forever).
+    #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
+    retention_days: u64,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -51,10 +54,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let js = async_nats::jetstream::new(client.clone());
     provision(
         &js,
-        StreamSettings {
-            replicas: args.stream_replicas,
-            ..StreamSettings::default()
-        },
+        StreamSettings::new(args.stream_replicas, args.retention_days),
     )
     .await
     .map_err(|e| anyhow::anyhow!("provisioning JetStream: {e}"))?;

@@ -641,8 +641,17 @@ impl Writer {
         Ok(())
     }
 
-    /// On shutdown: wait briefly for outstanding acks so writers get their answers.
+    /// On shutdown: checkpoint the head, and wait briefly for outstanding acks so
+    /// writers get their answers.
     async fn drain(&mut self) {
+        // A last checkpoint, so that the head at shutdown is signed.
+        if self.healthy && self.since_checkpoint > 0 {
+            let (mut sealed, mut waiters) = (Vec::new(), Vec::new());
+            self.seal_checkpoint(&mut sealed, &mut waiters);
+            if self.publish(sealed, waiters).await.is_err() {
+                tracing::warn!("could not append the shutdown checkpoint");
+            }
+        }
         let deadline = Instant::now() + self.config.ack_timeout;
         while !self.inflight.is_empty() && Instant::now() < deadline {
             match tokio::time::timeout(deadline - Instant::now(), self.publisher.next_ack()).await {
