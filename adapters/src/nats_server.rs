@@ -147,6 +147,7 @@ impl NatsServer {
                 },
                 Err(e) => last = e.to_string(),
             }
+            // Poll interval while the server starts (it is ready in ~60 ms).
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         Err(NatsServerError::NotReady {

@@ -49,6 +49,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_event_and_intake_resumes() {
         "load did not start"
     );
     nats.server.kill();
+    // The server stays down a moment, so that appends fail and pile up meanwhile.
     tokio::time::sleep(Duration::from_millis(300)).await;
     nats.server.restart().await.expect("restart");
     let before = acknowledged.lock().await.len();

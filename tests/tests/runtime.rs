@@ -234,6 +234,7 @@ async fn step_outcomes_ack_retry_fail_and_dead_letter() {
         })
         .await
     );
+    // Give a wrong second append time to land before checking that none did.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         history(&nats, &ok).await.len(),
