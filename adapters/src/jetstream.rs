@@ -195,6 +195,18 @@ pub struct ApiError {
     pub description: String,
 }
 
+/// How a group of events goes to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batching {
+    /// One JetStream atomic batch: stored all or none, one fsync for all of them.
+    /// The right choice when the server fsyncs every write (`sync_interval: always`).
+    Atomic,
+    /// Separate messages, each checked against its predecessor's sequence and only
+    /// the last acknowledged: cheaper for the server when it does not fsync each
+    /// write, but not all-or-none, so only for groups of independent events.
+    Pipelined,
+}
+
 /// Pipelined appends to the event stream. Each call publishes one batch (atomic
 /// when it holds more than one event) whose first event carries the stream's
 /// expected last sequence, so a second writer can never interleave. Acks arrive
@@ -224,6 +236,7 @@ impl EventPublisher {
         &mut self,
         expected_last_seq: u64,
         events: &[OutgoingEvent],
+        batching: Batching,
     ) -> Result<u64, async_nats::Error> {
         let token = self.next_token;
         self.next_token += 1;
@@ -231,20 +244,18 @@ impl EventPublisher {
             "b{token}-{}",
             &self.inbox[self.inbox.len().saturating_sub(8)..]
         );
-        let atomic = events.len() > 1;
+        let atomic = batching == Batching::Atomic && events.len() > 1;
         for (i, e) in events.iter().enumerate() {
             let mut h = HeaderMap::new();
             h.insert("Nats-Msg-Id", e.msg_id.as_str());
             h.insert(subjects::headers::PREV_HASH, e.prev_hash.as_str());
             h.insert(subjects::headers::HASH, e.hash.as_str());
-            h.insert(
-                subjects::headers::CONTENT_TYPE,
-                custos_schemas::ContentType::MSGPACK,
-            );
-            if i == 0 {
+            // A batch is checked once, at its start; pipelined messages each check
+            // their own predecessor, so the first refusal refuses all that follow.
+            if i == 0 || !atomic {
                 h.insert(
                     "Nats-Expected-Last-Sequence",
-                    expected_last_seq.to_string().as_str(),
+                    (expected_last_seq + i as u64).to_string().as_str(),
                 );
             }
             if atomic {

@@ -61,9 +61,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         let (trigger, shutdown) = Shutdown::new();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        // What `custos up` picks for each profile.
+        let config = LedgerConfig {
+            batching: crate::up::batching_for(durability),
+            ..LedgerConfig::new(key)
+        };
         let engine = tokio::spawn(custos_workers::engine::run(
             client.clone(),
-            LedgerConfig::new(key),
+            config,
             shutdown,
             Some(ready_tx),
         ));
@@ -290,7 +295,7 @@ async fn raw_atomic_batches(
                 })
                 .collect();
             publisher
-                .publish(last, &batch)
+                .publish(last, &batch, custos_adapters::jetstream::Batching::Atomic)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             last += n;

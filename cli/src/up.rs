@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use custos_adapters::jetstream::{StreamSettings, provision};
+use custos_adapters::jetstream::{Batching, StreamSettings, provision};
 use custos_adapters::nats_server::{Durability, NatsServer};
 use custos_workers::Shutdown;
 use custos_workers::ledger::LedgerConfig;
@@ -27,6 +27,12 @@ pub struct UpArgs {
     /// Replicas of the streams: 3 on a 3-node cluster.
     #[arg(long, env = "CUSTOS_STREAM_REPLICAS", default_value_t = 1)]
     stream_replicas: usize,
+    /// How the ledger sends appends: `atomic` batches (one fsync per batch, right
+    /// for a server with `sync_interval: always`), `pipelined` (cheaper when the
+    /// server does not fsync every write), or `auto` (pipelined only for the
+    /// embedded server in the `default` profile).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "atomic", "pipelined"])]
+    batching: String,
     /// Keep events this many days (0: forever).
     #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
@@ -84,12 +90,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("Ctrl-C stops it.");
 
     let (trigger, shutdown) = Shutdown::new();
-    let mut engine = tokio::spawn(custos_workers::engine::run(
-        client,
-        LedgerConfig::new(audit_key),
-        shutdown,
-        None,
-    ));
+    let batching = match (args.batching.as_str(), embedded) {
+        ("pipelined", _) => Batching::Pipelined,
+        ("auto", true) => batching_for(durability),
+        _ => Batching::Atomic,
+    };
+    let config = LedgerConfig {
+        batching,
+        ..LedgerConfig::new(audit_key)
+    };
+    let mut engine = tokio::spawn(custos_workers::engine::run(client, config, shutdown, None));
     let stopped = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         result = &mut engine => Some(result),
@@ -106,5 +116,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e.into()),
         Err(e) => Err(anyhow::anyhow!("engine task failed: {e}")),
+    }
+}
+
+/// The append batching that suits a server profile.
+pub fn batching_for(durability: Durability) -> Batching {
+    match durability {
+        Durability::Always => Batching::Atomic,
+        Durability::Default => Batching::Pipelined,
     }
 }

@@ -5,16 +5,34 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use custos_adapters::jetstream::Batching;
 use custos_adapters::nats_server::Durability;
 use custos_schemas::{AppendReply, IntakeReply};
 use custos_tests::*;
+use custos_workers::ledger::LedgerConfig;
 use serde_json::json;
 use tokio::sync::Mutex;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_load_loses_no_acknowledged_event_and_intake_resumes() {
-    let mut nats = Nats::start(Durability::Always).await;
-    let engine = Engine::start(&nats).await;
+    kill_9_mid_load(Durability::Always, Batching::Atomic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_with_pipelined_appends() {
+    kill_9_mid_load(Durability::Default, Batching::Pipelined).await;
+}
+
+fn config(batching: Batching) -> LedgerConfig {
+    LedgerConfig {
+        batching,
+        ..LedgerConfig::new(audit_key())
+    }
+}
+
+async fn kill_9_mid_load(durability: Durability, batching: Batching) {
+    let mut nats = Nats::start(durability).await;
+    let engine = Engine::start_with(&nats, config(batching)).await;
     let acknowledged = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
@@ -150,9 +168,18 @@ async fn concurrent_writers_on_one_workflow_never_write_a_version_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ledger_writers_on_one_stream_never_fork_the_chain() {
+    two_ledger_writers(Batching::Atomic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelining_ledger_writers_never_fork_the_chain() {
+    two_ledger_writers(Batching::Pipelined).await;
+}
+
+async fn two_ledger_writers(batching: Batching) {
     let nats = Nats::start(Durability::Default).await;
-    let first = Engine::start(&nats).await;
-    let second = Engine::start(&nats).await;
+    let first = Engine::start_with(&nats, config(batching)).await;
+    let second = Engine::start_with(&nats, config(batching)).await;
     let mut tasks = Vec::new();
     for (w, ledger) in [first.ledger.clone(), second.ledger.clone()]
         .into_iter()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use async_nats::jetstream;
-use custos_adapters::jetstream::{EventPublisher, OutgoingEvent, PubAck, read_events};
+use custos_adapters::jetstream::{Batching, EventPublisher, OutgoingEvent, PubAck, read_events};
 use custos_engine::chain;
 use custos_engine::intake::{self, Admission};
 use custos_engine::ledger::{Ledger, ReplayError, SealError, Sealed};
@@ -43,6 +43,8 @@ pub struct LedgerConfig {
     pub max_inflight: usize,
     /// An append not acknowledged within this is treated as failed.
     pub ack_timeout: Duration,
+    /// Atomic batches when the server fsyncs every write; pipelining otherwise.
+    pub batching: Batching,
 }
 
 impl LedgerConfig {
@@ -54,6 +56,7 @@ impl LedgerConfig {
             max_batch: 256,
             max_inflight: 32,
             ack_timeout: Duration::from_secs(5),
+            batching: Batching::Atomic,
         }
     }
 }
@@ -429,46 +432,81 @@ impl Writer {
         sealed: Vec<Sealed>,
         waiters: Vec<Waiter>,
     ) -> Result<(), LedgerError> {
-        let Some(last) = sealed.last() else {
-            return Ok(());
-        };
-        let last_seq = last.seq;
-        let expected = sealed[0].seq - 1;
         self.since_checkpoint += sealed
             .iter()
             .filter(|s| s.event.event_type != EventType::AuditCheckpoint)
             .count() as u64;
-        let outgoing: Vec<OutgoingEvent> = sealed
-            .into_iter()
-            .map(|s| OutgoingEvent {
-                subject: s.subject,
-                msg_id: s.msg_id,
-                body: s.body.into(),
-                prev_hash: s.prev_hash.to_hex(),
-                hash: s.hash.to_hex(),
-            })
-            .collect();
-        match self.publisher.publish(expected, &outgoing).await {
-            Ok(token) => {
-                self.inflight.push_back(Inflight {
+        let mut sealed = sealed.into_iter();
+        let mut groups = self.group(waiters).into_iter();
+        while let Some((batching, waiters, count)) = groups.next() {
+            let outgoing: Vec<OutgoingEvent> = sealed
+                .by_ref()
+                .take(count)
+                .map(|s| OutgoingEvent {
+                    subject: s.subject,
+                    msg_id: s.msg_id,
+                    body: s.body.into(),
+                    prev_hash: s.prev_hash.to_hex(),
+                    hash: s.hash.to_hex(),
+                })
+                .collect();
+            let Some(last_seq) = waiters
+                .iter()
+                .flat_map(|w| w.sequences.iter())
+                .max()
+                .copied()
+            else {
+                continue;
+            };
+            let expected = last_seq - outgoing.len() as u64;
+            let sent_at = Instant::now();
+            match self.publisher.publish(expected, &outgoing, batching).await {
+                Ok(token) => self.inflight.push_back(Inflight {
                     token,
                     last_seq,
-                    sent_at: Instant::now(),
+                    sent_at,
                     waiters,
-                });
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "publishing to the event stream failed");
-                self.inflight.push_back(Inflight {
-                    token: u64::MAX,
-                    last_seq,
-                    sent_at: Instant::now(),
-                    waiters,
-                });
-                self.recover().await
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publishing to the event stream failed");
+                    // This group and the ones not yet sent are resolved by recovery.
+                    let unsent = waiters
+                        .into_iter()
+                        .chain(groups.flat_map(|(_, w, _)| w))
+                        .collect();
+                    self.inflight.push_back(Inflight {
+                        token: u64::MAX,
+                        last_seq,
+                        sent_at,
+                        waiters: unsent,
+                    });
+                    return self.recover().await;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Splits waiters (in sealing order) into groups to publish, with their event
+    /// counts: one atomic batch, or, when pipelining, runs of single-event appends
+    /// pipelined and every multi-event append as its own atomic batch.
+    fn group(&self, waiters: Vec<Waiter>) -> Vec<(Batching, Vec<Waiter>, usize)> {
+        let mut groups: Vec<(Batching, Vec<Waiter>, usize)> = Vec::new();
+        for w in waiters {
+            let n = w.sequences.len();
+            let batching = match self.config.batching {
+                Batching::Pipelined if n == 1 => Batching::Pipelined,
+                _ => Batching::Atomic,
+            };
+            match groups.last_mut() {
+                Some((b, ws, count)) if *b == batching => {
+                    ws.push(w);
+                    *count += n;
+                }
+                _ => groups.push((batching, vec![w], n)),
+            }
+        }
+        groups
     }
 
     async fn on_ack(&mut self, token: u64, ack: PubAck) -> Result<(), LedgerError> {
