@@ -40,16 +40,9 @@ pub async fn serve(
         };
         let (client, ledger) = (client.clone(), ledger.clone());
         tokio::spawn(async move {
-            let content_type = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(subjects::headers::CONTENT_TYPE))
-                .map(|v| v.as_str().to_string());
-            let user_agent = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("User-Agent"))
-                .map(|v| v.as_str().chars().take(256).collect());
+            let content_type = crate::header(msg.headers.as_ref(), subjects::headers::CONTENT_TYPE);
+            let user_agent = crate::header(msg.headers.as_ref(), "User-Agent")
+                .map(|v| v.chars().take(256).collect());
             let (reply_type, reply) =
                 admit(&ledger, content_type.as_deref(), &msg.payload, user_agent).await;
             if let Err(e) = client

@@ -9,6 +9,13 @@ pub mod runtime;
 
 use tokio::sync::watch;
 
+/// A header's value, if the message has it.
+pub(crate) fn header(headers: Option<&async_nats::HeaderMap>, key: &str) -> Option<String> {
+    headers
+        .and_then(|h| h.get(key))
+        .map(|v| v.as_str().to_string())
+}
+
 /// A shutdown signal shared by every task of a process.
 #[derive(Debug, Clone)]
 pub struct Shutdown(watch::Receiver<bool>);

@@ -42,11 +42,7 @@ pub async fn serve(
         };
         let (client, ledger) = (client.clone(), ledger.clone());
         tokio::spawn(async move {
-            let content_type = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(subjects::headers::CONTENT_TYPE))
-                .map(|v| v.as_str().to_string());
+            let content_type = crate::header(msg.headers.as_ref(), subjects::headers::CONTENT_TYPE);
             let (ct, reply) = match ContentType::from_header(content_type.as_deref()) {
                 Err(e) => (
                     ContentType::Json,

@@ -91,6 +91,25 @@ pub async fn run<S: Step, A: Appender>(
     Ok(())
 }
 
+/// One delivery of one message to a step, and what the runtime needs to settle it.
+struct Delivery<'a, A> {
+    js: &'a jetstream::Context,
+    ledger: &'a A,
+    def: &'a StepConsumer,
+    msg: &'a jetstream::Message,
+    stream_seq: u64,
+    delivered: i64,
+}
+
+/// How a delivery ends.
+enum Settle {
+    Ack,
+    /// Transient: redeliver later, or dead-letter at the last attempt.
+    Retry(String),
+    /// Permanent: record the failure on the workflow.
+    Fail(String),
+}
+
 async fn handle_message<S: Step, A: Appender>(
     js: jetstream::Context,
     ledger: A,
@@ -102,148 +121,163 @@ async fn handle_message<S: Step, A: Appender>(
         Ok(info) => (info.delivered, info.stream_sequence),
         Err(_) => (1, 0),
     };
-    let last_attempt = delivered >= def.max_deliver;
+    let d = Delivery {
+        js: &js,
+        ledger: &ledger,
+        def: &def,
+        msg: &msg,
+        stream_seq,
+        delivered,
+    };
     let event: Event = match codec::from_msgpack(&msg.payload) {
         Ok(e) => e,
-        Err(e) => {
-            dead_letter(
-                &js,
-                &ledger,
-                &def,
-                &msg,
-                stream_seq,
-                delivered,
-                &format!("undecodable event: {e}"),
-            )
-            .await;
-            return;
-        }
+        Err(e) => return d.dead_letter(&format!("undecodable event: {e}")).await,
     };
     let outcome = {
-        let step = step.clone();
-        let event = event.clone();
+        let (step, event) = (step.clone(), event.clone());
         tokio::spawn(async move { step.handle(&event).await }).await
     };
-    let result = match outcome {
-        Ok(r) => r,
-        Err(panic) => Err(StepError::Transient(format!("step panicked: {panic}"))),
-    };
-    match result {
-        Ok(proposals) if proposals.is_empty() => ack(&msg).await,
-        Ok(proposals) => match ledger.append(proposals).await {
+    let settle = match outcome {
+        Err(panic) => Settle::Retry(format!("step panicked: {panic}")),
+        Ok(Err(StepError::Transient(reason))) => Settle::Retry(reason),
+        Ok(Err(StepError::Permanent(reason))) => Settle::Fail(reason),
+        Ok(Ok(proposals)) if proposals.is_empty() => Settle::Ack,
+        Ok(Ok(proposals)) => match ledger.append(proposals).await {
             // Conflict: the workflow moved on, so this event was handled already.
-            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => ack(&msg).await,
-            AppendReply::Refused { reason } => {
-                fail_permanently(
-                    &js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason,
-                )
-                .await
-            }
-            AppendReply::Unavailable { reason } => {
-                retry_or_dead_letter(
-                    &js,
-                    &ledger,
-                    &def,
-                    &msg,
-                    stream_seq,
-                    delivered,
-                    last_attempt,
-                    &reason,
-                )
-                .await
-            }
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => Settle::Ack,
+            AppendReply::Refused { reason } => Settle::Fail(reason),
+            AppendReply::Unavailable { reason } => Settle::Retry(reason),
         },
-        Err(StepError::Transient(reason)) => {
-            retry_or_dead_letter(
-                &js,
-                &ledger,
-                &def,
-                &msg,
-                stream_seq,
-                delivered,
-                last_attempt,
-                &reason,
-            )
-            .await
-        }
-        Err(StepError::Permanent(reason)) => {
-            fail_permanently(
-                &js, &ledger, &def, &msg, &event, stream_seq, delivered, &reason,
-            )
-            .await
-        }
+    };
+    match settle {
+        Settle::Ack => ack(&msg).await,
+        Settle::Retry(reason) => d.retry_or_dead_letter(&reason).await,
+        Settle::Fail(reason) => d.fail_permanently(&event, &reason).await,
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn retry_or_dead_letter<A: Appender>(
-    js: &jetstream::Context,
-    ledger: &A,
-    def: &StepConsumer,
-    msg: &jetstream::Message,
-    stream_seq: u64,
-    delivered: i64,
-    last_attempt: bool,
-    reason: &str,
-) {
-    if last_attempt {
-        let why = format!("still failing after {delivered} deliveries: {reason}");
-        dead_letter(js, ledger, def, msg, stream_seq, delivered, &why).await;
-    } else {
-        tracing::info!(
+impl<A: Appender> Delivery<'_, A> {
+    async fn retry_or_dead_letter(&self, reason: &str) {
+        if self.delivered >= self.def.max_deliver {
+            let why = format!(
+                "still failing after {} deliveries: {reason}",
+                self.delivered
+            );
+            self.dead_letter(&why).await;
+        } else {
+            tracing::info!(
+                step = self.def.name,
+                seq = self.stream_seq,
+                delivered = self.delivered,
+                reason,
+                "transient failure, redelivering later"
+            );
+            self.nak().await;
+        }
+    }
+
+    /// Records a permanent failure on the workflow, then acks.
+    async fn fail_permanently(&self, event: &Event, reason: &str) {
+        let payload = Payload::StepFailed {
+            step: self.def.name.into(),
+            reason: reason.into(),
+        };
+        let proposal = if event.aggregate_kind == AggregateKind::Tx {
+            Proposal {
+                aggregate_kind: AggregateKind::Tx,
+                workflow_id: event.workflow_id.clone(),
+                expected_version: event.version,
+                event_type: EventType::TransactionFailed,
+                causation_id: Some(event.id.clone()),
+                actor: Actor::system(self.def.name),
+                target: event.target.clone(),
+                context: RequestContext::default(),
+                result: Outcome::Failure,
+                metadata: Default::default(),
+                payload,
+            }
+        } else {
+            alert(self.def, self.stream_seq, &event.id, payload)
+        };
+        match self.ledger.append(vec![proposal]).await {
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => ack(self.msg).await,
+            AppendReply::Refused { reason: why } => {
+                self.dead_letter(&format!(
+                    "{reason}; and the failure could not be recorded: {why}"
+                ))
+                .await;
+            }
+            AppendReply::Unavailable { .. } => self.nak().await,
+        }
+    }
+
+    /// Moves a poison message to the dead-letter stream with its reason, records a
+    /// `MESSAGE_DEAD_LETTERED` event, then acks it. If either write fails, the
+    /// message is left for redelivery: nothing is dropped silently.
+    async fn dead_letter(&self, reason: &str) {
+        let (def, msg, stream_seq) = (self.def, self.msg, self.stream_seq);
+        tracing::warn!(
             step = def.name,
             seq = stream_seq,
-            delivered,
             reason,
-            "transient failure, redelivering later"
+            "dead-lettering a message"
         );
-        if let Err(e) = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await {
-            tracing::warn!(error = %e, "nak failed; the server redelivers after ack_wait");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            subjects::headers::DLQ_REASON,
+            reason.chars().take(512).collect::<String>().as_str(),
+        );
+        headers.insert(
+            subjects::headers::DLQ_STREAM_SEQ,
+            stream_seq.to_string().as_str(),
+        );
+        headers.insert(subjects::headers::DLQ_SUBJECT, msg.subject.as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("dlq-{}-{stream_seq}", def.name).as_str(),
+        );
+        let stored = match self
+            .js
+            .publish_with_headers(
+                subjects::dlq_subject(def.name),
+                headers,
+                msg.payload.clone(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        let payload = Payload::DeadLettered {
+            step: def.name.into(),
+            stream_sequence: stream_seq,
+            subject: msg.subject.to_string(),
+            deliveries: self.delivered.max(0) as u64,
+            reason: reason.into(),
+        };
+        let cause = format!("stream-seq-{stream_seq}");
+        let recorded = matches!(
+            self.ledger
+                .append(vec![alert(def, stream_seq, &cause, payload)])
+                .await,
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. }
+        );
+        if stored && recorded {
+            if let Err(e) = msg.ack_with(AckKind::Term).await {
+                tracing::warn!(error = %e, "could not terminate a dead-lettered message");
+            }
+        } else {
+            self.nak().await;
         }
     }
-}
 
-/// Records a permanent failure on the workflow, then acks.
-#[allow(clippy::too_many_arguments)]
-async fn fail_permanently<A: Appender>(
-    js: &jetstream::Context,
-    ledger: &A,
-    def: &StepConsumer,
-    msg: &jetstream::Message,
-    event: &Event,
-    stream_seq: u64,
-    delivered: i64,
-    reason: &str,
-) {
-    let payload = Payload::StepFailed {
-        step: def.name.into(),
-        reason: reason.into(),
-    };
-    let proposal = if event.aggregate_kind == AggregateKind::Tx {
-        Proposal {
-            aggregate_kind: AggregateKind::Tx,
-            workflow_id: event.workflow_id.clone(),
-            expected_version: event.version,
-            event_type: EventType::TransactionFailed,
-            causation_id: Some(event.id.clone()),
-            actor: Actor::system(def.name),
-            target: event.target.clone(),
-            context: RequestContext::default(),
-            result: Outcome::Failure,
-            metadata: Default::default(),
-            payload,
-        }
-    } else {
-        alert(def, stream_seq, &event.id, payload)
-    };
-    match ledger.append(vec![proposal]).await {
-        AppendReply::Appended { .. } | AppendReply::Conflict { .. } => ack(msg).await,
-        AppendReply::Refused { reason: why } => {
-            let why = format!("{reason}; and the failure could not be recorded: {why}");
-            dead_letter(js, ledger, def, msg, stream_seq, delivered, &why).await;
-        }
-        AppendReply::Unavailable { .. } => {
-            let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
+    async fn nak(&self) {
+        if let Err(e) = self
+            .msg
+            .ack_with(AckKind::Nak(Some(backoff(self.delivered))))
+            .await
+        {
+            tracing::warn!(error = %e, "nak failed; the server redelivers after ack_wait");
         }
     }
 }
@@ -272,76 +306,6 @@ fn alert(def: &StepConsumer, stream_seq: u64, cause: &str, payload: Payload) -> 
         result: Outcome::Failure,
         metadata: Default::default(),
         payload,
-    }
-}
-
-/// Moves a poison message to the dead-letter stream with its reason, records a
-/// `MESSAGE_DEAD_LETTERED` event, then acks it. If either write fails, the message
-/// is left for redelivery: nothing is dropped silently.
-async fn dead_letter<A: Appender>(
-    js: &jetstream::Context,
-    ledger: &A,
-    def: &StepConsumer,
-    msg: &jetstream::Message,
-    stream_seq: u64,
-    delivered: i64,
-    reason: &str,
-) {
-    tracing::warn!(
-        step = def.name,
-        seq = stream_seq,
-        reason,
-        "dead-lettering a message"
-    );
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        subjects::headers::DLQ_REASON,
-        reason.chars().take(512).collect::<String>().as_str(),
-    );
-    headers.insert(
-        subjects::headers::DLQ_STREAM_SEQ,
-        stream_seq.to_string().as_str(),
-    );
-    headers.insert(subjects::headers::DLQ_SUBJECT, msg.subject.as_str());
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("dlq-{}-{stream_seq}", def.name).as_str(),
-    );
-    let stored = match js
-        .publish_with_headers(
-            subjects::dlq_subject(def.name),
-            headers,
-            msg.payload.clone(),
-        )
-        .await
-    {
-        Ok(ack) => ack.await.is_ok(),
-        Err(_) => false,
-    };
-    let payload = Payload::DeadLettered {
-        step: def.name.into(),
-        stream_sequence: stream_seq,
-        subject: msg.subject.to_string(),
-        deliveries: delivered.max(0) as u64,
-        reason: reason.into(),
-    };
-    let recorded = matches!(
-        ledger
-            .append(vec![alert(
-                def,
-                stream_seq,
-                &format!("stream-seq-{stream_seq}"),
-                payload
-            )])
-            .await,
-        AppendReply::Appended { .. } | AppendReply::Conflict { .. }
-    );
-    if stored && recorded {
-        if let Err(e) = msg.ack_with(AckKind::Term).await {
-            tracing::warn!(error = %e, "could not terminate a dead-lettered message");
-        }
-    } else {
-        let _ = msg.ack_with(AckKind::Nak(Some(backoff(delivered)))).await;
     }
 }
 
