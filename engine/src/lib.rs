@@ -6,4 +6,5 @@ pub mod chain;
 pub mod chains;
 pub mod intake;
 pub mod ledger;
+pub mod policy;
 pub mod transfer;

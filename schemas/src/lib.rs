@@ -8,6 +8,7 @@ pub mod codec;
 pub mod event;
 pub mod ids;
 pub mod ledger;
+pub mod policy;
 pub mod request;
 pub mod subjects;
 

@@ -109,17 +109,31 @@ fn engine_and_schemas_sources_take_no_clock_file_network_or_rng() {
         "std::process",
         "std::env",
     ];
+    let mut files = Vec::new();
     for dir in ["engine/src", "schemas/src"] {
-        for entry in std::fs::read_dir(workspace_root().join(dir)).expect("source dir") {
-            let path = entry.expect("entry").path();
-            let text = std::fs::read_to_string(&path).expect("source");
-            for banned in BANNED {
-                assert!(
-                    !text.contains(banned),
-                    "{}: uses {banned}; the pure core takes these as arguments",
-                    path.display()
-                );
-            }
+        rust_files(&workspace_root().join(dir), &mut files);
+    }
+    assert!(files.len() > 10, "the source walk found only {files:?}");
+    for path in files {
+        let text = std::fs::read_to_string(&path).expect("source");
+        for banned in BANNED {
+            assert!(
+                !text.contains(banned),
+                "{}: uses {banned}; the pure core takes these as arguments",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Every `.rs` file below `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("source dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
         }
     }
 }

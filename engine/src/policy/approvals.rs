@@ -1,0 +1,226 @@
+//! Whether the approvals given so far meet a decision. Used by the approval
+//! worker after each approval and by guardians before they sign.
+
+use std::collections::BTreeSet;
+
+use custos_schemas::policy::{ApprovalRequirement, Combine, PolicyDecision, PolicyOutcome};
+
+use super::directory::Directory;
+use super::evaluate::format_utc;
+
+/// One approval given by `user` at `at` (ms since the epoch). Group membership is
+/// read from the directory at the time of the check, so an approver who has been
+/// deactivated or removed from the group no longer counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub user: String,
+    pub at: i64,
+}
+
+/// Where a decision's approvals stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalStatus {
+    /// Every requirement is met (or none was needed). Signing may start at
+    /// `sign_after`: the completing approval's time (the decision's, when
+    /// allowed outright) plus the decision's delay.
+    Satisfied { completed_at: i64, sign_after: i64 },
+    /// Still short; each entry says of what, e.g. `treasury-managers: 2 of 4`.
+    Pending { missing: Vec<String> },
+    /// Not complete by the expiry: the request is to be rejected.
+    Expired { expires_at: i64 },
+    /// The decision was a block: nothing can be approved.
+    Blocked,
+}
+
+/// Checks `approvals` against `decision` at `now`. Counted: one approval per
+/// distinct user, given between the decision and `now` and not after the expiry,
+/// by an active user holding the approver role who is (now) a member of the group,
+/// and never by the initiator unless the requirement allows it. `All` requires a
+/// distinct approver for every slot of every group (one person fills one slot);
+/// `Any` requires one group to reach its count. Every requirement must be met.
+pub fn approvals_satisfied(
+    decision: &PolicyDecision,
+    approvals: &[Approval],
+    directory: &Directory,
+    now: i64,
+) -> ApprovalStatus {
+    match decision.outcome {
+        PolicyOutcome::Block => return ApprovalStatus::Blocked,
+        PolicyOutcome::Allow => {
+            return ApprovalStatus::Satisfied {
+                completed_at: decision.evaluated_at,
+                sign_after: sign_after(decision, decision.evaluated_at),
+            };
+        }
+        PolicyOutcome::RequireApprovals => {}
+    }
+    if decision.approvals.is_empty() {
+        // A decision that needs approvals but names none is malformed: fail closed.
+        return ApprovalStatus::Pending {
+            missing: vec!["the decision names no approval requirement".into()],
+        };
+    }
+    // The earliest valid approval of each user, in time order.
+    let mut seen = BTreeSet::new();
+    let mut valid: Vec<&Approval> = approvals
+        .iter()
+        .filter(|a| {
+            a.at >= decision.evaluated_at
+                && a.at <= now
+                && decision.expires_at.is_none_or(|e| a.at <= e)
+                && directory.user(&a.user).is_some_and(|u| u.active)
+        })
+        .collect();
+    valid.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
+    valid.retain(|a| seen.insert(a.user.as_str()));
+
+    let mut approvers: Vec<&str> = Vec::with_capacity(valid.len());
+    for a in &valid {
+        approvers.push(&a.user);
+        if decision
+            .approvals
+            .iter()
+            .all(|r| shortfall(r, &approvers, &decision.initiator, directory).is_none())
+        {
+            return ApprovalStatus::Satisfied {
+                completed_at: a.at,
+                sign_after: sign_after(decision, a.at),
+            };
+        }
+    }
+    if let Some(expires_at) = decision.expires_at
+        && now > expires_at
+    {
+        return ApprovalStatus::Expired { expires_at };
+    }
+    let missing = decision
+        .approvals
+        .iter()
+        .filter_map(|r| shortfall(r, &approvers, &decision.initiator, directory))
+        .collect();
+    ApprovalStatus::Pending { missing }
+}
+
+fn sign_after(decision: &PolicyDecision, completed_at: i64) -> i64 {
+    completed_at.saturating_add(i64::try_from(decision.delay_ms).unwrap_or(i64::MAX))
+}
+
+/// What a requirement still lacks with these approvers, or `None` when met.
+fn shortfall(
+    req: &ApprovalRequirement,
+    approvers: &[&str],
+    initiator: &str,
+    directory: &Directory,
+) -> Option<String> {
+    let counts = |group: &str| -> Vec<&str> {
+        approvers
+            .iter()
+            .copied()
+            .filter(|u| {
+                (req.initiator_may_approve || *u != initiator)
+                    && directory.may_approve_for(u, group)
+            })
+            .collect()
+    };
+    match req.combine {
+        Combine::Any => {
+            let mut parts = Vec::new();
+            for q in &req.groups {
+                let n = counts(&q.group).len();
+                if n >= q.count as usize {
+                    return None;
+                }
+                parts.push(format!("{}: {n} of {}", q.group, q.count));
+            }
+            Some(format!("one of {} (rule {})", parts.join(" or "), req.rule))
+        }
+        Combine::All => {
+            // Slots: `count` per group; each approver fills at most one slot.
+            let slots: Vec<&str> = req
+                .groups
+                .iter()
+                .flat_map(|q| std::iter::repeat_n(q.group.as_str(), q.count as usize))
+                .collect();
+            let filled = max_assignment(&slots, approvers, |u, g| {
+                (req.initiator_may_approve || u != initiator) && directory.may_approve_for(u, g)
+            });
+            if filled.iter().all(Option::is_some) {
+                return None;
+            }
+            let parts: Vec<String> = req
+                .groups
+                .iter()
+                .map(|q| {
+                    let n = slots
+                        .iter()
+                        .zip(&filled)
+                        .filter(|(g, f)| **g == q.group && f.is_some())
+                        .count();
+                    format!("{}: {n} of {}", q.group, q.count)
+                })
+                .collect();
+            Some(format!("{} (rule {})", parts.join(", "), req.rule))
+        }
+    }
+}
+
+/// Maximum bipartite matching of approvers to slots (Kuhn's augmenting paths):
+/// for each slot, the index of the approver filling it.
+fn max_assignment(
+    slots: &[&str],
+    approvers: &[&str],
+    eligible: impl Fn(&str, &str) -> bool,
+) -> Vec<Option<usize>> {
+    let mut filled: Vec<Option<usize>> = vec![None; slots.len()];
+    fn augment(
+        u: usize,
+        slots: &[&str],
+        approvers: &[&str],
+        eligible: &dyn Fn(&str, &str) -> bool,
+        visited: &mut [bool],
+        filled: &mut [Option<usize>],
+    ) -> bool {
+        for (s, group) in slots.iter().enumerate() {
+            if visited[s] || !eligible(approvers[u], group) {
+                continue;
+            }
+            visited[s] = true;
+            let free = match filled[s] {
+                None => true,
+                Some(other) => augment(other, slots, approvers, eligible, visited, filled),
+            };
+            if free {
+                filled[s] = Some(u);
+                return true;
+            }
+        }
+        false
+    }
+    for u in 0..approvers.len() {
+        let mut visited = vec![false; slots.len()];
+        augment(u, slots, approvers, &eligible, &mut visited, &mut filled);
+    }
+    filled
+}
+
+/// Human-readable status, for the approval worker and the CLI.
+impl std::fmt::Display for ApprovalStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApprovalStatus::Satisfied {
+                completed_at,
+                sign_after,
+            } => write!(
+                f,
+                "approved at {}; signing may start at {}",
+                format_utc(*completed_at),
+                format_utc(*sign_after)
+            ),
+            ApprovalStatus::Pending { missing } => write!(f, "waiting for {}", missing.join("; ")),
+            ApprovalStatus::Expired { expires_at } => {
+                write!(f, "approvals expired at {}", format_utc(*expires_at))
+            }
+            ApprovalStatus::Blocked => write!(f, "blocked by policy"),
+        }
+    }
+}
