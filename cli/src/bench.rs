@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: audit (append + verify), intake, or all.
-    #[arg(default_value = "all", value_parser = ["all", "audit", "intake"])]
+    /// Which benchmark: audit (append + verify), intake, policy, or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy"])]
     which: String,
     /// Server profiles to measure: both, durable or default.
     #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
@@ -30,12 +30,21 @@ pub struct BenchArgs {
     /// Intake requests per measurement.
     #[arg(long, default_value_t = 5_000)]
     requests: u64,
+    /// Policy decisions timed.
+    #[arg(long, default_value_t = 200_000)]
+    decisions: usize,
     /// Concurrent writers (appenders, or upstream publishers for intake).
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.which == "all" || args.which == "policy" {
+        policy(args.decisions)?;
+        if args.which == "policy" {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+    }
     let profiles: Vec<Durability> = match args.profile.as_str() {
         "durable" => vec![Durability::Always],
         "default" => vec![Durability::Default],
@@ -416,6 +425,28 @@ async fn intake(
         } else {
             String::new()
         }
+    );
+    Ok(())
+}
+
+/// Policy decision latency: a 200-rule policy with velocity state, on one core.
+fn policy(decisions: usize) -> anyhow::Result<()> {
+    let origin = Instant::now();
+    let r = custos_engine::policy::bench::run_benchmark(decisions, || origin.elapsed())
+        .map_err(|e| anyhow::anyhow!("policy benchmark: {e}"))?;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "\n== policy decisions ({} rules, {} velocity entries, {} decisions)",
+        r.rules, r.velocity_entries, r.iterations
+    );
+    println!(
+        "policy decision   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us ({:.2} of the 50 us limit)  max {:.1} us  {:.0} decisions/s on one core",
+        us(r.p50),
+        us(r.p90),
+        us(r.p99),
+        us(r.p99) / 50.0,
+        us(r.max),
+        r.decisions_per_sec
     );
     Ok(())
 }

@@ -38,5 +38,6 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("checkpoint.json", schema::<Checkpoint>()),
         ("append-request.json", schema::<AppendRequest>()),
         ("append-reply.json", schema::<AppendReply>()),
+        ("policy-decision.json", schema::<policy::PolicyDecision>()),
     ]
 }
