@@ -227,3 +227,59 @@ async fn two_ledger_writers(batching: Batching) {
         );
     }
 }
+
+/// A message that did not come through the ledger (written around it, e.g. by a
+/// misconfigured account) breaks the chain: the ledger refuses to extend such a
+/// trail, at start and while running, and writes nothing more (fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_refuses_to_extend_a_trail_it_cannot_verify() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    append_ok(&engine.ledger, vec![alert("before", 0)]).await;
+    let js = nats.js().await;
+    let client = nats.client().await;
+    client
+        .publish(
+            "custos.evt.system.forged.ALERT_RAISED",
+            "not from the ledger".into(),
+        )
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    let last = || async {
+        js.get_stream(custos_schemas::subjects::EVENTS_STREAM)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .state
+            .last_sequence
+    };
+    let forged_at = last().await;
+
+    // The running ledger's next append fails its sequence check, it replays, finds
+    // the break, and stops.
+    let reply = engine.ledger.append(vec![alert("after", 0)]).await;
+    assert!(
+        matches!(reply, AppendReply::Unavailable { .. }),
+        "{reply:?}"
+    );
+    // A ledger started on the broken trail never takes an append either.
+    let restarted = Engine::start(&nats).await;
+    let reply = restarted
+        .ledger
+        .append(vec![alert("after-restart", 0)])
+        .await;
+    assert!(
+        matches!(reply, AppendReply::Unavailable { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(
+        last().await,
+        forged_at,
+        "nothing was appended after the break"
+    );
+    let broken = verify_stream(&js).await.expect_err("the chain is broken");
+    assert_eq!(broken.seq, forged_at);
+}
