@@ -1,0 +1,248 @@
+//! Guardian-side signing sessions and coordinator-side aggregation.
+//!
+//! A guardian commits in round 1 ([`round1`]) and gets a [`SigningSession`] that
+//! holds its nonces in memory only: not `Clone`, not serializable, `Debug` redacted,
+//! zeroized on drop. Round 2 ([`round2`]) consumes the session and signs **only** a
+//! signing package whose message equals the [`Sighash`] the guardian recomputed
+//! itself; anything else is refused. [`Signer`] keeps the open sessions of one
+//! guardian and the ids of consumed ones, so a redelivered or replayed request for
+//! a consumed session is refused (the guardian persists those ids).
+//!
+//! Signing uses `sign_with_tweak(.., None)` / `aggregate_with_tweak(.., None)`: the
+//! signature verifies under the Taproot output key (BIP-340), see [`crate::address`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use frost_secp256k1_tr::keys::{KeyPackage, PublicKeyPackage};
+use frost_secp256k1_tr::round1::{SigningCommitments, SigningNonces};
+use frost_secp256k1_tr::round2::SignatureShare;
+use frost_secp256k1_tr::{Error as FrostError, Identifier, SigningPackage};
+use rand_core::{CryptoRng, RngCore};
+
+pub use crate::taproot::Sighash;
+
+/// Why a guardian refused to sign, or a coordinator could not aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error(
+        "refused: the signing package's message {found} is not the sighash this guardian recomputed ({expected})"
+    )]
+    MessageMismatch { expected: String, found: String },
+    #[error("refused: the signing package has no commitment for this guardian")]
+    MissingCommitment,
+    #[error(
+        "refused: the signing package carries a different commitment for this guardian than it made"
+    )]
+    CommitmentMismatch,
+    #[error("refused: {signers} signers in the package, the threshold is {threshold}")]
+    TooFewSigners { signers: usize, threshold: u16 },
+    #[error("refused: session {0:?} was made with another key share")]
+    WrongKey(String),
+    #[error("refused: session {0:?} was already consumed (its nonces are gone)")]
+    SessionConsumed(String),
+    #[error("refused: session id {0:?} already used")]
+    SessionReused(String),
+    #[error("unknown signing session {0:?}")]
+    UnknownSession(String),
+    #[error("signing failed: {0}")]
+    Frost(String),
+}
+
+/// One guardian's round-1 state for one signing session.
+pub struct SigningSession {
+    session_id: String,
+    identifier: Identifier,
+    nonces: SigningNonces,
+    commitments: SigningCommitments,
+}
+
+impl fmt::Debug for SigningSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningSession")
+            .field("session_id", &self.session_id)
+            .field("nonces", &"<redacted>")
+            .finish()
+    }
+}
+
+impl SigningSession {
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    pub fn commitments(&self) -> &SigningCommitments {
+        &self.commitments
+    }
+}
+
+/// Round 1: fresh nonces for `session_id`; the commitments go to the coordinator.
+pub fn round1(
+    session_id: &str,
+    key_package: &KeyPackage,
+    rng: &mut (impl RngCore + CryptoRng),
+) -> (SigningSession, SigningCommitments) {
+    let (nonces, commitments) =
+        frost_secp256k1_tr::round1::commit(key_package.signing_share(), rng);
+    (
+        SigningSession {
+            session_id: session_id.to_owned(),
+            identifier: *key_package.identifier(),
+            nonces,
+            commitments,
+        },
+        commitments,
+    )
+}
+
+/// Round 2: signs `signing_package` iff its message is `my_sighash`, it carries this
+/// guardian's own commitment and at least the threshold of signers. Consumes the
+/// session whatever the outcome: its nonces are dropped (and zeroized).
+pub fn round2(
+    session: SigningSession,
+    key_package: &KeyPackage,
+    signing_package: &SigningPackage,
+    my_sighash: &Sighash,
+) -> Result<SignatureShare, SignError> {
+    if *key_package.identifier() != session.identifier {
+        return Err(SignError::WrongKey(session.session_id.clone()));
+    }
+    if signing_package.message().as_slice() != my_sighash.as_bytes() {
+        return Err(SignError::MessageMismatch {
+            expected: hex::encode(my_sighash.as_bytes()),
+            found: hex::encode(signing_package.message()),
+        });
+    }
+    match signing_package
+        .signing_commitments()
+        .get(&session.identifier)
+    {
+        None => return Err(SignError::MissingCommitment),
+        Some(c) if *c != session.commitments => return Err(SignError::CommitmentMismatch),
+        Some(_) => {}
+    }
+    let signers = signing_package.signing_commitments().len();
+    let threshold = *key_package.min_signers();
+    if signers < usize::from(threshold) {
+        return Err(SignError::TooFewSigners { signers, threshold });
+    }
+    frost_secp256k1_tr::round2::sign_with_tweak(signing_package, &session.nonces, key_package, None)
+        .map_err(|e| SignError::Frost(e.to_string()))
+}
+
+/// One guardian's signing sessions: open ones (nonces in memory) and consumed ids.
+#[derive(Debug, Default)]
+pub struct Signer {
+    open: BTreeMap<String, SigningSession>,
+    consumed: BTreeSet<String>,
+}
+
+impl Signer {
+    pub fn new() -> Self {
+        Signer::default()
+    }
+
+    /// Marks sessions consumed before this process started (from the guardian's
+    /// persisted markers).
+    pub fn restore_consumed(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.consumed.extend(ids);
+    }
+
+    pub fn is_consumed(&self, session_id: &str) -> bool {
+        self.consumed.contains(session_id)
+    }
+
+    /// Round 1 for a new session id; an id seen before is refused.
+    pub fn commit(
+        &mut self,
+        session_id: &str,
+        key_package: &KeyPackage,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<SigningCommitments, SignError> {
+        if self.consumed.contains(session_id) || self.open.contains_key(session_id) {
+            return Err(SignError::SessionReused(session_id.to_owned()));
+        }
+        let (session, commitments) = round1(session_id, key_package, rng);
+        self.open.insert(session_id.to_owned(), session);
+        Ok(commitments)
+    }
+
+    /// Round 2 for an open session; the session is consumed first, whatever the
+    /// outcome, so a second request for it is refused.
+    pub fn sign(
+        &mut self,
+        session_id: &str,
+        key_package: &KeyPackage,
+        signing_package: &SigningPackage,
+        my_sighash: &Sighash,
+    ) -> Result<SignatureShare, SignError> {
+        let Some(session) = self.open.remove(session_id) else {
+            return Err(if self.consumed.contains(session_id) {
+                SignError::SessionConsumed(session_id.to_owned())
+            } else {
+                SignError::UnknownSession(session_id.to_owned())
+            });
+        };
+        self.consumed.insert(session_id.to_owned());
+        round2(session, key_package, signing_package, my_sighash)
+    }
+}
+
+/// Why aggregation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AggregateError {
+    #[error("invalid signature share from {}", culprits.iter().map(|c| hex::encode(c.serialize())).collect::<Vec<_>>().join(", "))]
+    InvalidShares { culprits: Vec<Identifier> },
+    #[error("the aggregate signature does not verify under the Taproot output key")]
+    DoesNotVerify,
+    #[error("aggregation failed: {0}")]
+    Frost(String),
+}
+
+/// Coordinator: the signing package for `sighash` over the chosen commitments.
+pub fn signing_package(
+    commitments: BTreeMap<Identifier, SigningCommitments>,
+    sighash: &Sighash,
+) -> SigningPackage {
+    SigningPackage::new(commitments, sighash.as_bytes())
+}
+
+/// Coordinator: aggregates the shares (with the Taproot tweak), names any guardian
+/// whose share is invalid, and checks the result as BIP-340 under the output key.
+pub fn aggregate(
+    signing_package: &SigningPackage,
+    shares: &BTreeMap<Identifier, SignatureShare>,
+    public_key_package: &PublicKeyPackage,
+) -> Result<[u8; 64], AggregateError> {
+    let sig =
+        frost_secp256k1_tr::aggregate_with_tweak(signing_package, shares, public_key_package, None)
+            .map_err(|e| match e {
+                FrostError::InvalidSignatureShare { culprits } => {
+                    AggregateError::InvalidShares { culprits }
+                }
+                other => AggregateError::Frost(other.to_string()),
+            })?;
+    let bytes: [u8; 64] = sig
+        .serialize()
+        .map_err(|e| AggregateError::Frost(e.to_string()))?
+        .try_into()
+        .map_err(|_| AggregateError::Frost("signature is not 64 bytes".into()))?;
+    let output_key = crate::address::internal_key(public_key_package.verifying_key())
+        .and_then(|internal| crate::address::output_key(&internal))
+        .map_err(|e| AggregateError::Frost(e.to_string()))?;
+    if !verify_bip340(&output_key, signing_package.message(), &bytes) {
+        return Err(AggregateError::DoesNotVerify);
+    }
+    Ok(bytes)
+}
+
+/// BIP-340 verification of `sig` on `msg` under the x-only key `output_key`.
+pub fn verify_bip340(output_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
+    let Ok(vk) = k256::schnorr::VerifyingKey::from_bytes(output_key) else {
+        return false;
+    };
+    let Ok(sig) = k256::schnorr::Signature::try_from(sig.as_slice()) else {
+        return false;
+    };
+    vk.verify_raw(msg, &sig).is_ok()
+}
