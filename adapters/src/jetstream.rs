@@ -72,6 +72,20 @@ pub fn dlq_stream(settings: StreamSettings) -> stream::Config {
     }
 }
 
+/// Where guardians announce their public keys and liveness; an entry not
+/// refreshed for a minute expires.
+pub fn guardians_bucket(settings: StreamSettings) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: subjects::GUARDIANS_BUCKET.into(),
+        description: "Custos guardians: public keys and heartbeats".into(),
+        history: 1,
+        max_age: Duration::from_secs(60),
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
 /// A workflow step's durable pull consumer: which events it takes and how often
 /// it may be redelivered before the message is dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +166,13 @@ pub async fn provision(
             created: !existed,
         });
     }
+    let existed = js.get_key_value(subjects::GUARDIANS_BUCKET).await.is_ok();
+    js.create_or_update_key_value(guardians_bucket(settings))
+        .await?;
+    done.push(Provisioned {
+        what: format!("key-value bucket {}", subjects::GUARDIANS_BUCKET),
+        created: !existed,
+    });
     let events = js.get_stream(subjects::EVENTS_STREAM).await?;
     for step in workflow_consumers() {
         let existed = events.consumer_info(step.name).await.is_ok();

@@ -334,6 +334,10 @@ async fn intake(
         model: "hd".into(),
         chain: "evm-31337".into(),
         address: "0x1111111111111111111111111111111111111111".into(),
+        threshold: None,
+        guardians: Vec::new(),
+        group_key: None,
+        transcript: None,
     };
     let reply = ledger
         .append(vec![Proposal {

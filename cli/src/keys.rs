@@ -1,7 +1,6 @@
 //! The audit signing key on disk: created once, readable only by its owner, never
 //! printed. Its public half is written beside it for verifiers.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -53,15 +52,8 @@ pub fn parse_public_key(hex_or_path: &str) -> anyhow::Result<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).context("audit public key: not a valid ed25519 key")
 }
 
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()?;
-    Ok(())
+/// Writes a secret file only its owner can read.
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    custos_adapters::files::write_private(path, contents.as_bytes())
+        .with_context(|| format!("creating {}", path.display()))
 }

@@ -2,10 +2,12 @@
 
 mod audit;
 mod bench;
+mod guardian;
 mod keys;
 mod nats;
 mod tx;
 mod up;
+mod wallet;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +46,18 @@ enum Command {
     Nats {
         #[command(subcommand)]
         command: nats::NatsCommand,
+    },
+    /// A guardian process holding key shares.
+    Guardian {
+        #[command(subcommand)]
+        command: guardian::GuardianCommand,
+    },
+    /// Wallets: create (a key ceremony), show, list.
+    Wallet {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: wallet::WalletCommand,
     },
     /// Transfers: submit, show, list.
     Tx {
@@ -93,6 +107,8 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args).await,
             Command::Nats { command } => nats::run(command).await,
             Command::Tx { conn, command } => tx::run(&conn.nats_url, command).await,
+            Command::Guardian { command } => guardian::run(command).await,
+            Command::Wallet { conn, command } => wallet::run(&conn.nats_url, command).await,
             Command::Audit { conn, command } => audit::run(&conn.nats_url, command).await,
             Command::Bench(args) => bench::run(args).await,
         }

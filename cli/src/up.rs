@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// embedded server in the `default` profile).
     #[arg(long, default_value = "auto", value_parser = ["auto", "atomic", "pipelined"])]
     batching: String,
+    /// Local guardian processes to start (g1, g2, ...), for trying Custos on one
+    /// machine; 0 in a deployment, where each guardian runs on its own host.
+    #[arg(long, default_value_t = 3)]
+    local_guardians: u16,
     /// Keep events this many days (0: forever).
     #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
@@ -87,6 +91,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  Try         custos tx submit --wallet W --asset LTC --to ADDR --amount 0.1");
     println!("              custos audit verify");
+    let guardians = start_local_guardians(&data_dir, &url, args.local_guardians)?;
+    if !guardians.is_empty() {
+        println!(
+            "  Guardians   {} (local processes, data in {})",
+            (1..=guardians.len())
+                .map(|i| format!("g{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            data_dir.join("guardians").display()
+        );
+        println!(
+            "  Wallet      custos wallet create --threshold 2 --guardians g1,g2,g3 --chain ltc-regtest --name treasury"
+        );
+    }
     println!("Ctrl-C stops it.");
 
     let (trigger, shutdown) = Shutdown::new();
@@ -125,4 +143,47 @@ pub fn batching_for(durability: Durability) -> Batching {
         Durability::Always => Batching::Atomic,
         Durability::Default => Batching::Pipelined,
     }
+}
+
+/// Starts `count` guardian processes, each with its own data directory and a
+/// passphrase file created once. They stop with `custos up` (killed on drop, and
+/// Ctrl-C reaches them too). Local guardians keep their passphrase on the same
+/// disk as their shares: for trying Custos, not for holding real funds.
+fn start_local_guardians(
+    data_dir: &std::path::Path,
+    nats_url: &str,
+    count: u16,
+) -> anyhow::Result<Vec<tokio::process::Child>> {
+    let exe = std::env::current_exe().context("locating the custos binary")?;
+    let mut children = Vec::new();
+    for i in 1..=count {
+        let id = format!("g{i}");
+        let dir = data_dir.join("guardians").join(&id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let secrets = data_dir.join("guardian-passphrases");
+        std::fs::create_dir_all(&secrets)?;
+        let passphrase = secrets.join(&id);
+        if !passphrase.exists() {
+            let mut bytes = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+            crate::keys::write_private(&passphrase, &hex::encode(bytes))?;
+        }
+        let child = tokio::process::Command::new(&exe)
+            .args([
+                "guardian",
+                "run",
+                "--id",
+                &id,
+                "--nats-url",
+                nats_url,
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .env("CUSTOS_GUARDIAN_PASSPHRASE_FILE", &passphrase)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting guardian {id}"))?;
+        children.push(child);
+    }
+    Ok(children)
 }

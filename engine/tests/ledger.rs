@@ -657,6 +657,10 @@ fn replay_refuses_a_correctly_linked_but_forbidden_event() {
         model: "hd".into(),
         chain: "ltc-regtest".into(),
         address: rltc_address(6),
+        threshold: None,
+        guardians: Vec::new(),
+        group_key: None,
+        transcript: None,
     });
     let forged = Stored::forge(
         &l.head(),

@@ -293,6 +293,31 @@ pub struct WalletDescriptor {
     pub chain: String,
     /// Receive address.
     pub address: String,
+    /// Signatures needed (threshold models).
+    #[serde(default)]
+    pub threshold: Option<u16>,
+    /// Guardians holding shares, with their registered public keys.
+    #[serde(default)]
+    pub guardians: Vec<WalletGuardian>,
+    /// Hex group public key (for FROST: the BIP-341 internal key, 33 bytes compressed).
+    #[serde(default)]
+    pub group_key: Option<String>,
+    /// Hex hash of the key ceremony's transcript, identical at every guardian.
+    #[serde(default)]
+    pub transcript: Option<String>,
+}
+
+/// A guardian of a wallet, as registered when the wallet was made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WalletGuardian {
+    pub id: String,
+    /// FROST identifier (1-based index).
+    pub index: u16,
+    /// Hex ed25519 key that verifies its ceremony messages.
+    pub signing_key: String,
+    /// Hex X25519 key that sealed payloads are addressed to.
+    pub encryption_key: String,
 }
 
 /// A signed statement that the chain, up to and including stream sequence

@@ -19,6 +19,19 @@ pub const INTAKE_QUEUE: &str = "custos-intake";
 pub const LEDGER_APPEND: &str = "custos.ledger.append";
 pub const LEDGER_QUEUE: &str = "custos-ledger";
 
+/// Wallet creation requests from operators (request/reply).
+pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
+/// Queue group of the wallet service.
+pub const WALLET_QUEUE: &str = "custos-wallets";
+/// Key-value bucket where guardians announce their public keys and liveness.
+pub const GUARDIANS_BUCKET: &str = "CUSTOS_GUARDIANS";
+
+/// Ceremony requests to one guardian: `custos.guardian.<id>.<op>`. Only that
+/// guardian may subscribe.
+pub fn guardian_subject(guardian_id: &str, op: &str) -> String {
+    format!("custos.guardian.{guardian_id}.{op}")
+}
+
 /// Subject of one event.
 pub fn event_subject(kind: AggregateKind, aggregate_id: &str, event_type: &str) -> String {
     format!(

@@ -137,6 +137,10 @@ pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
             model: "frost".into(),
             chain: chain.into(),
             address: address.into(),
+            threshold: None,
+            guardians: Vec::new(),
+            group_key: None,
+            transcript: None,
         }),
     }
 }

@@ -3,9 +3,10 @@
 use async_nats::Client;
 
 use crate::ledger::{self, LedgerConfig, LedgerError, LedgerHandle};
-use crate::{Shutdown, intake, remote};
+use crate::{Shutdown, intake, remote, wallets};
 
-/// Runs the ledger writer, intake and the remote append service until `shutdown`
+/// Runs the ledger writer, intake, the remote append service and the wallet
+/// (key ceremony) service until `shutdown`
 /// or until the ledger writer stops (a broken trail stops everything: fail closed).
 /// `ready` receives the in-process ledger handle once the tasks run.
 pub async fn run(
@@ -21,7 +22,12 @@ pub async fn run(
         handle.clone(),
         shutdown.clone(),
     ));
-    let appends = tokio::spawn(remote::serve(client, handle.clone(), shutdown));
+    let appends = tokio::spawn(remote::serve(
+        client.clone(),
+        handle.clone(),
+        shutdown.clone(),
+    ));
+    let wallets = tokio::spawn(wallets::serve(client, handle.clone(), shutdown));
     if let Some(ready) = ready {
         let _ = ready.send(handle);
     }
@@ -33,5 +39,6 @@ pub async fn run(
     };
     intake.abort();
     appends.abort();
+    wallets.abort();
     result
 }

@@ -1,11 +1,14 @@
 //! Thin IO shells around the engine: the ledger writer, request intake, the
 //! remote append service, and the runtime that drives workflow steps.
 
+pub mod ceremony;
 pub mod engine;
+pub mod guardian;
 pub mod intake;
 pub mod ledger;
 pub mod remote;
 pub mod runtime;
+pub mod wallets;
 
 use tokio::sync::watch;
 

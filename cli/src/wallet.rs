@@ -1,0 +1,170 @@
+//! `custos wallet`: create (a key ceremony among guardians), show, list.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use custos_schemas::{ContentType, EventType, Payload, WalletDescriptor, subjects};
+use custos_workers::wallets::{CreateWallet, CreateWalletReply};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WalletCommand {
+    /// Create a wallet: for `frost`, a DKG among the guardians; the key never exists anywhere.
+    Create {
+        #[arg(long, default_value = "frost")]
+        model: String,
+        #[arg(long)]
+        threshold: u16,
+        /// Comma-separated guardian ids, e.g. g1,g2,g3.
+        #[arg(long, value_delimiter = ',')]
+        guardians: Vec<String>,
+        /// e.g. ltc-regtest, btc-mainnet.
+        #[arg(long)]
+        chain: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
+        initiator: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a wallet: model, threshold, guardians, receive address.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List wallets.
+    List,
+}
+
+pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::connect(nats_url).await?;
+    match command {
+        WalletCommand::Create {
+            model,
+            threshold,
+            guardians,
+            chain,
+            name,
+            initiator,
+            json,
+        } => {
+            let request = CreateWallet {
+                name,
+                model,
+                threshold,
+                guardians,
+                chain,
+                initiator,
+            };
+            let reply = tokio::time::timeout(
+                Duration::from_secs(120),
+                client.request(
+                    subjects::REQ_WALLET_CREATE,
+                    ContentType::Json.encode(&request).into(),
+                ),
+            )
+            .await
+            .context("no answer from the wallet service within 120 s")?
+            .map_err(|e| anyhow::anyhow!("wallet request failed: {e} (is `custos up` running?)"))?;
+            let reply: CreateWalletReply = ContentType::Json
+                .decode(&reply.payload)
+                .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))?;
+            match reply {
+                CreateWalletReply::Created { wallet } => {
+                    print_wallet(&wallet, json)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                CreateWalletReply::Failed { reason } => {
+                    eprintln!("wallet not created: {reason}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        WalletCommand::Show { name, json } => {
+            custos_schemas::validate_token("name", &name)?;
+            let wallets = wallets(&client, Some(&name)).await?;
+            let wallet = wallets
+                .get(&name)
+                .with_context(|| format!("no wallet {name}"))?;
+            print_wallet(wallet, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        WalletCommand::List => {
+            println!(
+                "{:<20} {:<8} {:<9} {:<14} ADDRESS",
+                "WALLET", "MODEL", "THRESHOLD", "CHAIN"
+            );
+            for w in wallets(&client, None).await?.values() {
+                let threshold = w
+                    .threshold
+                    .map(|t| format!("{t}-of-{}", w.guardians.len()))
+                    .unwrap_or_default();
+                println!(
+                    "{:<20} {:<8} {:<9} {:<14} {}",
+                    w.name, w.model, threshold, w.chain, w.address
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Wallets recorded in the trail (one, or all), by name.
+async fn wallets(
+    client: &async_nats::Client,
+    name: Option<&str>,
+) -> anyhow::Result<BTreeMap<String, WalletDescriptor>> {
+    let js = async_nats::jetstream::new(client.clone());
+    let filter = match name {
+        Some(n) => subjects::event_subject(
+            custos_schemas::AggregateKind::Wallet,
+            n,
+            EventType::WalletCreated.as_str(),
+        ),
+        None => subjects::event_type_filter(
+            custos_schemas::AggregateKind::Wallet,
+            EventType::WalletCreated.as_str(),
+        ),
+    };
+    let mut out = BTreeMap::new();
+    for event in crate::tx::read_decoded(&js, Some(filter)).await? {
+        if let Payload::WalletCreated(w) = event.payload {
+            out.insert(w.name.clone(), w);
+        }
+    }
+    Ok(out)
+}
+
+fn print_wallet(w: &WalletDescriptor, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(w)?);
+        return Ok(());
+    }
+    println!("wallet     {}", w.name);
+    println!(
+        "model      {}{}",
+        w.model,
+        w.threshold
+            .map(|t| format!(" {t}-of-{}", w.guardians.len()))
+            .unwrap_or_default()
+    );
+    println!("chain      {}", w.chain);
+    println!("address    {}", w.address);
+    if !w.guardians.is_empty() {
+        println!(
+            "guardians  {}",
+            w.guardians
+                .iter()
+                .map(|g| g.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(t) = &w.transcript {
+        println!("ceremony   transcript {t}");
+    }
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! A guardian process: holds its identity and key shares encrypted at rest,
+//! announces itself and its liveness in the guardians bucket, and answers key
+//! ceremonies on its own subject only. The cryptography is `custos_custody`'s;
+//! this is the IO around it (NATS, files, the clock, the OS RNG).
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::Client;
+use custos_custody::dkg::{self, Ceremony, DkgRound1, DkgRound2, Echo};
+use custos_custody::identity::{GuardianKeys, GuardianPublic, Inbox, SignedMessage};
+use custos_custody::seal::Sealed;
+use custos_custody::{Identifier, frost, store};
+use custos_schemas::{codec, subjects, validate_token};
+use futures::StreamExt;
+use rand::rngs::OsRng;
+use zeroize::Zeroizing;
+
+use custos_adapters::files::write_private;
+
+use crate::Shutdown;
+use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
+
+/// How often a guardian announces itself.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A ceremony not finished within this is forgotten.
+const CEREMONY_TTL: Duration = Duration::from_secs(120);
+
+/// Where and who.
+#[derive(Debug)]
+pub struct GuardianConfig {
+    pub id: String,
+    pub data_dir: PathBuf,
+    /// Unlocks the identity and the shares. Never logged, never an argument.
+    pub passphrase: Zeroizing<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardianError {
+    #[error("guardian id: {0}")]
+    Id(#[from] custos_schemas::IdError),
+    #[error("{path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+    #[error("NATS: {0}")]
+    Nats(#[from] async_nats::Error),
+}
+
+enum Stage {
+    Round1(DkgRound1),
+    Round2(DkgRound2),
+    /// Finished; the share is pending until the wallet is recorded.
+    Done,
+}
+
+struct Session {
+    ceremony: Ceremony,
+    inbox: Inbox,
+    stage: Stage,
+    started: Instant,
+}
+
+/// Runs the guardian until `shutdown`.
+pub async fn run(
+    client: Client,
+    config: GuardianConfig,
+    mut shutdown: Shutdown,
+) -> Result<(), GuardianError> {
+    validate_token("id", &config.id)?;
+    for dir in ["shares", "ceremonies"] {
+        std::fs::create_dir_all(config.data_dir.join(dir)).map_err(|e| GuardianError::Store {
+            path: config.data_dir.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let keys = load_or_create_identity(&config)?;
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .map_err(|e| GuardianError::Nats(e.into()))?;
+    let mut requests = client
+        .subscribe(subjects::guardian_subject(&config.id, "ceremony"))
+        .await
+        .map_err(|e| GuardianError::Nats(e.into()))?;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut sessions: HashMap<String, Session> = HashMap::new();
+    tracing::info!(guardian = %config.id, "guardian up");
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = heartbeat.tick() => {
+                let announcement = Announcement { guardian: keys.public(), seen_ms: now_ms() };
+                if let Err(e) = bucket.put(&config.id, serde_json::to_vec(&announcement).unwrap_or_default().into()).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+                sessions.retain(|_, s| s.started.elapsed() < CEREMONY_TTL);
+            }
+            msg = requests.next() => {
+                let Some(msg) = msg else { break };
+                let Some(reply_to) = msg.reply.clone() else { continue };
+                let reply = match codec::from_msgpack::<GuardianRequest>(&msg.payload) {
+                    Ok(request) => handle(&keys, &config, &mut sessions, request),
+                    Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },
+                };
+                if let GuardianReply::Refused { reason } = &reply {
+                    tracing::warn!(guardian = %config.id, reason, "ceremony request refused");
+                }
+                if let Err(e) = client.publish(reply_to, codec::to_msgpack(&reply).into()).await {
+                    tracing::warn!(error = %e, "could not answer the coordinator");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn refused(reason: impl std::fmt::Display) -> GuardianReply {
+    GuardianReply::Refused {
+        reason: reason.to_string(),
+    }
+}
+
+fn handle(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    request: GuardianRequest,
+) -> GuardianReply {
+    let ceremony_id = request.ceremony_id().to_string();
+    if let Err(e) = validate_token("ceremonyId", &ceremony_id) {
+        return refused(e);
+    }
+    match request {
+        GuardianRequest::DkgStart {
+            min_signers,
+            roster,
+            ..
+        } => {
+            // A ceremony id is used once: never start it again, also after a restart.
+            if sessions.contains_key(&ceremony_id)
+                || write_private(&config.data_dir.join("ceremonies").join(&ceremony_id), b"")
+                    .is_err()
+            {
+                return refused(format!(
+                    "ceremony {ceremony_id} was already started here (replay)"
+                ));
+            }
+            let publics: Vec<GuardianPublic> = roster.iter().map(|e| e.guardian.clone()).collect();
+            let ceremony = match Ceremony::new(
+                &ceremony_id,
+                min_signers,
+                roster
+                    .into_iter()
+                    .map(|RosterEntry { index, guardian }| (index, guardian)),
+            ) {
+                Ok(c) => c,
+                Err(e) => return refused(e),
+            };
+            let inbox = match Inbox::new(&ceremony_id, keys.id(), &publics) {
+                Ok(i) => i,
+                Err(e) => return refused(e),
+            };
+            match dkg::start(ceremony.clone(), keys, &mut OsRng) {
+                Ok((state, package)) => match package.serialize() {
+                    Ok(bytes) => {
+                        let message =
+                            keys.sign_message(&ceremony_id, None, rounds::PACKAGES, bytes);
+                        sessions.insert(
+                            ceremony_id,
+                            Session {
+                                ceremony,
+                                inbox,
+                                stage: Stage::Round1(state),
+                                started: Instant::now(),
+                            },
+                        );
+                        GuardianReply::Package { message }
+                    }
+                    Err(e) => refused(e),
+                },
+                Err(e) => refused(e),
+            }
+        }
+        GuardianRequest::DkgShares { packages, .. } => {
+            let Some(session) = sessions.get_mut(&ceremony_id) else {
+                return refused(format!("no ceremony {ceremony_id} in progress here"));
+            };
+            let Stage::Round1(_) = session.stage else {
+                return refused("round-2 shares were already produced for this ceremony");
+            };
+            let mut received = BTreeMap::new();
+            for m in packages.iter().filter(|m| m.sender != keys.id()) {
+                let payload = match session.inbox.accept(m) {
+                    Ok(p) => p,
+                    Err(e) => return refused(e),
+                };
+                let (Some(from), Ok(package)) = (
+                    session.ceremony.identifier_of(&m.sender),
+                    frost::keys::dkg::round1::Package::deserialize(payload),
+                ) else {
+                    return refused(format!("malformed round-1 package from {}", m.sender));
+                };
+                received.insert(from, package);
+            }
+            session.inbox.advance_to(rounds::SHARES);
+            let Stage::Round1(state) = std::mem::replace(&mut session.stage, Stage::Done) else {
+                return refused("internal: stage changed");
+            };
+            match state.round2(&received, keys, &mut OsRng) {
+                Ok((next, echo, sealed)) => {
+                    session.stage = Stage::Round2(next);
+                    let echo =
+                        keys.sign_message(&ceremony_id, None, rounds::ECHOES, echo.to_bytes());
+                    let shares = sealed
+                        .into_iter()
+                        .map(|(to, s)| {
+                            keys.sign_message(
+                                &ceremony_id,
+                                Some(&session.ceremony.name(&to)),
+                                rounds::SHARES,
+                                codec::to_msgpack(&s),
+                            )
+                        })
+                        .collect();
+                    GuardianReply::Shares { echo, shares }
+                }
+                Err(e) => {
+                    sessions.remove(&ceremony_id);
+                    refused(e)
+                }
+            }
+        }
+        GuardianRequest::DkgFinalize { echoes, shares, .. } => {
+            let Some(session) = sessions.get_mut(&ceremony_id) else {
+                return refused(format!("no ceremony {ceremony_id} in progress here"));
+            };
+            let (sealed, echoes) = match read_round2(session, keys.id(), &shares, &echoes) {
+                Ok(v) => v,
+                Err(reason) => return refused(reason),
+            };
+            let Stage::Round2(state) = std::mem::replace(&mut session.stage, Stage::Done) else {
+                return refused("this ceremony is not waiting for its final round");
+            };
+            let output = match state.finalize(&echoes, &sealed, keys) {
+                Ok(o) => o,
+                Err(e) => {
+                    sessions.remove(&ceremony_id);
+                    return refused(e);
+                }
+            };
+            let group_key = match output.public_key_package.verifying_key().serialize() {
+                Ok(k) => k,
+                Err(e) => return refused(e),
+            };
+            if let Err(e) = save_share(
+                config,
+                &pending_path(config, &ceremony_id),
+                &ceremony_id,
+                &output,
+            ) {
+                sessions.remove(&ceremony_id);
+                return refused(e);
+            }
+            let mut payload = group_key;
+            payload.extend_from_slice(&output.transcript);
+            GuardianReply::Result {
+                message: keys.sign_message(&ceremony_id, None, rounds::RESULT, payload),
+            }
+        }
+        GuardianRequest::DkgCommit { wallet, .. } => {
+            if let Err(e) = validate_token("wallet", &wallet) {
+                return refused(e);
+            }
+            sessions.remove(&ceremony_id);
+            let (from, to) = (
+                pending_path(config, &ceremony_id),
+                share_path(config, &wallet),
+            );
+            if to.exists() {
+                return refused(format!("a share for wallet {wallet} already exists here"));
+            }
+            match std::fs::rename(&from, &to) {
+                Ok(()) => GuardianReply::Done,
+                Err(e) => refused(format!("{}: {e}", from.display())),
+            }
+        }
+        GuardianRequest::DkgAbort { .. } => {
+            sessions.remove(&ceremony_id);
+            let _ = std::fs::remove_file(pending_path(config, &ceremony_id));
+            GuardianReply::Done
+        }
+    }
+}
+
+type Round2Inputs = (BTreeMap<Identifier, Sealed>, BTreeMap<Identifier, Echo>);
+
+/// Checks the shares addressed to this guardian and every other member's echo.
+fn read_round2(
+    session: &mut Session,
+    me: &str,
+    shares: &[SignedMessage],
+    echoes: &[SignedMessage],
+) -> Result<Round2Inputs, String> {
+    let mut sealed = BTreeMap::new();
+    for m in shares {
+        let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+        let from = session
+            .ceremony
+            .identifier_of(&m.sender)
+            .ok_or_else(|| format!("share from {}, not a member", m.sender))?;
+        let s: Sealed = codec::from_msgpack(payload)
+            .map_err(|e| format!("malformed share from {}: {e}", m.sender))?;
+        sealed.insert(from, s);
+    }
+    session.inbox.advance_to(rounds::ECHOES);
+    let mut received = BTreeMap::new();
+    for m in echoes.iter().filter(|m| m.sender != me) {
+        let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+        let from = session
+            .ceremony
+            .identifier_of(&m.sender)
+            .ok_or_else(|| format!("echo from {}, not a member", m.sender))?;
+        let echo =
+            Echo::from_bytes(payload).ok_or_else(|| format!("malformed echo from {}", m.sender))?;
+        received.insert(from, echo);
+    }
+    session.inbox.advance_to(rounds::RESULT);
+    Ok((sealed, received))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn identity_path(config: &GuardianConfig) -> PathBuf {
+    config.data_dir.join("identity.key")
+}
+
+fn pending_path(config: &GuardianConfig, ceremony_id: &str) -> PathBuf {
+    config
+        .data_dir
+        .join("shares")
+        .join(format!("pending-{ceremony_id}.share"))
+}
+
+fn share_path(config: &GuardianConfig, wallet: &str) -> PathBuf {
+    config
+        .data_dir
+        .join("shares")
+        .join(format!("{wallet}.share"))
+}
+
+/// Loads the guardian's identity, creating it on first start.
+fn load_or_create_identity(config: &GuardianConfig) -> Result<GuardianKeys, GuardianError> {
+    let path = identity_path(config);
+    let err = |reason: String| GuardianError::Store {
+        path: path.clone(),
+        reason,
+    };
+    if path.exists() {
+        let file = std::fs::read(&path).map_err(|e| err(e.to_string()))?;
+        let secret = store::open_secret(&file, config.passphrase.as_bytes(), &config.id, IDENTITY)
+            .map_err(|e| err(e.to_string()))?;
+        if secret.len() != 64 {
+            return Err(err("identity file holds the wrong number of bytes".into()));
+        }
+        let mut signing = Zeroizing::new([0u8; 32]);
+        let mut encryption = Zeroizing::new([0u8; 32]);
+        signing.copy_from_slice(&secret[..32]);
+        encryption.copy_from_slice(&secret[32..]);
+        return Ok(GuardianKeys::from_secrets(
+            &config.id,
+            &signing,
+            &encryption,
+        ));
+    }
+    let keys = GuardianKeys::generate(&config.id, &mut OsRng);
+    let (signing, encryption) = keys.to_secrets();
+    let mut secret = Zeroizing::new(Vec::with_capacity(64));
+    secret.extend_from_slice(signing.as_ref());
+    secret.extend_from_slice(encryption.as_ref());
+    let file = store::seal_secret(
+        &secret,
+        config.passphrase.as_bytes(),
+        &config.id,
+        IDENTITY,
+        &mut OsRng,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    write_private(&path, &file).map_err(|e| err(e.to_string()))?;
+    Ok(keys)
+}
+
+/// What the identity file is bound to, in place of a wallet id.
+const IDENTITY: &str = "guardian-identity";
+
+/// Writes a DKG output (key package and public key package) encrypted, bound to
+/// this guardian and the ceremony (which `WALLET_CREATED` records).
+fn save_share(
+    config: &GuardianConfig,
+    path: &Path,
+    ceremony_id: &str,
+    output: &dkg::DkgOutput,
+) -> Result<(), String> {
+    let key = Zeroizing::new(output.key_package.serialize().map_err(|e| e.to_string())?);
+    let public = output
+        .public_key_package
+        .serialize()
+        .map_err(|e| e.to_string())?;
+    let mut plain = Zeroizing::new(Vec::with_capacity(key.len() + public.len() + 8));
+    plain.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    plain.extend_from_slice(&key);
+    plain.extend_from_slice(&public);
+    let file = store::seal_secret(
+        &plain,
+        config.passphrase.as_bytes(),
+        &config.id,
+        ceremony_id,
+        &mut OsRng,
+    )
+    .map_err(|e| e.to_string())?;
+    write_private(path, &file).map_err(|e| format!("{}: {e}", path.display()))
+}

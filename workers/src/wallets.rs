@@ -1,0 +1,463 @@
+//! Wallet creation: the coordinator side of the FROST DKG ceremony. It picks the
+//! guardians' registered keys, relays the signed rounds between them, checks that
+//! every guardian computed the same group key and transcript, and only then
+//! records `WALLET_CREATED` with the Taproot address. A ceremony that fails
+//! leaves no wallet: guardians drop their pending shares, and the failure is
+//! recorded as an alert naming the reason.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::Client;
+use custos_custody::identity::{Inbox, SignedMessage};
+use custos_custody::{address, frost};
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, ContentType, EventType, Outcome, Payload, Proposal,
+    RequestContext, Target, WalletDescriptor, WalletGuardian, codec, subjects, validate_token,
+};
+use futures::StreamExt;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::Shutdown;
+use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
+use crate::remote::Appender;
+
+/// A guardian whose last heartbeat is older than this is not live.
+pub const LIVENESS: Duration = Duration::from_secs(10);
+/// How long one ceremony round may take per guardian.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A request to create a wallet, sent to [`subjects::REQ_WALLET_CREATE`] (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateWallet {
+    pub name: String,
+    /// Only `frost` for now.
+    pub model: String,
+    pub threshold: u16,
+    pub guardians: Vec<String>,
+    pub chain: String,
+    /// Directory user id of the operator.
+    pub initiator: String,
+}
+
+/// The answer: the wallet, or why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "camelCase")]
+pub enum CreateWalletReply {
+    #[serde(rename_all = "camelCase")]
+    Created { wallet: WalletDescriptor },
+    #[serde(rename_all = "camelCase")]
+    Failed { reason: String },
+}
+
+/// Serves wallet creation requests until `shutdown`.
+pub async fn serve<A: Appender>(
+    client: Client,
+    ledger: A,
+    mut shutdown: Shutdown,
+) -> Result<(), async_nats::Error> {
+    let mut requests = client
+        .queue_subscribe(subjects::REQ_WALLET_CREATE, subjects::WALLET_QUEUE.into())
+        .await?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.wait() => break,
+            msg = requests.next() => match msg { Some(m) => m, None => break },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let (client, ledger) = (client.clone(), ledger.clone());
+        tokio::spawn(async move {
+            let reply = match ContentType::Json.decode::<CreateWallet>(&msg.payload) {
+                Ok(request) => create(&client, &ledger, request).await,
+                Err(e) => CreateWalletReply::Failed {
+                    reason: e.to_string(),
+                },
+            };
+            if let Err(e) = client
+                .publish(reply_to, ContentType::Json.encode(&reply).into())
+                .await
+            {
+                tracing::warn!(error = %e, "could not answer a wallet request");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Runs one DKG ceremony and records the wallet.
+pub async fn create<A: Appender>(
+    client: &Client,
+    ledger: &A,
+    request: CreateWallet,
+) -> CreateWalletReply {
+    if let Err(reason) = check(&request) {
+        return CreateWalletReply::Failed { reason };
+    }
+    let mut nonce = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ceremony_id = format!("dkg-{}-{}", request.name, hex::encode(nonce));
+    match ceremony(client, ledger, &request, &ceremony_id).await {
+        Ok(wallet) => CreateWalletReply::Created { wallet },
+        Err(reason) => {
+            let _ = ledger
+                .append(vec![ceremony_failed(&request, &ceremony_id, &reason)])
+                .await;
+            CreateWalletReply::Failed {
+                reason: format!("key ceremony failed: {reason}"),
+            }
+        }
+    }
+}
+
+/// Runs the ceremony and records the wallet; on failure the guardians are told
+/// to drop what they hold of it.
+async fn ceremony<A: Appender>(
+    client: &Client,
+    ledger: &A,
+    request: &CreateWallet,
+    ceremony_id: &str,
+) -> Result<WalletDescriptor, String> {
+    if wallet_exists(client, &request.name).await? {
+        return Err(format!("a wallet named {} already exists", request.name));
+    }
+    let roster = roster(client, &request.guardians).await?;
+    let recorded = async {
+        let (group_key, transcript) =
+            run_dkg(client, ceremony_id, request.threshold, &roster).await?;
+        let wallet = describe(request, &roster, &group_key, &transcript)?;
+        match ledger
+            .append(vec![wallet_created(request, ceremony_id, wallet.clone())])
+            .await
+        {
+            AppendReply::Appended { .. } => Ok(wallet),
+            AppendReply::Conflict { .. } => {
+                Err(format!("a wallet named {} already exists", request.name))
+            }
+            other => Err(format!("the wallet could not be recorded: {other:?}")),
+        }
+    }
+    .await;
+    match recorded {
+        Ok(wallet) => {
+            for entry in &roster {
+                let commit = GuardianRequest::DkgCommit {
+                    ceremony_id: ceremony_id.into(),
+                    wallet: request.name.clone(),
+                };
+                if let Err(e) = ask(client, &entry.guardian.id, &commit).await {
+                    tracing::warn!(guardian = %entry.guardian.id, error = %e, "guardian did not confirm the commit");
+                }
+            }
+            Ok(wallet)
+        }
+        Err(reason) => {
+            for e in &roster {
+                let _ = ask(
+                    client,
+                    &e.guardian.id,
+                    &GuardianRequest::DkgAbort {
+                        ceremony_id: ceremony_id.into(),
+                    },
+                )
+                .await;
+            }
+            Err(reason)
+        }
+    }
+}
+
+/// Whether the trail already holds a wallet of this name (checked again, race
+/// free, by the ledger when the wallet is recorded).
+async fn wallet_exists(client: &Client, name: &str) -> Result<bool, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let filter = subjects::aggregate_filter(AggregateKind::Wallet, name);
+    let found = custos_adapters::jetstream::read_events(&js, 1, Some(filter), |_| Ok(()))
+        .await
+        .map_err(|e| format!("reading the trail: {e}"))?;
+    Ok(found > 0)
+}
+
+/// The alert recorded when a ceremony fails.
+fn ceremony_failed(request: &CreateWallet, ceremony_id: &str, reason: &str) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::System,
+        workflow_id: ceremony_id.to_string(),
+        expected_version: 0,
+        event_type: EventType::AlertRaised,
+        causation_id: None,
+        actor: Actor {
+            user_id: request.initiator.clone(),
+            email: None,
+            role: Some("administrator".into()),
+        },
+        target: Target {
+            kind: "wallet".into(),
+            id: request.name.clone(),
+            amount: None,
+            currency: None,
+        },
+        context: RequestContext::default(),
+        result: Outcome::Failure,
+        metadata: Default::default(),
+        payload: Payload::Alert {
+            severity: "warning".into(),
+            summary: format!("key ceremony for wallet {} failed: {reason}", request.name),
+        },
+    }
+}
+
+fn check(r: &CreateWallet) -> Result<(), String> {
+    validate_token("name", &r.name).map_err(|e| e.to_string())?;
+    validate_token("initiator", &r.initiator).map_err(|e| e.to_string())?;
+    if r.model != "frost" {
+        return Err(format!(
+            "model: {:?} is not available yet; use frost",
+            r.model
+        ));
+    }
+    address::hrp_for(&r.chain).map_err(|e| format!("chain: {e}"))?;
+    for g in &r.guardians {
+        validate_token("guardians", g).map_err(|e| e.to_string())?;
+    }
+    let mut unique = r.guardians.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() != r.guardians.len() {
+        return Err("guardians: a guardian is listed twice".into());
+    }
+    let n = r.guardians.len();
+    if r.threshold < 2 || usize::from(r.threshold) > n {
+        return Err(format!(
+            "threshold: {} of {n} guardians (needs 2 <= threshold <= guardians)",
+            r.threshold
+        ));
+    }
+    Ok(())
+}
+
+/// The registered keys of live guardians, in the order asked (FROST identifiers 1..n).
+async fn roster(client: &Client, ids: &[String]) -> Result<Vec<RosterEntry>, String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .map_err(|e| format!("guardians bucket: {e}"))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut roster = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let entry = bucket
+            .get(id)
+            .await
+            .map_err(|e| format!("guardians bucket: {e}"))?;
+        let Some(bytes) = entry else {
+            return Err(format!(
+                "guardian {id} has never announced itself (is `custos guardian run --id {id}` running?)"
+            ));
+        };
+        let a: Announcement = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("guardian {id}: unreadable announcement: {e}"))?;
+        if a.guardian.id != *id {
+            return Err(format!(
+                "guardian {id}: its announcement names {}",
+                a.guardian.id
+            ));
+        }
+        if now - a.seen_ms > LIVENESS.as_millis() as i64 {
+            return Err(format!(
+                "guardian {id} is not live (last seen {} s ago)",
+                (now - a.seen_ms) / 1000
+            ));
+        }
+        let index = u16::try_from(i + 1).map_err(|_| "too many guardians".to_string())?;
+        roster.push(RosterEntry {
+            index,
+            guardian: a.guardian,
+        });
+    }
+    Ok(roster)
+}
+
+/// Sends one request to a guardian and waits for its answer.
+async fn ask(
+    client: &Client,
+    guardian: &str,
+    request: &GuardianRequest,
+) -> Result<GuardianReply, String> {
+    let subject = subjects::guardian_subject(guardian, "ceremony");
+    let answer = tokio::time::timeout(
+        ROUND_TIMEOUT,
+        client.request(subject, codec::to_msgpack(request).into()),
+    )
+    .await;
+    match answer {
+        Err(_) => Err(format!(
+            "guardian {guardian} did not answer within {} s",
+            ROUND_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("guardian {guardian} unreachable: {e}")),
+        Ok(Ok(msg)) => match codec::from_msgpack::<GuardianReply>(&msg.payload) {
+            Ok(GuardianReply::Refused { reason }) => {
+                Err(format!("guardian {guardian} refused: {reason}"))
+            }
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(format!("guardian {guardian} answered garbage: {e}")),
+        },
+    }
+}
+
+/// Asks every guardian at once; fails naming the first that fails.
+async fn ask_all(
+    client: &Client,
+    roster: &[RosterEntry],
+    request: impl Fn(&RosterEntry) -> GuardianRequest,
+) -> Result<Vec<GuardianReply>, String> {
+    let asks = roster.iter().map(|e| {
+        let request = request(e);
+        async move { ask(client, &e.guardian.id, &request).await }
+    });
+    futures::future::join_all(asks).await.into_iter().collect()
+}
+
+/// The three rounds; returns the group key and transcript every guardian agreed on.
+async fn run_dkg(
+    client: &Client,
+    ceremony_id: &str,
+    threshold: u16,
+    roster: &[RosterEntry],
+) -> Result<(frost::VerifyingKey, [u8; 32]), String> {
+    let id = ceremony_id.to_string();
+    let unexpected = |what: &str| format!("a guardian answered {what} with something else");
+    // Round 1: packages.
+    let replies = ask_all(client, roster, |_| GuardianRequest::DkgStart {
+        ceremony_id: id.clone(),
+        min_signers: threshold,
+        roster: roster.to_vec(),
+    })
+    .await?;
+    let packages: Vec<SignedMessage> = replies
+        .into_iter()
+        .map(|r| match r {
+            GuardianReply::Package { message } => Ok(message),
+            _ => Err(unexpected("DkgStart")),
+        })
+        .collect::<Result<_, _>>()?;
+    // Round 2: echoes and sealed shares.
+    let replies = ask_all(client, roster, |_| GuardianRequest::DkgShares {
+        ceremony_id: id.clone(),
+        packages: packages.clone(),
+    })
+    .await?;
+    let mut echoes = Vec::new();
+    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
+    for r in replies {
+        let GuardianReply::Shares {
+            echo,
+            shares: sealed,
+        } = r
+        else {
+            return Err(unexpected("DkgShares"));
+        };
+        echoes.push(echo);
+        for s in sealed {
+            let to = s.recipient.clone().unwrap_or_default();
+            shares.entry(to).or_default().push(s);
+        }
+    }
+    // Round 3: finalize; each guardian gets the shares addressed to it.
+    let replies = ask_all(client, roster, |e| GuardianRequest::DkgFinalize {
+        ceremony_id: id.clone(),
+        echoes: echoes.clone(),
+        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+    })
+    .await?;
+    // Every guardian signed the same group key and transcript.
+    let publics: Vec<_> = roster.iter().map(|e| e.guardian.clone()).collect();
+    let mut inbox = Inbox::new(ceremony_id, "coordinator", &publics).map_err(|e| e.to_string())?;
+    inbox.advance_to(rounds::RESULT);
+    let mut agreed: Option<Vec<u8>> = None;
+    for r in replies {
+        let GuardianReply::Result { message } = r else {
+            return Err(unexpected("DkgFinalize"));
+        };
+        let payload = inbox.accept(&message).map_err(|e| e.to_string())?.to_vec();
+        match &agreed {
+            None => agreed = Some(payload),
+            Some(first) if *first != payload => {
+                return Err(format!(
+                    "guardian {} computed a different group key or transcript",
+                    message.sender
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let payload = agreed.ok_or("no guardian answered")?;
+    if payload.len() != 33 + 32 {
+        return Err("a guardian's result has the wrong length".into());
+    }
+    let key =
+        frost::VerifyingKey::deserialize(&payload[..33]).map_err(|e| format!("group key: {e}"))?;
+    let mut transcript = [0u8; 32];
+    transcript.copy_from_slice(&payload[33..]);
+    Ok((key, transcript))
+}
+
+fn describe(
+    r: &CreateWallet,
+    roster: &[RosterEntry],
+    group_key: &frost::VerifyingKey,
+    transcript: &[u8; 32],
+) -> Result<WalletDescriptor, String> {
+    let taproot = address::wallet(group_key, &r.chain).map_err(|e| e.to_string())?;
+    Ok(WalletDescriptor {
+        name: r.name.clone(),
+        model: r.model.clone(),
+        chain: r.chain.clone(),
+        address: taproot.address,
+        threshold: Some(r.threshold),
+        guardians: roster
+            .iter()
+            .map(|e| WalletGuardian {
+                id: e.guardian.id.clone(),
+                index: e.index,
+                signing_key: hex::encode(e.guardian.signing_key),
+                encryption_key: hex::encode(e.guardian.encryption_key),
+            })
+            .collect(),
+        group_key: Some(hex::encode(
+            group_key.serialize().map_err(|e| e.to_string())?,
+        )),
+        transcript: Some(hex::encode(transcript)),
+    })
+}
+
+fn wallet_created(r: &CreateWallet, ceremony_id: &str, wallet: WalletDescriptor) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::Wallet,
+        workflow_id: r.name.clone(),
+        expected_version: 0,
+        event_type: EventType::WalletCreated,
+        causation_id: Some(ceremony_id.to_string()),
+        actor: Actor {
+            user_id: r.initiator.clone(),
+            email: None,
+            role: Some("administrator".into()),
+        },
+        target: Target {
+            kind: "wallet".into(),
+            id: r.name.clone(),
+            amount: None,
+            currency: None,
+        },
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: [("ceremonyId".to_string(), ceremony_id.to_string())].into(),
+        payload: Payload::WalletCreated(wallet),
+    }
+}
