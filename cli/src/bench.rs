@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: audit (append + verify), intake, policy, or all.
-    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy"])]
+    /// Which benchmark: audit (append + verify), intake, policy, dkg, or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg"])]
     which: String,
     /// Server profiles to measure: both, durable or default.
     #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Intake requests per measurement.
     #[arg(long, default_value_t = 5_000)]
     requests: u64,
+    /// Key ceremonies per configuration (dkg).
+    #[arg(long, default_value_t = 10)]
+    ceremonies: usize,
     /// Policy decisions timed.
     #[arg(long, default_value_t = 200_000)]
     decisions: usize,
@@ -39,6 +42,9 @@ pub struct BenchArgs {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.which == "dkg" {
+        return dkg(args.ceremonies).await;
+    }
     if args.which == "all" || args.which == "policy" {
         policy(args.decisions)?;
         if args.which == "policy" {
@@ -453,4 +459,117 @@ fn policy(decisions: usize) -> anyhow::Result<()> {
         r.decisions_per_sec
     );
     Ok(())
+}
+
+/// Wallet creation by DKG among guardian processes over NATS (durable profile),
+/// against the same DKG computed in one process.
+async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
+    let ceremonies = ceremonies.max(1);
+    println!(
+        "custos bench dkg ({ceremonies} ceremonies per configuration, guardians as separate processes)"
+    );
+    let dir = tempdir()?;
+    let server = NatsServer::start(&dir.join("nats"), 0, Durability::Always).await?;
+    let client = crate::connect(&server.url()).await?;
+    let js = jetstream::new(client.clone());
+    provision(&js, StreamSettings::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (trigger, shutdown) = Shutdown::new();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let engine = tokio::spawn(custos_workers::engine::run(
+        client.clone(),
+        LedgerConfig::new(key),
+        shutdown,
+        Some(ready_tx),
+    ));
+    let ledger = ready.await?;
+    let exe = std::env::current_exe()?;
+    let mut guardians = Vec::new();
+    for i in 1..=5 {
+        guardians.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "guardian",
+                    "run",
+                    "--id",
+                    &format!("g{i}"),
+                    "--nats-url",
+                    &server.url(),
+                    "--data-dir",
+                ])
+                .arg(dir.join(format!("g{i}")))
+                .env(
+                    "CUSTOS_GUARDIAN_PASSPHRASE",
+                    format!("bench-passphrase-g{i}"),
+                )
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let bucket = js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let mut live = 0;
+        for i in 1..=5 {
+            if matches!(bucket.get(format!("g{i}")).await, Ok(Some(_))) {
+                live += 1;
+            }
+        }
+        if live == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (t, n) in [(2u16, 3u16), (3, 5)] {
+        let mut compute = Vec::new();
+        for c in 0..ceremonies {
+            let t0 = Instant::now();
+            custos_custody::sim::run_dkg(&format!("compute-{c}"), t, n, &mut rand::rngs::OsRng)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            compute.push(t0.elapsed());
+        }
+        let mut over_nats = Vec::new();
+        for c in 0..ceremonies {
+            let request = custos_workers::wallets::CreateWallet {
+                name: format!("bench-{t}of{n}-{c}"),
+                model: "frost".into(),
+                threshold: t,
+                guardians: (1..=n).map(|i| format!("g{i}")).collect(),
+                chain: "ltc-regtest".into(),
+                initiator: "bench".into(),
+            };
+            let t0 = Instant::now();
+            let reply = custos_workers::wallets::create(&client, &ledger, request).await;
+            over_nats.push(t0.elapsed());
+            anyhow::ensure!(
+                matches!(
+                    reply,
+                    custos_workers::wallets::CreateWalletReply::Created { .. }
+                ),
+                "ceremony failed: {reply:?}"
+            );
+        }
+        compute.sort();
+        over_nats.sort();
+        let median = |v: &[Duration]| v[v.len() / 2];
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "dkg {t}-of-{n}         wallet created over NATS p50 {:.1} ms max {:.1} ms   in-process compute p50 {:.2} ms   ratio {:.0}x",
+            ms(median(&over_nats)),
+            ms(over_nats[over_nats.len() - 1]),
+            ms(median(&compute)),
+            median(&over_nats).as_secs_f64() / median(&compute).as_secs_f64()
+        );
+    }
+    trigger.trigger();
+    let _ = engine.await;
+    drop(guardians);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -61,7 +61,8 @@ struct Session {
     started: Instant,
 }
 
-/// Runs the guardian until `shutdown`.
+/// Runs the guardian until `shutdown`. Needs tokio's multi-threaded runtime
+/// (ceremony steps run on a blocking section of it).
 pub async fn run(
     client: Client,
     config: GuardianConfig,
@@ -101,7 +102,9 @@ pub async fn run(
                 let Some(msg) = msg else { break };
                 let Some(reply_to) = msg.reply.clone() else { continue };
                 let reply = match codec::from_msgpack::<GuardianRequest>(&msg.payload) {
-                    Ok(request) => handle(&keys, &config, &mut sessions, request),
+                    // Ceremony steps hash passphrases (argon2id) and do curve arithmetic:
+                    // off the async threads, so heartbeats keep going.
+                    Ok(request) => tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request)),
                     Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },
                 };
                 if let GuardianReply::Refused { reason } = &reply {
