@@ -86,6 +86,23 @@ pub fn guardians_bucket(settings: StreamSettings) -> jetstream::kv::Config {
     }
 }
 
+/// Holds the ledger writer's lease: one writer at a time; an entry not renewed
+/// within [`LEASE_TTL`] expires, so a standby takes over from a writer that died.
+pub fn ledger_lease_bucket(settings: StreamSettings) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: subjects::LEDGER_LEASE_BUCKET.into(),
+        description: "Custos ledger writer lease".into(),
+        history: 1,
+        max_age: LEASE_TTL,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
+/// A ledger writer lease not renewed within this expires.
+pub const LEASE_TTL: Duration = Duration::from_secs(10);
+
 /// A workflow step's durable pull consumer: which events it takes and how often
 /// it may be redelivered before the message is dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,13 +183,15 @@ pub async fn provision(
             created: !existed,
         });
     }
-    let existed = js.get_key_value(subjects::GUARDIANS_BUCKET).await.is_ok();
-    js.create_or_update_key_value(guardians_bucket(settings))
-        .await?;
-    done.push(Provisioned {
-        what: format!("key-value bucket {}", subjects::GUARDIANS_BUCKET),
-        created: !existed,
-    });
+    for bucket in [guardians_bucket(settings), ledger_lease_bucket(settings)] {
+        let existed = js.get_key_value(&bucket.bucket).await.is_ok();
+        let name = bucket.bucket.clone();
+        js.create_or_update_key_value(bucket).await?;
+        done.push(Provisioned {
+            what: format!("key-value bucket {name}"),
+            created: !existed,
+        });
+    }
     let events = js.get_stream(subjects::EVENTS_STREAM).await?;
     for step in workflow_consumers() {
         let existed = events.consumer_info(step.name).await.is_ok();

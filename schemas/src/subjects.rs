@@ -23,6 +23,8 @@ pub const LEDGER_QUEUE: &str = "custos-ledger";
 pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
 /// Queue group of the wallet service.
 pub const WALLET_QUEUE: &str = "custos-wallets";
+/// Key-value bucket holding the ledger writer's lease.
+pub const LEDGER_LEASE_BUCKET: &str = "CUSTOS_LEDGER";
 /// Key-value bucket where guardians announce their public keys and liveness.
 pub const GUARDIANS_BUCKET: &str = "CUSTOS_GUARDIANS";
 

@@ -27,6 +27,7 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Shutdown;
+use crate::lease::{Lease, RENEW_EVERY};
 
 /// Tuning of the ledger writer.
 #[derive(Debug)]
@@ -69,6 +70,8 @@ pub enum LedgerError {
     Broken(ReplayError),
     #[error("event stream: {0}")]
     Nats(#[from] async_nats::Error),
+    #[error("{0}; stopping so that two writers never extend the chain at once")]
+    LostLease(String),
 }
 
 enum Job {
@@ -211,6 +214,11 @@ pub async fn run(
     mut shutdown: Shutdown,
 ) -> Result<(), LedgerError> {
     let js = jetstream::new(client.clone());
+    let holder = format!("{}-{}", std::process::id(), client.new_inbox());
+    let Some(mut lease) = Lease::acquire(&js, &holder, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let mut renewed = Instant::now();
     let publisher = EventPublisher::new(client).await?;
     let mut writer = Writer {
         js,
@@ -245,10 +253,17 @@ pub async fn run(
                 }
                 writer.process(batch).await?;
             }
-            _ = tick.tick() => writer.on_tick().await?,
+            _ = tick.tick() => {
+                if renewed.elapsed() >= RENEW_EVERY {
+                    lease.renew().await.map_err(LedgerError::LostLease)?;
+                    renewed = Instant::now();
+                }
+                writer.on_tick().await?;
+            }
         }
     }
     writer.drain().await;
+    lease.release().await;
     Ok(())
 }
 

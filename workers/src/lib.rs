@@ -5,6 +5,7 @@ pub mod ceremony;
 pub mod engine;
 pub mod guardian;
 pub mod intake;
+pub mod lease;
 pub mod ledger;
 pub mod remote;
 pub mod runtime;
