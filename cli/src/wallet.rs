@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use custos_schemas::{ContentType, EventType, Payload, WalletDescriptor, subjects};
-use custos_workers::wallets::{CreateWallet, CreateWalletReply};
+use custos_workers::wallets::{CreateWallet, CreateWalletReply, RotateWallet};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum WalletCommand {
@@ -28,6 +28,12 @@ pub enum WalletCommand {
         initiator: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Rotate a FROST wallet's key shares: same key and address, new shares.
+    Rotate {
+        name: String,
+        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
+        initiator: String,
     },
     /// Show a wallet: model, threshold, guardians, receive address.
     Show {
@@ -59,29 +65,44 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
                 chain,
                 initiator,
             };
-            let reply = tokio::time::timeout(
-                Duration::from_secs(120),
-                client.request(
-                    subjects::REQ_WALLET_CREATE,
-                    ContentType::Json.encode(&request).into(),
-                ),
+            let reply = ask(
+                &client,
+                subjects::REQ_WALLET_CREATE,
+                ContentType::Json.encode(&request),
             )
-            .await
-            .context("no answer from the wallet service within 120 s")?
-            .map_err(|e| anyhow::anyhow!("wallet request failed: {e} (is `custos up` running?)"))?;
-            let reply: CreateWalletReply = ContentType::Json
-                .decode(&reply.payload)
-                .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))?;
-            match reply {
+            .await?;
+            Ok(match reply {
                 CreateWalletReply::Created { wallet } => {
                     print_wallet(&wallet, json)?;
-                    Ok(ExitCode::SUCCESS)
+                    ExitCode::SUCCESS
                 }
                 CreateWalletReply::Failed { reason } => {
                     eprintln!("wallet not created: {reason}");
-                    Ok(ExitCode::FAILURE)
+                    ExitCode::FAILURE
                 }
-            }
+            })
+        }
+        WalletCommand::Rotate { name, initiator } => {
+            let request = RotateWallet { name, initiator };
+            let reply = ask(
+                &client,
+                subjects::REQ_WALLET_ROTATE,
+                ContentType::Json.encode(&request),
+            )
+            .await?;
+            Ok(match reply {
+                CreateWalletReply::Created { wallet } => {
+                    println!(
+                        "rotated the key shares of {} (address unchanged: {})",
+                        wallet.name, wallet.address
+                    );
+                    ExitCode::SUCCESS
+                }
+                CreateWalletReply::Failed { reason } => {
+                    eprintln!("{reason}");
+                    ExitCode::FAILURE
+                }
+            })
         }
         WalletCommand::Show { name, json } => {
             custos_schemas::validate_token("name", &name)?;
@@ -110,6 +131,24 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends a request to the wallet service and reads its answer.
+async fn ask(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: Vec<u8>,
+) -> anyhow::Result<CreateWalletReply> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(120),
+        client.request(subject, body.into()),
+    )
+    .await
+    .context("no answer from the wallet service within 120 s")?
+    .map_err(|e| anyhow::anyhow!("wallet request failed: {e} (is `custos up` running?)"))?;
+    ContentType::Json
+        .decode(&reply.payload)
+        .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))
 }
 
 /// Wallets recorded in the trail (one, or all), by name.

@@ -171,6 +171,37 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
     let reply = submit_json(&engine.client, &json!({"requestId": "first", "wallet": "treasury", "asset": "LTC", "destination": to, "amount": "0.5", "initiator": "erp"})).await;
     assert!(matches!(reply, IntakeReply::Accepted { .. }), "{reply:?}");
 
+    // Rotation: new shares, same key and address, recorded; and again.
+    let before =
+        std::fs::read(dir.path().join("g1").join("shares").join("treasury.share")).expect("share");
+    for round in 1..=2 {
+        let (ok, out) = custos(&url, &["wallet", "rotate", "treasury"]);
+        assert!(
+            ok && out.contains(&wallet.address),
+            "rotation {round}: {out}"
+        );
+    }
+    let after =
+        std::fs::read(dir.path().join("g1").join("shares").join("treasury.share")).expect("share");
+    assert_ne!(before, after, "the share was replaced");
+    let rotations: Vec<_> = all_events(&js)
+        .await
+        .into_iter()
+        .filter(|(_, e)| e.event_type == EventType::KeyRotationCeremony)
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(rotations.len(), 2);
+    assert!(
+        matches!(&rotations[1].payload, Payload::KeyCeremony { wallet, public_digest, .. } if wallet == "treasury" && public_digest.len() == 64)
+    );
+    let (ok, shown) = custos(&url, &["wallet", "show", "treasury", "--json"]);
+    assert!(
+        ok && serde_json::from_str::<WalletDescriptor>(&shown).ok() == Some(wallet.clone()),
+        "{shown}"
+    );
+    let (ok, out) = custos(&url, &["wallet", "rotate", "nope"]);
+    assert!(!ok && out.contains("no wallet nope"), "{out}");
+
     // A second wallet of the same name is refused and nothing more is recorded.
     let (ok, out) = custos(
         &url,

@@ -280,6 +280,13 @@ pub enum Payload {
     Alert { severity: String, summary: String },
     /// A signed statement of the chain head.
     Checkpoint(Checkpoint),
+    /// A key ceremony on an existing wallet (rotation, guardian changes): same
+    /// group key and address; `public_digest` is the new public key package's.
+    KeyCeremony {
+        wallet: String,
+        ceremony_id: String,
+        public_digest: String,
+    },
 }
 
 /// What intake and the workers need to know about a wallet.

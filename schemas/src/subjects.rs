@@ -21,6 +21,8 @@ pub const LEDGER_QUEUE: &str = "custos-ledger";
 
 /// Wallet creation requests from operators (request/reply).
 pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
+/// Key rotation requests from operators (request/reply).
+pub const REQ_WALLET_ROTATE: &str = "custos.req.wallet.rotate";
 /// Queue group of the wallet service.
 pub const WALLET_QUEUE: &str = "custos-wallets";
 /// Key-value bucket holding the ledger writer's lease.

@@ -51,10 +51,30 @@ pub enum GuardianRequest {
         echoes: Vec<SignedMessage>,
         shares: Vec<SignedMessage>,
     },
-    /// The wallet is recorded in the trail: the pending share becomes the wallet's.
-    DkgCommit { ceremony_id: String, wallet: String },
+    /// Start rotating the wallet's shares (refresh: same group key, new shares):
+    /// answer with the signed round-1 package.
+    RefreshStart {
+        ceremony_id: String,
+        wallet: String,
+        roster: Vec<RosterEntry>,
+    },
+    /// Every member's signed refresh round-1 package: answer with the round-2
+    /// packages sealed to each other member.
+    RefreshShares {
+        ceremony_id: String,
+        packages: Vec<SignedMessage>,
+    },
+    /// The packages sealed to this guardian: keep the new share (pending) and
+    /// answer with the signed group key and public key package digest.
+    RefreshFinalize {
+        ceremony_id: String,
+        shares: Vec<SignedMessage>,
+    },
+    /// The ceremony is recorded in the trail: the pending share becomes the
+    /// wallet's (replacing the old one after a rotation).
+    Commit { ceremony_id: String, wallet: String },
     /// The ceremony failed: forget it and its pending share.
-    DkgAbort { ceremony_id: String },
+    Abort { ceremony_id: String },
 }
 
 impl GuardianRequest {
@@ -63,8 +83,11 @@ impl GuardianRequest {
             GuardianRequest::DkgStart { ceremony_id, .. }
             | GuardianRequest::DkgShares { ceremony_id, .. }
             | GuardianRequest::DkgFinalize { ceremony_id, .. }
-            | GuardianRequest::DkgCommit { ceremony_id, .. }
-            | GuardianRequest::DkgAbort { ceremony_id } => ceremony_id,
+            | GuardianRequest::RefreshStart { ceremony_id, .. }
+            | GuardianRequest::RefreshShares { ceremony_id, .. }
+            | GuardianRequest::RefreshFinalize { ceremony_id, .. }
+            | GuardianRequest::Commit { ceremony_id, .. }
+            | GuardianRequest::Abort { ceremony_id } => ceremony_id,
         }
     }
 }
@@ -79,7 +102,12 @@ pub enum GuardianReply {
         echo: SignedMessage,
         shares: Vec<SignedMessage>,
     },
-    /// Payload: the 33-byte group verifying key, then the 32-byte transcript hash.
+    /// Refresh round-2 packages, each sealed to its recipient.
+    Sealed {
+        shares: Vec<SignedMessage>,
+    },
+    /// Payload: the 33-byte group verifying key, then a 32-byte digest (the DKG
+    /// transcript, or the refreshed public key package).
     Result {
         message: SignedMessage,
     },

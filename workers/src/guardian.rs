@@ -3,14 +3,16 @@
 //! ceremonies on its own subject only. The cryptography is `custos_custody`'s;
 //! this is the IO around it (NATS, files, the clock, the OS RNG).
 
-use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use custos_custody::dkg::{self, Ceremony, DkgRound1, DkgRound2, Echo};
+use custos_custody::frost::keys::{KeyPackage, PublicKeyPackage};
 use custos_custody::identity::{GuardianKeys, GuardianPublic, Inbox, SignedMessage};
+use custos_custody::lifecycle::{self, RefreshRound1, RefreshRound2};
 use custos_custody::seal::Sealed;
 use custos_custody::{Identifier, frost, store};
 use custos_schemas::{codec, subjects, validate_token};
@@ -50,8 +52,16 @@ pub enum GuardianError {
 enum Stage {
     Round1(DkgRound1),
     Round2(DkgRound2),
-    /// Finished; the share is pending until the wallet is recorded.
+    Refresh1(RefreshRound1, Box<Share>),
+    Refresh2(RefreshRound2, Box<Share>),
+    /// Finished; the share is pending until the ceremony is recorded.
     Done,
+}
+
+/// A wallet's share as a guardian holds it.
+struct Share {
+    key: KeyPackage,
+    public: PublicKeyPackage,
 }
 
 struct Session {
@@ -141,14 +151,8 @@ fn handle(
             roster,
             ..
         } => {
-            // A ceremony id is used once: never start it again, also after a restart.
-            if sessions.contains_key(&ceremony_id)
-                || write_private(&config.data_dir.join("ceremonies").join(&ceremony_id), b"")
-                    .is_err()
-            {
-                return refused(format!(
-                    "ceremony {ceremony_id} was already started here (replay)"
-                ));
+            if let Err(reason) = first_use(config, sessions, &ceremony_id) {
+                return refused(reason);
             }
             let publics: Vec<GuardianPublic> = roster.iter().map(|e| e.guardian.clone()).collect();
             let ceremony = match Ceremony::new(
@@ -261,7 +265,8 @@ fn handle(
                 config,
                 &pending_path(config, &ceremony_id),
                 &ceremony_id,
-                &output,
+                &output.key_package,
+                &output.public_key_package,
             ) {
                 sessions.remove(&ceremony_id);
                 return refused(e);
@@ -272,27 +277,266 @@ fn handle(
                 message: keys.sign_message(&ceremony_id, None, rounds::RESULT, payload),
             }
         }
-        GuardianRequest::DkgCommit { wallet, .. } => {
+        GuardianRequest::Commit { wallet, .. } => {
             if let Err(e) = validate_token("wallet", &wallet) {
                 return refused(e);
             }
             sessions.remove(&ceremony_id);
-            let (from, to) = (
-                pending_path(config, &ceremony_id),
-                share_path(config, &wallet),
-            );
-            if to.exists() {
-                return refused(format!("a share for wallet {wallet} already exists here"));
-            }
-            match std::fs::rename(&from, &to) {
+            match commit_share(config, &ceremony_id, &wallet) {
                 Ok(()) => GuardianReply::Done,
-                Err(e) => refused(format!("{}: {e}", from.display())),
+                Err(e) => refused(e),
             }
         }
-        GuardianRequest::DkgAbort { .. } => {
+        GuardianRequest::RefreshStart { wallet, roster, .. } => {
+            refresh_start(keys, config, sessions, &ceremony_id, &wallet, roster)
+        }
+        GuardianRequest::RefreshShares { packages, .. } => {
+            refresh_shares(keys, sessions, &ceremony_id, &packages)
+        }
+        GuardianRequest::RefreshFinalize { shares, .. } => {
+            refresh_finalize(keys, config, sessions, &ceremony_id, &shares)
+        }
+        GuardianRequest::Abort { .. } => {
             sessions.remove(&ceremony_id);
             let _ = std::fs::remove_file(pending_path(config, &ceremony_id));
             GuardianReply::Done
+        }
+    }
+}
+
+/// Marks a ceremony id as used: it is never started again, also after a restart.
+fn first_use(
+    config: &GuardianConfig,
+    sessions: &HashMap<String, Session>,
+    ceremony_id: &str,
+) -> Result<(), String> {
+    let marker = config.data_dir.join("ceremonies").join(ceremony_id);
+    if sessions.contains_key(ceremony_id) || write_private(&marker, b"").is_err() {
+        return Err(format!(
+            "ceremony {ceremony_id} was already started here (replay)"
+        ));
+    }
+    Ok(())
+}
+
+/// A session for a roster, with the inbox that checks its members' messages.
+fn session(
+    ceremony_id: &str,
+    me: &str,
+    min_signers: u16,
+    roster: Vec<RosterEntry>,
+    stage: Stage,
+) -> Result<Session, String> {
+    let publics: Vec<GuardianPublic> = roster.iter().map(|e| e.guardian.clone()).collect();
+    let ceremony = Ceremony::new(
+        ceremony_id,
+        min_signers,
+        roster
+            .into_iter()
+            .map(|RosterEntry { index, guardian }| (index, guardian)),
+    )
+    .map_err(|e| e.to_string())?;
+    let inbox = Inbox::new(ceremony_id, me, &publics).map_err(|e| e.to_string())?;
+    Ok(Session {
+        ceremony,
+        inbox,
+        stage,
+        started: Instant::now(),
+    })
+}
+
+fn refresh_start(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    wallet: &str,
+    roster: Vec<RosterEntry>,
+) -> GuardianReply {
+    if let Err(e) = validate_token("wallet", wallet) {
+        return refused(e);
+    }
+    let share = match load_share(config, wallet) {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    let Some(threshold) = share.public.min_signers() else {
+        return refused("the wallet's public key package has no threshold");
+    };
+    let participants: BTreeSet<Identifier> =
+        share.public.verifying_shares().keys().copied().collect();
+    let roster_ids: BTreeSet<Identifier> = roster
+        .iter()
+        .filter_map(|e| Identifier::try_from(e.index).ok())
+        .collect();
+    if roster_ids != participants {
+        return refused("the roster does not name exactly the wallet's guardians");
+    }
+    if let Err(reason) = first_use(config, sessions, ceremony_id) {
+        return refused(reason);
+    }
+    let me = *share.key.identifier();
+    let (state, package) =
+        match lifecycle::refresh_start(&share.public, &participants, me, &mut OsRng) {
+            Ok(v) => v,
+            Err(e) => return refused(e),
+        };
+    let bytes = match package.serialize() {
+        Ok(b) => b,
+        Err(e) => return refused(e),
+    };
+    match session(
+        ceremony_id,
+        keys.id(),
+        threshold,
+        roster,
+        Stage::Refresh1(state, Box::new(share)),
+    ) {
+        Ok(s) => {
+            sessions.insert(ceremony_id.to_string(), s);
+            GuardianReply::Package {
+                message: keys.sign_message(ceremony_id, None, rounds::PACKAGES, bytes),
+            }
+        }
+        Err(reason) => refused(reason),
+    }
+}
+
+fn refresh_shares(
+    keys: &GuardianKeys,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    packages: &[SignedMessage],
+) -> GuardianReply {
+    let Some(session) = sessions.get_mut(ceremony_id) else {
+        return refused(format!("no ceremony {ceremony_id} in progress here"));
+    };
+    let mut received = BTreeMap::new();
+    for m in packages.iter().filter(|m| m.sender != keys.id()) {
+        let payload = match session.inbox.accept(m) {
+            Ok(p) => p,
+            Err(e) => return refused(e),
+        };
+        let (Some(from), Ok(package)) = (
+            session.ceremony.identifier_of(&m.sender),
+            frost::keys::dkg::round1::Package::deserialize(payload),
+        ) else {
+            return refused(format!("malformed refresh package from {}", m.sender));
+        };
+        received.insert(from, package);
+    }
+    session.inbox.advance_to(rounds::SHARES);
+    let Stage::Refresh1(state, share) = std::mem::replace(&mut session.stage, Stage::Done) else {
+        return refused("this ceremony is not waiting for refresh packages");
+    };
+    let (next, outgoing) = match state.round2(&received) {
+        Ok(v) => v,
+        Err(e) => {
+            sessions.remove(ceremony_id);
+            return refused(e);
+        }
+    };
+    let mut shares = Vec::new();
+    for (to, package) in outgoing {
+        let Some(recipient) = session.ceremony.members.get(&to) else {
+            return refused("a refresh package for a non-member");
+        };
+        let bytes = match package.serialize() {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) => return refused(e),
+        };
+        match keys.seal_to(
+            recipient,
+            &bytes,
+            ceremony_id,
+            lifecycle::PURPOSE_REFRESH_ROUND2,
+            &mut OsRng,
+        ) {
+            Ok(sealed) => shares.push(keys.sign_message(
+                ceremony_id,
+                Some(&recipient.id),
+                rounds::SHARES,
+                codec::to_msgpack(&sealed),
+            )),
+            Err(e) => return refused(e),
+        }
+    }
+    session.stage = Stage::Refresh2(next, share);
+    GuardianReply::Sealed { shares }
+}
+
+fn refresh_finalize(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    shares: &[SignedMessage],
+) -> GuardianReply {
+    let Some(session) = sessions.get_mut(ceremony_id) else {
+        return refused(format!("no ceremony {ceremony_id} in progress here"));
+    };
+    let mut received = BTreeMap::new();
+    for m in shares {
+        let payload = match session.inbox.accept(m) {
+            Ok(p) => p,
+            Err(e) => return refused(e),
+        };
+        let Some(from) = session.ceremony.identifier_of(&m.sender) else {
+            return refused(format!("refresh share from {}, not a member", m.sender));
+        };
+        let opened = codec::from_msgpack::<Sealed>(payload)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                keys.open(
+                    &s,
+                    ceremony_id,
+                    &m.sender,
+                    lifecycle::PURPOSE_REFRESH_ROUND2,
+                )
+                .map_err(|e| e.to_string())
+            })
+            .and_then(|plain| {
+                frost::keys::dkg::round2::Package::deserialize(&plain).map_err(|e| e.to_string())
+            });
+        match opened {
+            Ok(package) => {
+                received.insert(from, package);
+            }
+            Err(e) => return refused(format!("refresh share from {}: {e}", m.sender)),
+        }
+    }
+    session.inbox.advance_to(rounds::RESULT);
+    let Stage::Refresh2(state, share) = std::mem::replace(&mut session.stage, Stage::Done) else {
+        return refused("this ceremony is not waiting for its final round");
+    };
+    let result = state
+        .finish(&received, &share.public, &share.key)
+        .map_err(|e| e.to_string())
+        .and_then(|(key, public)| {
+            let digest = lifecycle::public_digest(&public).map_err(|e| e.to_string())?;
+            let group = public
+                .verifying_key()
+                .serialize()
+                .map_err(|e| e.to_string())?;
+            save_share(
+                config,
+                &pending_path(config, ceremony_id),
+                ceremony_id,
+                &key,
+                &public,
+            )?;
+            Ok((group, digest))
+        });
+    match result {
+        Ok((mut payload, digest)) => {
+            payload.extend_from_slice(&digest);
+            GuardianReply::Result {
+                message: keys.sign_message(ceremony_id, None, rounds::RESULT, payload),
+            }
+        }
+        Err(reason) => {
+            sessions.remove(ceremony_id);
+            refused(reason)
         }
     }
 }
@@ -357,6 +601,58 @@ fn share_path(config: &GuardianConfig, wallet: &str) -> PathBuf {
         .join(format!("{wallet}.share"))
 }
 
+/// Names the ceremony a wallet's share file is bound to (its associated data).
+fn ceremony_path(config: &GuardianConfig, wallet: &str) -> PathBuf {
+    config
+        .data_dir
+        .join("shares")
+        .join(format!("{wallet}.ceremony"))
+}
+
+/// The wallet's current share, decrypted.
+fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share, String> {
+    let missing = |e: std::io::Error| format!("no share for wallet {wallet} here: {e}");
+    let ceremony = std::fs::read_to_string(ceremony_path(config, wallet)).map_err(missing)?;
+    let file = std::fs::read(share_path(config, wallet)).map_err(missing)?;
+    let plain = store::open_secret(
+        &file,
+        config.passphrase.as_bytes(),
+        &config.id,
+        ceremony.trim(),
+    )
+    .map_err(|e| e.to_string())?;
+    let len = plain
+        .get(..4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+        .ok_or("share file too short")? as usize;
+    let (key, public) = plain
+        .get(4..)
+        .and_then(|rest| (rest.len() >= len).then(|| rest.split_at(len)))
+        .ok_or("share file too short")?;
+    Ok(Share {
+        key: KeyPackage::deserialize(key).map_err(|e| format!("share file: {e}"))?,
+        public: PublicKeyPackage::deserialize(public).map_err(|e| format!("share file: {e}"))?,
+    })
+}
+
+/// Makes a ceremony's pending share the wallet's (replacing the previous one
+/// after a rotation), then records which ceremony it is bound to.
+fn commit_share(config: &GuardianConfig, ceremony_id: &str, wallet: &str) -> Result<(), String> {
+    let pending = pending_path(config, ceremony_id);
+    if !pending.exists() {
+        return Err(format!("no pending share for ceremony {ceremony_id}"));
+    }
+    let marker = ceremony_path(config, wallet);
+    let staged = marker.with_extension("ceremony.new");
+    let _ = std::fs::remove_file(&staged);
+    write_private(&staged, ceremony_id.as_bytes())
+        .map_err(|e| format!("{}: {e}", staged.display()))?;
+    std::fs::rename(&pending, share_path(config, wallet))
+        .map_err(|e| format!("{}: {e}", pending.display()))?;
+    std::fs::rename(&staged, &marker).map_err(|e| format!("{}: {e}", marker.display()))
+}
+
 /// Loads the guardian's identity, creating it on first start.
 fn load_or_create_identity(config: &GuardianConfig) -> Result<GuardianKeys, GuardianError> {
     let path = identity_path(config);
@@ -407,13 +703,11 @@ fn save_share(
     config: &GuardianConfig,
     path: &Path,
     ceremony_id: &str,
-    output: &dkg::DkgOutput,
+    key_package: &KeyPackage,
+    public_key_package: &PublicKeyPackage,
 ) -> Result<(), String> {
-    let key = Zeroizing::new(output.key_package.serialize().map_err(|e| e.to_string())?);
-    let public = output
-        .public_key_package
-        .serialize()
-        .map_err(|e| e.to_string())?;
+    let key = Zeroizing::new(key_package.serialize().map_err(|e| e.to_string())?);
+    let public = public_key_package.serialize().map_err(|e| e.to_string())?;
     let mut plain = Zeroizing::new(Vec::with_capacity(key.len() + public.len() + 8));
     plain.extend_from_slice(&(key.len() as u32).to_be_bytes());
     plain.extend_from_slice(&key);

@@ -58,24 +58,38 @@ pub async fn serve<A: Appender>(
     ledger: A,
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let mut requests = client
-        .queue_subscribe(subjects::REQ_WALLET_CREATE, subjects::WALLET_QUEUE.into())
+    let queue = subjects::WALLET_QUEUE.to_string();
+    let mut creates = client
+        .queue_subscribe(subjects::REQ_WALLET_CREATE, queue.clone())
+        .await?;
+    let mut rotations = client
+        .queue_subscribe(subjects::REQ_WALLET_ROTATE, queue)
         .await?;
     loop {
-        let msg = tokio::select! {
+        let (msg, rotation) = tokio::select! {
             _ = shutdown.wait() => break,
-            msg = requests.next() => match msg { Some(m) => m, None => break },
+            msg = creates.next() => match msg { Some(m) => (m, false), None => break },
+            msg = rotations.next() => match msg { Some(m) => (m, true), None => break },
         };
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
         let (client, ledger) = (client.clone(), ledger.clone());
         tokio::spawn(async move {
-            let reply = match ContentType::Json.decode::<CreateWallet>(&msg.payload) {
-                Ok(request) => create(&client, &ledger, request).await,
-                Err(e) => CreateWalletReply::Failed {
-                    reason: e.to_string(),
-                },
+            let reply = if rotation {
+                match ContentType::Json.decode::<RotateWallet>(&msg.payload) {
+                    Ok(request) => rotate(&client, &ledger, request).await,
+                    Err(e) => CreateWalletReply::Failed {
+                        reason: e.to_string(),
+                    },
+                }
+            } else {
+                match ContentType::Json.decode::<CreateWallet>(&msg.payload) {
+                    Ok(request) => create(&client, &ledger, request).await,
+                    Err(e) => CreateWalletReply::Failed {
+                        reason: e.to_string(),
+                    },
+                }
             };
             if let Err(e) = client
                 .publish(reply_to, ContentType::Json.encode(&reply).into())
@@ -86,6 +100,176 @@ pub async fn serve<A: Appender>(
         });
     }
     Ok(())
+}
+
+/// A request to rotate a wallet's key shares, sent to [`subjects::REQ_WALLET_ROTATE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotateWallet {
+    pub name: String,
+    pub initiator: String,
+}
+
+/// Rotates every guardian's share of a FROST wallet (refresh): same group key and
+/// address, old shares no longer combine with new ones. Recorded as
+/// `KEY_ROTATION_CEREMONY` once every guardian signed the same result.
+pub async fn rotate<A: Appender>(
+    client: &Client,
+    ledger: &A,
+    request: RotateWallet,
+) -> CreateWalletReply {
+    let checked = validate_token("name", &request.name)
+        .and_then(|()| validate_token("initiator", &request.initiator))
+        .map_err(|e| e.to_string());
+    if let Err(reason) = checked {
+        return CreateWalletReply::Failed { reason };
+    }
+    let mut nonce = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ceremony_id = format!("rot-{}-{}", request.name, hex::encode(nonce));
+    let result = async {
+        let (wallet, version) = recorded_wallet(client, &request.name).await?;
+        let roster = pinned_roster(client, &wallet).await?;
+        let outcome = async {
+            let digest = run_refresh(client, &ceremony_id, &request.name, &roster, &wallet).await?;
+            let event = Proposal {
+                aggregate_kind: AggregateKind::Wallet,
+                workflow_id: request.name.clone(),
+                expected_version: version,
+                event_type: EventType::KeyRotationCeremony,
+                causation_id: Some(ceremony_id.clone()),
+                actor: Actor {
+                    user_id: request.initiator.clone(),
+                    email: None,
+                    role: Some("administrator".into()),
+                },
+                target: Target {
+                    kind: "wallet".into(),
+                    id: request.name.clone(),
+                    amount: None,
+                    currency: None,
+                },
+                context: RequestContext::default(),
+                result: Outcome::Success,
+                metadata: Default::default(),
+                payload: Payload::KeyCeremony {
+                    wallet: request.name.clone(),
+                    ceremony_id: ceremony_id.clone(),
+                    public_digest: hex::encode(digest),
+                },
+            };
+            match ledger.append(vec![event]).await {
+                AppendReply::Appended { .. } => Ok(()),
+                other => Err(format!("the rotation could not be recorded: {other:?}")),
+            }
+        }
+        .await;
+        finish(
+            client,
+            &roster,
+            &ceremony_id,
+            &request.name,
+            outcome.is_ok(),
+        )
+        .await;
+        outcome.map(|()| wallet)
+    }
+    .await;
+    match result {
+        Ok(wallet) => CreateWalletReply::Created { wallet },
+        Err(reason) => {
+            let _ = ledger
+                .append(vec![ceremony_failed(
+                    &request.name,
+                    &request.initiator,
+                    &ceremony_id,
+                    &reason,
+                )])
+                .await;
+            CreateWalletReply::Failed {
+                reason: format!("key rotation failed: {reason}"),
+            }
+        }
+    }
+}
+
+/// Tells the guardians to keep (commit) or drop (abort) what the ceremony made.
+async fn finish(
+    client: &Client,
+    roster: &[RosterEntry],
+    ceremony_id: &str,
+    wallet: &str,
+    commit: bool,
+) {
+    for e in roster {
+        let request = if commit {
+            GuardianRequest::Commit {
+                ceremony_id: ceremony_id.into(),
+                wallet: wallet.into(),
+            }
+        } else {
+            GuardianRequest::Abort {
+                ceremony_id: ceremony_id.into(),
+            }
+        };
+        if let Err(err) = ask(client, &e.guardian.id, &request).await {
+            tracing::warn!(guardian = %e.guardian.id, error = %err, commit, "guardian did not confirm the end of a ceremony");
+        }
+    }
+}
+
+/// The wallet as recorded, and its aggregate's version.
+async fn recorded_wallet(client: &Client, name: &str) -> Result<(WalletDescriptor, u64), String> {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut wallet = None;
+    let mut version = 0;
+    custos_adapters::jetstream::read_events(
+        &js,
+        1,
+        Some(subjects::aggregate_filter(AggregateKind::Wallet, name)),
+        |stored| {
+            if let Ok(event) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
+                version = event.version;
+                if let Payload::WalletCreated(w) = event.payload {
+                    wallet = Some(w);
+                }
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map_err(|e| format!("reading the trail: {e}"))?;
+    let wallet = wallet.ok_or_else(|| format!("no wallet {name}"))?;
+    if wallet.model != "frost" {
+        return Err(format!("wallet {name} is not a FROST wallet"));
+    }
+    Ok((wallet, version))
+}
+
+/// The wallet's guardians with the keys recorded at its creation; each must be
+/// live and still announce those very keys.
+async fn pinned_roster(
+    client: &Client,
+    wallet: &WalletDescriptor,
+) -> Result<Vec<RosterEntry>, String> {
+    let ids: Vec<String> = wallet.guardians.iter().map(|g| g.id.clone()).collect();
+    let live = roster(client, &ids).await?;
+    let mut pinned = Vec::new();
+    for (g, entry) in wallet.guardians.iter().zip(live) {
+        if hex::encode(entry.guardian.signing_key) != g.signing_key
+            || hex::encode(entry.guardian.encryption_key) != g.encryption_key
+        {
+            return Err(format!(
+                "guardian {} announces keys other than those recorded with the wallet",
+                g.id
+            ));
+        }
+        pinned.push(RosterEntry {
+            index: g.index,
+            guardian: entry.guardian,
+        });
+    }
+    Ok(pinned)
 }
 
 /// Runs one DKG ceremony and records the wallet.
@@ -104,7 +288,12 @@ pub async fn create<A: Appender>(
         Ok(wallet) => CreateWalletReply::Created { wallet },
         Err(reason) => {
             let _ = ledger
-                .append(vec![ceremony_failed(&request, &ceremony_id, &reason)])
+                .append(vec![ceremony_failed(
+                    &request.name,
+                    &request.initiator,
+                    &ceremony_id,
+                    &reason,
+                )])
                 .await;
             CreateWalletReply::Failed {
                 reason: format!("key ceremony failed: {reason}"),
@@ -141,33 +330,15 @@ async fn ceremony<A: Appender>(
         }
     }
     .await;
-    match recorded {
-        Ok(wallet) => {
-            for entry in &roster {
-                let commit = GuardianRequest::DkgCommit {
-                    ceremony_id: ceremony_id.into(),
-                    wallet: request.name.clone(),
-                };
-                if let Err(e) = ask(client, &entry.guardian.id, &commit).await {
-                    tracing::warn!(guardian = %entry.guardian.id, error = %e, "guardian did not confirm the commit");
-                }
-            }
-            Ok(wallet)
-        }
-        Err(reason) => {
-            for e in &roster {
-                let _ = ask(
-                    client,
-                    &e.guardian.id,
-                    &GuardianRequest::DkgAbort {
-                        ceremony_id: ceremony_id.into(),
-                    },
-                )
-                .await;
-            }
-            Err(reason)
-        }
-    }
+    finish(
+        client,
+        &roster,
+        ceremony_id,
+        &request.name,
+        recorded.is_ok(),
+    )
+    .await;
+    recorded
 }
 
 /// Whether the trail already holds a wallet of this name (checked again, race
@@ -182,7 +353,7 @@ async fn wallet_exists(client: &Client, name: &str) -> Result<bool, String> {
 }
 
 /// The alert recorded when a ceremony fails.
-fn ceremony_failed(request: &CreateWallet, ceremony_id: &str, reason: &str) -> Proposal {
+fn ceremony_failed(wallet: &str, initiator: &str, ceremony_id: &str, reason: &str) -> Proposal {
     Proposal {
         aggregate_kind: AggregateKind::System,
         workflow_id: ceremony_id.to_string(),
@@ -190,13 +361,13 @@ fn ceremony_failed(request: &CreateWallet, ceremony_id: &str, reason: &str) -> P
         event_type: EventType::AlertRaised,
         causation_id: None,
         actor: Actor {
-            user_id: request.initiator.clone(),
+            user_id: initiator.to_string(),
             email: None,
             role: Some("administrator".into()),
         },
         target: Target {
             kind: "wallet".into(),
-            id: request.name.clone(),
+            id: wallet.to_string(),
             amount: None,
             currency: None,
         },
@@ -205,7 +376,7 @@ fn ceremony_failed(request: &CreateWallet, ceremony_id: &str, reason: &str) -> P
         metadata: Default::default(),
         payload: Payload::Alert {
             severity: "warning".into(),
-            summary: format!("key ceremony for wallet {} failed: {reason}", request.name),
+            summary: format!("key ceremony for wallet {wallet} failed: {reason}"),
         },
     }
 }
@@ -376,21 +547,31 @@ async fn run_dkg(
         shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
     })
     .await?;
-    // Every guardian signed the same group key and transcript.
+    agreed_result(ceremony_id, roster, replies, "DkgFinalize")
+}
+
+/// The group key and digest that every guardian signed in the last round; names
+/// a guardian that signed something else.
+fn agreed_result(
+    ceremony_id: &str,
+    roster: &[RosterEntry],
+    replies: Vec<GuardianReply>,
+    round: &str,
+) -> Result<(frost::VerifyingKey, [u8; 32]), String> {
     let publics: Vec<_> = roster.iter().map(|e| e.guardian.clone()).collect();
     let mut inbox = Inbox::new(ceremony_id, "coordinator", &publics).map_err(|e| e.to_string())?;
     inbox.advance_to(rounds::RESULT);
     let mut agreed: Option<Vec<u8>> = None;
     for r in replies {
         let GuardianReply::Result { message } = r else {
-            return Err(unexpected("DkgFinalize"));
+            return Err(format!("a guardian answered {round} with something else"));
         };
         let payload = inbox.accept(&message).map_err(|e| e.to_string())?.to_vec();
         match &agreed {
             None => agreed = Some(payload),
             Some(first) if *first != payload => {
                 return Err(format!(
-                    "guardian {} computed a different group key or transcript",
+                    "guardian {} computed a different group key or digest",
                     message.sender
                 ));
             }
@@ -403,9 +584,63 @@ async fn run_dkg(
     }
     let key =
         frost::VerifyingKey::deserialize(&payload[..33]).map_err(|e| format!("group key: {e}"))?;
-    let mut transcript = [0u8; 32];
-    transcript.copy_from_slice(&payload[33..]);
-    Ok((key, transcript))
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&payload[33..]);
+    Ok((key, digest))
+}
+
+/// The refresh rounds; returns the digest of the new public key package that
+/// every guardian signed, after checking the group key did not change.
+async fn run_refresh(
+    client: &Client,
+    ceremony_id: &str,
+    wallet_name: &str,
+    roster: &[RosterEntry],
+    wallet: &WalletDescriptor,
+) -> Result<[u8; 32], String> {
+    let id = ceremony_id.to_string();
+    let unexpected = |what: &str| format!("a guardian answered {what} with something else");
+    let replies = ask_all(client, roster, |_| GuardianRequest::RefreshStart {
+        ceremony_id: id.clone(),
+        wallet: wallet_name.to_string(),
+        roster: roster.to_vec(),
+    })
+    .await?;
+    let packages: Vec<SignedMessage> = replies
+        .into_iter()
+        .map(|r| match r {
+            GuardianReply::Package { message } => Ok(message),
+            _ => Err(unexpected("RefreshStart")),
+        })
+        .collect::<Result<_, _>>()?;
+    let replies = ask_all(client, roster, |_| GuardianRequest::RefreshShares {
+        ceremony_id: id.clone(),
+        packages: packages.clone(),
+    })
+    .await?;
+    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
+    for r in replies {
+        let GuardianReply::Sealed { shares: sealed } = r else {
+            return Err(unexpected("RefreshShares"));
+        };
+        for s in sealed {
+            shares
+                .entry(s.recipient.clone().unwrap_or_default())
+                .or_default()
+                .push(s);
+        }
+    }
+    let replies = ask_all(client, roster, |e| GuardianRequest::RefreshFinalize {
+        ceremony_id: id.clone(),
+        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+    })
+    .await?;
+    let (key, digest) = agreed_result(ceremony_id, roster, replies, "RefreshFinalize")?;
+    let recorded = wallet.group_key.as_deref().unwrap_or_default();
+    if hex::encode(key.serialize().map_err(|e| e.to_string())?) != recorded {
+        return Err("the guardians' group key differs from the wallet's".into());
+    }
+    Ok(digest)
 }
 
 fn describe(
