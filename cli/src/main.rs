@@ -5,6 +5,7 @@ mod bench;
 mod guardian;
 mod keys;
 mod nats;
+mod policy;
 mod tx;
 mod up;
 mod wallet;
@@ -59,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: wallet::WalletCommand,
     },
+    /// Policies: validate, show, diff, simulate.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
     /// Transfers: submit, show, list.
     Tx {
         #[command(flatten)]
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
             Command::Nats { command } => nats::run(command).await,
             Command::Tx { conn, command } => tx::run(&conn.nats_url, command).await,
             Command::Guardian { command } => guardian::run(command).await,
+            Command::Policy { command } => policy::run(command),
             Command::Wallet { conn, command } => wallet::run(&conn.nats_url, command).await,
             Command::Audit { conn, command } => audit::run(&conn.nats_url, command).await,
             Command::Bench(args) => bench::run(args).await,
