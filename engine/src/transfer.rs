@@ -2,6 +2,7 @@
 //! commands)`. A workflow's state is the fold of its events; the ledger runs this
 //! fold before it appends, so an event the machine does not allow is never written.
 
+use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
 use custos_schemas::{Event, EventType, Outcome, Payload, TransferRequest};
 
 /// Where a transfer stands.
@@ -51,6 +52,8 @@ pub struct Transfer {
     /// Hex SHA-256 of the canonical request: what approvals and guardians bind to.
     pub request_hash: Option<String>,
     pub approvals: u64,
+    /// The policy decision, once made.
+    pub decision: Option<PolicyDecision>,
     /// Why it was rejected or failed.
     pub reason: Option<String>,
 }
@@ -83,7 +86,33 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
     next.version = event.version;
     let reason = || match &event.payload {
         Payload::StepFailed { step, reason } => Some(format!("{step}: {reason}")),
+        Payload::PolicyEvaluated(d) => event
+            .metadata
+            .get("reason")
+            .cloned()
+            .or_else(|| Some(d.explanation.clone())),
         _ => event.metadata.get("reason").cloned(),
+    };
+    // The decision is the evidence approvers and guardians check: it must be
+    // there, and the event's result must say the same.
+    let decided = || -> Result<PolicyDecision, TransitionError> {
+        let Payload::PolicyEvaluated(decision) = &event.payload else {
+            return Err(refuse(Some("payload must be the policy decision".into())));
+        };
+        let consistent = matches!(
+            (decision.outcome, event.result),
+            (PolicyOutcome::Allow, Outcome::Success)
+                | (PolicyOutcome::RequireApprovals, Outcome::Pending)
+                | (PolicyOutcome::Block, Outcome::Denied | Outcome::Failure)
+        );
+        if !consistent {
+            return Err(refuse(Some(format!(
+                "result {:?} contradicts the decision {}",
+                event.result,
+                decision.outcome.as_str()
+            ))));
+        }
+        Ok(decision.clone())
     };
     let commands = match (state.stage, event.event_type, event.result) {
         (S::New, E::TransactionCreated, _) => {
@@ -105,14 +134,17 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
             vec![Command::EvaluatePolicy]
         }
         (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Success) => {
+            next.decision = Some(decided()?);
             next.stage = S::ReadyToSign;
             vec![Command::Sign]
         }
         (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Pending) => {
+            next.decision = Some(decided()?);
             next.stage = S::AwaitingApprovals;
             vec![Command::CollectApprovals]
         }
         (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Denied | Outcome::Failure) => {
+            next.decision = Some(decided()?);
             next.stage = S::Rejected;
             next.reason = reason();
             vec![]

@@ -266,6 +266,12 @@ pub enum Payload {
     },
     /// A wallet became active.
     WalletCreated(WalletDescriptor),
+    /// The policy engine's decision, with its explanation.
+    PolicyEvaluated(crate::policy::PolicyDecision),
+    /// A policy became the active one.
+    PolicyActivated { name: String, version: String },
+    /// A user joined the directory.
+    UserCreated(UserRecord),
     /// A step failed for good; the workflow ends or waits as its machine says.
     StepFailed { step: String, reason: String },
     /// A poison message left its consumer.
@@ -287,6 +293,23 @@ pub enum Payload {
         ceremony_id: String,
         public_digest: String,
     },
+}
+
+/// A directory user as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserRecord {
+    pub id: String,
+    pub name: String,
+    pub email: String,
+    #[serde(default)]
+    pub slack_user_id: Option<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub mfa_enrolled: bool,
 }
 
 /// What intake and the workers need to know about a wallet.

@@ -15,7 +15,7 @@ pub mod subjects;
 pub use codec::{ContentType, DecodeError};
 pub use event::{
     Actor, AggregateKind, Checkpoint, Event, EventType, Outcome, Payload, RequestContext, Target,
-    WalletDescriptor, WalletGuardian,
+    UserRecord, WalletDescriptor, WalletGuardian,
 };
 pub use ids::{IdError, validate_token};
 pub use ledger::{AppendReply, AppendRequest, Proposal};

@@ -55,7 +55,20 @@ impl Step for Scripted {
             context: Default::default(),
             result: Outcome::Success,
             metadata: Default::default(),
-            payload: Payload::None,
+            payload: Payload::PolicyEvaluated(custos_schemas::policy::PolicyDecision {
+                outcome: custos_schemas::policy::PolicyOutcome::Allow,
+                policy_version: "00".repeat(32),
+                action: "transfer".into(),
+                initiator: request.initiator.clone(),
+                wallet: Some(request.wallet.clone()),
+                evaluated_at: event.timestamp,
+                fiat_value: None,
+                approvals: Vec::new(),
+                expires_at: None,
+                delay_ms: 0,
+                matched_rules: Vec::new(),
+                explanation: "scripted".into(),
+            }),
         };
         match request.memo.as_deref() {
             Some("flaky") if call.is_multiple_of(2) => {

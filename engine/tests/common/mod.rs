@@ -18,7 +18,32 @@ pub fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
-/// A proposal with a plain envelope.
+/// The policy decision a `POLICY_EVALUATED` event with `result` carries.
+pub fn decision_for(result: Outcome) -> Payload {
+    use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
+    let outcome = match result {
+        Outcome::Success => PolicyOutcome::Allow,
+        Outcome::Pending => PolicyOutcome::RequireApprovals,
+        Outcome::Denied | Outcome::Failure => PolicyOutcome::Block,
+    };
+    Payload::PolicyEvaluated(PolicyDecision {
+        outcome,
+        policy_version: "00".repeat(32),
+        action: "transfer".into(),
+        initiator: "alice".into(),
+        wallet: Some("w".into()),
+        evaluated_at: 0,
+        fiat_value: None,
+        approvals: Vec::new(),
+        expires_at: None,
+        delay_ms: 0,
+        matched_rules: Vec::new(),
+        explanation: format!("test decision: {}", outcome.as_str()),
+    })
+}
+
+/// A proposal with a plain envelope. A `POLICY_EVALUATED` proposal given
+/// `Payload::None` gets the decision matching its result (see [`decision_for`]).
 pub fn proposal(
     kind: AggregateKind,
     id: &str,
@@ -42,8 +67,11 @@ pub fn proposal(
         },
         context: RequestContext::default(),
         result,
+        payload: match (event_type, payload) {
+            (EventType::PolicyEvaluated, Payload::None) => decision_for(result),
+            (_, payload) => payload,
+        },
         metadata: BTreeMap::new(),
-        payload,
     }
 }
 
