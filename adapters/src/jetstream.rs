@@ -162,6 +162,11 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
     ]
 }
 
+/// The consumer definition of one workflow step, by name.
+pub fn workflow_consumer(name: &str) -> Option<StepConsumer> {
+    workflow_consumers().into_iter().find(|c| c.name == name)
+}
+
 /// What provisioning did to one stream or consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provisioned {

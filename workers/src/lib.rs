@@ -7,6 +7,7 @@ pub mod guardian;
 pub mod intake;
 pub mod lease;
 pub mod ledger;
+pub mod policy_step;
 pub mod remote;
 pub mod runtime;
 pub mod wallets;

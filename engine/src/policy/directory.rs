@@ -361,6 +361,39 @@ impl Directory {
         Ok(())
     }
 
+    /// Adds a recorded user with their roles and groups (groups are created
+    /// on first use).
+    pub fn add_record(&mut self, r: &custos_schemas::UserRecord) -> Result<(), FieldError> {
+        self.add_user(NewUser {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            email: r.email.clone(),
+            slack_user_id: r.slack_user_id.clone(),
+            mfa_enrolled: r.mfa_enrolled,
+        })?;
+        for role in &r.roles {
+            self.assign_role(&r.id, role)?;
+        }
+        for group in &r.groups {
+            if self.group(group).is_none() {
+                self.create_group(group, "")?;
+            }
+            self.add_to_group(&r.id, group)?;
+        }
+        Ok(())
+    }
+
+    /// Folds one directory event (`USER_CREATED`, `USER_DEACTIVATED`); other
+    /// events leave the directory as it is.
+    pub fn apply(&mut self, event: &custos_schemas::Event) -> Result<(), FieldError> {
+        use custos_schemas::{EventType, Payload};
+        match (event.event_type, &event.payload) {
+            (EventType::UserCreated, Payload::UserCreated(r)) => self.add_record(r),
+            (EventType::UserDeactivated, _) => self.deactivate(&event.workflow_id),
+            _ => Ok(()),
+        }
+    }
+
     /// `ROLE_ASSIGNED`, refused when it would break separation of duties.
     pub fn assign_role(&mut self, user: &str, role: &str) -> Result<(), FieldError> {
         let new_duties = match self.roles.get(role) {
