@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod config;
 mod guardian;
 mod keys;
 mod nats;

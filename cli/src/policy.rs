@@ -9,11 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use custos_engine::policy::{
-    self, AddressBook, Currency, Directory, FreezeState, Inputs, NewUser, Policy, PriceSnapshot,
-    Request, VelocityState,
+    self, AddressBook, Currency, Directory, FreezeState, Inputs, Policy, PriceSnapshot, Request,
+    VelocityState,
 };
 use custos_schemas::{TransferRequest, WalletDescriptor};
-use serde::Deserialize;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -187,61 +186,12 @@ fn diff(old: &Policy, new: &Policy) -> String {
     out
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DirectoryFile {
-    #[serde(default, rename = "user")]
-    users: Vec<UserEntry>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UserEntry {
-    id: String,
-    name: String,
-    email: String,
-    #[serde(default)]
-    roles: Vec<String>,
-    #[serde(default)]
-    groups: Vec<String>,
-    #[serde(default)]
-    mfa: bool,
-}
-
 fn load_directory(path: &Path) -> anyhow::Result<Directory> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: DirectoryFile =
-        toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let mut directory = Directory::new();
-    let fail = |id: &str, e: custos_schemas::FieldError| {
-        anyhow::anyhow!("{}: user {id}: {e}", path.display())
-    };
-    for u in file.users {
+    for user in crate::config::users(path)? {
         directory
-            .add_user(NewUser {
-                id: u.id.clone(),
-                name: u.name,
-                email: u.email,
-                slack_user_id: None,
-                mfa_enrolled: u.mfa,
-            })
-            .map_err(|e| fail(&u.id, e))?;
-        for role in &u.roles {
-            directory
-                .assign_role(&u.id, role)
-                .map_err(|e| fail(&u.id, e))?;
-        }
-        for group in &u.groups {
-            if directory.group(group).is_none() {
-                directory
-                    .create_group(group, "")
-                    .map_err(|e| fail(&u.id, e))?;
-            }
-            directory
-                .add_to_group(&u.id, group)
-                .map_err(|e| fail(&u.id, e))?;
-        }
+            .add_record(&user)
+            .map_err(|e| anyhow::anyhow!("{}: user {}: {e}", path.display(), user.id))?;
     }
     Ok(directory)
 }

@@ -246,6 +246,7 @@ fn summary(id: &str, state: &Transfer, events: &[Event]) -> serde_json::Value {
         "requestHash": state.request_hash,
         "approvals": state.approvals,
         "reason": state.reason,
+        "policyDecision": state.decision,
         "createdAt": events.first().map(|e| crate::audit::format_ms(e.timestamp)),
         "events": events.iter().map(|e| serde_json::json!({
             "version": e.version,
@@ -270,6 +271,13 @@ fn print_show(id: &str, state: &Transfer, events: &[Event]) {
             r.amount, r.asset, r.wallet, r.destination
         );
         println!("initiator  {}   request id {}", r.initiator, r.request_id);
+    }
+    if let Some(d) = &state.decision {
+        println!(
+            "policy     {} (version {})",
+            d.explanation,
+            &d.policy_version[..12.min(d.policy_version.len())]
+        );
     }
     if let Some(reason) = &state.reason {
         println!("reason     {reason}");

@@ -6,8 +6,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use custos_adapters::jetstream::{Batching, StreamSettings, provision};
 use custos_adapters::nats_server::{Durability, NatsServer};
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, EventType, Outcome, Payload, Proposal, RequestContext,
+    Target,
+};
 use custos_workers::Shutdown;
 use custos_workers::ledger::LedgerConfig;
+use custos_workers::policy_step::{PolicyStep, PriceTable};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -37,12 +42,23 @@ pub struct UpArgs {
     /// machine; 0 in a deployment, where each guardian runs on its own host.
     #[arg(long, default_value_t = 3)]
     local_guardians: u16,
+    /// Users to import into the directory at start (TOML `[[user]]`); users
+    /// already recorded are left as they are (changes go through administration).
+    #[arg(long, env = "CUSTOS_DIRECTORY_FILE")]
+    directory: Option<PathBuf>,
+    /// Price table for the policy's fiat conditions (TOML: `[LTC]` then `EUR = "80"`).
+    /// Without one, rules that need a fiat value block (fail closed).
+    #[arg(long, env = "CUSTOS_PRICES_FILE")]
+    prices: Option<PathBuf>,
     /// Keep events this many days (0: forever).
     #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Registered before anything starts, so Ctrl-C always stops cleanly.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -71,6 +87,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let audit_key = crate::keys::load_or_create_audit_key(&data_dir)?;
     let public = hex::encode(audit_key.verifying_key().as_bytes());
 
+    let (trigger, shutdown) = Shutdown::new();
+    let batching = match (args.batching.as_str(), embedded) {
+        ("pipelined", _) => Batching::Pipelined,
+        ("auto", true) => batching_for(durability),
+        _ => Batching::Atomic,
+    };
+    let config = LedgerConfig {
+        batching,
+        ..LedgerConfig::new(audit_key)
+    };
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let mut engine = tokio::spawn(custos_workers::engine::run(
+        client.clone(),
+        config,
+        shutdown.clone(),
+        Some(ready_tx),
+    ));
+    let ledger = ready.await.context("the engine did not start")?;
+    let policy = custos_engine::policy::default_policy().map_err(|e| {
+        anyhow::anyhow!(
+            "the default policy: {}",
+            custos_engine::policy::render_errors(&e)
+        )
+    })?;
+    bootstrap(&ledger, &policy, args.directory.as_deref()).await?;
+    let prices = match &args.prices {
+        Some(path) => crate::config::prices(path)?,
+        None => PriceTable::default(),
+    };
+    let (policy_name, policy_version) = (policy.name.clone(), policy.version().to_string());
+    let step = PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let _policy_step = tokio::spawn(custos_workers::runtime::run(js, ledger, step, shutdown));
     println!("Custos is up.");
     if embedded {
         println!(
@@ -89,8 +139,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         "  Intake      request/reply on {}",
         custos_schemas::subjects::REQ_TRANSFER
     );
-    println!("  Try         custos tx submit --wallet W --asset LTC --to ADDR --amount 0.1");
-    println!("              custos audit verify");
     let guardians = start_local_guardians(&data_dir, &url, args.local_guardians)?;
     if !guardians.is_empty() {
         println!(
@@ -105,21 +153,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             "  Wallet      custos wallet create --threshold 2 --guardians g1,g2,g3 --chain ltc-regtest --name treasury"
         );
     }
+    println!(
+        "  Policy      {} (version {})",
+        policy_name,
+        &policy_version[..12]
+    );
+    println!("  Try         custos tx submit --wallet treasury --asset LTC --to ADDR --amount 1");
+    println!("              custos tx show ID; custos audit verify");
     println!("Ctrl-C stops it.");
 
-    let (trigger, shutdown) = Shutdown::new();
-    let batching = match (args.batching.as_str(), embedded) {
-        ("pipelined", _) => Batching::Pipelined,
-        ("auto", true) => batching_for(durability),
-        _ => Batching::Atomic,
-    };
-    let config = LedgerConfig {
-        batching,
-        ..LedgerConfig::new(audit_key)
-    };
-    let mut engine = tokio::spawn(custos_workers::engine::run(client, config, shutdown, None));
     let stopped = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
+        _ = interrupt.recv() => None,
         result = &mut engine => Some(result),
     };
     let result = match stopped {
@@ -186,4 +230,69 @@ fn start_local_guardians(
         children.push(child);
     }
     Ok(children)
+}
+
+/// Records the active policy (the default) the first time, and imports the
+/// directory file's users that are not recorded yet.
+async fn bootstrap(
+    ledger: &custos_workers::ledger::LedgerHandle,
+    policy: &custos_engine::policy::Policy,
+    directory: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let record =
+        |kind: AggregateKind, id: &str, event_type: EventType, payload: Payload| Proposal {
+            aggregate_kind: kind,
+            workflow_id: id.to_string(),
+            expected_version: 0,
+            event_type,
+            causation_id: None,
+            actor: Actor::system("bootstrap"),
+            target: Target {
+                kind: kind.as_str().into(),
+                id: id.to_string(),
+                amount: None,
+                currency: None,
+            },
+            context: RequestContext::default(),
+            result: Outcome::Success,
+            metadata: Default::default(),
+            payload,
+        };
+    let mut proposals = vec![record(
+        AggregateKind::Policy,
+        "active",
+        EventType::PolicyCreated,
+        Payload::PolicyActivated {
+            name: policy.name.clone(),
+            version: policy.version().to_string(),
+        },
+    )];
+    if let Some(path) = directory {
+        let mut check = custos_engine::policy::Directory::new();
+        for user in crate::config::users(path)? {
+            check
+                .add_record(&user)
+                .map_err(|e| anyhow::anyhow!("{}: user {}: {e}", path.display(), user.id))?;
+            let id = user.id.clone();
+            proposals.push(record(
+                AggregateKind::User,
+                &id,
+                EventType::UserCreated,
+                Payload::UserCreated(user),
+            ));
+        }
+    }
+    // One at a time: an entry already recorded conflicts and is left alone.
+    for proposal in proposals {
+        let what = format!(
+            "{}.{}",
+            proposal.aggregate_kind.as_str(),
+            proposal.workflow_id
+        );
+        match ledger.append(vec![proposal]).await {
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => {}
+            other => anyhow::bail!("recording {what}: {other:?}"),
+        }
+    }
+    Ok(())
 }

@@ -19,6 +19,14 @@ impl Up {
             .args(["up", "--data-dir"])
             .arg(data_dir)
             .args(["--nats-port", &port.to_string()])
+            .args([
+                "--directory",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo/directory.toml"),
+            ])
+            .args([
+                "--prices",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo/prices.toml"),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -134,5 +142,82 @@ fn up_runs_the_engine_stops_on_ctrl_c_and_resumes_on_the_same_data() {
     let data_dir = dir.path().to_string_lossy().to_string();
     let (ok, out) = custos(&url, &["audit", "verify", "--data-dir", &data_dir]);
     assert!(ok && out.starts_with("OK:"), "{out}");
+    assert!(up.interrupt().success());
+}
+
+/// The quick start's flow: a FROST wallet from the local guardians, then a small
+/// transfer that the default policy allows and a larger one that needs approvals.
+#[test]
+fn quick_start_flow_reaches_the_policy_decision() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port().expect("port");
+    let url = format!("nats://127.0.0.1:{port}");
+    let up = Up::start(dir.path(), port);
+    // The local guardians announce themselves within a heartbeat or two.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wallet = loop {
+        let (ok, out) = custos(
+            &url,
+            &[
+                "wallet",
+                "create",
+                "--threshold",
+                "2",
+                "--guardians",
+                "g1,g2,g3",
+                "--chain",
+                "ltc-regtest",
+                "--name",
+                "treasury",
+                "--json",
+            ],
+        );
+        if ok {
+            break serde_json::from_str::<serde_json::Value>(&out).expect("wallet json");
+        }
+        assert!(Instant::now() < deadline, "wallet not created: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Pay to another Taproot address of the same network: the wallet's own is refused.
+    let destination = custos_tests::taproot_address("rltc", [9; 32]);
+    assert_ne!(wallet["address"].as_str(), Some(destination.as_str()));
+    let destination = destination.as_str();
+    let stage_of = |amount: &str| {
+        let (ok, id) = custos(
+            &url,
+            &[
+                "tx",
+                "submit",
+                "--wallet",
+                "treasury",
+                "--asset",
+                "LTC",
+                "--to",
+                destination,
+                "--amount",
+                amount,
+            ],
+        );
+        assert!(ok, "{id}");
+        let id = id.trim().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, out) = custos(&url, &["tx", "show", &id, "--json"]);
+            let stage = serde_json::from_str::<serde_json::Value>(&out)
+                .ok()
+                .and_then(|v| v["stage"].as_str().map(str::to_string));
+            match stage.as_deref() {
+                Some("awaiting_policy") | None => {}
+                Some(stage) => return (stage.to_string(), out),
+            }
+            assert!(Instant::now() < deadline, "no policy decision: {out}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (stage, out) = stage_of("1");
+    assert_eq!(stage, "ready_to_sign", "{out}");
+    let (stage, out) = stage_of("200");
+    assert_eq!(stage, "awaiting_approvals", "{out}");
+    assert!(out.contains("treasury-managers"), "{out}");
     assert!(up.interrupt().success());
 }
