@@ -197,20 +197,10 @@ fn handle(
             let Stage::Round1(_) = session.stage else {
                 return refused("round-2 shares were already produced for this ceremony");
             };
-            let mut received = BTreeMap::new();
-            for m in packages.iter().filter(|m| m.sender != keys.id()) {
-                let payload = match session.inbox.accept(m) {
-                    Ok(p) => p,
-                    Err(e) => return refused(e),
-                };
-                let (Some(from), Ok(package)) = (
-                    session.ceremony.identifier_of(&m.sender),
-                    frost::keys::dkg::round1::Package::deserialize(payload),
-                ) else {
-                    return refused(format!("malformed round-1 package from {}", m.sender));
-                };
-                received.insert(from, package);
-            }
+            let received = match read_packages(session, keys.id(), &packages) {
+                Ok(r) => r,
+                Err(reason) => return refused(reason),
+            };
             session.inbox.advance_to(rounds::SHARES);
             let Stage::Round1(state) = std::mem::replace(&mut session.stage, Stage::Done) else {
                 return refused("internal: stage changed");
@@ -302,6 +292,26 @@ fn handle(
             GuardianReply::Done
         }
     }
+}
+
+/// Checks every other member's signed round-1 package (DKG or refresh).
+fn read_packages(
+    session: &mut Session,
+    me: &str,
+    packages: &[SignedMessage],
+) -> Result<BTreeMap<Identifier, frost::keys::dkg::round1::Package>, String> {
+    let mut received = BTreeMap::new();
+    for m in packages.iter().filter(|m| m.sender != me) {
+        let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+        let (Some(from), Ok(package)) = (
+            session.ceremony.identifier_of(&m.sender),
+            frost::keys::dkg::round1::Package::deserialize(payload),
+        ) else {
+            return Err(format!("malformed round-1 package from {}", m.sender));
+        };
+        received.insert(from, package);
+    }
+    Ok(received)
 }
 
 /// Marks a ceremony id as used: it is never started again, also after a restart.
@@ -411,20 +421,10 @@ fn refresh_shares(
     let Some(session) = sessions.get_mut(ceremony_id) else {
         return refused(format!("no ceremony {ceremony_id} in progress here"));
     };
-    let mut received = BTreeMap::new();
-    for m in packages.iter().filter(|m| m.sender != keys.id()) {
-        let payload = match session.inbox.accept(m) {
-            Ok(p) => p,
-            Err(e) => return refused(e),
-        };
-        let (Some(from), Ok(package)) = (
-            session.ceremony.identifier_of(&m.sender),
-            frost::keys::dkg::round1::Package::deserialize(payload),
-        ) else {
-            return refused(format!("malformed refresh package from {}", m.sender));
-        };
-        received.insert(from, package);
-    }
+    let received = match read_packages(session, keys.id(), packages) {
+        Ok(r) => r,
+        Err(reason) => return refused(reason),
+    };
     session.inbox.advance_to(rounds::SHARES);
     let Stage::Refresh1(state, share) = std::mem::replace(&mut session.stage, Stage::Done) else {
         return refused("this ceremony is not waiting for refresh packages");

@@ -511,13 +511,7 @@ async fn run_dkg(
         roster: roster.to_vec(),
     })
     .await?;
-    let packages: Vec<SignedMessage> = replies
-        .into_iter()
-        .map(|r| match r {
-            GuardianReply::Package { message } => Ok(message),
-            _ => Err(unexpected("DkgStart")),
-        })
-        .collect::<Result<_, _>>()?;
+    let packages = signed_packages(replies, "DkgStart")?;
     // Round 2: echoes and sealed shares.
     let replies = ask_all(client, roster, |_| GuardianRequest::DkgShares {
         ceremony_id: id.clone(),
@@ -535,10 +529,7 @@ async fn run_dkg(
             return Err(unexpected("DkgShares"));
         };
         echoes.push(echo);
-        for s in sealed {
-            let to = s.recipient.clone().unwrap_or_default();
-            shares.entry(to).or_default().push(s);
-        }
+        by_recipient(&mut shares, sealed);
     }
     // Round 3: finalize; each guardian gets the shares addressed to it.
     let replies = ask_all(client, roster, |e| GuardianRequest::DkgFinalize {
@@ -548,6 +539,26 @@ async fn run_dkg(
     })
     .await?;
     agreed_result(ceremony_id, roster, replies, "DkgFinalize")
+}
+
+/// The signed round-1 packages of every guardian.
+fn signed_packages(replies: Vec<GuardianReply>, round: &str) -> Result<Vec<SignedMessage>, String> {
+    replies
+        .into_iter()
+        .map(|r| match r {
+            GuardianReply::Package { message } => Ok(message),
+            _ => Err(format!("a guardian answered {round} with something else")),
+        })
+        .collect()
+}
+
+/// Files point-to-point messages under the guardian they are addressed to.
+fn by_recipient(into: &mut BTreeMap<String, Vec<SignedMessage>>, messages: Vec<SignedMessage>) {
+    for m in messages {
+        into.entry(m.recipient.clone().unwrap_or_default())
+            .or_default()
+            .push(m);
+    }
 }
 
 /// The group key and digest that every guardian signed in the last round; names
@@ -606,13 +617,7 @@ async fn run_refresh(
         roster: roster.to_vec(),
     })
     .await?;
-    let packages: Vec<SignedMessage> = replies
-        .into_iter()
-        .map(|r| match r {
-            GuardianReply::Package { message } => Ok(message),
-            _ => Err(unexpected("RefreshStart")),
-        })
-        .collect::<Result<_, _>>()?;
+    let packages = signed_packages(replies, "RefreshStart")?;
     let replies = ask_all(client, roster, |_| GuardianRequest::RefreshShares {
         ceremony_id: id.clone(),
         packages: packages.clone(),
@@ -623,12 +628,7 @@ async fn run_refresh(
         let GuardianReply::Sealed { shares: sealed } = r else {
             return Err(unexpected("RefreshShares"));
         };
-        for s in sealed {
-            shares
-                .entry(s.recipient.clone().unwrap_or_default())
-                .or_default()
-                .push(s);
-        }
+        by_recipient(&mut shares, sealed);
     }
     let replies = ask_all(client, roster, |e| GuardianRequest::RefreshFinalize {
         ceremony_id: id.clone(),
