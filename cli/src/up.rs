@@ -59,6 +59,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Registered before anything starts, so Ctrl-C always stops cleanly.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the Ctrl-C handler")?;
+    check_retention(args.retention_days)?;
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -294,5 +295,16 @@ async fn bootstrap(
             other => anyhow::bail!("recording {what}: {other:?}"),
         }
     }
+    Ok(())
+}
+
+/// Retention by age would drop the trail's first events, from which the ledger
+/// writer replays and verifies the chain: refused until replay can start from a
+/// signed checkpoint (fail closed rather than refuse to start some day later).
+pub fn check_retention(days: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        days == 0,
+        "--retention-days {days}: age-based retention is not available yet (the ledger replays the trail from its first event); keep events forever (0)"
+    );
     Ok(())
 }

@@ -142,6 +142,12 @@ async fn concurrent_writers_on_one_workflow_never_write_a_version_twice() {
     for t in tasks {
         wins += t.await.expect("writer");
     }
+    // An empty append is refused, not answered as if the writer were gone.
+    let empty = engine.ledger.append(Vec::new()).await;
+    assert!(
+        matches!(&empty, AppendReply::Refused { reason } if reason.contains("at least one")),
+        "{empty:?}"
+    );
     let js = nats.js().await;
     let events = all_events(&js).await;
     let mut versions: HashMap<String, Vec<u64>> = HashMap::new();

@@ -609,18 +609,33 @@ fn ceremony_path(config: &GuardianConfig, wallet: &str) -> PathBuf {
         .join(format!("{wallet}.ceremony"))
 }
 
-/// The wallet's current share, decrypted.
+/// The wallet's current share, decrypted. A commit interrupted between its two
+/// renames left the new share beside the staged marker: finish it.
 fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share, String> {
     let missing = |e: std::io::Error| format!("no share for wallet {wallet} here: {e}");
-    let ceremony = std::fs::read_to_string(ceremony_path(config, wallet)).map_err(missing)?;
+    let marker = ceremony_path(config, wallet);
+    let staged = marker.with_extension("ceremony.new");
     let file = std::fs::read(share_path(config, wallet)).map_err(missing)?;
-    let plain = store::open_secret(
-        &file,
-        config.passphrase.as_bytes(),
-        &config.id,
-        ceremony.trim(),
-    )
-    .map_err(|e| e.to_string())?;
+    let open = |ceremony: &str| {
+        store::open_secret(
+            &file,
+            config.passphrase.as_bytes(),
+            &config.id,
+            ceremony.trim(),
+        )
+    };
+    let ceremony = std::fs::read_to_string(&marker).map_err(missing)?;
+    let plain = match open(&ceremony) {
+        Ok(p) => p,
+        Err(first) => {
+            let Ok(interrupted) = std::fs::read_to_string(&staged) else {
+                return Err(first.to_string());
+            };
+            let plain = open(&interrupted).map_err(|_| first.to_string())?;
+            std::fs::rename(&staged, &marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+            plain
+        }
+    };
     let len = plain
         .get(..4)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())

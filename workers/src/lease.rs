@@ -80,10 +80,13 @@ impl Lease {
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 Err(format!("the ledger writer lease was taken over: {e}"))
             }
-            Err(e) if self.renewed.elapsed() >= LEASE_TTL => Err(format!(
-                "the ledger writer lease could not be renewed for {} s: {e}",
-                LEASE_TTL.as_secs()
-            )),
+            // Give up well before the entry expires: a standby may take it then.
+            Err(e) if self.renewed.elapsed() >= LEASE_TTL.saturating_sub(RENEW_EVERY * 2) => {
+                Err(format!(
+                    "the ledger writer lease could not be renewed for {} s: {e}",
+                    self.renewed.elapsed().as_secs()
+                ))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not renew the ledger writer lease; retrying");
                 Ok(())
@@ -100,5 +103,56 @@ impl Lease {
         {
             tracing::warn!(error = %e, "could not release the ledger writer lease; it expires by itself");
         }
+    }
+}
+
+/// A lease renewed by its own task, so that no amount of work in the writer can
+/// starve the renewal. The writer checks [`KeptLease::lost`] before it publishes.
+#[derive(Debug)]
+pub struct KeptLease {
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Hands the lease to a task that renews it every [`RENEW_EVERY`].
+    pub fn keep(mut self) -> KeptLease {
+        let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let flag = lost.clone();
+        let task = tokio::spawn(async move {
+            let mut timer = tokio::time::interval(RENEW_EVERY);
+            timer.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => {
+                        self.release().await;
+                        return;
+                    }
+                    _ = timer.tick() => {
+                        if let Err(reason) = self.renew().await {
+                            tracing::error!(reason, "ledger writer lease lost");
+                            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        KeptLease { lost, stop, task }
+    }
+}
+
+impl KeptLease {
+    /// Whether the lease is gone: the writer must not publish anything more.
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops renewing and gives the lease up.
+    pub async fn release(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
     }
 }

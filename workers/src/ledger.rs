@@ -27,7 +27,7 @@ use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Shutdown;
-use crate::lease::{Lease, RENEW_EVERY};
+use crate::lease::{KeptLease, Lease};
 
 /// Tuning of the ledger writer.
 #[derive(Debug)]
@@ -189,8 +189,18 @@ struct Waiter {
     retry: Option<Retry>,
     /// (message id, body) of its events, to find them after a failure.
     events: Vec<(String, bytes::Bytes)>,
+    /// The same for earlier attempts: one of them may be what the server stored.
+    earlier: Vec<Vec<(String, bytes::Bytes)>>,
     sequences: Vec<u64>,
     attempts: u32,
+}
+
+/// A job to seal: what, where its answer goes, and what earlier attempts sealed.
+struct Work {
+    retry: Retry,
+    reply: Reply,
+    attempts: u32,
+    earlier: Vec<Vec<(String, bytes::Bytes)>>,
 }
 
 enum Retry {
@@ -215,12 +225,13 @@ pub async fn run(
 ) -> Result<(), LedgerError> {
     let js = jetstream::new(client.clone());
     let holder = format!("{}-{}", std::process::id(), client.new_inbox());
-    let Some(mut lease) = Lease::acquire(&js, &holder, &mut shutdown).await? else {
+    let Some(lease) = Lease::acquire(&js, &holder, &mut shutdown).await? else {
         return Ok(());
     };
-    let mut renewed = Instant::now();
+    let lease = lease.keep();
     let publisher = EventPublisher::new(client).await?;
     let mut writer = Writer {
+        lease,
         js,
         publisher,
         ledger: Ledger::default(),
@@ -253,21 +264,17 @@ pub async fn run(
                 }
                 writer.process(batch).await?;
             }
-            _ = tick.tick() => {
-                if renewed.elapsed() >= RENEW_EVERY {
-                    lease.renew().await.map_err(LedgerError::LostLease)?;
-                    renewed = Instant::now();
-                }
-                writer.on_tick().await?;
-            }
+            _ = tick.tick() => writer.on_tick().await?,
         }
     }
     writer.drain().await;
-    lease.release().await;
+    writer.lease.release().await;
     Ok(())
 }
 
 struct Writer {
+    /// Renewed by its own task; once lost, nothing more is published.
+    lease: KeptLease,
     js: jetstream::Context,
     publisher: EventPublisher,
     ledger: Ledger,
@@ -278,7 +285,7 @@ struct Writer {
     last_checkpoint_at: Instant,
     healthy: bool,
     /// Jobs to seal again after a failure, before new ones.
-    retries: VecDeque<(Retry, Reply, u32)>,
+    retries: VecDeque<Work>,
     /// Duplicate intakes whose original is not yet acknowledged: (seq, answer).
     waiting_duplicates: Vec<(u64, Answer)>,
 }
@@ -290,23 +297,35 @@ fn now_ms() -> i64 {
 }
 
 const MAX_ATTEMPTS: u32 = 5;
+/// Longest a full replay may take before it counts as NATS being unreachable.
+const REPLAY_LIMIT: Duration = Duration::from_secs(300);
 
 impl Writer {
     async fn process(&mut self, jobs: Vec<Job>) -> Result<(), LedgerError> {
         let mut sealed_all: Vec<Sealed> = Vec::new();
         let mut waiters = Vec::new();
-        let mut work: Vec<(Retry, Reply, u32)> = self.retries.drain(..).collect();
+        let mut work: Vec<Work> = self.retries.drain(..).collect();
         work.extend(jobs.into_iter().map(|job| match job {
-            Job::Append { proposals, reply } => (Retry::Append(proposals), Reply::Append(reply), 0),
-            Job::Intake { request, reply } => (Retry::Intake(request), Reply::Intake(reply), 0),
+            Job::Append { proposals, reply } => Work {
+                retry: Retry::Append(proposals),
+                reply: Reply::Append(reply),
+                attempts: 0,
+                earlier: Vec::new(),
+            },
+            Job::Intake { request, reply } => Work {
+                retry: Retry::Intake(request),
+                reply: Reply::Intake(reply),
+                attempts: 0,
+                earlier: Vec::new(),
+            },
         }));
-        for (retry, reply, attempts) in work {
+        for job in work {
             if sealed_all.len() >= self.config.max_batch {
                 // Full: keep the rest for the next batch.
-                self.retries.push_back((retry, reply, attempts));
+                self.retries.push_back(job);
                 continue;
             }
-            self.seal_one(retry, reply, attempts, &mut sealed_all, &mut waiters);
+            self.seal_one(job, &mut sealed_all, &mut waiters);
         }
         if self.since_checkpoint + sealed_all.len() as u64 >= self.config.checkpoint_every
             && !sealed_all.is_empty()
@@ -316,16 +335,20 @@ impl Writer {
         self.publish(sealed_all, waiters).await
     }
 
-    fn seal_one(
-        &mut self,
-        retry: Retry,
-        reply: Reply,
-        attempts: u32,
-        out: &mut Vec<Sealed>,
-        waiters: &mut Vec<Waiter>,
-    ) {
+    fn seal_one(&mut self, job: Work, out: &mut Vec<Sealed>, waiters: &mut Vec<Waiter>) {
+        let Work {
+            retry,
+            reply,
+            attempts,
+            earlier,
+        } = job;
         let (proposals, answer) = match (&retry, reply) {
             (Retry::Append(p), Reply::Append(reply)) => {
+                if p.is_empty() {
+                    let reason = "an append needs at least one event".to_string();
+                    let _ = reply.send(AppendReply::Refused { reason });
+                    return;
+                }
                 if p.len() > self.config.max_batch {
                     let reason = format!(
                         "too many events in one append ({}, at most {})",
@@ -387,6 +410,7 @@ impl Writer {
                     answer,
                     retry: Some(retry),
                     events,
+                    earlier,
                     sequences,
                     attempts,
                 });
@@ -433,6 +457,7 @@ impl Writer {
                 answer: Answer::Nobody,
                 retry: None,
                 events: Vec::new(),
+                earlier: Vec::new(),
                 sequences,
                 attempts: 0,
             });
@@ -447,6 +472,11 @@ impl Writer {
         sealed: Vec<Sealed>,
         waiters: Vec<Waiter>,
     ) -> Result<(), LedgerError> {
+        if self.lease.lost() {
+            return Err(LedgerError::LostLease(
+                "the ledger writer lease was lost".into(),
+            ));
+        }
         self.since_checkpoint += sealed
             .iter()
             .filter(|s| s.event.event_type != EventType::AuditCheckpoint)
@@ -475,7 +505,15 @@ impl Writer {
             };
             let expected = last_seq - outgoing.len() as u64;
             let sent_at = Instant::now();
-            match self.publisher.publish(expected, &outgoing, batching).await {
+            // While NATS reconnects, a publish or flush waits for the connection:
+            // bound it, so that recovery (and shutdown) still run.
+            let published = tokio::time::timeout(
+                self.config.ack_timeout,
+                self.publisher.publish(expected, &outgoing, batching),
+            )
+            .await
+            .unwrap_or_else(|_| Err("publishing timed out".into()));
+            match published {
                 Ok(token) => self.inflight.push_back(Inflight {
                     token,
                     last_seq,
@@ -529,8 +567,19 @@ impl Writer {
             return Ok(());
         };
         if front.token != token {
-            // A late answer to a batch already given up on.
+            // A late answer to a batch already given up on. If the server stored
+            // it after all, the state rebuilt since does not know: rebuild again.
+            if ack.error.is_none() && ack.seq > self.confirmed_seq {
+                tracing::warn!(seq = ack.seq, "a batch given up on was stored after all");
+                return self.recover().await;
+            }
             return Ok(());
+        }
+        if ack.duplicate {
+            // The server already had this message id: what it holds is an earlier
+            // attempt, not these bytes. Learn what is stored before going on.
+            tracing::warn!(seq = ack.seq, "append answered as a duplicate");
+            return self.recover().await;
         }
         if let Some(err) = &ack.error {
             tracing::warn!(code = err.err_code, description = %err.description, "append refused by the server");
@@ -621,9 +670,7 @@ impl Writer {
             Err(broken) => return Err(broken),
         }
         for w in waiters {
-            let stored = !w.events.is_empty()
-                && w.sequences.len() == w.events.len()
-                && w.sequences.iter().all(|s| *s > 0);
+            let stored = !w.sequences.is_empty();
             if stored {
                 w.answer.send(false, &w.sequences);
             } else if let Some(retry) = w.retry {
@@ -632,29 +679,55 @@ impl Writer {
                         .fail("the event stream did not store the event; retry with the same ids");
                 } else {
                     if let Some(reply) = w.answer.into_reply() {
-                        self.retries.push_back((retry, reply, w.attempts + 1));
+                        let mut earlier = w.earlier;
+                        earlier.push(w.events);
+                        self.retries.push_back(Work {
+                            retry,
+                            reply,
+                            attempts: w.attempts + 1,
+                            earlier,
+                        });
                     }
                 }
             }
         }
-        self.answer_duplicates();
+        // Duplicates waited on an original that may now sit elsewhere or nowhere:
+        // let them ask again (intake is idempotent by request id).
+        for (_, answer) in std::mem::take(&mut self.waiting_duplicates) {
+            answer.fail(
+                "the original request is being recorded again; retry with the same request id",
+            );
+        }
         Ok(())
     }
 
     /// Replays the whole stream into a fresh ledger, verifying the chain. Marks the
     /// waiters whose events are found, byte for byte, with their sequences.
     async fn rebuild(&mut self, waiters: &mut [Waiter]) -> Result<(), LedgerError> {
-        let mut wanted: HashMap<String, (usize, usize)> = HashMap::new();
-        for (wi, w) in waiters.iter_mut().enumerate() {
-            w.sequences = vec![0; w.events.len()];
-            for (ei, (id, _)) in w.events.iter().enumerate() {
-                wanted.insert(id.clone(), (wi, ei));
+        // Every attempt of every waiter: (waiter, attempt, event) by message id.
+        // Attempt 0 is the latest; the server may hold any one of them.
+        let mut wanted: HashMap<String, Vec<(usize, usize, usize)>> = HashMap::new();
+        let mut found: Vec<Vec<Vec<u64>>> = Vec::with_capacity(waiters.len());
+        for (wi, w) in waiters.iter().enumerate() {
+            let attempts: Vec<&Vec<(String, bytes::Bytes)>> = std::iter::once(&w.events)
+                .chain(w.earlier.iter().rev())
+                .collect();
+            for (ai, events) in attempts.iter().enumerate() {
+                for (ei, (id, _)) in events.iter().enumerate() {
+                    wanted.entry(id.clone()).or_default().push((wi, ai, ei));
+                }
             }
+            found.push(
+                attempts
+                    .iter()
+                    .map(|events| vec![0; events.len()])
+                    .collect(),
+            );
         }
         let mut ledger = Ledger::default();
         let mut broken = None;
         let mut since_checkpoint = 0;
-        read_events(&self.js, 1, None, |stored| {
+        let replay = read_events(&self.js, 1, None, |stored| {
             if broken.is_some() {
                 return Ok(());
             }
@@ -674,17 +747,34 @@ impl Writer {
                 let id = custos_schemas::codec::from_msgpack::<custos_schemas::Event>(&stored.body)
                     .map(|e| e.id)
                     .unwrap_or_default();
-                if let Some((wi, ei)) = wanted.get(&id)
-                    && waiters[*wi].events[*ei].1 == stored.body
-                {
-                    waiters[*wi].sequences[*ei] = stored.seq;
+                for (wi, ai, ei) in wanted.get(&id).into_iter().flatten() {
+                    let w = &waiters[*wi];
+                    let body = if *ai == 0 {
+                        &w.events[*ei].1
+                    } else {
+                        &w.earlier[w.earlier.len() - ai][*ei].1
+                    };
+                    if *body == stored.body {
+                        found[*wi][*ai][*ei] = stored.seq;
+                    }
                 }
             }
             Ok(())
-        })
-        .await?;
+        });
+        // A replay of a million events takes seconds; one that makes no progress
+        // for minutes means NATS is gone.
+        tokio::time::timeout(REPLAY_LIMIT, replay)
+            .await
+            .map_err(|_| LedgerError::Nats("replaying the event stream timed out".into()))??;
         if let Some(e) = broken {
             return Err(LedgerError::Broken(e));
+        }
+        // A waiter is stored when one of its attempts is stored whole.
+        for (w, attempts) in waiters.iter_mut().zip(found) {
+            w.sequences = attempts
+                .into_iter()
+                .find(|seqs| !seqs.is_empty() && seqs.iter().all(|s| *s > 0))
+                .unwrap_or_default();
         }
         tracing::info!(events = ledger.last_seq(), head = ?ledger.head(), "ledger state rebuilt from the event stream");
         self.confirmed_seq = ledger.last_seq();

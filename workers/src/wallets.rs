@@ -160,6 +160,7 @@ pub async fn rotate<A: Appender>(
             };
             match ledger.append(vec![event]).await {
                 AppendReply::Appended { .. } => Ok(()),
+                _ if recorded(client, &request.name, &ceremony_id).await => Ok(()),
                 other => Err(format!("the rotation could not be recorded: {other:?}")),
             }
         }
@@ -323,6 +324,9 @@ async fn ceremony<A: Appender>(
             .await
         {
             AppendReply::Appended { .. } => Ok(wallet),
+            // An answer that is not final may hide a stored event: the trail decides,
+            // so that guardians never drop the shares of a recorded wallet.
+            _ if recorded(client, &request.name, ceremony_id).await => Ok(wallet),
             AppendReply::Conflict { .. } => {
                 Err(format!("a wallet named {} already exists", request.name))
             }
@@ -350,6 +354,21 @@ async fn wallet_exists(client: &Client, name: &str) -> Result<bool, String> {
         .await
         .map_err(|e| format!("reading the trail: {e}"))?;
     Ok(found > 0)
+}
+
+/// Whether the trail holds an event of wallet `name` caused by `ceremony_id`.
+async fn recorded(client: &Client, name: &str, ceremony_id: &str) -> bool {
+    let js = async_nats::jetstream::new(client.clone());
+    let mut found = false;
+    let filter = subjects::aggregate_filter(AggregateKind::Wallet, name);
+    let read = custos_adapters::jetstream::read_events(&js, 1, Some(filter), |stored| {
+        if let Ok(e) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
+            found |= e.causation_id.as_deref() == Some(ceremony_id);
+        }
+        Ok(())
+    })
+    .await;
+    read.is_ok() && found
 }
 
 /// The alert recorded when a ceremony fails.
