@@ -37,6 +37,9 @@ impl Default for StreamSettings {
     }
 }
 
+/// How long the server remembers message ids to drop duplicates.
+const DEDUPE_WINDOW: Duration = Duration::from_secs(120);
+
 /// The event stream: system of record and audit trail. Nothing may be deleted or
 /// purged; only whole-age retention applies.
 pub fn events_stream(settings: StreamSettings) -> stream::Config {
@@ -52,7 +55,10 @@ pub fn events_stream(settings: StreamSettings) -> stream::Config {
         deny_purge: true,
         allow_atomic_publish: true,
         allow_direct: true,
-        duplicate_window: Duration::from_secs(120),
+        // The server requires the window to fit in the retention.
+        duplicate_window: settings
+            .max_age
+            .map_or(DEDUPE_WINDOW, |age| age.min(DEDUPE_WINDOW)),
         ..Default::default()
     }
 }
@@ -383,6 +389,78 @@ impl StoredEvent {
             hash: header(subjects::headers::HASH),
         })
     }
+}
+
+/// Verifies the live events stream with `verifier`, following it from where it
+/// starts (after aged-out events, a signed checkpoint must vouch for the start).
+pub async fn verify_events(
+    js: &jetstream::Context,
+    mut verifier: custos_engine::chain::Verifier,
+) -> Result<Result<custos_engine::chain::Verified, custos_engine::chain::Break>, async_nats::Error>
+{
+    let from = match trail_start(js).await? {
+        TrailStart::Genesis => 1,
+        TrailStart::AgedOut(first) => first.seq,
+        TrailStart::Empty { next_seq } => next_seq,
+    };
+    let mut broken = None;
+    let mut first_read = true;
+    read_events(js, from, None, |stored| {
+        // The server's retention decides where the trail starts, also if more
+        // aged out since it was asked.
+        if std::mem::take(&mut first_read)
+            && stored.seq > 1
+            && let Err(b) = verifier.resume_at(stored.link())
+        {
+            broken = Some(b);
+        }
+        if broken.is_none()
+            && let Err(b) = verifier.push(stored.link())
+        {
+            broken = Some(b);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(match broken {
+        Some(b) => Err(b),
+        None => verifier.finish(),
+    })
+}
+
+/// Where the events stream starts when retention removed its first events.
+#[derive(Debug, Clone)]
+pub enum TrailStart {
+    /// Nothing aged out: the chain starts at seq 1 from the genesis hash.
+    Genesis,
+    /// Events before this one aged out: the chain continues from its recorded
+    /// predecessor.
+    AgedOut(StoredEvent),
+    /// Everything aged out; the next event will have this seq.
+    Empty { next_seq: u64 },
+}
+
+/// Where the trail starts (see [`TrailStart`]).
+pub async fn trail_start(js: &jetstream::Context) -> Result<TrailStart, async_nats::Error> {
+    let mut stream = js.get_stream(subjects::EVENTS_STREAM).await?;
+    let state = stream.info().await?.state.clone();
+    if state.first_sequence <= 1 {
+        return Ok(TrailStart::Genesis);
+    }
+    if state.messages == 0 {
+        return Ok(TrailStart::Empty {
+            next_seq: state.last_sequence + 1,
+        });
+    }
+    let msg = stream.get_raw_message(state.first_sequence).await?;
+    let header = |k: &str| msg.headers.get(k).map(|v| v.as_str().to_string());
+    Ok(TrailStart::AgedOut(StoredEvent {
+        seq: msg.sequence,
+        subject: msg.subject.to_string(),
+        body: msg.payload.clone(),
+        prev_hash: header(subjects::headers::PREV_HASH),
+        hash: header(subjects::headers::HASH),
+    }))
 }
 
 /// Reads the events stream in order from `from_seq`, optionally filtered, calling

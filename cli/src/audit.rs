@@ -49,6 +49,10 @@ pub enum AuditCommand {
         /// Verify this export instead of the live stream.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The export starts after events that aged out (retention): follow it from
+        /// its first event; a signed checkpoint in it must vouch for that start.
+        #[arg(long)]
+        aged_out: bool,
         /// A checkpoint exported earlier: the trail must still contain its prefix.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
@@ -70,10 +74,20 @@ pub async fn run(nats_url: &str, command: AuditCommand) -> anyhow::Result<ExitCo
     match command {
         AuditCommand::Verify {
             file,
+            aged_out,
             checkpoint,
             key,
             data_dir,
-        } => verify(nats_url, file, checkpoint, key, data_dir).await,
+        } => {
+            verify(
+                nats_url,
+                file.map(|f| (f, aged_out)),
+                checkpoint,
+                key,
+                data_dir,
+            )
+            .await
+        }
         AuditCommand::Tail { lines, follow } => {
             let js = jetstream::new(crate::connect(nats_url).await?);
             tail(&js, lines, follow).await?;
@@ -142,7 +156,7 @@ pub async fn run(nats_url: &str, command: AuditCommand) -> anyhow::Result<ExitCo
 
 async fn verify(
     nats_url: &str,
-    file: Option<PathBuf>,
+    file: Option<(PathBuf, bool)>,
     checkpoint: Option<PathBuf>,
     key: Option<String>,
     data_dir: Option<PathBuf>,
@@ -186,7 +200,7 @@ async fn verify(
         return Ok(ExitCode::FAILURE);
     }
     let result = match file {
-        Some(path) => verify_file(&path, verifier)?,
+        Some((path, aged_out)) => verify_file(&path, aged_out, verifier)?,
         None => {
             let js = jetstream::new(crate::connect(nats_url).await?);
             verify_stream(&js, verifier).await?
@@ -213,32 +227,22 @@ async fn verify(
 /// Verifies the live stream in order.
 pub async fn verify_stream(
     js: &jetstream::Context,
-    mut verifier: Verifier,
+    verifier: Verifier,
 ) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
-    let mut broken = None;
-    read_events(js, 1, None, |stored| {
-        if broken.is_none()
-            && let Err(b) = verifier.push(stored.link())
-        {
-            broken = Some(b);
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("reading the event stream: {e}"))?;
-    Ok(match broken {
-        Some(b) => Err(b),
-        None => verifier.finish(),
-    })
+    custos_adapters::jetstream::verify_events(js, verifier)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the event stream: {e}"))
 }
 
 /// Verifies a JSON-lines export: each line's event is re-encoded canonically and
 /// must reproduce its recorded hash at its recorded place.
 fn verify_file(
     path: &PathBuf,
+    aged_out: bool,
     mut verifier: Verifier,
 ) -> anyhow::Result<Result<Verified, custos_engine::chain::Break>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut first = true;
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -254,6 +258,16 @@ fn verify_file(
             prev_hash: Some(&record.prev_hash),
             hash: Some(&record.hash),
         };
+        // An export of a trail whose first events aged out starts later; only on
+        // request, since from a file alone that cannot be told from a cut.
+        if first
+            && aged_out
+            && record.seq > 1
+            && let Err(b) = verifier.resume_at(link)
+        {
+            return Ok(Err(b));
+        }
+        first = false;
         if let Err(b) = verifier.push(link) {
             return Ok(Err(b));
         }

@@ -26,7 +26,6 @@ pub async fn run(command: NatsCommand) -> anyhow::Result<ExitCode> {
             replicas,
             retention_days,
         } => {
-            crate::up::check_retention(retention_days)?;
             let client = crate::connect(&nats_url).await?;
             let js = async_nats::jetstream::new(client);
             let done = provision(&js, StreamSettings::new(replicas, retention_days))

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use custos_adapters::jetstream::{Batching, StreamSettings, provision};
@@ -59,7 +60,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Registered before anything starts, so Ctrl-C always stops cleanly.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the Ctrl-C handler")?;
-    check_retention(args.retention_days)?;
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -94,8 +94,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         ("auto", true) => batching_for(durability),
         _ => Batching::Atomic,
     };
+    // With retention, a checkpoint at least four times per retention period, so
+    // that a quiet trail always keeps a signed head.
+    if args.retention_days > 0 {
+        eprintln!(
+            "warning: events older than {} days age out, and with them wallets, users and policies recorded before then; export the trail to keep it",
+            args.retention_days
+        );
+    }
+    let idle_checkpoint = (args.retention_days > 0)
+        .then(|| Duration::from_secs(args.retention_days.saturating_mul(86_400) / 4));
     let config = LedgerConfig {
         batching,
+        idle_checkpoint,
         ..LedgerConfig::new(audit_key)
     };
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
@@ -295,16 +306,5 @@ async fn bootstrap(
             other => anyhow::bail!("recording {what}: {other:?}"),
         }
     }
-    Ok(())
-}
-
-/// Retention by age would drop the trail's first events, from which the ledger
-/// writer replays and verifies the chain: refused until replay can start from a
-/// signed checkpoint (fail closed rather than refuse to start some day later).
-pub fn check_retention(days: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        days == 0,
-        "--retention-days {days}: age-based retention is not available yet (the ledger replays the trail from its first event); keep events forever (0)"
-    );
     Ok(())
 }

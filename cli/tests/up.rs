@@ -221,19 +221,3 @@ fn quick_start_flow_reaches_the_policy_decision() {
     assert!(out.contains("treasury-managers"), "{out}");
     assert!(up.interrupt().success());
 }
-
-#[test]
-fn age_based_retention_is_refused_until_replay_can_start_from_a_checkpoint() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_custos"))
-        .args(["up", "--retention-days", "30", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .expect("runs");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("retention"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}

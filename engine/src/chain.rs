@@ -139,6 +139,11 @@ pub enum BreakKind {
     BadCheckpoint(String),
     /// The trail ends before a checkpoint it must contain.
     Truncated { last: u64 },
+    /// The trail starts after aged-out events and no signed checkpoint in it
+    /// vouches for where it starts.
+    Unanchored,
+    /// A checkpoint held by the auditor covers events that aged out.
+    AgedOut { first: u64 },
 }
 
 impl fmt::Display for Break {
@@ -167,6 +172,14 @@ impl fmt::Display for Break {
                 "seq {seq}: carries no chain hash (not written by the ledger: inserted event)"
             ),
             BreakKind::BadCheckpoint(why) => write!(f, "seq {seq}: checkpoint rejected: {why}"),
+            BreakKind::Unanchored => write!(
+                f,
+                "the trail starts at seq {seq} (earlier events aged out) and no signed checkpoint after it vouches for it"
+            ),
+            BreakKind::AgedOut { first } => write!(
+                f,
+                "seq {seq}: the checkpoint covers events that aged out (the trail starts at seq {first}); use a newer checkpoint"
+            ),
             BreakKind::Truncated { last } => write!(
                 f,
                 "trail truncated: a checkpoint covers seq {seq} but the trail ends at seq {last}"
@@ -186,6 +199,8 @@ pub struct Verifier {
     pending: Vec<Checkpoint>,
     verified_checkpoints: u64,
     events: u64,
+    /// The first event's seq when earlier ones aged out.
+    resumed_at: Option<u64>,
 }
 
 /// Summary of a successful verification.
@@ -209,7 +224,23 @@ impl Verifier {
             pending: Vec::new(),
             verified_checkpoints: 0,
             events: 0,
+            resumed_at: None,
         }
+    }
+
+    /// Makes this verifier follow a trail whose events before `first` aged out
+    /// (retention): the chain continues from `first`'s recorded predecessor, and
+    /// only a signed checkpoint later in the trail can vouch for it (else
+    /// [`Verifier::finish`] fails). Call before the first [`Verifier::push`].
+    pub fn resume_at(&mut self, first: Link<'_>) -> Result<(), Break> {
+        let head = first.prev_hash.and_then(ChainHash::from_hex).ok_or(Break {
+            seq: first.seq,
+            kind: BreakKind::Unchained,
+        })?;
+        self.head = head;
+        self.last_seq = first.seq.saturating_sub(1);
+        self.resumed_at = Some(first.seq);
+        Ok(())
     }
 
     /// Requires the trail to contain `checkpoint`'s prefix unchanged.
@@ -325,6 +356,20 @@ impl Verifier {
     }
 
     pub fn finish(self) -> Result<Verified, Break> {
+        if let Some(first) = self.resumed_at {
+            if let Some(cp) = self.pending.iter().find(|cp| cp.sequence < first) {
+                return Err(Break {
+                    seq: cp.sequence,
+                    kind: BreakKind::AgedOut { first },
+                });
+            }
+            if self.verified_checkpoints == 0 {
+                return Err(Break {
+                    seq: first,
+                    kind: BreakKind::Unanchored,
+                });
+            }
+        }
         if let Some(cp) = self.pending.iter().min_by_key(|cp| cp.sequence) {
             return Err(Break {
                 seq: cp.sequence,

@@ -23,6 +23,9 @@ pub struct AggregateState {
     pub last_event: Option<EventType>,
     /// The workflow state, for transfers.
     pub transfer: Option<Transfer>,
+    /// A workflow whose first events aged out (retention): its version is known,
+    /// its state is not, so nothing more is appended to it.
+    pub partial: bool,
 }
 
 /// An event ready to publish: its place in the stream and its chain hashes.
@@ -64,6 +67,8 @@ pub struct Ledger {
     head: ChainHash,
     last_seq: u64,
     last_timestamp: i64,
+    /// Replay started after aged-out events.
+    resumed: bool,
     aggregates: HashMap<(AggregateKind, String), AggregateState>,
     wallets: HashMap<String, WalletDescriptor>,
 }
@@ -74,6 +79,7 @@ impl Default for Ledger {
             head: ChainHash::GENESIS,
             last_seq: 0,
             last_timestamp: 0,
+            resumed: false,
             aggregates: HashMap::new(),
             wallets: HashMap::new(),
         }
@@ -81,6 +87,18 @@ impl Default for Ledger {
 }
 
 impl Ledger {
+    /// A ledger for a trail whose events before `first_seq` aged out: replay
+    /// continues from `first_seq`, linked to `prev` (which a later signed
+    /// checkpoint must vouch for; the writer checks that with a verifier).
+    pub fn resume(first_seq: u64, prev: ChainHash) -> Self {
+        Ledger {
+            head: prev,
+            last_seq: first_seq.saturating_sub(1),
+            resumed: true,
+            ..Ledger::default()
+        }
+    }
+
     pub fn head(&self) -> ChainHash {
         self.head
     }
@@ -120,7 +138,17 @@ impl Ledger {
             )));
         }
         let key = (event.aggregate_kind, event.workflow_id.clone());
-        let current = self.aggregates.get(&key).cloned().unwrap_or_default();
+        let current = match self.aggregates.get(&key) {
+            Some(state) => state.clone(),
+            // First seen mid-history: its beginning aged out.
+            None if self.resumed && event.version > 1 => AggregateState {
+                // Only a workflow needs its whole history to take another event.
+                partial: event.aggregate_kind == AggregateKind::Tx,
+                version: event.version - 1,
+                ..AggregateState::default()
+            },
+            None => AggregateState::default(),
+        };
         let mut next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
         if event.version == 1 {
             next.first_seq = l.seq;
@@ -152,6 +180,12 @@ impl Ledger {
                 .or_else(|| self.aggregates.get(&key))
                 .cloned()
                 .unwrap_or_default();
+            if current.partial {
+                return Err(SealError::Refused(format!(
+                    "{}: its earlier events aged out of the trail; nothing more is recorded for it",
+                    p.workflow_id
+                )));
+            }
             if current.version != p.expected_version {
                 return Err(SealError::Conflict {
                     workflow_id: p.workflow_id,
@@ -230,7 +264,7 @@ fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, S
             event.version, state.version
         ));
     }
-    if event.aggregate_kind == AggregateKind::Tx {
+    if event.aggregate_kind == AggregateKind::Tx && !state.partial {
         let current = state.transfer.take().unwrap_or_default();
         let (next, _commands) = transfer::apply(&current, event).map_err(|e| e.to_string())?;
         state.transfer = Some(next);

@@ -68,13 +68,15 @@ impl Engine {
     }
 
     pub async fn start_with(nats: &Nats, config: LedgerConfig) -> Engine {
+        Self::start_on(nats, config, StreamSettings::default()).await
+    }
+
+    /// With stream settings of its own (retention, replicas).
+    pub async fn start_on(nats: &Nats, config: LedgerConfig, settings: StreamSettings) -> Engine {
         let client = nats.client().await;
-        provision(
-            &async_nats::jetstream::new(client.clone()),
-            StreamSettings::default(),
-        )
-        .await
-        .expect("provision");
+        provision(&async_nats::jetstream::new(client.clone()), settings)
+            .await
+            .expect("provision");
         let (trigger, shutdown) = Shutdown::new();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(custos_workers::engine::run(
@@ -238,29 +240,17 @@ pub async fn all_events(js: &async_nats::jetstream::Context) -> Vec<(u64, Event)
     out
 }
 
-/// Verifies the live stream's chain.
+/// Verifies the live stream's chain with the test audit key.
 pub async fn verify_stream(
     js: &async_nats::jetstream::Context,
 ) -> Result<custos_engine::chain::Verified, custos_engine::chain::Break> {
-    let mut verifier = custos_engine::chain::Verifier::new(
+    let verifier = custos_engine::chain::Verifier::new(
         subjects::EVENTS_STREAM,
         vec![audit_key().verifying_key()],
     );
-    let mut broken = None;
-    custos_adapters::jetstream::read_events(js, 1, None, |stored| {
-        if broken.is_none()
-            && let Err(b) = verifier.push(stored.link())
-        {
-            broken = Some(b);
-        }
-        Ok(())
-    })
-    .await
-    .expect("read events");
-    match broken {
-        Some(b) => Err(b),
-        None => verifier.finish(),
-    }
+    custos_adapters::jetstream::verify_events(js, verifier)
+        .await
+        .expect("read events")
 }
 
 /// Polls `check` until it holds, for at most `limit`.

@@ -15,8 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use async_nats::jetstream;
-use custos_adapters::jetstream::{Batching, EventPublisher, OutgoingEvent, PubAck, read_events};
-use custos_engine::chain;
+use custos_adapters::jetstream::{
+    Batching, EventPublisher, OutgoingEvent, PubAck, TrailStart, read_events, trail_start,
+};
+use custos_engine::chain::{self, ChainHash};
 use custos_engine::intake::{self, Admission};
 use custos_engine::ledger::{Ledger, ReplayError, SealError, Sealed};
 use custos_schemas::{
@@ -46,6 +48,8 @@ pub struct LedgerConfig {
     pub ack_timeout: Duration,
     /// Atomic batches when the server fsyncs every write; pipelining otherwise.
     pub batching: Batching,
+    /// With retention by age: a checkpoint at least this often, even when idle.
+    pub idle_checkpoint: Option<Duration>,
 }
 
 impl LedgerConfig {
@@ -58,6 +62,7 @@ impl LedgerConfig {
             max_inflight: 32,
             ack_timeout: Duration::from_secs(5),
             batching: Batching::Atomic,
+            idle_checkpoint: None,
         }
     }
 }
@@ -624,10 +629,15 @@ impl Writer {
             tracing::warn!(seq = front.last_seq, "append not acknowledged in time");
             return self.recover().await;
         }
-        if self.since_checkpoint > 0
-            && self.last_checkpoint_at.elapsed() >= self.config.checkpoint_interval
-            && self.inflight.len() < self.config.max_inflight
-        {
+        let since = self.last_checkpoint_at.elapsed();
+        // Idle checkpoints keep a signed head in the trail when retention would
+        // otherwise age out every checkpoint of a quiet system.
+        let due = (self.since_checkpoint > 0 && since >= self.config.checkpoint_interval)
+            || self
+                .config
+                .idle_checkpoint
+                .is_some_and(|idle| since >= idle);
+        if due && self.inflight.len() < self.config.max_inflight {
             let mut sealed = Vec::new();
             let mut waiters = Vec::new();
             self.seal_checkpoint(&mut sealed, &mut waiters);
@@ -724,12 +734,39 @@ impl Writer {
                     .collect(),
             );
         }
-        let mut ledger = Ledger::default();
+        // With retention, the trail may start after aged-out events: replay goes on
+        // from the first one's recorded predecessor, and a checkpoint right after
+        // the replay vouches for the resumed chain from then on.
+        let (mut ledger, from) = match trail_start(&self.js).await? {
+            TrailStart::Genesis => (Ledger::default(), 1),
+            TrailStart::AgedOut(first) => (Ledger::default(), first.seq),
+            TrailStart::Empty { next_seq } => {
+                (Ledger::resume(next_seq, ChainHash::GENESIS), next_seq)
+            }
+        };
+        let mut first_read = true;
+        let mut resumed = from > 1;
         let mut broken = None;
-        let mut since_checkpoint = 0;
-        let replay = read_events(&self.js, 1, None, |stored| {
+        let mut since_checkpoint = u64::from(resumed);
+        let replay = read_events(&self.js, from, None, |stored| {
             if broken.is_some() {
                 return Ok(());
+            }
+            // The first event delivered may sit later than asked: more aged out
+            // meanwhile. The chain goes on from its recorded predecessor.
+            if std::mem::take(&mut first_read) && stored.seq > 1 {
+                match stored.prev_hash.as_deref().and_then(ChainHash::from_hex) {
+                    Some(prev) => ledger = Ledger::resume(stored.seq, prev),
+                    None => {
+                        broken = Some(ReplayError {
+                            seq: stored.seq,
+                            reason: "the first retained event has no chain hash".into(),
+                        });
+                        return Ok(());
+                    }
+                }
+                resumed = true;
+                since_checkpoint = 1;
             }
             if let Err(e) = ledger.replay(stored.link()) {
                 broken = Some(e);
@@ -781,6 +818,13 @@ impl Writer {
         self.ledger = ledger;
         self.healthy = true;
         self.since_checkpoint = since_checkpoint;
+        if resumed {
+            tracing::info!(
+                from,
+                "the trail starts after aged-out events; checkpointing the resumed chain"
+            );
+            self.last_checkpoint_at = Instant::now() - self.config.checkpoint_interval;
+        }
         Ok(())
     }
 
