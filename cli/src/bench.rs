@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use custos_adapters::jetstream::{StreamSettings, provision};
+use custos_adapters::jetstream::{Batching, StreamSettings, provision};
 use custos_adapters::nats_server::{Durability, NatsServer};
 use custos_engine::chain::Verifier;
 use custos_schemas::{
@@ -66,8 +66,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             Durability::Default => "server default",
         };
         println!("\n== profile: {name}");
+        // What `custos up` picks for each profile.
+        let batching = crate::up::batching_for(durability);
+        let bench = BenchEngine::start(durability, batching).await?;
+        let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+        if args.which == "all" || args.which == "audit" {
+            audit(js, ledger, args.events, args.concurrency).await?;
+        }
+        if args.which == "all" || args.which == "intake" {
+            intake(client, ledger, args.requests, args.concurrency).await?;
+        }
+        bench.stop().await;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A nats-server in a temporary directory, provisioned, with the engine running
+/// in this process: what every benchmark measures against.
+struct BenchEngine {
+    dir: std::path::PathBuf,
+    server: NatsServer,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    ledger: LedgerHandle,
+    trigger: custos_workers::ShutdownTrigger,
+    engine: tokio::task::JoinHandle<Result<(), custos_workers::ledger::LedgerError>>,
+}
+
+impl BenchEngine {
+    async fn start(durability: Durability, batching: Batching) -> anyhow::Result<Self> {
         let dir = tempdir()?;
-        let server = NatsServer::start(&dir, 0, durability).await?;
+        let server = NatsServer::start(&dir.join("nats"), 0, durability).await?;
         let client = crate::connect(&server.url()).await?;
         let js = jetstream::new(client.clone());
         provision(&js, StreamSettings::default())
@@ -76,9 +105,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         let (trigger, shutdown) = Shutdown::new();
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        // What `custos up` picks for each profile.
         let config = LedgerConfig {
-            batching: crate::up::batching_for(durability),
+            batching,
             ..LedgerConfig::new(key)
         };
         let engine = tokio::spawn(custos_workers::engine::run(
@@ -88,18 +116,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             Some(ready_tx),
         ));
         let ledger = ready.await?;
-        if args.which == "all" || args.which == "audit" {
-            audit(&js, &ledger, args.events, args.concurrency).await?;
-        }
-        if args.which == "all" || args.which == "intake" {
-            intake(&client, &ledger, args.requests, args.concurrency).await?;
-        }
-        trigger.trigger();
-        let _ = engine.await;
-        drop(server);
-        let _ = std::fs::remove_dir_all(&dir);
+        Ok(BenchEngine {
+            dir,
+            server,
+            client,
+            js,
+            ledger,
+            trigger,
+            engine,
+        })
     }
-    Ok(std::process::ExitCode::SUCCESS)
+
+    async fn stop(self) {
+        self.trigger.trigger();
+        let _ = self.engine.await;
+        drop(self.server);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 fn tempdir() -> anyhow::Result<std::path::PathBuf> {
@@ -466,23 +499,14 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
     println!(
         "custos bench dkg ({ceremonies} ceremonies per configuration, guardians as separate processes)"
     );
-    let dir = tempdir()?;
-    let server = NatsServer::start(&dir.join("nats"), 0, Durability::Always).await?;
-    let client = crate::connect(&server.url()).await?;
-    let js = jetstream::new(client.clone());
-    provision(&js, StreamSettings::default())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (trigger, shutdown) = Shutdown::new();
-    let (ready_tx, ready) = tokio::sync::oneshot::channel();
-    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-    let engine = tokio::spawn(custos_workers::engine::run(
-        client.clone(),
-        LedgerConfig::new(key),
-        shutdown,
-        Some(ready_tx),
-    ));
-    let ledger = ready.await?;
+    let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
+    let (js, client, ledger, dir, url) = (
+        &bench.js,
+        &bench.client,
+        &bench.ledger,
+        &bench.dir,
+        bench.server.url(),
+    );
     let exe = std::env::current_exe()?;
     let mut guardians = Vec::new();
     for i in 1..=5 {
@@ -494,7 +518,7 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
                     "--id",
                     &format!("g{i}"),
                     "--nats-url",
-                    &server.url(),
+                    &url,
                     "--data-dir",
                 ])
                 .arg(dir.join(format!("g{i}")))
@@ -521,6 +545,7 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
         if live == 5 {
             break;
         }
+        // Poll until every guardian has announced itself.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (t, n) in [(2u16, 3u16), (3, 5)] {
@@ -542,7 +567,7 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
                 initiator: "bench".into(),
             };
             let t0 = Instant::now();
-            let reply = custos_workers::wallets::create(&client, &ledger, request).await;
+            let reply = custos_workers::wallets::create(client, ledger, request).await;
             over_nats.push(t0.elapsed());
             anyhow::ensure!(
                 matches!(
@@ -564,10 +589,7 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
             median(&over_nats).as_secs_f64() / median(&compute).as_secs_f64()
         );
     }
-    trigger.trigger();
-    let _ = engine.await;
     drop(guardians);
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
+    bench.stop().await;
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -179,17 +179,15 @@ pub async fn rotate<A: Appender>(
     match result {
         Ok(wallet) => CreateWalletReply::Created { wallet },
         Err(reason) => {
-            let _ = ledger
-                .append(vec![ceremony_failed(
-                    &request.name,
-                    &request.initiator,
-                    &ceremony_id,
-                    &reason,
-                )])
-                .await;
-            CreateWalletReply::Failed {
-                reason: format!("key rotation failed: {reason}"),
-            }
+            failed(
+                ledger,
+                &request.name,
+                &request.initiator,
+                &ceremony_id,
+                "key rotation",
+                reason,
+            )
+            .await
         }
     }
 }
@@ -288,17 +286,15 @@ pub async fn create<A: Appender>(
     match ceremony(client, ledger, &request, &ceremony_id).await {
         Ok(wallet) => CreateWalletReply::Created { wallet },
         Err(reason) => {
-            let _ = ledger
-                .append(vec![ceremony_failed(
-                    &request.name,
-                    &request.initiator,
-                    &ceremony_id,
-                    &reason,
-                )])
-                .await;
-            CreateWalletReply::Failed {
-                reason: format!("key ceremony failed: {reason}"),
-            }
+            failed(
+                ledger,
+                &request.name,
+                &request.initiator,
+                &ceremony_id,
+                "key ceremony",
+                reason,
+            )
+            .await
         }
     }
 }
@@ -369,6 +365,28 @@ async fn recorded(client: &Client, name: &str, ceremony_id: &str) -> bool {
     })
     .await;
     read.is_ok() && found
+}
+
+/// Records a failed ceremony as an alert and answers with the reason.
+async fn failed<A: Appender>(
+    ledger: &A,
+    wallet: &str,
+    initiator: &str,
+    ceremony_id: &str,
+    what: &str,
+    reason: String,
+) -> CreateWalletReply {
+    let _ = ledger
+        .append(vec![ceremony_failed(
+            wallet,
+            initiator,
+            ceremony_id,
+            &reason,
+        )])
+        .await;
+    CreateWalletReply::Failed {
+        reason: format!("{what} failed: {reason}"),
+    }
 }
 
 /// The alert recorded when a ceremony fails.
