@@ -268,6 +268,8 @@ pub enum Payload {
     WalletCreated(WalletDescriptor),
     /// The policy engine's decision, with its explanation.
     PolicyEvaluated(crate::policy::PolicyDecision),
+    /// An approver's answer (`TRANSACTION_APPROVED` / `TRANSACTION_REJECTED`).
+    ApprovalVote(crate::approval::ApprovalVote),
     /// A policy became the active one.
     PolicyActivated { name: String, version: String },
     /// A user joined the directory.

@@ -4,6 +4,7 @@
 //! This crate does no IO: it only describes bytes. Everything a non-Rust publisher
 //! needs is also exported as JSON Schema (see [`json_schemas`]).
 
+pub mod approval;
 pub mod codec;
 pub mod event;
 pub mod ids;
@@ -39,5 +40,7 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("append-request.json", schema::<AppendRequest>()),
         ("append-reply.json", schema::<AppendReply>()),
         ("policy-decision.json", schema::<policy::PolicyDecision>()),
+        ("approval-vote.json", schema::<approval::ApprovalVote>()),
+        ("approval-notice.json", schema::<approval::ApprovalNotice>()),
     ]
 }

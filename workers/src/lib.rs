@@ -1,6 +1,7 @@
 //! Thin IO shells around the engine: the ledger writer, request intake, the
 //! remote append service, and the runtime that drives workflow steps.
 
+pub mod approvals;
 pub mod ceremony;
 pub mod engine;
 pub mod guardian;

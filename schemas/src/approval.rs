@@ -1,0 +1,93 @@
+//! Business approvals: what an approver's answer records, and what every approval
+//! channel (Slack, email link, chat link) shows before asking.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::FiatValue;
+use crate::request::TransferRequest;
+
+/// Where an approver answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ApprovalChannel {
+    Slack,
+    Email,
+    ChatLink,
+    /// The `custos` CLI, by an operator with directory credentials.
+    Console,
+}
+
+impl ApprovalChannel {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ApprovalChannel::Slack => "slack",
+            ApprovalChannel::Email => "email",
+            ApprovalChannel::ChatLink => "chatLink",
+            ApprovalChannel::Console => "console",
+        }
+    }
+}
+
+/// How the approver proved it was them beyond the channel's own login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum MfaMethod {
+    /// The channel's identity only (a Slack user id mapped to the directory).
+    None,
+    Totp,
+    Webauthn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Vote {
+    Approve,
+    Reject,
+}
+
+/// Payload of `TRANSACTION_APPROVED` / `TRANSACTION_REJECTED` by an approver (the
+/// event's actor). Bound to the exact request and policy version: if either
+/// changed, the vote no longer counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalVote {
+    pub vote: Vote,
+    /// Hex SHA-256 of the canonical request the approver saw.
+    pub request_hash: String,
+    /// The policy version whose decision the approver answered.
+    pub policy_version: String,
+    pub channel: ApprovalChannel,
+    pub mfa: MfaMethod,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// Everything an approver sees before answering, on every channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalNotice {
+    pub workflow_id: String,
+    pub request: TransferRequest,
+    pub request_hash: String,
+    pub policy_version: String,
+    /// Chain of the wallet, e.g. `ltc-regtest`.
+    pub chain: String,
+    #[serde(default)]
+    pub fiat_value: Option<FiatValue>,
+    /// Whether the destination is in the wallet's address book (`None`: no
+    /// address book applies).
+    #[serde(default)]
+    pub whitelisted: Option<bool>,
+    /// The policy's explanation: which rules, why, how many approvals from whom.
+    pub explanation: String,
+    /// Users whose approval counts so far.
+    pub approved_by: Vec<String>,
+    /// What is still missing, e.g. `treasury-managers: 2 of 4`.
+    pub missing: Vec<String>,
+    /// Ms since the epoch after which the request is rejected.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// High value: approving needs the web page with MFA, never an in-place click.
+    pub step_up_required: bool,
+}
