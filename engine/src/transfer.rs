@@ -3,6 +3,8 @@
 //! fold before it appends, so an event the machine does not allow is never written.
 
 use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
+use custos_schemas::approval::{ApprovalVote, Vote};
+use custos_schemas::chain::{Confirmation, SignedTransaction, UnsignedTransaction};
 use custos_schemas::{Event, EventType, Outcome, Payload, TransferRequest};
 
 /// Where a transfer stands.
@@ -16,8 +18,10 @@ pub enum Stage {
     AwaitingPolicy,
     /// The policy requires business approvals.
     AwaitingApprovals,
-    /// Allowed (by policy or by a reached quorum); the signing step is next.
+    /// Allowed (by policy or by a reached quorum); the transaction is built next.
     ReadyToSign,
+    /// The unsigned transaction is recorded; guardians sign exactly it.
+    Built,
     Signed,
     Broadcast,
     Confirmed,
@@ -38,6 +42,7 @@ impl Stage {
 pub enum Command {
     EvaluatePolicy,
     CollectApprovals,
+    Build,
     Sign,
     Broadcast,
     AwaitConfirmation,
@@ -51,11 +56,18 @@ pub struct Transfer {
     pub request: Option<TransferRequest>,
     /// Hex SHA-256 of the canonical request: what approvals and guardians bind to.
     pub request_hash: Option<String>,
-    pub approvals: u64,
+    /// Approvers' votes so far, in trail order (actor, vote).
+    pub votes: Vec<(String, ApprovalVote)>,
     /// The policy decision, once made.
     pub decision: Option<PolicyDecision>,
     /// Why it was rejected or failed.
     pub reason: Option<String>,
+    /// The transaction guardians sign, once built.
+    pub unsigned: Option<UnsignedTransaction>,
+    pub signed: Option<SignedTransaction>,
+    /// Txid once broadcast.
+    pub txid: Option<String>,
+    pub confirmation: Option<Confirmation>,
 }
 
 /// An event the machine does not accept in the current stage.
@@ -136,7 +148,7 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
         (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Success) => {
             next.decision = Some(decided()?);
             next.stage = S::ReadyToSign;
-            vec![Command::Sign]
+            vec![Command::Build]
         }
         (S::AwaitingPolicy, E::PolicyEvaluated, Outcome::Pending) => {
             next.decision = Some(decided()?);
@@ -149,30 +161,90 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
             next.reason = reason();
             vec![]
         }
-        // An approval that does not complete the quorum is recorded as pending.
-        (S::AwaitingApprovals, E::TransactionApproved, Outcome::Pending) => {
-            next.approvals += 1;
-            vec![]
+        // An approver's vote: bound to this request and this decision's policy
+        // version, one per approver. Pending keeps collecting; Success is the
+        // approval that completed the quorum; a Reject vote (or a system
+        // rejection, e.g. expiry, with no vote) ends the request.
+        (S::AwaitingApprovals, E::TransactionApproved, Outcome::Pending | Outcome::Success)
+        | (S::AwaitingApprovals, E::TransactionRejected, _) => {
+            let approving = event.event_type == E::TransactionApproved;
+            match &event.payload {
+                Payload::ApprovalVote(vote) => {
+                    let expected = if approving { Vote::Approve } else { Vote::Reject };
+                    if vote.vote != expected {
+                        return Err(refuse(Some(format!(
+                            "the vote says {:?}",
+                            vote.vote
+                        ))));
+                    }
+                    if Some(&vote.request_hash) != state.request_hash.as_ref() {
+                        return Err(refuse(Some(
+                            "the vote is bound to another request hash".into(),
+                        )));
+                    }
+                    let version = state.decision.as_ref().map(|d| d.policy_version.as_str());
+                    if Some(vote.policy_version.as_str()) != version {
+                        return Err(refuse(Some(
+                            "the vote is bound to another policy version".into(),
+                        )));
+                    }
+                    let voter = &event.actor.user_id;
+                    if state.votes.iter().any(|(u, _)| u == voter) {
+                        return Err(refuse(Some(format!("{voter} has already voted"))));
+                    }
+                    next.votes.push((voter.clone(), vote.clone()));
+                }
+                Payload::None | Payload::StepFailed { .. } if !approving => {}
+                _ => return Err(refuse(Some("payload must be the approver's vote".into()))),
+            }
+            match (approving, event.result) {
+                (true, Outcome::Pending) => vec![],
+                (true, _) => {
+                    next.stage = S::ReadyToSign;
+                    vec![Command::Build]
+                }
+                (false, _) => {
+                    next.stage = S::Rejected;
+                    next.reason = reason();
+                    vec![]
+                }
+            }
         }
-        (S::AwaitingApprovals, E::TransactionApproved, Outcome::Success) => {
-            next.approvals += 1;
-            next.stage = S::ReadyToSign;
+        (S::ReadyToSign, E::TransactionBuilt, Outcome::Success) => {
+            let Payload::TransactionBuilt(tx) = &event.payload else {
+                return Err(refuse(Some("payload must be the unsigned transaction".into())));
+            };
+            next.unsigned = Some(tx.clone());
+            next.stage = S::Built;
             vec![Command::Sign]
         }
-        (S::AwaitingApprovals, E::TransactionRejected, _) => {
-            next.stage = S::Rejected;
-            next.reason = reason();
-            vec![]
-        }
-        (S::ReadyToSign, E::TransactionSigned, Outcome::Success) => {
+        (S::Built, E::TransactionSigned, Outcome::Success) => {
+            let Payload::TransactionSigned(tx) = &event.payload else {
+                return Err(refuse(Some("payload must be the signed transaction".into())));
+            };
+            next.signed = Some(tx.clone());
             next.stage = S::Signed;
             vec![Command::Broadcast]
         }
         (S::Signed, E::TransactionBroadcast, Outcome::Success) => {
+            let Payload::TransactionBroadcast { txid, .. } = &event.payload else {
+                return Err(refuse(Some("payload must name the broadcast txid".into())));
+            };
+            if next.signed.as_ref().is_some_and(|s| &s.txid != txid) {
+                return Err(refuse(Some("txid differs from the signed transaction's".into())));
+            }
+            next.txid = Some(txid.clone());
             next.stage = S::Broadcast;
             vec![Command::AwaitConfirmation]
         }
         (S::Broadcast, E::TransactionConfirmed, Outcome::Success) => {
+            let Payload::TransactionConfirmed(c) = &event.payload else {
+                return Err(refuse(Some("payload must be the confirmation".into())));
+            };
+            if next.txid.as_ref() != Some(&c.txid) {
+                return Err(refuse(Some("confirms another txid".into())));
+            }
+            next.confirmation = Some(c.clone());
             next.stage = S::Confirmed;
             vec![]
         }

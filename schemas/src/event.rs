@@ -143,6 +143,8 @@ event_types! {
     PolicyEvaluated = "POLICY_EVALUATED",
     TransactionApproved = "TRANSACTION_APPROVED",
     TransactionRejected = "TRANSACTION_REJECTED",
+    /// The unsigned transaction chosen for an approved transfer, before signing.
+    TransactionBuilt = "TRANSACTION_BUILT",
     TransactionSigned = "TRANSACTION_SIGNED",
     TransactionBroadcast = "TRANSACTION_BROADCAST",
     TransactionConfirmed = "TRANSACTION_CONFIRMED",
@@ -270,6 +272,15 @@ pub enum Payload {
     PolicyEvaluated(crate::policy::PolicyDecision),
     /// An approver's answer (`TRANSACTION_APPROVED` / `TRANSACTION_REJECTED`).
     ApprovalVote(crate::approval::ApprovalVote),
+    /// The unsigned transaction chosen for an approved transfer
+    /// (`TRANSACTION_BUILT`): what every guardian checks and signs, and nothing else.
+    TransactionBuilt(crate::chain::UnsignedTransaction),
+    /// `TRANSACTION_SIGNED`: the complete transaction, ready to broadcast.
+    TransactionSigned(crate::chain::SignedTransaction),
+    /// `TRANSACTION_BROADCAST`: the node accepted it.
+    TransactionBroadcast { chain: String, txid: String },
+    /// `TRANSACTION_CONFIRMED`: buried under enough blocks.
+    TransactionConfirmed(crate::chain::Confirmation),
     /// A policy became the active one.
     PolicyActivated { name: String, version: String },
     /// A user joined the directory.

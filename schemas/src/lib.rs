@@ -5,6 +5,7 @@
 //! needs is also exported as JSON Schema (see [`json_schemas`]).
 
 pub mod approval;
+pub mod chain;
 pub mod codec;
 pub mod event;
 pub mod ids;
