@@ -52,6 +52,19 @@ pub trait BallotBox: Send + Sync {
     -> BoxFuture<'a, Result<ApprovalNotice, BallotError>>;
     /// A directory user by id (active or not), to render and to authorize.
     fn user<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Option<UserRecord>>;
+    /// The directory user whose Slack user id this is.
+    fn user_by_slack_id<'a>(&'a self, slack_user_id: &'a str)
+    -> BoxFuture<'a, Option<UserRecord>>;
+}
+
+/// Mints the one-time web approval link of one approver for one notice (email,
+/// chat links, and Slack's step-up button all open it).
+pub trait ApprovalLinks: Send + Sync {
+    fn link_for<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+    ) -> BoxFuture<'a, Result<String, NotifyError>>;
 }
 
 #[derive(Debug, thiserror::Error)]
