@@ -315,7 +315,7 @@ fn one_batch_can_advance_an_aggregate_several_times() {
     assert_eq!(l.head(), prev);
     let tx = l.aggregate(AggregateKind::Tx, "tx-a").expect("exists");
     assert_eq!(tx.version, 4);
-    assert_eq!(tx.last_event, Some(EventType::TransactionBroadcast));
+    assert_eq!(tx.last_event, Some(EventType::TransactionSigned));
     assert_eq!(tx.first_seq, 2);
     assert_eq!(
         l.aggregate(AggregateKind::User, "u").map(|a| a.first_seq),
@@ -328,7 +328,7 @@ fn one_batch_can_advance_an_aggregate_several_times() {
     );
     assert_eq!(
         tx.transfer.as_ref().map(|t| (t.stage, t.version)),
-        Some((Stage::Broadcast, 4))
+        Some((Stage::Signed, 4))
     );
 }
 
@@ -420,6 +420,7 @@ fn busy_ledger() -> (Ledger, Vec<Sealed>) {
             tx_step("tx-done", 2),
             tx_step("tx-done", 3),
             tx_step("tx-done", 4),
+            tx_step("tx-done", 5),
         ],
         3_000,
     );
@@ -508,7 +509,7 @@ fn replay_reproduces_the_ledger() {
         .aggregate(AggregateKind::Tx, "tx-done")
         .and_then(|a| a.transfer.clone())
         .expect("transfer");
-    assert_eq!((done.stage, done.version), (Stage::Confirmed, 5));
+    assert_eq!((done.stage, done.version), (Stage::Confirmed, 6));
     let no = replayed
         .aggregate(AggregateKind::Tx, "tx-no")
         .and_then(|a| a.transfer.clone())
@@ -534,7 +535,7 @@ fn replay_reproduces_the_ledger() {
         vec![proposal(
             AggregateKind::Tx,
             "tx-done",
-            5,
+            6,
             EventType::TransactionFailed,
             Outcome::Failure,
             Payload::None,
@@ -596,12 +597,12 @@ fn replay_refuses_a_correctly_linked_but_forbidden_event() {
     let seq = l.last_seq() + 1;
     let mut event: Event = Event {
         schema_version: SCHEMA_VERSION,
-        id: Event::message_id(AggregateKind::Tx, "tx-done", 6),
+        id: Event::message_id(AggregateKind::Tx, "tx-done", 7),
         timestamp: 9_000,
         event_type: EventType::TransactionBroadcast,
         aggregate_kind: AggregateKind::Tx,
         workflow_id: "tx-done".into(),
-        version: 6,
+        version: 7,
         causation_id: None,
         actor: Default::default(),
         target: Default::default(),

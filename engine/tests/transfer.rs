@@ -19,6 +19,15 @@ const OUTCOMES: [Outcome; 4] = [
 ];
 
 fn event(event_type: EventType, result: Outcome, version: u64, payload: Payload) -> Event {
+    // A payload the machine accepts, unless the test brings its own.
+    let payload = match payload {
+        Payload::None => step_payload("tx-1", event_type, result),
+        payload => payload,
+    };
+    bare_event(event_type, result, version, payload)
+}
+
+fn bare_event(event_type: EventType, result: Outcome, version: u64, payload: Payload) -> Event {
     Event {
         schema_version: SCHEMA_VERSION,
         id: Event::message_id(AggregateKind::Tx, "tx-1", version),
@@ -33,11 +42,7 @@ fn event(event_type: EventType, result: Outcome, version: u64, payload: Payload)
         context: Default::default(),
         result,
         metadata: BTreeMap::new(),
-        // A decision matching the result, unless the test brings its own payload.
-        payload: match (event_type, payload) {
-            (EventType::PolicyEvaluated, Payload::None) => common::decision_for(result),
-            (_, payload) => payload,
-        },
+        payload,
     }
 }
 
@@ -58,11 +63,16 @@ fn path_to(stage: Stage) -> Vec<(EventType, Outcome)> {
         Stage::AwaitingPolicy => vec![created],
         Stage::AwaitingApprovals => vec![created, (E::PolicyEvaluated, O::Pending)],
         Stage::ReadyToSign => vec![created, (E::PolicyEvaluated, O::Success)],
-        Stage::Signed => vec![
+        Stage::Built => vec![
             created,
             (E::PolicyEvaluated, O::Success),
-            (E::TransactionSigned, O::Success),
+            (E::TransactionBuilt, O::Success),
         ],
+        Stage::Signed => {
+            let mut p = path_to(Stage::Built);
+            p.push((E::TransactionSigned, O::Success));
+            p
+        }
         Stage::Broadcast => {
             let mut p = path_to(Stage::Signed);
             p.push((E::TransactionBroadcast, O::Success));
@@ -78,12 +88,9 @@ fn path_to(stage: Stage) -> Vec<(EventType, Outcome)> {
     }
 }
 
-fn payload_for(event_type: EventType) -> Payload {
-    if event_type == EventType::TransactionCreated {
-        created_payload()
-    } else {
-        Payload::None
-    }
+/// `Payload::None` lets [`event`] pick one that fits the outcome.
+fn payload_for(_: EventType) -> Payload {
+    Payload::None
 }
 
 fn events_to(stage: Stage) -> Vec<Event> {
@@ -100,11 +107,12 @@ fn reach(stage: Stage) -> Transfer {
     state
 }
 
-const STAGES: [Stage; 9] = [
+const STAGES: [Stage; 10] = [
     Stage::New,
     Stage::AwaitingPolicy,
     Stage::AwaitingApprovals,
     Stage::ReadyToSign,
+    Stage::Built,
     Stage::Signed,
     Stage::Broadcast,
     Stage::Confirmed,
@@ -120,7 +128,7 @@ fn spec(stage: Stage, t: EventType, o: Outcome) -> Option<(Stage, Vec<Command>)>
     Some(match (stage, t, o) {
         (S::New, E::TransactionCreated, _) => (S::AwaitingPolicy, vec![Command::EvaluatePolicy]),
         (S::AwaitingPolicy, E::PolicyEvaluated, O::Success) => {
-            (S::ReadyToSign, vec![Command::Sign])
+            (S::ReadyToSign, vec![Command::Build])
         }
         (S::AwaitingPolicy, E::PolicyEvaluated, O::Pending) => {
             (S::AwaitingApprovals, vec![Command::CollectApprovals])
@@ -130,16 +138,22 @@ fn spec(stage: Stage, t: EventType, o: Outcome) -> Option<(Stage, Vec<Command>)>
             (S::AwaitingApprovals, vec![])
         }
         (S::AwaitingApprovals, E::TransactionApproved, O::Success) => {
-            (S::ReadyToSign, vec![Command::Sign])
+            (S::ReadyToSign, vec![Command::Build])
         }
         (S::AwaitingApprovals, E::TransactionRejected, _) => (S::Rejected, vec![]),
-        (S::ReadyToSign, E::TransactionSigned, O::Success) => (S::Signed, vec![Command::Broadcast]),
+        (S::ReadyToSign, E::TransactionBuilt, O::Success) => (S::Built, vec![Command::Sign]),
+        (S::Built, E::TransactionSigned, O::Success) => (S::Signed, vec![Command::Broadcast]),
         (S::Signed, E::TransactionBroadcast, O::Success) => {
             (S::Broadcast, vec![Command::AwaitConfirmation])
         }
         (S::Broadcast, E::TransactionConfirmed, O::Success) => (S::Confirmed, vec![]),
         (
-            S::AwaitingPolicy | S::AwaitingApprovals | S::ReadyToSign | S::Signed | S::Broadcast,
+            S::AwaitingPolicy
+            | S::AwaitingApprovals
+            | S::ReadyToSign
+            | S::Built
+            | S::Signed
+            | S::Broadcast,
             E::TransactionFailed,
             _,
         ) => (S::Failed, vec![]),
@@ -190,8 +204,8 @@ fn every_stage_event_and_outcome_follows_the_spec() {
         }
     }
     // created (any outcome) + policy (any outcome) + approvals (2 approved, 4 rejected)
-    // + signed + broadcast + confirmed + failed from 5 stages (any outcome).
-    assert_eq!(allowed, 4 + 4 + 6 + 3 + 5 * 4);
+    // + built + signed + broadcast + confirmed + failed from 6 stages (any outcome).
+    assert_eq!(allowed, 4 + 4 + 6 + 4 + 6 * 4);
     assert_eq!(
         allowed + refused,
         STAGES.len() * EventType::ALL.len() * OUTCOMES.len()
@@ -277,7 +291,7 @@ fn created_needs_the_transfer_request() {
     ] {
         let res = transfer::apply(
             &Transfer::default(),
-            &event(EventType::TransactionCreated, Outcome::Pending, 1, payload),
+            &bare_event(EventType::TransactionCreated, Outcome::Pending, 1, payload),
         );
         let err = res.expect_err("payload required");
         assert!(err.detail.is_some(), "{err}");
@@ -302,46 +316,129 @@ fn created_needs_the_transfer_request() {
     assert_eq!(state.request, Some(request));
     assert_eq!(state.request_hash, Some(request_hash));
     assert_eq!(
-        (state.stage, state.version, state.approvals, commands),
+        (state.stage, state.version, state.votes.len(), commands),
         (Stage::AwaitingPolicy, 1, 0, vec![Command::EvaluatePolicy])
     );
+}
+
+fn vote_by(user: &str, event_type: EventType, result: Outcome, version: u64) -> Event {
+    let mut e = event(event_type, result, version, Payload::None);
+    e.actor.user_id = user.into();
+    e
 }
 
 #[test]
 fn approvals_are_counted_until_the_quorum() {
     let mut state = reach(Stage::AwaitingApprovals);
-    for n in 1..=3 {
+    for (n, user) in ["ann", "bob", "cat"].into_iter().enumerate() {
         let (next, commands) = transfer::apply(
             &state,
-            &event(
+            &vote_by(
+                user,
                 EventType::TransactionApproved,
                 Outcome::Pending,
                 state.version + 1,
-                Payload::None,
             ),
         )
         .expect("pending approval");
         assert_eq!(
-            (next.stage, next.approvals, commands),
-            (Stage::AwaitingApprovals, n, vec![])
+            (next.stage, next.votes.len(), commands),
+            (Stage::AwaitingApprovals, n + 1, vec![])
         );
         state = next;
     }
+    let again = vote_by(
+        "bob",
+        EventType::TransactionApproved,
+        Outcome::Success,
+        state.version + 1,
+    );
+    let err = transfer::apply(&state, &again).expect_err("one vote per approver");
+    assert!(err.to_string().contains("bob has already voted"), "{err}");
     let (state, commands) = transfer::apply(
         &state,
-        &event(
+        &vote_by(
+            "dan",
             EventType::TransactionApproved,
             Outcome::Success,
             state.version + 1,
-            Payload::None,
         ),
     )
     .expect("quorum");
     assert_eq!(
-        (state.stage, state.approvals, commands),
-        (Stage::ReadyToSign, 4, vec![Command::Sign])
+        (state.stage, state.votes.len(), commands),
+        (Stage::ReadyToSign, 4, vec![Command::Build])
     );
     assert_eq!(state.version, 6);
+}
+
+#[test]
+fn votes_are_bound_to_the_request_and_the_policy_version() {
+    use custos_schemas::approval::Vote;
+    let state = reach(Stage::AwaitingApprovals);
+    let vote = |edit: &dyn Fn(&mut custos_schemas::approval::ApprovalVote)| {
+        let mut e = vote_by("ann", EventType::TransactionApproved, Outcome::Pending, 3);
+        if let Payload::ApprovalVote(v) = &mut e.payload {
+            edit(v);
+        }
+        transfer::apply(&state, &e)
+    };
+    assert!(vote(&|_| {}).is_ok());
+    for (edit, why) in [
+        (
+            &(|v: &mut custos_schemas::approval::ApprovalVote| v.request_hash = "ff".repeat(32))
+                as &dyn Fn(&mut _),
+            "another request hash",
+        ),
+        (
+            &|v: &mut custos_schemas::approval::ApprovalVote| v.policy_version = "11".repeat(32),
+            "another policy version",
+        ),
+        (
+            &|v: &mut custos_schemas::approval::ApprovalVote| v.vote = Vote::Reject,
+            "the vote says Reject",
+        ),
+    ] {
+        let err = vote(edit).expect_err(why);
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    let mut bare = vote_by("ann", EventType::TransactionApproved, Outcome::Pending, 3);
+    bare.payload = Payload::Alert {
+        severity: "x".into(),
+        summary: "y".into(),
+    };
+    let err = transfer::apply(&state, &bare).expect_err("payload");
+    assert!(err.to_string().contains("approver's vote"), "{err}");
+}
+
+#[test]
+fn broadcast_and_confirmation_must_name_the_signed_txid() {
+    let other = "cd".repeat(32);
+    let mut e = event(
+        EventType::TransactionBroadcast,
+        Outcome::Success,
+        5,
+        Payload::None,
+    );
+    e.payload = Payload::TransactionBroadcast {
+        chain: "ltc-regtest".into(),
+        txid: other.clone(),
+    };
+    let err = transfer::apply(&reach(Stage::Signed), &e).expect_err("other txid");
+    assert!(err.to_string().contains("txid"), "{err}");
+    let state = reach(Stage::Broadcast);
+    assert_eq!(state.txid.as_deref(), Some(common::TEST_TXID));
+    let mut e = event(
+        EventType::TransactionConfirmed,
+        Outcome::Success,
+        6,
+        Payload::None,
+    );
+    if let Payload::TransactionConfirmed(c) = &mut e.payload {
+        c.txid = other;
+    }
+    let err = transfer::apply(&state, &e).expect_err("confirms another txid");
+    assert!(err.to_string().contains("another txid"), "{err}");
 }
 
 #[test]
@@ -376,7 +473,7 @@ fn rejection_and_failure_keep_their_reason() {
     let e = event(
         EventType::TransactionFailed,
         Outcome::Failure,
-        4,
+        5,
         Payload::StepFailed {
             step: "broadcast".into(),
             reason: "node down".into(),
@@ -388,10 +485,10 @@ fn rejection_and_failure_keep_their_reason() {
         (Stage::Failed, Some("broadcast: node down"))
     );
 
-    let e = event(
+    let e = bare_event(
         EventType::TransactionFailed,
         Outcome::Failure,
-        4,
+        5,
         Payload::None,
     );
     let (s, _) = transfer::apply(&reach(Stage::Signed), &e).expect("failed");
@@ -403,7 +500,7 @@ fn fold_returns_the_last_commands_and_stops_at_the_first_error() {
     let (s, c) = transfer::fold(&events_to(Stage::Broadcast)).expect("valid");
     assert_eq!(
         (s.stage, s.version, c),
-        (Stage::Broadcast, 4, vec![Command::AwaitConfirmation])
+        (Stage::Broadcast, 5, vec![Command::AwaitConfirmation])
     );
     let (s, c) = transfer::fold(&[]).expect("empty");
     assert_eq!((s, c), (Transfer::default(), vec![]));
@@ -484,7 +581,7 @@ fn ledger_refuses_forbidden_transitions() {
     assert_eq!(t.stage, Stage::AwaitingPolicy);
 
     // To the end, then nothing more.
-    for v in 1..5 {
+    for v in 1..6 {
         l.seal(vec![tx_step("tx-1", v)], 3).expect("happy path");
     }
     let t = l
@@ -494,14 +591,14 @@ fn ledger_refuses_forbidden_transitions() {
     assert_eq!(t.stage, Stage::Confirmed);
     for &t in EventType::ALL {
         for o in OUTCOMES {
-            let p = proposal(AggregateKind::Tx, "tx-1", 5, t, o, payload_for(t));
+            let p = proposal(AggregateKind::Tx, "tx-1", 6, t, o, payload_for(t));
             assert!(
                 matches!(l.seal(vec![p], 4), Err(SealError::Refused(_))),
                 "{t:?}/{o:?} after Confirmed"
             );
         }
     }
-    assert_eq!(l.version(AggregateKind::Tx, "tx-1"), 5);
+    assert_eq!(l.version(AggregateKind::Tx, "tx-1"), 6);
 }
 
 // ---- property tests ----
@@ -512,9 +609,10 @@ fn stage_rank(s: Stage) -> u8 {
         Stage::AwaitingPolicy => 1,
         Stage::AwaitingApprovals => 2,
         Stage::ReadyToSign => 3,
-        Stage::Signed => 4,
-        Stage::Broadcast => 5,
-        Stage::Confirmed | Stage::Rejected | Stage::Failed => 6,
+        Stage::Built => 4,
+        Stage::Signed => 5,
+        Stage::Broadcast => 6,
+        Stage::Confirmed | Stage::Rejected | Stage::Failed => 7,
     }
 }
 
@@ -525,6 +623,7 @@ fn tx_types() -> Vec<EventType> {
         E::PolicyEvaluated,
         E::TransactionApproved,
         E::TransactionRejected,
+        E::TransactionBuilt,
         E::TransactionSigned,
         E::TransactionBroadcast,
         E::TransactionConfirmed,
@@ -567,7 +666,7 @@ proptest! {
                     prop_assert_eq!(next.version, state.version + 1);
                     prop_assert_eq!(Some(next.stage), spec(state.stage, event_type, OUTCOMES[o]).map(|x| x.0));
                     prop_assert!(stage_rank(next.stage) >= stage_rank(state.stage), "{:?} -> {:?}", state.stage, next.stage);
-                    prop_assert!(next.approvals >= state.approvals);
+                    prop_assert!(next.votes.len() >= state.votes.len());
                     if state.request.is_some() {
                         prop_assert_eq!(&next.request, &state.request);
                     }
@@ -579,11 +678,15 @@ proptest! {
                 Err(err) => {
                     prop_assert_eq!(err.stage, state.stage);
                     // Refused although the spec allows the step only when the payload
-                    // is wrong for it (a creation without its request, a policy
-                    // evaluation without its decision: `None` becomes one).
+                    // is wrong for it (`None` becomes a fitting one), or when the
+                    // same approver votes again.
+                    use EventType as E;
+                    let lenient = matches!(event_type, E::TransactionFailed);
                     prop_assert!(skew != 0 || spec(state.stage, event_type, OUTCOMES[o]).is_none()
-                        || (event_type == EventType::TransactionCreated && p != 0)
-                        || (event_type == EventType::PolicyEvaluated && p != 1));
+                        || (p == 2 && !lenient && event_type != E::TransactionRejected)
+                        || (p == 0 && !lenient && event_type != E::TransactionCreated)
+                        || (matches!(event_type, E::TransactionApproved | E::TransactionRejected)
+                            && !state.votes.is_empty()), "{err}");
                 }
             }
         }

@@ -168,14 +168,15 @@ pub fn tx_created(id: &str) -> Proposal {
     )
 }
 
-/// The happy path of a transfer after creation: the proposal at `version` (1-based
-/// position of the event it proposes), for versions 2..=5.
+/// The happy path of a transfer after creation: the proposal at `expected_version`
+/// (policy allowed, built, signed, broadcast, confirmed for 1..=5).
 pub fn tx_step(id: &str, expected_version: u64) -> Proposal {
     let event_type = match expected_version {
         0 => return tx_created(id),
         1 => EventType::PolicyEvaluated,
-        2 => EventType::TransactionSigned,
-        3 => EventType::TransactionBroadcast,
+        2 => EventType::TransactionBuilt,
+        3 => EventType::TransactionSigned,
+        4 => EventType::TransactionBroadcast,
         _ => EventType::TransactionConfirmed,
     };
     proposal(
@@ -184,8 +185,65 @@ pub fn tx_step(id: &str, expected_version: u64) -> Proposal {
         expected_version,
         event_type,
         Outcome::Success,
-        Payload::None,
+        step_payload(id, event_type, Outcome::Success),
     )
+}
+
+/// The txid every test transfer signs, broadcasts and confirms.
+pub const TEST_TXID: &str = "abababababababababababababababababababababababababababababababab";
+
+/// A payload the transfer machine accepts for `event_type` on workflow `id` (whose
+/// request is [`tx_created`]'s): votes bound to its request hash and the test
+/// decision's policy version, a placeholder transaction, [`TEST_TXID`].
+pub fn step_payload(id: &str, event_type: EventType, result: Outcome) -> Payload {
+    use custos_schemas::approval::{ApprovalChannel, ApprovalVote, MfaMethod, Vote};
+    use custos_schemas::chain::{Confirmation, SignedTransaction, UnsignedTransaction};
+    let chain = "ltc-regtest".to_string();
+    let vote = |vote| {
+        let Payload::TransferRequested { request_hash, .. } = tx_created(id).payload else {
+            unreachable!("tx_created carries the request")
+        };
+        Payload::ApprovalVote(ApprovalVote {
+            vote,
+            request_hash,
+            policy_version: "00".repeat(32),
+            channel: ApprovalChannel::Email,
+            mfa: MfaMethod::Totp,
+            comment: None,
+        })
+    };
+    match event_type {
+        EventType::TransactionCreated => tx_created(id).payload,
+        EventType::PolicyEvaluated => decision_for(result),
+        EventType::TransactionApproved => vote(Vote::Approve),
+        EventType::TransactionRejected => vote(Vote::Reject),
+        EventType::TransactionBuilt => Payload::TransactionBuilt(UnsignedTransaction::Bitcoin {
+            chain,
+            unsigned_tx: "02000000000000000000".into(),
+            spent: Vec::new(),
+            fee: 0,
+            fee_rate: 1,
+            change_vout: None,
+        }),
+        EventType::TransactionSigned => Payload::TransactionSigned(SignedTransaction {
+            chain,
+            txid: TEST_TXID.into(),
+            raw_tx: "02000000000000000000".into(),
+            signers: vec!["g1".into(), "g2".into()],
+        }),
+        EventType::TransactionBroadcast => Payload::TransactionBroadcast {
+            chain,
+            txid: TEST_TXID.into(),
+        },
+        EventType::TransactionConfirmed => Payload::TransactionConfirmed(Confirmation {
+            chain,
+            txid: TEST_TXID.into(),
+            block_hash: "cd".repeat(32),
+            block_height: 102,
+            confirmations: 1,
+        }),
+        _ => Payload::None,
+    }
 }
 
 /// A sealed event as it sits in the stream: seq, subject, body and its chain headers.
