@@ -151,8 +151,10 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
     vec![
         step("policy", EventType::TransactionCreated),
         step("approvals", EventType::PolicyEvaluated),
+        // Builds the transaction once a transfer may go on: allowed outright, or by
+        // the approval that completed the quorum.
         StepConsumer {
-            name: "signing",
+            name: "build",
             filters: vec![
                 subjects::event_type_filter(AggregateKind::Tx, EventType::PolicyEvaluated.as_str()),
                 subjects::event_type_filter(
@@ -160,6 +162,15 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
                     EventType::TransactionApproved.as_str(),
                 ),
             ],
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+        },
+        StepConsumer {
+            name: "signing",
+            filters: vec![subjects::event_type_filter(
+                AggregateKind::Tx,
+                EventType::TransactionBuilt.as_str(),
+            )],
             max_deliver: 5,
             ack_wait: Duration::from_secs(60),
         },
@@ -373,7 +384,7 @@ impl StoredEvent {
         }
     }
 
-    fn from_message(msg: &jetstream::Message) -> Result<Self, async_nats::Error> {
+    pub fn from_message(msg: &jetstream::Message) -> Result<Self, async_nats::Error> {
         let info = msg.info()?;
         let header = |k: &str| {
             msg.headers

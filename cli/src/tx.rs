@@ -245,11 +245,12 @@ fn summary(id: &str, state: &Transfer, events: &[Event]) -> serde_json::Value {
         "version": state.version,
         "request": state.request,
         "requestHash": state.request_hash,
-        "approvals": state.votes.iter().map(|(user, v)| serde_json::json!({
-            "user": user,
-            "vote": v.vote,
-            "channel": v.channel,
-            "mfa": v.mfa,
+        "approvals": state.votes.iter().map(|v| serde_json::json!({
+            "user": v.user,
+            "at": crate::audit::format_ms(v.at),
+            "vote": v.vote.vote,
+            "channel": v.vote.channel,
+            "mfa": v.vote.mfa,
         })).collect::<Vec<_>>(),
         "approvalsRequired": state.decision.as_ref().map(|d| &d.approvals),
         "unsignedTransaction": state.unsigned,

@@ -115,6 +115,14 @@ impl Ledger {
         self.aggregate(kind, id).map_or(0, |a| a.version)
     }
 
+    /// Every transfer workflow the ledger holds whole, by id.
+    pub fn transfers(&self) -> impl Iterator<Item = (&str, &Transfer)> {
+        self.aggregates
+            .iter()
+            .filter(|((kind, _), a)| *kind == AggregateKind::Tx && !a.partial)
+            .filter_map(|((_, id), a)| a.transfer.as_ref().map(|t| (id.as_str(), t)))
+    }
+
     pub fn wallet(&self, name: &str) -> Option<&WalletDescriptor> {
         self.wallets.get(name)
     }

@@ -56,8 +56,8 @@ pub struct Transfer {
     pub request: Option<TransferRequest>,
     /// Hex SHA-256 of the canonical request: what approvals and guardians bind to.
     pub request_hash: Option<String>,
-    /// Approvers' votes so far, in trail order (actor, vote).
-    pub votes: Vec<(String, ApprovalVote)>,
+    /// Approvers' votes so far, in trail order.
+    pub votes: Vec<CastVote>,
     /// The policy decision, once made.
     pub decision: Option<PolicyDecision>,
     /// Why it was rejected or failed.
@@ -68,6 +68,15 @@ pub struct Transfer {
     /// Txid once broadcast.
     pub txid: Option<String>,
     pub confirmation: Option<Confirmation>,
+}
+
+/// One approver's recorded vote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CastVote {
+    pub user: String,
+    /// When the trail recorded it (ms since the epoch).
+    pub at: i64,
+    pub vote: ApprovalVote,
 }
 
 /// An event the machine does not accept in the current stage.
@@ -190,10 +199,14 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
                         )));
                     }
                     let voter = &event.actor.user_id;
-                    if state.votes.iter().any(|(u, _)| u == voter) {
+                    if state.votes.iter().any(|v| &v.user == voter) {
                         return Err(refuse(Some(format!("{voter} has already voted"))));
                     }
-                    next.votes.push((voter.clone(), vote.clone()));
+                    next.votes.push(CastVote {
+                        user: voter.clone(),
+                        at: event.timestamp,
+                        vote: vote.clone(),
+                    });
                 }
                 Payload::None | Payload::StepFailed { .. } if !approving => {}
                 _ => return Err(refuse(Some("payload must be the approver's vote".into()))),

@@ -143,6 +143,8 @@ event_types! {
     PolicyEvaluated = "POLICY_EVALUATED",
     TransactionApproved = "TRANSACTION_APPROVED",
     TransactionRejected = "TRANSACTION_REJECTED",
+    /// An approval that did not count (forged, stale, wrong approver, expired...).
+    ApprovalRefused = "APPROVAL_REFUSED",
     /// The unsigned transaction chosen for an approved transfer, before signing.
     TransactionBuilt = "TRANSACTION_BUILT",
     TransactionSigned = "TRANSACTION_SIGNED",

@@ -11,6 +11,7 @@ pub mod ledger;
 pub mod policy_step;
 pub mod remote;
 pub mod runtime;
+pub mod trail;
 pub mod wallets;
 
 use tokio::sync::watch;

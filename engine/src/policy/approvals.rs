@@ -224,3 +224,108 @@ impl std::fmt::Display for ApprovalStatus {
         }
     }
 }
+
+/// What a vote does to a transfer awaiting approvals (see [`judge_vote`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteVerdict {
+    /// The approver already voted on this request: nothing double-counts.
+    Duplicate,
+    /// Record the approval; `completes` when it meets every requirement.
+    Approve { completes: bool },
+    /// Record the rejection: it ends the request.
+    Reject,
+}
+
+/// Judges one approver's vote on a transfer workflow at `now`: bound to the
+/// exact request hash and policy version, by an active user eligible for one of
+/// the decision's groups (never the initiator unless a rule allows it), before
+/// the expiry, while the workflow still awaits approvals. The error says why
+/// the vote does not count, for the approver and the audit trail.
+pub fn judge_vote(
+    transfer: &crate::transfer::Transfer,
+    directory: &Directory,
+    user: &str,
+    vote: &custos_schemas::approval::ApprovalVote,
+    now: i64,
+) -> Result<VoteVerdict, String> {
+    use crate::transfer::Stage;
+    use custos_schemas::approval::Vote;
+    if transfer.votes.iter().any(|v| v.user == user) {
+        return Ok(VoteVerdict::Duplicate);
+    }
+    if transfer.stage != Stage::AwaitingApprovals {
+        return Err(format!(
+            "the request no longer awaits approvals (it is {:?})",
+            transfer.stage
+        ));
+    }
+    let decision = transfer
+        .decision
+        .as_ref()
+        .ok_or("the request has no policy decision")?;
+    if transfer.request_hash.as_deref() != Some(vote.request_hash.as_str()) {
+        return Err(
+            "the request changed since this approval was asked for: it no longer \
+                    counts"
+                .into(),
+        );
+    }
+    if vote.policy_version != decision.policy_version {
+        return Err(
+            "the policy changed since this approval was asked for: it no longer counts".into(),
+        );
+    }
+    if let Some(expires_at) = decision.expires_at
+        && now > expires_at
+    {
+        return Err(format!("the request expired at {}", format_utc(expires_at)));
+    }
+    match directory.user(user) {
+        None => return Err(format!("{user} is not in the directory")),
+        Some(u) if !u.active => return Err(format!("{user} is deactivated")),
+        Some(_) => {}
+    }
+    let eligible = decision.approvals.iter().any(|r| {
+        (r.initiator_may_approve || user != decision.initiator)
+            && r.groups
+                .iter()
+                .any(|q| directory.may_approve_for(user, &q.group))
+    });
+    if !eligible {
+        if user == decision.initiator {
+            return Err(format!(
+                "{user} initiated this request and may not approve it"
+            ));
+        }
+        let groups: Vec<&str> = decision
+            .approvals
+            .iter()
+            .flat_map(|r| r.groups.iter().map(|q| q.group.as_str()))
+            .collect();
+        return Err(format!(
+            "{user} is not an approver for this request (approvers come from: {})",
+            groups.join(", ")
+        ));
+    }
+    if vote.vote == Vote::Reject {
+        return Ok(VoteVerdict::Reject);
+    }
+    let mut approvals: Vec<Approval> = transfer
+        .votes
+        .iter()
+        .filter(|v| v.vote.vote == Vote::Approve)
+        .map(|v| Approval {
+            user: v.user.clone(),
+            at: v.at,
+        })
+        .collect();
+    approvals.push(Approval {
+        user: user.to_string(),
+        at: now,
+    });
+    let completes = matches!(
+        approvals_satisfied(decision, &approvals, directory, now),
+        ApprovalStatus::Satisfied { .. }
+    );
+    Ok(VoteVerdict::Approve { completes })
+}

@@ -29,7 +29,7 @@ mod model;
 mod parse;
 pub mod state;
 
-pub use approvals::{Approval, ApprovalStatus, approvals_satisfied};
+pub use approvals::{Approval, ApprovalStatus, VoteVerdict, approvals_satisfied, judge_vote};
 pub use directory::{Directory, Duty, NewUser, Role, User};
 pub use evaluate::{Inputs, evaluate};
 pub use fiat::{Currency, PriceSnapshot};

@@ -4,6 +4,9 @@
 
 use futures::future::BoxFuture;
 
+pub mod ballot_box;
+pub mod step;
+
 use custos_schemas::UserRecord;
 use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote};
 

@@ -1,0 +1,180 @@
+//! The approval step: when a decision needs approvals, asks every eligible
+//! approver on every configured channel; rejects requests whose approvals did not
+//! come in before the expiry.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
+use custos_engine::transfer::Stage;
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, UserRecord,
+};
+
+use super::Notifier;
+use super::ballot_box::notice;
+use crate::Shutdown;
+use crate::remote::Appender;
+use crate::runtime::{Step, StepError};
+use crate::trail::{Trail, TrailView};
+
+#[derive(Clone)]
+pub struct ApprovalStep {
+    trail: Trail,
+    notifiers: Arc<Vec<Arc<dyn Notifier>>>,
+    consumer: StepConsumer,
+}
+
+impl std::fmt::Debug for ApprovalStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalStep")
+            .field(
+                "channels",
+                &self
+                    .notifiers
+                    .iter()
+                    .map(|n| n.channel().as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl ApprovalStep {
+    pub fn new(trail: Trail, notifiers: Vec<Arc<dyn Notifier>>) -> Result<Self, String> {
+        Ok(ApprovalStep {
+            trail,
+            notifiers: Arc::new(notifiers),
+            consumer: workflow_consumer("approvals")
+                .ok_or("no consumer definition for the approval step")?,
+        })
+    }
+}
+
+/// Active users who may approve for one of the decision's groups; the initiator
+/// only where a rule allows it.
+pub fn eligible_approvers(view: &TrailView, workflow_id: &str) -> Vec<UserRecord> {
+    let Some(decision) = view.transfer(workflow_id).and_then(|t| t.decision.as_ref()) else {
+        return Vec::new();
+    };
+    view.directory
+        .users()
+        .filter(|u| u.active)
+        .filter(|u| {
+            decision.approvals.iter().any(|r| {
+                (r.initiator_may_approve || u.id != decision.initiator)
+                    && r.groups
+                        .iter()
+                        .any(|q| view.directory.may_approve_for(&u.id, &q.group))
+            })
+        })
+        .map(|u| UserRecord {
+            id: u.id.clone(),
+            name: u.name.clone(),
+            email: u.email.clone(),
+            slack_user_id: u.slack_user_id.clone(),
+            roles: u.roles.iter().cloned().collect(),
+            groups: u.groups.iter().cloned().collect(),
+            mfa_enrolled: u.mfa_enrolled,
+        })
+        .collect()
+}
+
+impl Step for ApprovalStep {
+    fn consumer(&self) -> StepConsumer {
+        self.consumer.clone()
+    }
+
+    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
+        if event.result != Outcome::Pending {
+            return Ok(Vec::new());
+        }
+        let id = event.workflow_id.clone();
+        let (notice, approvers) = self
+            .trail
+            .read(|view| (notice(view, &id, now_ms()), eligible_approvers(view, &id)))
+            .await
+            .map_err(StepError::Transient)?;
+        let Some(notice) = notice else {
+            return Err(StepError::Permanent(format!("workflow {id} has no notice")));
+        };
+        if approvers.is_empty() {
+            tracing::warn!(workflow = %id, "no eligible approver in the directory");
+        }
+        for user in &approvers {
+            for n in self.notifiers.iter() {
+                if let Err(e) = n.ask(user, &notice).await {
+                    tracing::warn!(error = %e, "approval notice not delivered");
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Rejects, every `every`, the requests whose approvals expired, until `shutdown`.
+pub async fn expire<A: Appender>(
+    trail: Trail,
+    appender: A,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let expired = trail.read(|view| expired(view, now)).await;
+        let proposals = match expired {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "approval expiry skipped");
+                continue;
+            }
+        };
+        for p in proposals {
+            match appender.append(vec![p]).await {
+                AppendReply::Appended { .. } | AppendReply::Conflict { .. } => {}
+                AppendReply::Refused { reason } | AppendReply::Unavailable { reason } => {
+                    tracing::warn!(%reason, "could not record an expiry");
+                }
+            }
+        }
+    }
+}
+
+/// `TRANSACTION_REJECTED` for every request awaiting approvals past its expiry.
+pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
+    view.ledger
+        .transfers()
+        .filter(|(_, t)| t.stage == Stage::AwaitingApprovals)
+        .filter_map(|(id, t)| {
+            let expires_at = t.decision.as_ref()?.expires_at?;
+            (now > expires_at).then(|| Proposal {
+                aggregate_kind: AggregateKind::Tx,
+                workflow_id: id.to_string(),
+                expected_version: t.version,
+                event_type: EventType::TransactionRejected,
+                causation_id: None,
+                actor: Actor::system("approvals"),
+                target: Default::default(),
+                context: Default::default(),
+                result: Outcome::Denied,
+                metadata: [(
+                    "reason".to_string(),
+                    "approvals did not reach the quorum before the expiry".to_string(),
+                )]
+                .into(),
+                payload: Payload::None,
+            })
+        })
+        .collect()
+}

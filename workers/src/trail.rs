@@ -1,0 +1,184 @@
+//! A verified replica of the audit trail, followed as it grows: the engine's
+//! ledger fold (every link checked, every workflow's state machine re-run), the
+//! directory and the active policy version. Guardians and the ballot box decide
+//! from it, never from what a coordinator or a channel tells them.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use custos_adapters::jetstream::{StoredEvent, TrailStart, trail_start};
+use custos_engine::chain::ChainHash;
+use custos_engine::ledger::Ledger;
+use custos_engine::policy::Directory;
+use custos_engine::transfer::Transfer;
+use custos_schemas::{AggregateKind, Event, EventType, Payload, codec, subjects};
+use futures::StreamExt;
+use tokio::sync::watch;
+
+use crate::Shutdown;
+
+/// What the trail says, as of `ledger.last_seq()`.
+#[derive(Debug, Clone, Default)]
+pub struct TrailView {
+    pub ledger: Ledger,
+    pub directory: Directory,
+    /// Version of the active policy, with the seq that activated it.
+    pub active_policy: Option<(String, u64)>,
+    /// Set when the trail failed verification: nothing is decided from it after.
+    pub broken: Option<String>,
+}
+
+impl TrailView {
+    fn apply(&mut self, stored: &StoredEvent) -> Result<(), String> {
+        self.ledger
+            .replay(stored.link())
+            .map_err(|e| format!("seq {}: {}", e.seq, e.reason))?;
+        let event: Event = codec::from_msgpack(&stored.body)
+            .map_err(|e| format!("seq {}: undecodable: {e}", stored.seq))?;
+        if let Err(e) = self.directory.apply(&event) {
+            tracing::warn!(event = %event.id, error = %e, "directory event does not apply");
+        }
+        if let (
+            EventType::PolicyCreated | EventType::PolicyModified,
+            Payload::PolicyActivated { version, .. },
+        ) = (event.event_type, &event.payload)
+        {
+            self.active_policy = Some((version.clone(), stored.seq));
+        }
+        Ok(())
+    }
+
+    /// A transfer workflow's state, if the trail has it whole.
+    pub fn transfer(&self, workflow_id: &str) -> Option<&Transfer> {
+        self.ledger
+            .aggregate(AggregateKind::Tx, workflow_id)
+            .filter(|a| !a.partial)
+            .and_then(|a| a.transfer.as_ref())
+    }
+}
+
+/// A followed trail. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Trail {
+    js: jetstream::Context,
+    view: Arc<RwLock<TrailView>>,
+    seq: watch::Receiver<u64>,
+}
+
+/// How long a reader waits for the replica to reach the stream's end.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+impl Trail {
+    /// Starts following the events stream from where it starts until `shutdown`.
+    pub async fn follow(js: jetstream::Context, mut shutdown: Shutdown) -> Result<Trail, String> {
+        let err = |e: async_nats::Error| format!("following the trail: {e}");
+        // After aged-out events, the replica resumes from the first event it is
+        // delivered, linked to that event's recorded predecessor (the server's
+        // retention decides where the trail starts, also if more aged out since).
+        let from = match trail_start(&js).await.map_err(err)? {
+            TrailStart::Genesis => 1,
+            TrailStart::AgedOut(first) => first.seq,
+            TrailStart::Empty { next_seq } => next_seq,
+        };
+        let mut resume = from > 1;
+        let view = TrailView::default();
+        let stream = js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| err(e.into()))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: if from <= 1 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    }
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(e.into()))?;
+        let mut messages = consumer.messages().await.map_err(|e| err(e.into()))?;
+        let view = Arc::new(RwLock::new(view));
+        let (tx, rx) = watch::channel(from.saturating_sub(1));
+        let follower = view.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.wait() => break,
+                    msg = messages.next() => msg,
+                };
+                let stored = match msg.map(|m| m.map_err(async_nats::Error::from)) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "trail follower: delivery error");
+                        continue;
+                    }
+                    Some(Ok(m)) => match StoredEvent::from_message(&m) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "trail follower: unreadable message");
+                            continue;
+                        }
+                    },
+                };
+                let Ok(mut view) = follower.write() else {
+                    break;
+                };
+                if view.broken.is_some() {
+                    continue;
+                }
+                if std::mem::take(&mut resume) {
+                    match stored.prev_hash.as_deref().and_then(ChainHash::from_hex) {
+                        Some(prev) => view.ledger = Ledger::resume(stored.seq, prev),
+                        None => {
+                            view.broken = Some(format!(
+                                "seq {}: the first retained event has no predecessor hash",
+                                stored.seq
+                            ));
+                            continue;
+                        }
+                    }
+                }
+                if let Err(reason) = view.apply(&stored) {
+                    tracing::error!(%reason, "the trail does not verify: deciding nothing from it");
+                    view.broken = Some(reason);
+                    continue;
+                }
+                let _ = tx.send(stored.seq);
+            }
+        });
+        Ok(Trail { js, view, seq: rx })
+    }
+
+    /// Runs `read` on the view once it holds every event stored before the call.
+    /// Fails closed: a broken trail or a replica that cannot catch up decides nothing.
+    pub async fn read<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
+        let mut stream = self
+            .js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| format!("reading the trail's end: {e}"))?;
+        let end = stream
+            .info()
+            .await
+            .map_err(|e| format!("reading the trail's end: {e}"))?
+            .state
+            .last_sequence;
+        let mut seq = self.seq.clone();
+        let reached = tokio::time::timeout(CATCH_UP, seq.wait_for(|s| *s >= end)).await;
+        let view = self.view.read().map_err(|_| "trail replica poisoned")?;
+        if let Some(broken) = &view.broken {
+            return Err(format!("the audit trail does not verify ({broken})"));
+        }
+        if !matches!(reached, Ok(Ok(_))) {
+            return Err(format!(
+                "the trail replica is at seq {} of {end}",
+                view.ledger.last_seq()
+            ));
+        }
+        Ok(read(&view))
+    }
+}
