@@ -148,6 +148,12 @@ impl Signer {
         self.consumed.extend(ids);
     }
 
+    /// Drops a session's nonces unused (a refused request): it can never sign.
+    pub fn discard(&mut self, session_id: &str) {
+        self.open.remove(session_id);
+        self.consumed.insert(session_id.to_owned());
+    }
+
     pub fn is_consumed(&self, session_id: &str) -> bool {
         self.consumed.contains(session_id)
     }

@@ -72,6 +72,18 @@ pub struct Decimal {
 }
 
 impl Decimal {
+    /// The amount in base units of an asset with `decimals` (satoshi for 8, wei
+    /// for 18); refused when it has more fractional digits than the asset.
+    pub fn to_base_units(&self, decimals: u8) -> Result<u128, String> {
+        let extra = decimals
+            .checked_sub(self.scale)
+            .ok_or_else(|| format!("has more than {decimals} decimal places"))?;
+        10u128
+            .checked_pow(u32::from(extra))
+            .and_then(|f| self.units.checked_mul(f))
+            .ok_or_else(|| "is too large".to_string())
+    }
+
     /// Parses a plain positive decimal (`"12"`, `"0.015"`); no sign, exponent,
     /// separators or whitespace.
     pub fn parse(s: &str) -> Result<Decimal, String> {
@@ -201,6 +213,15 @@ pub struct IntakeError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_units() {
+        let d = |s| Decimal::parse(s).expect("decimal");
+        assert_eq!(d("1.5").to_base_units(8), Ok(150_000_000));
+        assert_eq!(d("0.00000001").to_base_units(8), Ok(1));
+        assert_eq!(d("2").to_base_units(18), Ok(2_000_000_000_000_000_000));
+        assert!(d("0.000000001").to_base_units(8).is_err());
+    }
 
     #[test]
     fn decimals() {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
@@ -23,6 +24,9 @@ use zeroize::Zeroizing;
 use custos_adapters::files::write_private;
 
 use crate::Shutdown;
+use crate::guardian_sign::SignService;
+use crate::signing::{SignReply, SignRequest};
+use crate::trail::Trail;
 use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
 
 /// How often a guardian announces itself.
@@ -59,9 +63,9 @@ enum Stage {
 }
 
 /// A wallet's share as a guardian holds it.
-struct Share {
-    key: KeyPackage,
-    public: PublicKeyPackage,
+pub(crate) struct Share {
+    pub(crate) key: KeyPackage,
+    pub(crate) public: PublicKeyPackage,
 }
 
 struct Session {
@@ -95,6 +99,23 @@ pub async fn run(
         .subscribe(subjects::guardian_subject(&config.id, "ceremony"))
         .await
         .map_err(|e| GuardianError::Nats(e.into()))?;
+    let mut sign_requests = client
+        .subscribe(subjects::guardian_subject(&config.id, "sign"))
+        .await
+        .map_err(|e| GuardianError::Nats(e.into()))?;
+    let config = Arc::new(config);
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(|reason| GuardianError::Store {
+            path: config.data_dir.clone(),
+            reason,
+        })?;
+    let signing = Arc::new(SignService::new(config.clone(), trail).map_err(|reason| {
+        GuardianError::Store {
+            path: config.data_dir.clone(),
+            reason,
+        }
+    })?);
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut sessions: HashMap<String, Session> = HashMap::new();
     tracing::info!(guardian = %config.id, "guardian up");
@@ -108,13 +129,36 @@ pub async fn run(
                 }
                 sessions.retain(|_, s| s.started.elapsed() < CEREMONY_TTL);
             }
+            msg = sign_requests.next() => {
+                let Some(msg) = msg else { break };
+                let Some(reply_to) = msg.reply.clone() else { continue };
+                let (client, signing, id) = (client.clone(), signing.clone(), config.id.clone());
+                // Each signing checks the trail (async): its own task.
+                tokio::spawn(async move {
+                    let reply = match codec::from_msgpack::<SignRequest>(&msg.payload) {
+                        Ok(request) => signing.handle(request).await,
+                        Err(e) => SignReply::Refused { reason: format!("undecodable request: {e}") },
+                    };
+                    if let SignReply::Refused { reason } = &reply {
+                        tracing::warn!(guardian = %id, reason, "signing request refused");
+                    }
+                    if let Err(e) = client.publish(reply_to, codec::to_msgpack(&reply).into()).await {
+                        tracing::warn!(error = %e, "could not answer the coordinator");
+                    }
+                });
+            }
             msg = requests.next() => {
                 let Some(msg) = msg else { break };
                 let Some(reply_to) = msg.reply.clone() else { continue };
                 let reply = match codec::from_msgpack::<GuardianRequest>(&msg.payload) {
                     // Ceremony steps hash passphrases (argon2id) and do curve arithmetic:
                     // off the async threads, so heartbeats keep going.
-                    Ok(request) => tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request)),
+                    Ok(request) => {
+                        if let GuardianRequest::Commit { wallet, .. } = &request {
+                            signing.forget_share(wallet);
+                        }
+                        tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request))
+                    }
                     Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },
                 };
                 if let GuardianReply::Refused { reason } = &reply {
@@ -611,7 +655,7 @@ fn ceremony_path(config: &GuardianConfig, wallet: &str) -> PathBuf {
 
 /// The wallet's current share, decrypted. A commit interrupted between its two
 /// renames left the new share beside the staged marker: finish it.
-fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share, String> {
+pub(crate) fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share, String> {
     let missing = |e: std::io::Error| format!("no share for wallet {wallet} here: {e}");
     let marker = ceremony_path(config, wallet);
     let staged = marker.with_extension("ceremony.new");

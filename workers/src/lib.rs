@@ -5,12 +5,14 @@ pub mod approvals;
 pub mod ceremony;
 pub mod engine;
 pub mod guardian;
+mod guardian_sign;
 pub mod intake;
 pub mod lease;
 pub mod ledger;
 pub mod policy_step;
 pub mod remote;
 pub mod runtime;
+pub mod signing;
 pub mod trail;
 pub mod wallets;
 

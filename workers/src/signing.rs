@@ -1,0 +1,585 @@
+//! Threshold signing of an approved, built transfer over NATS.
+//!
+//! The coordinator (the signing step) picks `threshold` live guardians, runs
+//! FROST round 1 and round 2 with each over request/reply, aggregates, and
+//! appends `TRANSACTION_SIGNED`. It is trusted with nothing: every guardian
+//! checks the workflow in its own verified replica of the trail ([`check`]) and
+//! signs only the sighashes it recomputed from the recorded transaction. A
+//! guardian that times out or answers with an invalid share is named in an alert
+//! and replaced, while enough guardians are live.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::Client;
+use async_nats::jetstream;
+use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
+use custos_custody::frost::keys::PublicKeyPackage;
+use custos_custody::frost::round1::SigningCommitments;
+use custos_custody::frost::round2::SignatureShare;
+use custos_custody::frost::{Identifier, SigningPackage, VerifyingKey};
+use custos_custody::sign::{self, AggregateError};
+use custos_custody::spend::{self, CheckedSpend, Expectation, FeePolicy};
+use custos_engine::policy::{Approval, ApprovalStatus, approvals_satisfied};
+use custos_engine::transfer::Stage;
+use custos_schemas::approval::Vote;
+use custos_schemas::policy::PolicyOutcome;
+use custos_schemas::{
+    Actor, AggregateKind, Decimal, Event, EventType, Outcome, Payload, Proposal, Target,
+    WalletDescriptor, codec, subjects,
+};
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::ceremony::Announcement;
+use crate::runtime::{Step, StepError};
+use crate::trail::{Trail, TrailView};
+
+/// What the coordinator asks a guardian, on `custos.guardian.<id>.sign`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SignRequest {
+    /// Check the workflow and commit to fresh nonces, one per input.
+    Commit {
+        session_id: String,
+        workflow_id: String,
+    },
+    /// Sign each input's package (serialized `SigningPackage`s, in input order).
+    Share {
+        session_id: String,
+        packages: Vec<Vec<u8>>,
+    },
+}
+
+/// A guardian's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum SignReply {
+    Committed {
+        /// Serialized FROST identifier.
+        identifier: Vec<u8>,
+        /// Serialized `SigningCommitments`, one per input.
+        commitments: Vec<Vec<u8>>,
+        /// The guardian's public key package for the wallet (serialized): what
+        /// the coordinator checks shares against.
+        public_key_package: Vec<u8>,
+    },
+    Shares {
+        /// Serialized `SignatureShare`s, one per input.
+        shares: Vec<Vec<u8>>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// Every check a guardian makes before it commits to sign `workflow_id` for the
+/// wallet whose Taproot script is `wallet_script`, on its verified replica of
+/// the trail at `now`. Returns the checked transaction, whose sighashes the
+/// guardian then computes itself.
+pub fn check(
+    view: &TrailView,
+    workflow_id: &str,
+    wallet_script: &[u8],
+    now: i64,
+) -> Result<(WalletDescriptor, CheckedSpend), String> {
+    let t = view
+        .transfer(workflow_id)
+        .ok_or_else(|| format!("workflow {workflow_id} is not in the trail"))?;
+    if t.stage != Stage::Built {
+        return Err(format!(
+            "workflow {workflow_id} is {:?}, not built and waiting for signatures",
+            t.stage
+        ));
+    }
+    let (Some(request), Some(decision), Some(unsigned)) = (&t.request, &t.decision, &t.unsigned)
+    else {
+        return Err("the workflow lacks its request, decision or transaction".into());
+    };
+    if decision.outcome == PolicyOutcome::Block
+        || decision.action != "transfer"
+        || decision.initiator != request.initiator
+        || decision.wallet.as_deref() != Some(request.wallet.as_str())
+    {
+        return Err("the policy decision does not allow this transfer".into());
+    }
+    match &view.active_policy {
+        Some((version, _)) if *version == decision.policy_version => {}
+        _ => {
+            return Err(
+                "the policy changed since the decision: the request must be evaluated again".into(),
+            );
+        }
+    }
+    if !view
+        .directory
+        .user(&request.initiator)
+        .is_some_and(|u| u.active)
+    {
+        return Err(format!(
+            "the initiator {} is not an active user",
+            request.initiator
+        ));
+    }
+    let approvals: Vec<Approval> = t
+        .votes
+        .iter()
+        .filter(|v| v.vote.vote == Vote::Approve)
+        .map(|v| Approval {
+            user: v.user.clone(),
+            at: v.at,
+        })
+        .collect();
+    match approvals_satisfied(decision, &approvals, &view.directory, now) {
+        ApprovalStatus::Satisfied { sign_after, .. } if now >= sign_after => {}
+        ApprovalStatus::Satisfied { sign_after, .. } => {
+            return Err(format!(
+                "the policy's time delay runs until {sign_after} (ms since the epoch)"
+            ));
+        }
+        ApprovalStatus::Pending { missing } => {
+            return Err(format!(
+                "the recorded approvals do not satisfy the policy: {}",
+                missing.join("; ")
+            ));
+        }
+        ApprovalStatus::Expired { .. } => return Err("the approvals expired".into()),
+        ApprovalStatus::Blocked => return Err("the policy blocks this transfer".into()),
+    }
+    let wallet = view
+        .ledger
+        .wallet(&request.wallet)
+        .ok_or_else(|| format!("wallet {} is not in the trail", request.wallet))?
+        .clone();
+    let chain = custos_engine::chains::chain(&wallet.chain)
+        .ok_or_else(|| format!("unknown chain {}", wallet.chain))?;
+    let amount = Decimal::parse(&request.amount)
+        .and_then(|d| d.to_base_units(chain.decimals))
+        .and_then(|a| u64::try_from(a).map_err(|_| "is too large".into()))
+        .map_err(|e| format!("amount: {e}"))?;
+    let destination = spend::script_pubkey_for_address(&wallet.chain, &request.destination)
+        .map_err(|e| e.to_string())?;
+    let fees = FeePolicy::for_chain(&wallet.chain).map_err(|e| e.to_string())?;
+    let checked = spend::check_spend(
+        unsigned,
+        &Expectation {
+            chain: &wallet.chain,
+            wallet_script,
+            destination: &destination,
+            amount,
+            fees,
+        },
+    )
+    .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
+    Ok((wallet, checked))
+}
+
+/// The wallet's Taproot script from its recorded group key.
+pub fn wallet_script(wallet: &WalletDescriptor) -> Result<Vec<u8>, String> {
+    let key = wallet
+        .group_key
+        .as_deref()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| VerifyingKey::deserialize(&b).ok())
+        .ok_or_else(|| format!("wallet {} has no readable group key", wallet.name))?;
+    custos_custody::address::wallet(&key, &wallet.chain)
+        .map(|w| w.script_pubkey.to_vec())
+        .map_err(|e| e.to_string())
+}
+
+/// Guardians whose heartbeat is older than this are not asked.
+const LIVE: Duration = Duration::from_secs(15);
+/// How long a guardian may take to answer one round.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The signing step (coordinator).
+#[derive(Debug, Clone)]
+pub struct SignStep {
+    client: Client,
+    js: jetstream::Context,
+    trail: Trail,
+    consumer: StepConsumer,
+}
+
+impl SignStep {
+    pub fn new(client: Client, trail: Trail) -> Result<Self, String> {
+        Ok(SignStep {
+            js: jetstream::new(client.clone()),
+            client,
+            trail,
+            consumer: workflow_consumer("signing")
+                .ok_or("no consumer definition for the signing step")?,
+        })
+    }
+
+    /// Guardians with a recent heartbeat.
+    async fn live(&self) -> BTreeSet<String> {
+        let mut live = BTreeSet::new();
+        let Ok(bucket) = self.js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+            return live;
+        };
+        let now = now_ms();
+        let Ok(keys) = bucket.keys().await else {
+            return live;
+        };
+        use futures::StreamExt;
+        let keys: Vec<String> = keys.filter_map(|k| async { k.ok() }).collect().await;
+        for k in keys {
+            if let Ok(Some(v)) = bucket.get(&k).await
+                && let Ok(a) = serde_json::from_slice::<Announcement>(&v)
+                && now - a.seen_ms < LIVE.as_millis() as i64
+            {
+                live.insert(k);
+            }
+        }
+        live
+    }
+
+    async fn ask(&self, guardian: &str, request: &SignRequest) -> Result<SignReply, String> {
+        let subject = subjects::guardian_subject(guardian, "sign");
+        let body = codec::to_msgpack(request);
+        match tokio::time::timeout(ROUND_TIMEOUT, self.client.request(subject, body.into())).await
+        {
+            Err(_) => Err(format!("{guardian} did not answer in time")),
+            Ok(Err(e)) => Err(format!("{guardian} unreachable: {e}")),
+            Ok(Ok(msg)) => codec::from_msgpack(&msg.payload)
+                .map_err(|e| format!("{guardian} answered unreadably: {e}")),
+        }
+    }
+
+    /// One attempt with `signers`: the signatures, or the guardians to blame.
+    async fn attempt(
+        &self,
+        workflow_id: &str,
+        signers: &[(String, u16)],
+        checked: &CheckedSpend,
+        group_key: &str,
+    ) -> Result<Vec<[u8; 64]>, Vec<(String, String)>> {
+        let session_id = format!(
+            "{workflow_id}-{}",
+            hex::encode(rand::random::<[u8; 8]>())
+        );
+        let sighashes = checked
+            .sighashes()
+            .map_err(|e| vec![("coordinator".to_string(), e.to_string())])?;
+        let commit = SignRequest::Commit {
+            session_id: session_id.clone(),
+            workflow_id: workflow_id.to_string(),
+        };
+        let replies = join_all(signers.iter().map(|(g, _)| self.ask(g, &commit))).await;
+        let mut blamed = Vec::new();
+        let mut commitments: Vec<BTreeMap<Identifier, SigningCommitments>> =
+            vec![BTreeMap::new(); sighashes.len()];
+        let mut packages_by_guardian: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut ids: BTreeMap<Identifier, String> = BTreeMap::new();
+        for ((g, index), reply) in signers.iter().zip(replies) {
+            match reply.and_then(|r| read_commitments(g, *index, r, sighashes.len())) {
+                Ok((id, cs, pkp)) => {
+                    for (i, c) in cs.into_iter().enumerate() {
+                        commitments[i].insert(id, c);
+                    }
+                    packages_by_guardian.insert(g.clone(), pkp);
+                    ids.insert(id, g.clone());
+                }
+                Err(reason) => blamed.push((g.clone(), reason)),
+            }
+        }
+        if !blamed.is_empty() {
+            return Err(blamed);
+        }
+        let public = agreed_public_package(&packages_by_guardian, group_key)?;
+        let packages: Vec<SigningPackage> = commitments
+            .into_iter()
+            .zip(&sighashes)
+            .map(|(c, h)| sign::signing_package(c, h))
+            .collect();
+        let mut serialized = Vec::with_capacity(packages.len());
+        for p in &packages {
+            serialized.push(
+                p.serialize()
+                    .map_err(|e| vec![("coordinator".to_string(), e.to_string())])?,
+            );
+        }
+        let share = SignRequest::Share {
+            session_id,
+            packages: serialized,
+        };
+        let replies = join_all(signers.iter().map(|(g, _)| self.ask(g, &share))).await;
+        let mut shares: Vec<BTreeMap<Identifier, SignatureShare>> =
+            vec![BTreeMap::new(); packages.len()];
+        for ((g, index), reply) in signers.iter().zip(replies) {
+            match reply.and_then(|r| read_shares(g, r, packages.len())) {
+                Ok(ss) => {
+                    let Ok(id) = Identifier::try_from(*index) else {
+                        blamed.push((g.clone(), "invalid identifier".into()));
+                        continue;
+                    };
+                    for (i, s) in ss.into_iter().enumerate() {
+                        shares[i].insert(id, s);
+                    }
+                }
+                Err(reason) => blamed.push((g.clone(), reason)),
+            }
+        }
+        if !blamed.is_empty() {
+            return Err(blamed);
+        }
+        let mut signatures = Vec::with_capacity(packages.len());
+        for (package, shares) in packages.iter().zip(&shares) {
+            match sign::aggregate(package, shares, &public) {
+                Ok(sig) => signatures.push(sig),
+                Err(AggregateError::InvalidShares { culprits }) => {
+                    return Err(culprits
+                        .iter()
+                        .map(|c| {
+                            let who = ids.get(c).cloned().unwrap_or_else(|| "unknown".into());
+                            (who, "sent an invalid signature share".to_string())
+                        })
+                        .collect());
+                }
+                Err(e) => return Err(vec![("coordinator".to_string(), e.to_string())]),
+            }
+        }
+        Ok(signatures)
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+type Commitments = (Identifier, Vec<SigningCommitments>, Vec<u8>);
+
+fn read_commitments(
+    guardian: &str,
+    index: u16,
+    reply: SignReply,
+    inputs: usize,
+) -> Result<Commitments, String> {
+    match reply {
+        SignReply::Committed {
+            identifier,
+            commitments,
+            public_key_package,
+        } => {
+            let id = Identifier::deserialize(&identifier)
+                .map_err(|e| format!("{guardian}: bad identifier: {e}"))?;
+            if Identifier::try_from(index).ok() != Some(id) {
+                return Err(format!("{guardian} answered with another identifier"));
+            }
+            if commitments.len() != inputs {
+                return Err(format!(
+                    "{guardian} committed for {} inputs, the transaction has {inputs}",
+                    commitments.len()
+                ));
+            }
+            let cs = commitments
+                .iter()
+                .map(|c| SigningCommitments::deserialize(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{guardian}: bad commitment: {e}"))?;
+            Ok((id, cs, public_key_package))
+        }
+        SignReply::Refused { reason } => Err(format!("{guardian} refused: {reason}")),
+        SignReply::Shares { .. } => Err(format!("{guardian} answered out of turn")),
+    }
+}
+
+fn read_shares(guardian: &str, reply: SignReply, inputs: usize) -> Result<Vec<SignatureShare>, String> {
+    match reply {
+        SignReply::Shares { shares } if shares.len() == inputs => shares
+            .iter()
+            .map(|s| SignatureShare::deserialize(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{guardian}: bad signature share: {e}")),
+        SignReply::Shares { shares } => Err(format!(
+            "{guardian} sent {} shares for {inputs} inputs",
+            shares.len()
+        )),
+        SignReply::Refused { reason } => Err(format!("{guardian} refused: {reason}")),
+        SignReply::Committed { .. } => Err(format!("{guardian} answered out of turn")),
+    }
+}
+
+/// The public key package every signer reported, which must be the wallet's.
+fn agreed_public_package(
+    by_guardian: &BTreeMap<String, Vec<u8>>,
+    group_key: &str,
+) -> Result<PublicKeyPackage, Vec<(String, String)>> {
+    let mut counts: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
+    for p in by_guardian.values() {
+        *counts.entry(p).or_default() += 1;
+    }
+    let majority = counts
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map(|(p, _)| p.clone())
+        .unwrap_or_default();
+    let odd: Vec<(String, String)> = by_guardian
+        .iter()
+        .filter(|(_, p)| **p != majority)
+        .map(|(g, _)| (g.clone(), "reported another public key package".to_string()))
+        .collect();
+    if !odd.is_empty() {
+        return Err(odd);
+    }
+    let public = PublicKeyPackage::deserialize(&majority).map_err(|e| {
+        vec![(
+            "guardians".to_string(),
+            format!("unreadable public key package: {e}"),
+        )]
+    })?;
+    let recorded = public
+        .verifying_key()
+        .serialize()
+        .map(hex::encode)
+        .unwrap_or_default();
+    if recorded != group_key {
+        return Err(by_guardian
+            .keys()
+            .map(|g| (g.clone(), "holds a share of another key".to_string()))
+            .collect());
+    }
+    Ok(public)
+}
+
+fn alert(workflow_id: &str, summary: String) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::System,
+        workflow_id: format!("signing-{}", hex::encode(rand::random::<[u8; 8]>())),
+        expected_version: 0,
+        event_type: EventType::AlertRaised,
+        causation_id: None,
+        actor: Actor::system("signing"),
+        target: Target {
+            kind: "transaction".into(),
+            id: workflow_id.to_string(),
+            amount: None,
+            currency: None,
+        },
+        context: Default::default(),
+        result: Outcome::Failure,
+        metadata: Default::default(),
+        payload: Payload::Alert {
+            severity: "high".into(),
+            summary,
+        },
+    }
+}
+
+impl Step for SignStep {
+    fn consumer(&self) -> StepConsumer {
+        self.consumer.clone()
+    }
+
+    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
+        let id = event.workflow_id.clone();
+        let now = now_ms();
+        // The coordinator runs the guardians' own checks first: a request they
+        // would refuse is failed here with the reason.
+        let checked = self
+            .trail
+            .read(|view| {
+                let t = view.transfer(&id)?;
+                if t.stage != Stage::Built {
+                    return None;
+                }
+                let wallet = t
+                    .request
+                    .as_ref()
+                    .and_then(|r| view.ledger.wallet(&r.wallet))
+                    .cloned();
+                Some(
+                    wallet
+                        .ok_or_else(|| "the wallet is not in the trail".to_string())
+                        .and_then(|w| wallet_script(&w))
+                        .and_then(|script| check(view, &id, &script, now))
+                        .map(|c| (c, t.version)),
+                )
+            })
+            .await
+            .map_err(StepError::Transient)?;
+        let ((wallet, checked), version) = match checked {
+            // Signed already (a redelivery), or not this step's business.
+            None => return Ok(Vec::new()),
+            Some(Ok(c)) => c,
+            Some(Err(reason)) => return Ok(vec![failed(event, event.version, &reason)]),
+        };
+        let threshold = usize::from(wallet.threshold.unwrap_or(0));
+        let group_key = wallet.group_key.clone().unwrap_or_default();
+        let live = self.live().await;
+        // Live guardians first, in the wallet's order; the others as a last resort.
+        let mut candidates: Vec<(String, u16)> = wallet
+            .guardians
+            .iter()
+            .filter(|g| live.contains(&g.id))
+            .chain(wallet.guardians.iter().filter(|g| !live.contains(&g.id)))
+            .map(|g| (g.id.clone(), g.index))
+            .collect();
+        let mut alerts = Vec::new();
+        while candidates.len() >= threshold && threshold > 0 {
+            let signers: Vec<(String, u16)> = candidates[..threshold].to_vec();
+            match self.attempt(&id, &signers, &checked, &group_key).await {
+                Ok(signatures) => {
+                    let names = signers.iter().map(|(g, _)| g.clone()).collect();
+                    let signed = checked
+                        .finalize(&wallet.chain, &signatures, names)
+                        .map_err(|e| StepError::Permanent(e.to_string()))?;
+                    alerts.push(Proposal {
+                        aggregate_kind: AggregateKind::Tx,
+                        workflow_id: id.clone(),
+                        expected_version: version,
+                        event_type: EventType::TransactionSigned,
+                        causation_id: Some(event.id.clone()),
+                        actor: Actor::system("signing"),
+                        target: event.target.clone(),
+                        context: Default::default(),
+                        result: Outcome::Success,
+                        metadata: Default::default(),
+                        payload: Payload::TransactionSigned(signed),
+                    });
+                    return Ok(alerts);
+                }
+                Err(blamed) => {
+                    for (guardian, reason) in &blamed {
+                        tracing::warn!(workflow = %id, %guardian, %reason, "guardian excluded");
+                        alerts.push(alert(
+                            &id,
+                            format!("signing {id}: guardian {guardian} excluded: {reason}"),
+                        ));
+                    }
+                    let excluded: BTreeSet<&String> = blamed.iter().map(|(g, _)| g).collect();
+                    if blamed.iter().any(|(g, _)| g == "coordinator" || g == "guardians") {
+                        break;
+                    }
+                    candidates.retain(|(g, _)| !excluded.contains(g));
+                }
+            }
+        }
+        let reason = format!(
+            "fewer than {threshold} guardians could sign ({} left after exclusions)",
+            candidates.len()
+        );
+        alerts.push(failed(event, version, &reason));
+        Ok(alerts)
+    }
+}
+
+fn failed(event: &Event, version: u64, reason: &str) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::Tx,
+        workflow_id: event.workflow_id.clone(),
+        expected_version: version,
+        event_type: EventType::TransactionFailed,
+        causation_id: Some(event.id.clone()),
+        actor: Actor::system("signing"),
+        target: event.target.clone(),
+        context: Default::default(),
+        result: Outcome::Failure,
+        metadata: Default::default(),
+        payload: Payload::StepFailed {
+            step: "signing".into(),
+            reason: reason.to_string(),
+        },
+    }
+}
