@@ -67,6 +67,69 @@ pub enum TaprootError {
     SpentOutputs { spent: usize, inputs: usize },
     #[error("{witnesses} witnesses given for {inputs} inputs")]
     Witnesses { witnesses: usize, inputs: usize },
+    #[error("malformed transaction at byte {offset}: {reason}")]
+    Malformed { offset: usize, reason: &'static str },
+}
+
+/// Reads a serialized transaction, refusing anything not canonical.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn fail<T>(&self, reason: &'static str) -> Result<T, TaprootError> {
+        Err(TaprootError::Malformed {
+            offset: self.pos,
+            reason,
+        })
+    }
+
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], TaprootError> {
+        match self.bytes.get(self.pos..self.pos.saturating_add(n)) {
+            Some(b) => {
+                self.pos += n;
+                Ok(b)
+            }
+            None => self.fail(what),
+        }
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], TaprootError> {
+        let b = self.take(N, what)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(b);
+        Ok(out)
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, TaprootError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn varint(&mut self, what: &'static str) -> Result<u64, TaprootError> {
+        let [first] = self.array::<1>(what)?;
+        let (n, min) = match first {
+            0xfd => (u64::from(u16::from_le_bytes(self.array(what)?)), 0xfd),
+            0xfe => (u64::from(u32::from_le_bytes(self.array(what)?)), 0x1_0000),
+            0xff => (u64::from_le_bytes(self.array(what)?), 0x1_0000_0000),
+            n => (u64::from(n), 0),
+        };
+        if n < min {
+            return self.fail("non-canonical compact size");
+        }
+        Ok(n)
+    }
+
+    /// A count of items of at least `min_item` bytes each: bounded by what is left,
+    /// so a forged count cannot make us allocate.
+    fn count(&mut self, min_item: usize, what: &'static str) -> Result<usize, TaprootError> {
+        let n = self.varint(what)?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if n.saturating_mul(min_item as u64) > left {
+            return self.fail(what);
+        }
+        Ok(n as usize)
+    }
 }
 
 fn varint(buf: &mut Vec<u8>, n: usize) {
@@ -95,6 +158,93 @@ fn put_txout(buf: &mut Vec<u8>, o: &TxOut) {
 }
 
 impl Transaction {
+    /// Parses the legacy (witness-free) serialization of an unsigned transaction.
+    /// Witness serializations, script sigs and trailing bytes are refused: an
+    /// unsigned key-path spend has none of them.
+    pub fn parse(bytes: &[u8]) -> Result<Transaction, TaprootError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = i32::from_le_bytes(r.array("truncated version")?);
+        let n_in = r.count(41, "input count exceeds the data")?;
+        if n_in == 0 {
+            return r.fail("no inputs (or a witness serialization, which an unsigned transaction must not use)");
+        }
+        let mut inputs = Vec::with_capacity(n_in);
+        for _ in 0..n_in {
+            let txid = r.array("truncated outpoint")?;
+            let vout = r.u32("truncated outpoint")?;
+            if r.varint("truncated script sig")? != 0 {
+                return r.fail("input has a script sig (only key-path spends are signed here)");
+            }
+            let sequence = r.u32("truncated sequence")?;
+            inputs.push(TxIn {
+                previous_output: OutPoint { txid, vout },
+                sequence,
+            });
+        }
+        let n_out = r.count(9, "output count exceeds the data")?;
+        let mut outputs = Vec::with_capacity(n_out);
+        for _ in 0..n_out {
+            let value = u64::from_le_bytes(r.array("truncated output value")?);
+            let len = r.count(1, "script longer than the data")?;
+            let script_pubkey = r.take(len, "truncated script")?.to_vec();
+            outputs.push(TxOut {
+                value,
+                script_pubkey,
+            });
+        }
+        let lock_time = r.u32("truncated lock time")?;
+        if r.pos != bytes.len() {
+            return r.fail("trailing bytes after the lock time");
+        }
+        Ok(Transaction {
+            version,
+            lock_time,
+            inputs,
+            outputs,
+        })
+    }
+
+    /// The legacy (witness-free) serialization: what the txid hashes.
+    pub fn serialize(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&self.version.to_le_bytes());
+        self.put_body(&mut b);
+        b.extend_from_slice(&self.lock_time.to_le_bytes());
+        b
+    }
+
+    fn put_body(&self, b: &mut Vec<u8>) {
+        varint(b, self.inputs.len());
+        for i in &self.inputs {
+            b.extend_from_slice(&i.previous_output.txid);
+            b.extend_from_slice(&i.previous_output.vout.to_le_bytes());
+            varint(b, 0); // empty scriptSig
+            b.extend_from_slice(&i.sequence.to_le_bytes());
+        }
+        varint(b, self.outputs.len());
+        for o in &self.outputs {
+            put_txout(b, o);
+        }
+    }
+
+    /// The txid as nodes display it (byte-reversed double SHA-256, hex). Witnesses
+    /// do not change it, so it is known before signing.
+    pub fn txid(&self) -> String {
+        let mut h: [u8; 32] = Sha256::digest(Sha256::digest(self.serialize())).into();
+        h.reverse();
+        hex::encode(h)
+    }
+
+    /// Virtual size once every input carries a key-path witness (one 64-byte
+    /// `SIGHASH_DEFAULT` signature): exact, so fees can be set and checked before
+    /// signing.
+    pub fn keypath_vsize(&self) -> u64 {
+        // Witness bytes: marker and flag, then per input a stack count (1), a
+        // length (1) and the signature (64).
+        let weight = 4 * self.serialize().len() as u64 + 2 + 66 * self.inputs.len() as u64;
+        weight.div_ceil(4)
+    }
+
     /// BIP-341 signature message digest for a key-path spend of input `index` with
     /// `SIGHASH_DEFAULT` (no annex), given every spent output in input order.
     pub fn sighash_default(&self, index: usize, spent: &[TxOut]) -> Result<Sighash, TaprootError> {
@@ -160,17 +310,7 @@ impl Transaction {
         let mut b = Vec::new();
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&[0x00, 0x01]); // segwit marker and flag
-        varint(&mut b, self.inputs.len());
-        for i in &self.inputs {
-            b.extend_from_slice(&i.previous_output.txid);
-            b.extend_from_slice(&i.previous_output.vout.to_le_bytes());
-            varint(&mut b, 0); // empty scriptSig
-            b.extend_from_slice(&i.sequence.to_le_bytes());
-        }
-        varint(&mut b, self.outputs.len());
-        for o in &self.outputs {
-            put_txout(&mut b, o);
-        }
+        self.put_body(&mut b);
         for stack in witnesses {
             varint(&mut b, stack.len());
             for item in stack {
@@ -236,6 +376,63 @@ mod tests {
                 inputs: 1
             })
         );
+    }
+
+    /// A transaction litecoind made with `createrawtransaction` (one input, one
+    /// P2WPKH output); its txid and vsize as `decoderawtransaction` reports them.
+    const NODE_TX: &str = "020000000122111111111111111111111111111111111111111111111111111111111111110300000000fdffffff0180f0fa020000000016001407e5b7087d33966045cd2bf8d7e76ded752b1a2f00000000";
+
+    #[test]
+    fn parse_serialize_and_txid_match_the_node() {
+        let raw = hex::decode(NODE_TX).unwrap();
+        let t = Transaction::parse(&raw).unwrap();
+        assert_eq!(t.version, 2);
+        assert_eq!(t.inputs[0].previous_output.vout, 3);
+        assert_eq!(t.inputs[0].sequence, 0xffff_fffd);
+        assert_eq!(t.outputs[0].value, 50_000_000);
+        assert_eq!(t.serialize(), raw);
+        assert_eq!(
+            t.txid(),
+            "a2b8344848435a89742563157a56993d818cf621ae22f08d9f78267833e01eaf"
+        );
+        // The node's vsize of the unsigned form is 82; a key-path witness adds
+        // (2 + 66) / 4 rounded up.
+        assert_eq!(t.keypath_vsize(), (82 * 4 + 2 + 66_u64).div_ceil(4));
+    }
+
+    #[test]
+    fn parse_refuses_malformed_input_without_panicking() {
+        let raw = hex::decode(NODE_TX).unwrap();
+        for len in 0..raw.len() {
+            assert!(
+                matches!(
+                    Transaction::parse(&raw[..len]),
+                    Err(TaprootError::Malformed { .. })
+                ),
+                "truncated at {len}"
+            );
+        }
+        let mut trailing = raw.clone();
+        trailing.push(0);
+        let reason = |b: &[u8]| match Transaction::parse(b) {
+            Err(TaprootError::Malformed { reason, .. }) => reason,
+            other => panic!("accepted: {other:?}"),
+        };
+        assert_eq!(reason(&trailing), "trailing bytes after the lock time");
+        let witness = tx().serialize_with_witnesses(&[vec![vec![1; 64]]]).unwrap();
+        assert!(reason(&witness).starts_with("no inputs"));
+        let mut script_sig = raw.clone();
+        script_sig[4 + 1 + 36] = 1; // scriptSig length
+        assert!(reason(&script_sig).contains("script sig"));
+        // A count of 1 spelled as 0xfd 0x01 0x00 is not canonical.
+        let mut noncanonical = raw[..4].to_vec();
+        noncanonical.extend_from_slice(&[0xfd, 0x01, 0x00]);
+        noncanonical.extend_from_slice(&raw[5..]);
+        assert_eq!(reason(&noncanonical), "non-canonical compact size");
+        // A huge count is refused before any allocation.
+        let mut huge = raw[..4].to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert_eq!(reason(&huge), "input count exceeds the data");
     }
 
     #[test]
