@@ -18,6 +18,8 @@
 //! - [`lifecycle`]: refresh (rotation), removal, addition by repair, lost-share repair.
 //! - [`reshare`]: threshold change with the same group key by verifiable share
 //!   redistribution (see `docs/threshold-change.md`).
+//! - [`spend`]: Bitcoin-family spends: addresses to scripts, the deterministic
+//!   builder, and the check a guardian runs before it signs ([`spend::check_spend`]).
 //! - [`sim`]: whole ceremonies run in process, for tests and compute benchmarks.
 
 pub mod address;
@@ -29,6 +31,7 @@ pub mod reshare;
 pub mod seal;
 pub mod sign;
 pub mod sim;
+pub mod spend;
 pub mod store;
 pub mod taproot;
 
