@@ -24,10 +24,10 @@ use zeroize::Zeroizing;
 use custos_adapters::files::write_private;
 
 use crate::Shutdown;
+use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
 use crate::guardian_sign::SignService;
 use crate::signing::{SignReply, SignRequest};
 use crate::trail::Trail;
-use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
 
 /// How often a guardian announces itself.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);

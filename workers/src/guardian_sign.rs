@@ -98,7 +98,13 @@ impl SignService {
     }
 
     fn wallet_share(&self, wallet: &str) -> Result<Arc<Share>, String> {
-        if let Some(s) = self.state.lock().map_err(|_| "poisoned")?.shares.get(wallet) {
+        if let Some(s) = self
+            .state
+            .lock()
+            .map_err(|_| "poisoned")?
+            .shares
+            .get(wallet)
+        {
             return Ok(s.clone());
         }
         let share = Arc::new(tokio::task::block_in_place(|| {
@@ -113,7 +119,10 @@ impl SignService {
     }
 
     /// Runs every check on the replica; the sighashes this guardian would sign.
-    async fn checked(&self, workflow_id: &str) -> Result<(String, Vec<Sighash>, Arc<Share>), String> {
+    async fn checked(
+        &self,
+        workflow_id: &str,
+    ) -> Result<(String, Vec<Sighash>, Arc<Share>), String> {
         let wallet = self
             .trail
             .read(|view| {
@@ -153,7 +162,9 @@ impl SignService {
             ));
         }
         if my_index.and_then(|i| custos_custody::Identifier::try_from(i).ok()) != Some(me) {
-            return Err(format!("the trail does not list me as a guardian of {wallet}"));
+            return Err(format!(
+                "the trail does not list me as a guardian of {wallet}"
+            ));
         }
         let (_, checked) = checked?;
         let sighashes = checked.sighashes().map_err(|e| e.to_string())?;
@@ -224,7 +235,11 @@ impl SignService {
                 return Err("the recorded transaction changed since the commitment".into());
             }
             if packages.len() != c.1.len() {
-                return Err(format!("{} packages for {} inputs", packages.len(), c.1.len()));
+                return Err(format!(
+                    "{} packages for {} inputs",
+                    packages.len(),
+                    c.1.len()
+                ));
             }
             Ok(c)
         });

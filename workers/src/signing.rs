@@ -236,8 +236,7 @@ impl SignStep {
     async fn ask(&self, guardian: &str, request: &SignRequest) -> Result<SignReply, String> {
         let subject = subjects::guardian_subject(guardian, "sign");
         let body = codec::to_msgpack(request);
-        match tokio::time::timeout(ROUND_TIMEOUT, self.client.request(subject, body.into())).await
-        {
+        match tokio::time::timeout(ROUND_TIMEOUT, self.client.request(subject, body.into())).await {
             Err(_) => Err(format!("{guardian} did not answer in time")),
             Ok(Err(e)) => Err(format!("{guardian} unreachable: {e}")),
             Ok(Ok(msg)) => codec::from_msgpack(&msg.payload)
@@ -253,10 +252,7 @@ impl SignStep {
         checked: &CheckedSpend,
         group_key: &str,
     ) -> Result<Vec<[u8; 64]>, Vec<(String, String)>> {
-        let session_id = format!(
-            "{workflow_id}-{}",
-            hex::encode(rand::random::<[u8; 8]>())
-        );
+        let session_id = format!("{workflow_id}-{}", hex::encode(rand::random::<[u8; 8]>()));
         let sighashes = checked
             .sighashes()
             .map_err(|e| vec![("coordinator".to_string(), e.to_string())])?;
@@ -385,7 +381,11 @@ fn read_commitments(
     }
 }
 
-fn read_shares(guardian: &str, reply: SignReply, inputs: usize) -> Result<Vec<SignatureShare>, String> {
+fn read_shares(
+    guardian: &str,
+    reply: SignReply,
+    inputs: usize,
+) -> Result<Vec<SignatureShare>, String> {
     match reply {
         SignReply::Shares { shares } if shares.len() == inputs => shares
             .iter()
@@ -549,7 +549,10 @@ impl Step for SignStep {
                         ));
                     }
                     let excluded: BTreeSet<&String> = blamed.iter().map(|(g, _)| g).collect();
-                    if blamed.iter().any(|(g, _)| g == "coordinator" || g == "guardians") {
+                    if blamed
+                        .iter()
+                        .any(|(g, _)| g == "coordinator" || g == "guardians")
+                    {
                         break;
                     }
                     candidates.retain(|(g, _)| !excluded.contains(g));
