@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: audit (append + verify), intake, policy, dkg, or all.
-    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg"])]
+    /// Which benchmark: audit (append + verify), intake, policy, dkg, signing, or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg", "signing"])]
     which: String,
     /// Server profiles to measure: both, durable or default.
     #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
@@ -44,6 +44,9 @@ pub struct BenchArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     if args.which == "dkg" {
         return dkg(args.ceremonies).await;
+    }
+    if args.which == "signing" {
+        return signing(args.ceremonies).await;
     }
     if args.which == "all" || args.which == "policy" {
         policy(args.decisions)?;
@@ -500,54 +503,8 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
         "custos bench dkg ({ceremonies} ceremonies per configuration, guardians as separate processes)"
     );
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
-    let (js, client, ledger, dir, url) = (
-        &bench.js,
-        &bench.client,
-        &bench.ledger,
-        &bench.dir,
-        bench.server.url(),
-    );
-    let exe = std::env::current_exe()?;
-    let mut guardians = Vec::new();
-    for i in 1..=5 {
-        guardians.push(
-            tokio::process::Command::new(&exe)
-                .args([
-                    "guardian",
-                    "run",
-                    "--id",
-                    &format!("g{i}"),
-                    "--nats-url",
-                    &url,
-                    "--data-dir",
-                ])
-                .arg(dir.join(format!("g{i}")))
-                .env(
-                    "CUSTOS_GUARDIAN_PASSPHRASE",
-                    format!("bench-passphrase-g{i}"),
-                )
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
-    let bucket = js
-        .get_key_value(subjects::GUARDIANS_BUCKET)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        let mut live = 0;
-        for i in 1..=5 {
-            if matches!(bucket.get(format!("g{i}")).await, Ok(Some(_))) {
-                live += 1;
-            }
-        }
-        if live == 5 {
-            break;
-        }
-        // Poll until every guardian has announced itself.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (client, ledger) = (&bench.client, &bench.ledger);
+    let guardians = start_guardians(&bench, 5).await?;
     for (t, n) in [(2u16, 3u16), (3, 5)] {
         let mut compute = Vec::new();
         for c in 0..ceremonies {
@@ -592,4 +549,315 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
     drop(guardians);
     bench.stop().await;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Starts guardians `g1`..`gN` as processes of this binary and waits until each
+/// has announced itself.
+async fn start_guardians(
+    bench: &BenchEngine,
+    count: u16,
+) -> anyhow::Result<Vec<tokio::process::Child>> {
+    let exe = std::env::current_exe()?;
+    let url = bench.server.url();
+    let mut guardians = Vec::new();
+    for i in 1..=count {
+        guardians.push(
+            tokio::process::Command::new(&exe)
+                .args([
+                    "guardian",
+                    "run",
+                    "--id",
+                    &format!("g{i}"),
+                    "--nats-url",
+                    &url,
+                    "--data-dir",
+                ])
+                .arg(bench.dir.join(format!("g{i}")))
+                .env(
+                    "CUSTOS_GUARDIAN_PASSPHRASE",
+                    format!("bench-passphrase-g{i}"),
+                )
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let bucket = bench
+        .js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let mut live = 0;
+        for i in 1..=count {
+            if matches!(bucket.get(format!("g{i}")).await, Ok(Some(_))) {
+                live += 1;
+            }
+        }
+        if live == count {
+            return Ok(guardians);
+        }
+        // Poll until every guardian has announced itself.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the guardians did not announce themselves within 30 s")
+}
+
+/// Threshold signing ceremonies by guardian processes over NATS (durable
+/// profile), 2-of-3 and 3-of-5: from the coordinator's start (guardians check
+/// the trail, two rounds, aggregation, BIP-340 check) to the signed
+/// transaction, against the same signing computed in one process; then
+/// signatures/s with many ceremonies in flight.
+async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
+    use futures::StreamExt;
+    let count = count.max(2);
+    println!("custos bench signing ({count} signings per configuration, guardians as separate processes)");
+    let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
+    let guardians = start_guardians(&bench, 5).await?;
+    let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+    let policy = custos_engine::policy::default_policy()
+        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
+    let user = custos_schemas::UserRecord {
+        id: "bench".into(),
+        name: "Bench".into(),
+        email: "bench@example.com".into(),
+        slack_user_id: None,
+        roles: vec!["initiator".into()],
+        groups: Vec::new(),
+        mfa_enrolled: false,
+    };
+    let reply = ledger
+        .append(vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: policy.name.clone(),
+                    version: policy.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "bench",
+                EventType::UserCreated,
+                Payload::UserCreated(user),
+            ),
+        ])
+        .await;
+    anyhow::ensure!(
+        matches!(reply, AppendReply::Appended { .. }),
+        "bootstrap: {reply:?}"
+    );
+    let mut prices = custos_workers::policy_step::PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let step = Arc::new(
+        custos_workers::signing::SignStep::new(client.clone(), trail)
+            .map_err(anyhow::Error::msg)?,
+    );
+    for (t, n) in [(2u16, 3u16), (3, 5)] {
+        let name = format!("bench-{t}of{n}");
+        let wallet = match custos_workers::wallets::create(
+            client,
+            ledger,
+            custos_workers::wallets::CreateWallet {
+                name: name.clone(),
+                model: "frost".into(),
+                threshold: t,
+                guardians: (1..=n).map(|i| format!("g{i}")).collect(),
+                chain: "ltc-regtest".into(),
+                initiator: "bench".into(),
+            },
+        )
+        .await
+        {
+            custos_workers::wallets::CreateWalletReply::Created { wallet } => wallet,
+            other => anyhow::bail!("wallet creation failed: {other:?}"),
+        };
+        // One ceremony first: each guardian decrypts its share once (argon2id).
+        let warm = built_transfers(client, js, ledger, &wallet, "warm", 1).await?;
+        ceremony(&step, &warm[0]).await?;
+        let ids = built_transfers(client, js, ledger, &wallet, "seq", count).await?;
+        let mut over_nats = Vec::with_capacity(count);
+        for id in &ids {
+            let t0 = Instant::now();
+            ceremony(&step, id).await?;
+            over_nats.push(t0.elapsed());
+        }
+        let ids = built_transfers(client, js, ledger, &wallet, "par", count * 4).await?;
+        let t0 = Instant::now();
+        let results: Vec<anyhow::Result<()>> = futures::stream::iter(ids.iter())
+            .map(|id| ceremony(&step, id))
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let in_flight = t0.elapsed();
+        results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+        let compute = signing_compute(t, n, count)?;
+        over_nats.sort();
+        let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "signing {t}-of-{n}   ceremony over NATS p50 {:.2} ms p99 {:.2} ms   compute p50 {:.2} ms   ratio p50 {:.1}x (target <= 3x)   16 in flight: {:.0} signatures/s",
+            ms(pct(&over_nats, 50)),
+            ms(pct(&over_nats, 99)),
+            ms(compute),
+            pct(&over_nats, 50).as_secs_f64() / compute.as_secs_f64(),
+            (count * 4) as f64 / in_flight.as_secs_f64()
+        );
+    }
+    trigger.trigger();
+    drop(guardians);
+    bench.stop().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
+    Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.into(),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("bench"),
+        target: Target::default(),
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload,
+    }
+}
+
+async fn ceremony(step: &custos_workers::signing::SignStep, id: &str) -> anyhow::Result<()> {
+    match step.ceremony(id).await.map_err(anyhow::Error::msg)? {
+        custos_workers::signing::Ceremony::Signed { .. } => Ok(()),
+        other => anyhow::bail!("{id} not signed: {other:?}"),
+    }
+}
+
+/// `count` allowed transfers of `wallet`, each with its transaction recorded
+/// (spending a made-up output of the wallet): ready for the guardians.
+async fn built_transfers(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    wallet: &WalletDescriptor,
+    tag: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    use custos_custody::spend::{FeePolicy, SpendRequest};
+    use custos_schemas::chain::SpentOutput;
+    let script = custos_workers::signing::wallet_script(wallet).map_err(anyhow::Error::msg)?;
+    let destination = "rltc1pqurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qursz7c3hy";
+    let dest_script = custos_custody::spend::script_pubkey_for_address(&wallet.chain, destination)?;
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let request = TransferRequest {
+            request_id: format!("{}-{tag}-{i}", wallet.name),
+            wallet: wallet.name.clone(),
+            asset: "LTC".into(),
+            destination: destination.into(),
+            amount: "1".into(),
+            memo: None,
+            initiator: "bench".into(),
+        };
+        let reply = client
+            .request(
+                subjects::REQ_TRANSFER,
+                ContentType::MsgPack.encode(&request).into(),
+            )
+            .await?;
+        let IntakeReply::Accepted { workflow_id, .. } =
+            ContentType::MsgPack.decode(&reply.payload)?
+        else {
+            anyhow::bail!("intake refused the transfer");
+        };
+        ids.push(workflow_id);
+    }
+    for id in &ids {
+        let decided =
+            subjects::event_subject(AggregateKind::Tx, id, EventType::PolicyEvaluated.as_str());
+        let started = Instant::now();
+        while !recorded(js, &decided).await {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "no policy decision for {id}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let unsigned = custos_custody::spend::build_spend(&SpendRequest {
+            chain: &wallet.chain,
+            wallet_script: &script,
+            utxos: &[SpentOutput {
+                txid: hex::encode(Sha256::digest(id.as_bytes())),
+                vout: 0,
+                value: 500_000_000,
+                script_pubkey: hex::encode(&script),
+            }],
+            destination: &dest_script,
+            amount: 100_000_000,
+            fee_rate: Some(2),
+            fees: FeePolicy::for_chain(&wallet.chain)?,
+        })?;
+        let mut built = record(
+            AggregateKind::Tx,
+            id,
+            EventType::TransactionBuilt,
+            Payload::TransactionBuilt(unsigned),
+        );
+        built.expected_version = 2;
+        let reply = ledger.append(vec![built]).await;
+        anyhow::ensure!(
+            matches!(reply, AppendReply::Appended { .. }),
+            "recording the transaction of {id}: {reply:?}"
+        );
+    }
+    Ok(ids)
+}
+
+/// Median of `count` in-process t-of-n signings (commitments, shares,
+/// aggregation with share verification, BIP-340 check), all signers summed.
+fn signing_compute(t: u16, n: u16, count: usize) -> anyhow::Result<Duration> {
+    let group = custos_custody::sim::run_dkg("bench-compute", t, n, &mut rand::rngs::OsRng)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let public = group
+        .public_key_package()
+        .ok_or_else(|| anyhow::anyhow!("no public key package"))?;
+    let signers: Vec<_> = (1..=t).filter_map(|i| group.key_package(i)).collect();
+    let mut compute = Vec::with_capacity(count);
+    for i in 0..count {
+        let sighash =
+            custos_custody::sign::Sighash::from_recomputed(Sha256::digest(i.to_le_bytes()).into());
+        let t0 = Instant::now();
+        custos_custody::sim::run_signing(&signers, public, &sighash, &mut rand::rngs::OsRng)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        compute.push(t0.elapsed());
+    }
+    compute.sort();
+    Ok(compute[compute.len() / 2])
+}
+
+/// Whether an event is stored under `subject`.
+async fn recorded(js: &jetstream::Context, subject: &str) -> bool {
+    let Ok(stream) = js.get_stream(subjects::EVENTS_STREAM).await else {
+        return false;
+    };
+    stream.get_last_raw_message_by_subject(subject).await.is_ok()
 }

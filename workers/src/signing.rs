@@ -467,20 +467,37 @@ fn alert(workflow_id: &str, summary: String) -> Proposal {
     }
 }
 
-impl Step for SignStep {
-    fn consumer(&self) -> StepConsumer {
-        self.consumer.clone()
-    }
+/// How one signing ceremony ended.
+#[derive(Debug)]
+pub enum Ceremony {
+    /// Signed; `version` is the workflow's version it was signed at.
+    Signed {
+        signed: custos_schemas::chain::SignedTransaction,
+        version: u64,
+        /// Guardians excluded on the way, and why.
+        excluded: Vec<(String, String)>,
+    },
+    /// Not signable: the checks failed, or too few guardians could sign.
+    Failed {
+        reason: String,
+        version: u64,
+        excluded: Vec<(String, String)>,
+    },
+    /// Not built (yet), or signed already.
+    NotPending,
+}
 
-    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
-        let id = event.workflow_id.clone();
+impl SignStep {
+    /// Runs the signing ceremony of a built workflow: the guardians' own checks
+    /// first (a request they would refuse fails here with the reason), then
+    /// attempts with live guardians, replacing any that fail, until signed or
+    /// fewer than the threshold remain.
+    pub async fn ceremony(&self, workflow_id: &str) -> Result<Ceremony, String> {
         let now = now_ms();
-        // The coordinator runs the guardians' own checks first: a request they
-        // would refuse is failed here with the reason.
         let checked = self
             .trail
             .read(|view| {
-                let t = view.transfer(&id)?;
+                let t = view.transfer(workflow_id)?;
                 if t.stage != Stage::Built {
                     return None;
                 }
@@ -493,17 +510,22 @@ impl Step for SignStep {
                     wallet
                         .ok_or_else(|| "the wallet is not in the trail".to_string())
                         .and_then(|w| wallet_script(&w))
-                        .and_then(|script| check(view, &id, &script, now))
+                        .and_then(|script| check(view, workflow_id, &script, now))
+                        .map_err(|reason| (reason, t.version))
                         .map(|c| (c, t.version)),
                 )
             })
-            .await
-            .map_err(StepError::Transient)?;
+            .await?;
         let ((wallet, checked), version) = match checked {
-            // Signed already (a redelivery), or not this step's business.
-            None => return Ok(Vec::new()),
+            None => return Ok(Ceremony::NotPending),
             Some(Ok(c)) => c,
-            Some(Err(reason)) => return Ok(vec![failed(event, event.version, &reason)]),
+            Some(Err((reason, version))) => {
+                return Ok(Ceremony::Failed {
+                    reason,
+                    version,
+                    excluded: Vec::new(),
+                });
+            }
         };
         let threshold = usize::from(wallet.threshold.unwrap_or(0));
         let group_key = wallet.group_key.clone().unwrap_or_default();
@@ -516,55 +538,93 @@ impl Step for SignStep {
             .chain(wallet.guardians.iter().filter(|g| !live.contains(&g.id)))
             .map(|g| (g.id.clone(), g.index))
             .collect();
-        let mut alerts = Vec::new();
+        let mut excluded = Vec::new();
         while candidates.len() >= threshold && threshold > 0 {
             let signers: Vec<(String, u16)> = candidates[..threshold].to_vec();
-            match self.attempt(&id, &signers, &checked, &group_key).await {
+            match self.attempt(workflow_id, &signers, &checked, &group_key).await {
                 Ok(signatures) => {
                     let names = signers.iter().map(|(g, _)| g.clone()).collect();
                     let signed = checked
                         .finalize(&wallet.chain, &signatures, names)
-                        .map_err(|e| StepError::Permanent(e.to_string()))?;
-                    alerts.push(Proposal {
-                        aggregate_kind: AggregateKind::Tx,
-                        workflow_id: id.clone(),
-                        expected_version: version,
-                        event_type: EventType::TransactionSigned,
-                        causation_id: Some(event.id.clone()),
-                        actor: Actor::system("signing"),
-                        target: event.target.clone(),
-                        context: Default::default(),
-                        result: Outcome::Success,
-                        metadata: Default::default(),
-                        payload: Payload::TransactionSigned(signed),
+                        .map_err(|e| e.to_string())?;
+                    return Ok(Ceremony::Signed {
+                        signed,
+                        version,
+                        excluded,
                     });
-                    return Ok(alerts);
                 }
                 Err(blamed) => {
-                    for (guardian, reason) in &blamed {
-                        tracing::warn!(workflow = %id, %guardian, %reason, "guardian excluded");
-                        alerts.push(alert(
-                            &id,
-                            format!("signing {id}: guardian {guardian} excluded: {reason}"),
-                        ));
-                    }
-                    let excluded: BTreeSet<&String> = blamed.iter().map(|(g, _)| g).collect();
-                    if blamed
+                    let fatal = blamed
                         .iter()
-                        .any(|(g, _)| g == "coordinator" || g == "guardians")
-                    {
+                        .any(|(g, _)| g == "coordinator" || g == "guardians");
+                    let out: BTreeSet<String> = blamed.iter().map(|(g, _)| g.clone()).collect();
+                    candidates.retain(|(g, _)| !out.contains(g));
+                    excluded.extend(blamed);
+                    if fatal {
                         break;
                     }
-                    candidates.retain(|(g, _)| !excluded.contains(g));
                 }
             }
         }
-        let reason = format!(
-            "fewer than {threshold} guardians could sign ({} left after exclusions)",
-            candidates.len()
-        );
-        alerts.push(failed(event, version, &reason));
-        Ok(alerts)
+        Ok(Ceremony::Failed {
+            reason: format!(
+                "fewer than {threshold} guardians could sign ({} left after exclusions)",
+                candidates.len()
+            ),
+            version,
+            excluded,
+        })
+    }
+}
+
+impl Step for SignStep {
+    fn consumer(&self) -> StepConsumer {
+        self.consumer.clone()
+    }
+
+    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
+        let id = &event.workflow_id;
+        let ceremony = self
+            .ceremony(id)
+            .await
+            .map_err(StepError::Transient)?;
+        let (next, excluded) = match ceremony {
+            Ceremony::NotPending => return Ok(Vec::new()),
+            Ceremony::Signed {
+                signed,
+                version,
+                excluded,
+            } => (
+                Proposal {
+                    aggregate_kind: AggregateKind::Tx,
+                    workflow_id: id.clone(),
+                    expected_version: version,
+                    event_type: EventType::TransactionSigned,
+                    causation_id: Some(event.id.clone()),
+                    actor: Actor::system("signing"),
+                    target: event.target.clone(),
+                    context: Default::default(),
+                    result: Outcome::Success,
+                    metadata: Default::default(),
+                    payload: Payload::TransactionSigned(signed),
+                },
+                excluded,
+            ),
+            Ceremony::Failed {
+                reason,
+                version,
+                excluded,
+            } => (failed(event, version, &reason), excluded),
+        };
+        let mut proposals: Vec<Proposal> = excluded
+            .iter()
+            .map(|(guardian, reason)| {
+                tracing::warn!(workflow = %id, %guardian, %reason, "guardian excluded");
+                alert(id, format!("signing {id}: guardian {guardian} excluded: {reason}"))
+            })
+            .collect();
+        proposals.push(next);
+        Ok(proposals)
     }
 }
 
