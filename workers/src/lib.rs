@@ -3,6 +3,7 @@
 
 pub mod approvals;
 pub mod ceremony;
+pub mod chain_steps;
 pub mod engine;
 pub mod guardian;
 mod guardian_sign;
