@@ -1,6 +1,8 @@
 //! Test harness: real servers on dynamic loopback ports in temporary directories,
 //! stopped in `Drop`, and helpers that speak to Custos the way its users do.
 
+pub mod slack_emulator;
+
 use std::time::Duration;
 
 use custos_adapters::jetstream::{StreamSettings, provision};

@@ -619,8 +619,11 @@ fn parse_interaction(body: &[u8]) -> Result<Interaction, String> {
         .map(|(_, v)| v)
         .ok_or("missing payload field")?;
     let mut de = serde_json::Deserializer::from_str(&payload);
-    serde_path_to_error::deserialize(&mut de)
-        .map_err(|e| format!("payload.{}: {}", e.path(), e.inner()))
+    serde_path_to_error::deserialize(&mut de).map_err(|e| match e.path().to_string() {
+        // The path of a top-level error is ".".
+        path if path == "." => format!("payload: {}", e.inner()),
+        path => format!("payload.{path}: {}", e.inner()),
+    })
 }
 
 fn refuse(status: StatusCode, reason: &str) -> Response {
