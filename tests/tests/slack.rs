@@ -526,6 +526,14 @@ async fn an_exact_replay_inside_the_window_is_refused() {
         (again.status, again.body.as_str()),
         (401, "replayed request")
     );
+    // The same signature spelled in upper case is the same request.
+    let mut shouted = signed.clone();
+    shouted.signature = format!("v0={}", signed.signature[3..].to_uppercase());
+    let again = post_interaction(s.server.addr, &shouted, &[]).await;
+    assert_eq!(
+        (again.status, again.body.as_str()),
+        (401, "replayed request")
+    );
     s.emulator.wait_for("response_url", 1).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(s.ballots.ballots().len(), 1, "cast once");

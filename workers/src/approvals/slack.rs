@@ -321,22 +321,23 @@ fn concluded_message(notice: &ApprovalNotice, outcome: &str) -> SlackMessageCont
         .with_text(format!(
             "{}: {}",
             summary(notice, "Approval request"),
-            outcome
+            esc(outcome)
         ))
         .with_blocks(blocks)
 }
 
-/// Plain text only the clicking user sees.
+/// A message only the clicking user sees.
 fn note(text: &str) -> SlackMessageContent {
-    SlackMessageContent::new().with_text(text.to_string())
+    SlackMessageContent::new().with_text(esc(text))
 }
 
 fn summary(notice: &ApprovalNotice, title: &str) -> String {
     let r = &notice.request;
-    format!(
+    // The fallback `text` is mrkdwn too (notifications show it).
+    esc(&format!(
         "{title}: {} {} from {} to {}",
         r.amount, r.asset, r.wallet, r.destination
-    )
+    ))
 }
 
 fn notice_blocks(notice: &ApprovalNotice, title: &str) -> Vec<SlackBlock> {
@@ -501,7 +502,12 @@ impl SlackInteractions {
 
     /// Accept `response_url`s under another prefix (an emulator).
     pub fn with_response_url_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.response_url_prefix = prefix.into();
+        let mut prefix = prefix.into();
+        // Without the slash `https://hooks.slack.com` would admit `…slack.com.evil`.
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        self.response_url_prefix = prefix;
         self
     }
 
@@ -539,8 +545,8 @@ pub fn slack_router(interactions: SlackInteractions) -> Router {
 }
 
 /// Checks Slack's v0 signature: HMAC-SHA256 over `v0:{timestamp}:{body}` with
-/// the signing secret, the timestamp within the window. Returns the signature
-/// and its timestamp.
+/// the signing secret, the timestamp within the window. Returns the digest (hex)
+/// and the timestamp.
 fn verify_signature(
     secret: &[u8],
     headers: &HeaderMap,
@@ -575,7 +581,8 @@ fn verify_signature(
     // Constant time: `verify_slice` compares with `subtle`.
     mac.verify_slice(&digest)
         .map_err(|_| "signature mismatch")?;
-    Ok((signature.to_string(), timestamp))
+    // Normalized, so an upper-case copy of a signature is the same replay.
+    Ok((hex::encode(digest), timestamp))
 }
 
 /// The parts of a `block_actions` payload this channel reads.
