@@ -2,6 +2,7 @@
 //! stopped in `Drop`, and helpers that speak to Custos the way its users do.
 
 pub mod litecoind;
+pub mod slack_emulator;
 
 use std::time::Duration;
 
