@@ -2,9 +2,9 @@
 //! commands)`. A workflow's state is the fold of its events; the ledger runs this
 //! fold before it appends, so an event the machine does not allow is never written.
 
-use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
 use custos_schemas::approval::{ApprovalVote, Vote};
 use custos_schemas::chain::{Confirmation, SignedTransaction, UnsignedTransaction};
+use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
 use custos_schemas::{Event, EventType, Outcome, Payload, TransferRequest};
 
 /// Where a transfer stands.
@@ -170,12 +170,13 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
             let approving = event.event_type == E::TransactionApproved;
             match &event.payload {
                 Payload::ApprovalVote(vote) => {
-                    let expected = if approving { Vote::Approve } else { Vote::Reject };
+                    let expected = if approving {
+                        Vote::Approve
+                    } else {
+                        Vote::Reject
+                    };
                     if vote.vote != expected {
-                        return Err(refuse(Some(format!(
-                            "the vote says {:?}",
-                            vote.vote
-                        ))));
+                        return Err(refuse(Some(format!("the vote says {:?}", vote.vote))));
                     }
                     if Some(&vote.request_hash) != state.request_hash.as_ref() {
                         return Err(refuse(Some(
@@ -212,7 +213,9 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
         }
         (S::ReadyToSign, E::TransactionBuilt, Outcome::Success) => {
             let Payload::TransactionBuilt(tx) = &event.payload else {
-                return Err(refuse(Some("payload must be the unsigned transaction".into())));
+                return Err(refuse(Some(
+                    "payload must be the unsigned transaction".into(),
+                )));
             };
             next.unsigned = Some(tx.clone());
             next.stage = S::Built;
@@ -220,7 +223,9 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
         }
         (S::Built, E::TransactionSigned, Outcome::Success) => {
             let Payload::TransactionSigned(tx) = &event.payload else {
-                return Err(refuse(Some("payload must be the signed transaction".into())));
+                return Err(refuse(Some(
+                    "payload must be the signed transaction".into(),
+                )));
             };
             next.signed = Some(tx.clone());
             next.stage = S::Signed;
@@ -231,7 +236,9 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
                 return Err(refuse(Some("payload must name the broadcast txid".into())));
             };
             if next.signed.as_ref().is_some_and(|s| &s.txid != txid) {
-                return Err(refuse(Some("txid differs from the signed transaction's".into())));
+                return Err(refuse(Some(
+                    "txid differs from the signed transaction's".into(),
+                )));
             }
             next.txid = Some(txid.clone());
             next.stage = S::Broadcast;

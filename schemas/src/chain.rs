@@ -18,7 +18,11 @@ pub struct SpentOutput {
 
 /// The unsigned transaction of a transfer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "family")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "family"
+)]
 pub enum UnsignedTransaction {
     /// A Bitcoin-family transaction (Taproot key-path or P2WPKH inputs).
     Bitcoin {

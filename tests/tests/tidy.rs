@@ -114,6 +114,11 @@ fn pure_crates_take_no_clock_file_network_or_rng() {
         rust_files(&workspace_root().join(dir), &mut files);
     }
     assert!(files.len() > 10, "the source walk found only {files:?}");
+    // TOTP verification is pure too: the caller passes the time and the secret.
+    assert!(
+        files.iter().any(|p| p.ends_with("engine/src/mfa.rs")),
+        "the source walk missed engine/src/mfa.rs"
+    );
     for path in files {
         let text = std::fs::read_to_string(&path).expect("source");
         for banned in BANNED {

@@ -48,13 +48,14 @@ pub trait BallotBox: Send + Sync {
     /// Records an answer. Idempotent per (workflow, user).
     fn cast(&self, ballot: Ballot) -> BoxFuture<'_, Result<Receipt, BallotError>>;
     /// What the approver is asked to approve, as it stands now.
-    fn notice<'a>(&'a self, workflow_id: &'a str)
-    -> BoxFuture<'a, Result<ApprovalNotice, BallotError>>;
+    fn notice<'a>(
+        &'a self,
+        workflow_id: &'a str,
+    ) -> BoxFuture<'a, Result<ApprovalNotice, BallotError>>;
     /// A directory user by id (active or not), to render and to authorize.
     fn user<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Option<UserRecord>>;
     /// The directory user whose Slack user id this is.
-    fn user_by_slack_id<'a>(&'a self, slack_user_id: &'a str)
-    -> BoxFuture<'a, Option<UserRecord>>;
+    fn user_by_slack_id<'a>(&'a self, slack_user_id: &'a str) -> BoxFuture<'a, Option<UserRecord>>;
 }
 
 /// Mints the one-time web approval link of one approver for one notice (email,
