@@ -1,6 +1,8 @@
-//! Custos' edges: the JetStream event log and the nats-server child process. Each
-//! adapter is a thin translation between the engine's types and a real system.
+//! Custos' edges: the JetStream event log, the nats-server child process and
+//! outgoing mail. Each adapter is a thin translation between the engine's types
+//! and a real system.
 
 pub mod files;
 pub mod jetstream;
+pub mod mail;
 pub mod nats_server;
