@@ -1,6 +1,10 @@
 //! Test harness: real servers on dynamic loopback ports in temporary directories,
 //! stopped in `Drop`, and helpers that speak to Custos the way its users do.
 
+pub mod browser;
+pub mod smtp;
+pub mod webhook;
+
 use std::time::Duration;
 
 use custos_adapters::jetstream::{StreamSettings, provision};
