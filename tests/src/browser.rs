@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 /// WebDriver's key for element references.
-const ELEMENT: &str = "element-6066-11e4-a94c-4a6a4cd6c0ae";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 #[derive(Debug)]
 pub struct Browser {
@@ -36,7 +36,9 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("chromedriver starts (apt-get install chromium-driver, or scripts/install-deps)");
+            .expect(
+                "chromedriver starts (apt-get install chromium-driver, or scripts/install-deps)",
+            );
         let http = reqwest::Client::new();
         let base = format!("http://127.0.0.1:{port}");
         let up = crate::eventually(Duration::from_secs(20), || async {

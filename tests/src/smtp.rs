@@ -83,10 +83,15 @@ impl SmtpCapture {
 
     /// Waits until `count` messages arrived, and returns them.
     pub async fn wait_for(&self, count: usize) -> Vec<CapturedMail> {
-        let arrived =
-            crate::eventually(Duration::from_secs(20), || async { self.messages().len() >= count })
-                .await;
-        assert!(arrived, "expected {count} mail(s), got {}", self.messages().len());
+        let arrived = crate::eventually(Duration::from_secs(20), || async {
+            self.messages().len() >= count
+        })
+        .await;
+        assert!(
+            arrived,
+            "expected {count} mail(s), got {}",
+            self.messages().len()
+        );
         self.messages()
     }
 }

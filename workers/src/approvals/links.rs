@@ -608,8 +608,9 @@ async fn security_headers(mut response: Response) -> Response {
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        // The token is in the URL: never hand it to another site.
-        (header::REFERRER_POLICY, "no-referrer"),
+        // The token is in the URL: never hand it to another site. (Not
+        // `no-referrer`: browsers then send `Origin: null` on the page's own post.)
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
         (
             header::HeaderName::from_static("cross-origin-opener-policy"),
@@ -784,9 +785,16 @@ impl<A: Appender> LinkIssuer<A> {
         self.inner.settings.base_url.starts_with("https://")
     }
 
-    /// Whether an `Origin` header (sent by browsers on form posts) names this
-    /// server. Absent is allowed: the CSRF token still has to match.
+    /// Whether the browser says the post came from this server's page: `Origin`
+    /// names this server and `Sec-Fetch-Site` is `same-origin`. Absent headers
+    /// are allowed (older clients): the CSRF token still has to match.
     fn same_origin(&self, headers: &HeaderMap) -> bool {
+        if headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site != "same-origin")
+        {
+            return false;
+        }
         let Some(origin) = headers.get(header::ORIGIN) else {
             return true;
         };
