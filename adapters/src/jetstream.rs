@@ -106,6 +106,39 @@ pub fn ledger_lease_bucket(settings: StreamSettings) -> jetstream::kv::Config {
     }
 }
 
+/// One-time approval links (email, chat, Slack step-up), keyed by the hex SHA-256
+/// of the token; the token itself is never stored. Links expire long before a
+/// record ages out; a record past the bucket's age reads as an unknown link.
+pub fn approval_links_bucket(settings: StreamSettings) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: subjects::APPROVAL_LINKS_BUCKET.into(),
+        description: "Custos one-time approval links (token hashes)".into(),
+        history: 1,
+        max_age: APPROVAL_LINK_RETENTION,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
+/// How long a used or expired approval link record is kept (to tell "already
+/// used" and "expired" apart from "unknown").
+pub const APPROVAL_LINK_RETENTION: Duration = Duration::from_secs(30 * 86_400);
+
+/// Approvers' second factors: TOTP secrets sealed with the engine's key, with the
+/// replay and lockout state. Kept until re-enrolment; every update is
+/// revision-checked.
+pub fn mfa_bucket(settings: StreamSettings) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: subjects::MFA_BUCKET.into(),
+        description: "Custos approver second factors (sealed)".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        ..Default::default()
+    }
+}
+
 /// A ledger writer lease not renewed within this expires.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 
@@ -205,7 +238,12 @@ pub async fn provision(
             created: !existed,
         });
     }
-    for bucket in [guardians_bucket(settings), ledger_lease_bucket(settings)] {
+    for bucket in [
+        guardians_bucket(settings),
+        ledger_lease_bucket(settings),
+        approval_links_bucket(settings),
+        mfa_bucket(settings),
+    ] {
         let existed = js.get_key_value(&bucket.bucket).await.is_ok();
         let name = bucket.bucket.clone();
         js.create_or_update_key_value(bucket).await?;

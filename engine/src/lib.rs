@@ -6,5 +6,6 @@ pub mod chain;
 pub mod chains;
 pub mod intake;
 pub mod ledger;
+pub mod mfa;
 pub mod policy;
 pub mod transfer;

@@ -29,6 +29,11 @@ pub const WALLET_QUEUE: &str = "custos-wallets";
 pub const LEDGER_LEASE_BUCKET: &str = "CUSTOS_LEDGER";
 /// Key-value bucket where guardians announce their public keys and liveness.
 pub const GUARDIANS_BUCKET: &str = "CUSTOS_GUARDIANS";
+/// Key-value bucket of one-time approval links, keyed by the SHA-256 of the token.
+pub const APPROVAL_LINKS_BUCKET: &str = "CUSTOS_APPROVAL_LINKS";
+/// Key-value bucket of approvers' second factors: sealed TOTP secrets, replay and
+/// lockout state.
+pub const MFA_BUCKET: &str = "CUSTOS_MFA";
 
 /// Ceremony requests to one guardian: `custos.guardian.<id>.<op>`. Only that
 /// guardian may subscribe.

@@ -3,6 +3,9 @@
 
 pub mod litecoind;
 pub mod slack_emulator;
+pub mod browser;
+pub mod smtp;
+pub mod webhook;
 
 use std::time::Duration;
 

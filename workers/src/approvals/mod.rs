@@ -3,6 +3,7 @@
 //! approver and carry the answer; the ballot box decides whether it counts.
 
 pub mod slack;
+pub mod links;
 
 use futures::future::BoxFuture;
 

@@ -1,0 +1,1433 @@
+//! Email and chat approval links with a TOTP second factor.
+//!
+//! A link is `{base_url}/approve/{token}`: 256 random bits, bound to one
+//! workflow, approver, request hash, policy version, channel and expiry. Only the
+//! token's SHA-256 is stored (bucket `CUSTOS_APPROVAL_LINKS`), and a link is spent
+//! by a revision-checked update, so two submissions can never both count.
+//!
+//! Opening a link only shows the request: mail scanners open links and some even
+//! submit forms, so approving takes an explicit decision, the approver's current
+//! TOTP code and a CSRF token bound to the link. TOTP secrets are sealed with
+//! ChaCha20-Poly1305 under the engine's key (bucket `CUSTOS_MFA`, with the replay
+//! and lockout state of `custos_engine::mfa`). Every verification is recorded
+//! (`MFA_VERIFIED` or `LOGIN_FAILURE` with the reason) before anything is acted on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, Path, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::{Extensions, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload as AeadPayload};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use custos_adapters::mail::{Mailer, OutgoingMail};
+use custos_engine::mfa::{self, Lockout, TotpRefusal, TotpSecret, TotpState};
+use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote, MfaMethod, Vote};
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, EventType, Outcome, Payload, Proposal, RequestContext,
+    Target, UserRecord, subjects, validate_token,
+};
+use futures::future::BoxFuture;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{ApprovalLinks, Ballot, BallotBox, BallotError, Notifier, NotifyError, Receipt};
+use crate::remote::Appender;
+
+/// Milliseconds since the Unix epoch, as the engine counts time. Injected so
+/// tests can age links and lockouts.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    })
+}
+
+/// The engine's key that seals TOTP secrets at rest (and keys the CSRF tokens).
+/// Zeroized on drop, never shown.
+pub struct MfaKey(Zeroizing<[u8; 32]>);
+
+impl MfaKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        MfaKey(Zeroizing::new(bytes))
+    }
+
+    /// A fresh random key (to be stored by the caller, e.g. with
+    /// `custos_adapters::files::write_private`).
+    pub fn generate() -> Self {
+        let mut key = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(key.as_mut());
+        MfaKey(key)
+    }
+
+    pub fn expose_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A subkey for one purpose, so one key never serves two constructions.
+    fn derive(&self, purpose: &[u8]) -> Zeroizing<[u8; 32]> {
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&hmac_sha256(self.0.as_ref(), &[purpose]));
+        out
+    }
+}
+
+impl std::fmt::Debug for MfaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MfaKey(<redacted>)")
+    }
+}
+
+/// What an operator configures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSettings {
+    /// Public base URL the router is served under, e.g. `https://custos.example.com`.
+    pub base_url: String,
+    /// Life of a link; never beyond the request's own expiry.
+    pub link_ttl: Duration,
+    /// Issuer shown by authenticator apps.
+    pub issuer: String,
+    pub lockout: Lockout,
+}
+
+impl LinkSettings {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        LinkSettings {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            link_ttl: Duration::from_secs(24 * 3600),
+            issuer: "Custos".into(),
+            lockout: Lockout::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} has no second factor enrolled")]
+    NotEnrolled(String),
+    #[error("key-value store: {0}")]
+    Store(String),
+    #[error("the audit trail did not record it: {0}")]
+    Audit(String),
+}
+
+/// What the links bucket holds per token hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LinkRecord {
+    workflow_id: String,
+    user_id: String,
+    request_hash: String,
+    policy_version: String,
+    channel: ApprovalChannel,
+    issued_at: i64,
+    expires_at: i64,
+    #[serde(default)]
+    used_at: Option<i64>,
+}
+
+/// What the MFA bucket holds per user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MfaRecord {
+    /// Base64url of nonce ‖ ChaCha20-Poly1305 ciphertext of the TOTP secret.
+    sealed_secret: String,
+    #[serde(default)]
+    state: TotpState,
+    #[serde(default)]
+    deactivated: bool,
+}
+
+/// Mints links, enrols and verifies second factors, and serves the pages (see
+/// [`links_router`]). Cheap to clone; [`LinkIssuer::for_channel`] gives the
+/// minter of another channel over the same state.
+pub struct LinkIssuer<A> {
+    inner: Arc<Inner<A>>,
+    channel: ApprovalChannel,
+}
+
+struct Inner<A> {
+    links: kv::Store,
+    mfa: kv::Store,
+    seal_key: Zeroizing<[u8; 32]>,
+    csrf_key: Zeroizing<[u8; 32]>,
+    ballots: Arc<dyn BallotBox>,
+    appender: A,
+    settings: LinkSettings,
+    clock: Clock,
+}
+
+impl<A> Clone for LinkIssuer<A> {
+    fn clone(&self) -> Self {
+        LinkIssuer {
+            inner: Arc::clone(&self.inner),
+            channel: self.channel,
+        }
+    }
+}
+
+impl<A> std::fmt::Debug for LinkIssuer<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkIssuer")
+            .field("channel", &self.channel)
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Appender> LinkIssuer<A> {
+    /// Over the provisioned `CUSTOS_APPROVAL_LINKS` and `CUSTOS_MFA` buckets;
+    /// mints email links until [`LinkIssuer::for_channel`].
+    pub async fn new(
+        js: &jetstream::Context,
+        ballots: Arc<dyn BallotBox>,
+        appender: A,
+        key: &MfaKey,
+        settings: LinkSettings,
+        clock: Clock,
+    ) -> Result<Self, LinkError> {
+        let bucket = |name: &'static str| async move {
+            js.get_key_value(name)
+                .await
+                .map_err(|e| LinkError::Store(format!("bucket {name}: {e} (run provisioning)")))
+        };
+        Ok(LinkIssuer {
+            inner: Arc::new(Inner {
+                links: bucket(subjects::APPROVAL_LINKS_BUCKET).await?,
+                mfa: bucket(subjects::MFA_BUCKET).await?,
+                seal_key: key.derive(b"custos-mfa-seal-v1"),
+                csrf_key: key.derive(b"custos-link-csrf-v1"),
+                ballots,
+                appender,
+                settings,
+                clock,
+            }),
+            channel: ApprovalChannel::Email,
+        })
+    }
+
+    /// The same issuer minting links recorded as answered on `channel`.
+    pub fn for_channel(&self, channel: ApprovalChannel) -> Self {
+        LinkIssuer {
+            inner: Arc::clone(&self.inner),
+            channel,
+        }
+    }
+
+    /// Enrols (or re-enrols) `user`'s authenticator and records `MFA_CONFIGURED`
+    /// by `by`. Returns the `otpauth://` URI to show the user once: it holds the
+    /// secret. The event is recorded before the secret is stored.
+    pub async fn enrol_totp(
+        &self,
+        user: &UserRecord,
+        by: Actor,
+    ) -> Result<Zeroizing<String>, LinkError> {
+        validate_token("user", &user.id).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        let mut bytes = Zeroizing::new([0u8; mfa::SECRET_LEN]);
+        OsRng.fill_bytes(bytes.as_mut());
+        let secret = TotpSecret::from_bytes(bytes.as_ref())
+            .map_err(|e| LinkError::Invalid(e.to_string()))?;
+        let record = MfaRecord {
+            sealed_secret: self.seal(&user.id, &secret)?,
+            state: TotpState::default(),
+            deactivated: false,
+        };
+        let mut event = auth_event(
+            EventType::MfaConfigured,
+            Outcome::Success,
+            user,
+            RequestContext::default(),
+        );
+        event.actor = by;
+        event.metadata.insert("method".into(), "totp".into());
+        self.record(event).await?;
+        let value = encode(&record)?;
+        let mfa = &self.inner.mfa;
+        match mfa.entry(user.id.as_str()).await.map_err(store)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                mfa.update(user.id.as_str(), value, e.revision)
+                    .await
+                    .map_err(store)?;
+            }
+            _ => {
+                mfa.put(user.id.as_str(), value).await.map_err(store)?;
+            }
+        }
+        Ok(mfa::otpauth_uri(
+            &secret,
+            &self.inner.settings.issuer,
+            &user.email,
+        ))
+    }
+
+    /// Refuses every link of `user_id` from now on (wire to `USER_DEACTIVATED`):
+    /// the directory record the ballot box hands out does not say who is active.
+    pub async fn deactivate(&self, user_id: &str) -> Result<(), LinkError> {
+        for _ in 0..3 {
+            let Some((mut record, revision)) = self.mfa_record(user_id).await? else {
+                return Ok(());
+            };
+            record.deactivated = true;
+            match self
+                .inner
+                .mfa
+                .update(user_id, encode(&record)?, revision)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(store(e)),
+            }
+        }
+        Err(LinkError::Store(format!(
+            "{user_id}: the MFA record kept changing"
+        )))
+    }
+
+    async fn mint(&self, to: &UserRecord, notice: &ApprovalNotice) -> Result<String, LinkError> {
+        validate_token("user", &to.id).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        validate_token("workflowId", &notice.workflow_id)
+            .map_err(|e| LinkError::Invalid(e.to_string()))?;
+        match self.mfa_record(&to.id).await? {
+            None => return Err(LinkError::NotEnrolled(to.id.clone())),
+            Some((r, _)) if r.deactivated => {
+                return Err(LinkError::Invalid(format!("{} is deactivated", to.id)));
+            }
+            Some(_) => {}
+        }
+        let now = self.now();
+        let ttl = i64::try_from(self.inner.settings.link_ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires_at = now
+            .saturating_add(ttl)
+            .min(notice.expires_at.unwrap_or(i64::MAX));
+        if expires_at <= now {
+            return Err(LinkError::Invalid(format!(
+                "{} has already expired",
+                notice.workflow_id
+            )));
+        }
+        let mut token = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(token.as_mut());
+        let record = LinkRecord {
+            workflow_id: notice.workflow_id.clone(),
+            user_id: to.id.clone(),
+            request_hash: notice.request_hash.clone(),
+            policy_version: notice.policy_version.clone(),
+            channel: self.channel,
+            issued_at: now,
+            expires_at,
+            used_at: None,
+        };
+        self.inner
+            .links
+            .create(token_key(token.as_ref()), encode(&record)?)
+            .await
+            .map_err(store)?;
+        Ok(format!(
+            "{}/approve/{}",
+            self.inner.settings.base_url,
+            data_encoding::BASE64URL_NOPAD.encode(token.as_ref())
+        ))
+    }
+
+    fn now(&self) -> i64 {
+        (self.inner.clock)()
+    }
+
+    async fn record(&self, proposal: Proposal) -> Result<(), LinkError> {
+        match self.inner.appender.append(vec![proposal]).await {
+            AppendReply::Appended { .. } => Ok(()),
+            other => Err(LinkError::Audit(format!("{other:?}"))),
+        }
+    }
+
+    async fn mfa_record(&self, user_id: &str) -> Result<Option<(MfaRecord, u64)>, LinkError> {
+        if validate_token("user", user_id).is_err() {
+            return Ok(None);
+        }
+        match self.inner.mfa.entry(user_id).await.map_err(store)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                Ok(Some((decode(&e.value)?, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn aad(user_id: &str) -> Vec<u8> {
+        [b"custos-mfa-totp-v1\0".as_slice(), user_id.as_bytes()].concat()
+    }
+
+    fn seal(&self, user_id: &str, secret: &TotpSecret) -> Result<String, LinkError> {
+        let cipher = ChaCha20Poly1305::new(self.inner.seal_key.as_ref().into());
+        let mut nonce = [0u8; 12];
+        OsRng.fill_bytes(&mut nonce);
+        let aad = Self::aad(user_id);
+        let sealed = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                AeadPayload {
+                    msg: secret.expose_bytes(),
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| LinkError::Invalid("sealing the TOTP secret failed".into()))?;
+        Ok(data_encoding::BASE64URL_NOPAD.encode(&[nonce.as_slice(), &sealed].concat()))
+    }
+
+    fn unseal(&self, user_id: &str, sealed: &str) -> Result<TotpSecret, LinkError> {
+        let bad = || LinkError::Store(format!("{user_id}: the sealed TOTP secret does not open"));
+        let bytes = data_encoding::BASE64URL_NOPAD
+            .decode(sealed.as_bytes())
+            .map_err(|_| bad())?;
+        if bytes.len() < 12 {
+            return Err(bad());
+        }
+        let (nonce, ciphertext) = bytes.split_at(12);
+        let cipher = ChaCha20Poly1305::new(self.inner.seal_key.as_ref().into());
+        let aad = Self::aad(user_id);
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    Nonce::from_slice(nonce),
+                    AeadPayload {
+                        msg: ciphertext,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| bad())?,
+        );
+        TotpSecret::from_bytes(&plain).map_err(|_| bad())
+    }
+
+    /// Verifies `code` for `user`, persisting the replay and lockout state with a
+    /// revision-checked update, and records the outcome in the audit trail.
+    async fn verify_totp(
+        &self,
+        user: &UserRecord,
+        link: &LinkRecord,
+        code: &str,
+        context: &RequestContext,
+    ) -> Result<(), Refusal> {
+        let now_secs = u64::try_from(self.now() / 1000).unwrap_or(0);
+        let mut outcome = None;
+        for _ in 0..3 {
+            let Some((record, revision)) = self.mfa_record(&user.id).await.map_err(unavailable)?
+            else {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "No second factor is enrolled for this approver.",
+                ));
+            };
+            if record.deactivated {
+                return Err(deactivated());
+            }
+            let secret = self
+                .unseal(&user.id, &record.sealed_secret)
+                .map_err(unavailable)?;
+            let attempt = mfa::verify(
+                &secret,
+                &record.state,
+                code,
+                now_secs,
+                self.inner.settings.lockout,
+            );
+            if attempt.state == record.state {
+                outcome = Some(attempt.outcome);
+                break;
+            }
+            let next = MfaRecord {
+                state: attempt.state,
+                ..record
+            };
+            match self
+                .inner
+                .mfa
+                .update(
+                    user.id.as_str(),
+                    encode(&next).map_err(unavailable)?,
+                    revision,
+                )
+                .await
+            {
+                Ok(_) => {
+                    outcome = Some(attempt.outcome);
+                    break;
+                }
+                // Another attempt landed first: verify again against its state.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(store(e))),
+            }
+        }
+        let Some(outcome) = outcome else {
+            return Err(unavailable(LinkError::Store(
+                "too many concurrent attempts".into(),
+            )));
+        };
+        let (event_type, result) = match outcome {
+            Ok(_) => (EventType::MfaVerified, Outcome::Success),
+            Err(_) => (EventType::LoginFailure, Outcome::Failure),
+        };
+        let mut event = auth_event(event_type, result, user, context.clone());
+        event.causation_id = Some(link.workflow_id.clone());
+        let meta = &mut event.metadata;
+        meta.insert("method".into(), "totp".into());
+        meta.insert("channel".into(), link.channel.as_str().into());
+        meta.insert("workflowId".into(), link.workflow_id.clone());
+        if let Err(refusal) = &outcome {
+            meta.insert("reason".into(), refusal.to_string());
+        }
+        let recorded = self.record(event).await;
+        match outcome {
+            // Nothing is acted on before it is recorded.
+            Ok(_) => recorded.map_err(unavailable),
+            Err(refusal) => {
+                if let Err(e) = recorded {
+                    tracing::warn!(user = %user.id, error = %e, "a failed TOTP attempt was not recorded");
+                }
+                Err(totp_refusal(refusal, now_secs))
+            }
+        }
+    }
+}
+
+impl<A: Appender> ApprovalLinks for LinkIssuer<A> {
+    fn link_for<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+    ) -> BoxFuture<'a, Result<String, NotifyError>> {
+        Box::pin(async move {
+            self.mint(to, notice).await.map_err(|e| NotifyError {
+                channel: self.channel.as_str(),
+                user: to.id.clone(),
+                reason: e.to_string(),
+            })
+        })
+    }
+}
+
+/// An `MFA_CONFIGURED` / `MFA_VERIFIED` / `LOGIN_FAILURE` event about `user`, on
+/// an auth aggregate of its own.
+fn auth_event(
+    event_type: EventType,
+    result: Outcome,
+    user: &UserRecord,
+    context: RequestContext,
+) -> Proposal {
+    let mut id = [0u8; 16];
+    OsRng.fill_bytes(&mut id);
+    Proposal {
+        aggregate_kind: AggregateKind::Auth,
+        workflow_id: format!("mfa-{}", hex::encode(id)),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor {
+            user_id: user.id.clone(),
+            email: Some(user.email.clone()),
+            role: None,
+        },
+        target: Target {
+            kind: "user".into(),
+            id: user.id.clone(),
+            amount: None,
+            currency: None,
+        },
+        context,
+        result,
+        metadata: Default::default(),
+        payload: Payload::None,
+    }
+}
+
+fn token_key(token: &[u8]) -> String {
+    hex::encode(Sha256::digest(token))
+}
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // HMAC takes keys of any length: the error branch cannot be taken.
+    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+        return [0; 32];
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, LinkError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| LinkError::Store(e.to_string()))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, LinkError> {
+    serde_json::from_slice(bytes).map_err(|e| LinkError::Store(format!("unreadable record: {e}")))
+}
+
+fn store(e: impl std::fmt::Display) -> LinkError {
+    LinkError::Store(e.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// The pages.
+
+/// `GET /approve/{token}` shows the request; `POST /approve/{token}` answers it.
+/// Serve with `into_make_service_with_connect_info::<SocketAddr>()` so ballots
+/// carry the (masked) client address.
+pub fn links_router<A: Appender>(issuer: LinkIssuer<A>) -> Router {
+    Router::new()
+        .route("/approve/{token}", get(show::<A>).post(answer::<A>))
+        .layer(DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(issuer)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        // The token is in the URL: never hand it to another site. (Not
+        // `no-referrer`: browsers then send `Origin: null` on the page's own post.)
+        (header::REFERRER_POLICY, "same-origin"),
+        (header::CACHE_CONTROL, "no-store"),
+        (
+            header::HeaderName::from_static("cross-origin-opener-policy"),
+            "same-origin",
+        ),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// A refusal the approver sees.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = page(
+            "Not accepted",
+            &format!(
+                "<p class=\"refused\" id=\"refusal\">{}</p>",
+                escape(&self.message)
+            ),
+        );
+        (self.status, Html(body)).into_response()
+    }
+}
+
+fn unavailable(e: LinkError) -> Refusal {
+    tracing::warn!(error = %e, "approval link unavailable");
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Custos could not process this right now; nothing was recorded. Try again shortly.",
+    )
+}
+
+fn deactivated() -> Refusal {
+    Refusal::new(
+        StatusCode::FORBIDDEN,
+        "This approver is deactivated: the link no longer works.",
+    )
+}
+
+fn totp_refusal(refusal: TotpRefusal, now_secs: u64) -> Refusal {
+    match refusal {
+        TotpRefusal::LockedOut { until } => Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Too many wrong codes: locked for {} more minute(s). Nothing was recorded as a vote.",
+                until.saturating_sub(now_secs).div_ceil(60)
+            ),
+        ),
+        TotpRefusal::Replayed => Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "That code was already used. Wait for the next code from your authenticator.",
+        ),
+        TotpRefusal::Malformed | TotpRefusal::Wrong => Refusal::new(
+            StatusCode::UNAUTHORIZED,
+            "Wrong authenticator code. Nothing was recorded as a vote; after 5 wrong codes the approver is locked out.",
+        ),
+    }
+}
+
+/// A link as found, with the bucket revision it was read at.
+struct Found {
+    key: String,
+    record: LinkRecord,
+    revision: u64,
+    user: UserRecord,
+}
+
+impl<A: Appender> LinkIssuer<A> {
+    /// The live link behind `token`, or why not.
+    async fn find(&self, token: &str) -> Result<Found, Refusal> {
+        let unknown = || {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                "Unknown approval link: it may be mistyped or altered. Use the link exactly as sent.",
+            )
+        };
+        let bytes = data_encoding::BASE64URL_NOPAD
+            .decode(token.as_bytes())
+            .map_err(|_| unknown())?;
+        if bytes.len() != 32 {
+            return Err(unknown());
+        }
+        let key = token_key(&bytes);
+        let entry = self
+            .inner
+            .links
+            .entry(key.as_str())
+            .await
+            .map_err(|e| unavailable(store(e)))?;
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return Err(unknown());
+        };
+        let record: LinkRecord = decode(&entry.value).map_err(unavailable)?;
+        if record.used_at.is_some() {
+            return Err(Refusal::new(
+                StatusCode::GONE,
+                "This approval link was already used. Each link answers once.",
+            ));
+        }
+        if self.now() >= record.expires_at {
+            return Err(Refusal::new(
+                StatusCode::GONE,
+                "This approval link has expired.",
+            ));
+        }
+        let Some(user) = self.inner.ballots.user(&record.user_id).await else {
+            return Err(deactivated());
+        };
+        if self
+            .mfa_record(&user.id)
+            .await
+            .map_err(unavailable)?
+            .is_some_and(|(r, _)| r.deactivated)
+        {
+            return Err(deactivated());
+        }
+        Ok(Found {
+            key,
+            record,
+            revision: entry.revision,
+            user,
+        })
+    }
+
+    /// A CSRF token for the page of the link stored under `key`: a nonce and its
+    /// MAC, so only this server's pages for this link produce valid ones.
+    fn csrf_token(&self, key: &str) -> String {
+        let mut nonce = [0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let nonce = data_encoding::BASE64URL_NOPAD.encode(&nonce);
+        let mac = hmac_sha256(
+            self.inner.csrf_key.as_ref(),
+            &[key.as_bytes(), b".", nonce.as_bytes()],
+        );
+        format!("{nonce}.{}", data_encoding::BASE64URL_NOPAD.encode(&mac))
+    }
+
+    fn csrf_valid(&self, key: &str, token: &str) -> bool {
+        let Some((nonce, mac)) = token.split_once('.') else {
+            return false;
+        };
+        let Ok(mac) = data_encoding::BASE64URL_NOPAD.decode(mac.as_bytes()) else {
+            return false;
+        };
+        let Ok(mut expected) = <Hmac<Sha256> as Mac>::new_from_slice(self.inner.csrf_key.as_ref())
+        else {
+            return false;
+        };
+        expected.update(key.as_bytes());
+        expected.update(b".");
+        expected.update(nonce.as_bytes());
+        expected.verify_slice(&mac).is_ok()
+    }
+
+    fn secure_cookies(&self) -> bool {
+        self.inner.settings.base_url.starts_with("https://")
+    }
+
+    /// Whether the browser says the post came from this server's page: `Origin`
+    /// names this server and `Sec-Fetch-Site` is `same-origin`. Absent headers
+    /// are allowed (older clients): the CSRF token still has to match.
+    fn same_origin(&self, headers: &HeaderMap) -> bool {
+        if headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site != "same-origin")
+        {
+            return false;
+        }
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return true;
+        };
+        let base = &self.inner.settings.base_url;
+        let ours = base
+            .find("://")
+            .and_then(|i| base[i + 3..].find('/').map(|j| &base[..i + 3 + j]))
+            .unwrap_or(base);
+        origin.to_str().is_ok_and(|o| o == ours)
+    }
+}
+
+const CSRF_COOKIE: &str = "custos_csrf";
+
+async fn show<A: Appender>(
+    State(issuer): State<LinkIssuer<A>>,
+    Path(token): Path<String>,
+) -> Response {
+    let found = match issuer.find(&token).await {
+        Ok(f) => f,
+        Err(r) => return r.into_response(),
+    };
+    let notice = match issuer.inner.ballots.notice(&found.record.workflow_id).await {
+        Ok(n) => n,
+        Err(e) => return ballot_refusal(e).into_response(),
+    };
+    if notice.request_hash != found.record.request_hash
+        || notice.policy_version != found.record.policy_version
+    {
+        return Refusal::new(
+            StatusCode::CONFLICT,
+            "The request changed since this link was sent; this link cannot answer it. A new request for approval will follow if one is needed.",
+        )
+        .into_response();
+    }
+    let csrf = issuer.csrf_token(&found.key);
+    let body = page(
+        "Approval requested",
+        &format!(
+            "<p>{name}, your approval is requested{channel}.</p>{notice}{form}",
+            name = escape(&found.user.name),
+            channel = match found.record.channel {
+                ApprovalChannel::ChatLink => " (chat link)",
+                ApprovalChannel::Email => " (email link)",
+                _ => "",
+            },
+            notice = notice_html(&notice),
+            form = form_html(&token, &csrf, &found.record.workflow_id),
+        ),
+    );
+    let cookie = format!(
+        "{CSRF_COOKIE}={csrf}; Path=/approve/{token}; HttpOnly; SameSite=Strict; Max-Age=3600{}",
+        if issuer.secure_cookies() {
+            "; Secure"
+        } else {
+            ""
+        }
+    );
+    let mut response = Html(body).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// The form as posted.
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    decision: String,
+    /// A one-time code, spent once verified: not worth zeroizing.
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    comment: String,
+}
+
+async fn answer<A: Appender>(
+    State(issuer): State<LinkIssuer<A>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    extensions: Extensions,
+    Form(form): Form<Answer>,
+) -> Response {
+    match cast(&issuer, &token, &headers, &extensions, form).await {
+        Ok(message) => Html(page(
+            "Answer recorded",
+            &format!("<p class=\"done\" id=\"recorded\">{}</p>", escape(&message)),
+        ))
+        .into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn cast<A: Appender>(
+    issuer: &LinkIssuer<A>,
+    token: &str,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+    form: Answer,
+) -> Result<String, Refusal> {
+    let forged = || {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "This form did not come from the approval page of this link. Open the link again and answer there.",
+        )
+    };
+    if !issuer.same_origin(headers) {
+        return Err(forged());
+    }
+    let found = issuer.find(token).await?;
+    let cookie = cookie_value(headers, CSRF_COOKIE);
+    if cookie.as_deref() != Some(form.csrf.as_str()) || !issuer.csrf_valid(&found.key, &form.csrf) {
+        return Err(forged());
+    }
+    let vote = match form.decision.as_str() {
+        "approve" => Vote::Approve,
+        "reject" => Vote::Reject,
+        _ => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "Choose approve or reject.",
+            ));
+        }
+    };
+    let masked_ip = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| RequestContext::mask_ip(addr.ip()));
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(256).collect::<String>());
+    let context = RequestContext {
+        ip_address: masked_ip.clone(),
+        user_agent: user_agent.clone(),
+        session_id: None,
+    };
+    issuer
+        .verify_totp(&found.user, &found.record, &form.code, &context)
+        .await?;
+    // Spend the link before casting: a second submission, even concurrent, finds
+    // it used.
+    let used = LinkRecord {
+        used_at: Some(issuer.now()),
+        ..found.record.clone()
+    };
+    let links = &issuer.inner.links;
+    let revision = match links
+        .update(
+            found.key.as_str(),
+            encode(&used).map_err(unavailable)?,
+            found.revision,
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            return Err(Refusal::new(
+                StatusCode::GONE,
+                "This approval link was already used. Each link answers once.",
+            ));
+        }
+        Err(e) => return Err(unavailable(store(e))),
+    };
+    let comment = form.comment.trim();
+    let ballot = Ballot {
+        workflow_id: found.record.workflow_id.clone(),
+        user_id: found.user.id.clone(),
+        vote: ApprovalVote {
+            vote,
+            request_hash: found.record.request_hash.clone(),
+            policy_version: found.record.policy_version.clone(),
+            channel: found.record.channel,
+            mfa: MfaMethod::Totp,
+            comment: (!comment.is_empty()).then(|| comment.chars().take(1000).collect()),
+        },
+        masked_ip,
+        user_agent,
+    };
+    match issuer.inner.ballots.cast(ballot).await {
+        Ok(Receipt::Recorded { quorum_reached }) => Ok(format!(
+            "Your {} of {} is recorded.{}",
+            match vote {
+                Vote::Approve => "approval",
+                Vote::Reject => "rejection",
+            },
+            found.record.workflow_id,
+            if quorum_reached {
+                " The required approvals are complete."
+            } else {
+                ""
+            }
+        )),
+        Ok(Receipt::Duplicate) => Ok(format!(
+            "You had already answered {}; your first answer stands.",
+            found.record.workflow_id
+        )),
+        Err(BallotError::Unavailable(reason)) => {
+            // Nothing was counted: give the link back so the approver can retry.
+            if let Err(e) = links
+                .update(
+                    found.key.as_str(),
+                    encode(&found.record).map_err(unavailable)?,
+                    revision,
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "could not release an approval link after a failed cast");
+            }
+            Err(unavailable(LinkError::Store(reason)))
+        }
+        Err(e) => Err(ballot_refusal(e)),
+    }
+}
+
+fn ballot_refusal(e: BallotError) -> Refusal {
+    match e {
+        BallotError::Refused(reason) => Refusal::new(
+            StatusCode::CONFLICT,
+            format!("Custos did not count this answer: {reason}"),
+        ),
+        BallotError::UnknownWorkflow(id) => Refusal::new(
+            StatusCode::CONFLICT,
+            format!("{id} is not awaiting approvals any more."),
+        ),
+        BallotError::Unavailable(reason) => unavailable(LinkError::Store(reason)),
+    }
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta name=\"robots\" content=\"noindex\"><title>{title} · Custos</title>\
+         <style>body{{font-family:sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}}\
+         th{{text-align:left;padding-right:1rem;vertical-align:top}}.refused{{color:#a00}}\
+         .done{{color:#060}}fieldset{{margin-top:1rem}}</style></head>\
+         <body><h1>{title}</h1>{body}</body></html>",
+        title = escape(title),
+    )
+}
+
+fn notice_html(n: &ApprovalNotice) -> String {
+    let r = &n.request;
+    let mut rows = vec![
+        ("Request", n.workflow_id.clone()),
+        ("Upstream id", r.request_id.clone()),
+        ("Amount", format!("{} {}", r.amount, r.asset)),
+        ("From wallet", format!("{} ({})", r.wallet, n.chain)),
+        ("To", r.destination.clone()),
+        (
+            "Address book",
+            match n.whitelisted {
+                Some(true) => "destination is in the address book".into(),
+                Some(false) => "destination is NOT in the address book".into(),
+                None => "no address book applies".into(),
+            },
+        ),
+        ("Initiator", r.initiator.clone()),
+    ];
+    if let Some(v) = &n.fiat_value {
+        rows.push(("Value", format!("{} {}", v.amount, v.currency)));
+    }
+    if let Some(memo) = &r.memo {
+        rows.push(("Memo", memo.clone()));
+    }
+    rows.extend([
+        ("Why approval is needed", n.explanation.clone()),
+        (
+            "Approved so far",
+            if n.approved_by.is_empty() {
+                "nobody yet".into()
+            } else {
+                n.approved_by.join(", ")
+            },
+        ),
+        ("Still missing", n.missing.join("; ")),
+        (
+            "Expires",
+            n.expires_at.map_or_else(|| "no expiry".into(), format_ms),
+        ),
+        (
+            "Step-up",
+            if n.step_up_required {
+                "high value: approval needs this page and your authenticator code".into()
+            } else {
+                "approval needs your authenticator code".into()
+            },
+        ),
+        ("Policy version", n.policy_version.clone()),
+        ("Request hash", n.request_hash.clone()),
+    ]);
+    let rows: String = rows
+        .into_iter()
+        .map(|(k, v)| format!("<tr><th>{}</th><td>{}</td></tr>", escape(k), escape(&v)))
+        .collect();
+    format!("<table id=\"notice\">{rows}</table>")
+}
+
+fn form_html(token: &str, csrf: &str, workflow_id: &str) -> String {
+    format!(
+        "<form method=\"post\" action=\"/approve/{token}\" id=\"answer\" autocomplete=\"off\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+         <fieldset><legend>Your answer to {wf}</legend>\
+         <label><input type=\"radio\" name=\"decision\" value=\"approve\" id=\"approve\"> Approve</label> \
+         <label><input type=\"radio\" name=\"decision\" value=\"reject\" id=\"reject\"> Reject</label>\
+         <p><label>Authenticator code <input name=\"code\" id=\"code\" inputmode=\"numeric\" \
+         pattern=\"[0-9]{{6}}\" maxlength=\"6\" required autocomplete=\"one-time-code\"></label></p>\
+         <p><label>Comment (optional) <input name=\"comment\" id=\"comment\" maxlength=\"1000\"></label></p>\
+         <p><button type=\"submit\" id=\"submit\">Submit answer</button></p></fieldset></form>\
+         <p>Opening this page records nothing; only submitting the form with your code does.</p>",
+        token = escape(token),
+        csrf = escape(csrf),
+        wf = escape(workflow_id),
+    )
+}
+
+/// RFC 3339 UTC of a millisecond timestamp.
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms since the epoch"))
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The notifiers.
+
+/// A short plain-text summary of a notice, for mail and chat.
+fn summary(n: &ApprovalNotice) -> String {
+    let r = &n.request;
+    let mut lines = vec![
+        format!(
+            "{} {} from wallet {} ({}) to {}",
+            r.amount, r.asset, r.wallet, n.chain, r.destination
+        ),
+        format!("Request {} by {}", n.workflow_id, r.initiator),
+    ];
+    if let Some(v) = &n.fiat_value {
+        lines.push(format!("Value: {} {}", v.amount, v.currency));
+    }
+    if !n.missing.is_empty() {
+        lines.push(format!("Still missing: {}", n.missing.join("; ")));
+    }
+    if let Some(at) = n.expires_at {
+        lines.push(format!("Expires: {}", format_ms(at)));
+    }
+    lines.join("\n")
+}
+
+/// Asks approvers by email, each with their own one-time link.
+pub struct EmailNotifier {
+    links: Arc<dyn ApprovalLinks>,
+    mailer: Mailer,
+}
+
+impl std::fmt::Debug for EmailNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailNotifier")
+            .field("mailer", &self.mailer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmailNotifier {
+    /// `links` mints the links (a [`LinkIssuer`] for [`ApprovalChannel::Email`]).
+    pub fn new(links: Arc<dyn ApprovalLinks>, mailer: Mailer) -> Self {
+        EmailNotifier { links, mailer }
+    }
+
+    async fn send(
+        &self,
+        to: &UserRecord,
+        subject: String,
+        text: String,
+    ) -> Result<(), NotifyError> {
+        self.mailer
+            .send(OutgoingMail {
+                to_name: to.name.clone(),
+                to_address: to.email.clone(),
+                subject,
+                text,
+                html: None,
+            })
+            .await
+            .map_err(|e| NotifyError {
+                channel: ApprovalChannel::Email.as_str(),
+                user: to.id.clone(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl Notifier for EmailNotifier {
+    fn channel(&self) -> ApprovalChannel {
+        ApprovalChannel::Email
+    }
+
+    fn ask<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let link = self.links.link_for(to, notice).await?;
+            let r = &notice.request;
+            let text = format!(
+                "Hello {name},\n\nYour approval is requested:\n\n{summary}\n\n\
+                 Review and answer (one-time link, for you only):\n{link}\n\n\
+                 Opening the link records nothing; answering needs your authenticator code.\n",
+                name = to.name,
+                summary = summary(notice),
+            );
+            self.send(
+                to,
+                format!(
+                    "Approval requested: {} {} from {}",
+                    r.amount, r.asset, r.wallet
+                ),
+                text,
+            )
+            .await
+        })
+    }
+
+    fn conclude<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+        outcome: &'a str,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let text = format!(
+                "Hello {},\n\n{} ended: {outcome}.\n\n{}\n\nAny approval link sent for it no longer counts.\n",
+                to.name,
+                notice.workflow_id,
+                summary(notice),
+            );
+            self.send(to, format!("{}: {outcome}", notice.workflow_id), text)
+                .await
+        })
+    }
+}
+
+/// An incoming-webhook URL (Teams, Mattermost, Google Chat): whoever holds it can
+/// post, so it is never shown.
+#[derive(Clone)]
+pub struct WebhookUrl(Zeroizing<String>);
+
+impl WebhookUrl {
+    pub fn new(url: impl Into<String>) -> Result<Self, NotifyError> {
+        let url = Zeroizing::new(url.into());
+        let ok = reqwest::Url::parse(&url).is_ok_and(|u| matches!(u.scheme(), "https" | "http"));
+        if !ok {
+            return Err(NotifyError {
+                channel: ApprovalChannel::ChatLink.as_str(),
+                user: String::new(),
+                reason: "the webhook URL must be an http(s) URL".into(),
+            });
+        }
+        Ok(WebhookUrl(url))
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookUrl(<redacted>)")
+    }
+}
+
+/// Posts each approver's link and a summary to a chat channel's incoming webhook
+/// as `{"text": ...}`, the form Teams, Mattermost and Google Chat all accept.
+/// Everyone in the channel may see the link; only its approver's code answers it.
+pub struct ChatWebhookNotifier {
+    links: Arc<dyn ApprovalLinks>,
+    url: WebhookUrl,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for ChatWebhookNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatWebhookNotifier")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatWebhookNotifier {
+    /// `links` mints the links (a [`LinkIssuer`] for [`ApprovalChannel::ChatLink`]).
+    pub fn new(links: Arc<dyn ApprovalLinks>, url: WebhookUrl) -> Result<Self, NotifyError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            // A redirect would carry the link somewhere unconfigured.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| NotifyError {
+                channel: ApprovalChannel::ChatLink.as_str(),
+                user: String::new(),
+                reason: format!("HTTP client: {e}"),
+            })?;
+        Ok(ChatWebhookNotifier { links, url, http })
+    }
+
+    async fn post(&self, to: &UserRecord, text: String) -> Result<(), NotifyError> {
+        let fail = |reason: String| NotifyError {
+            channel: ApprovalChannel::ChatLink.as_str(),
+            user: to.id.clone(),
+            reason,
+        };
+        let body = serde_json::json!({ "text": text }).to_string();
+        let response = self
+            .http
+            .post(self.url.0.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            // Without the URL: it is a secret.
+            .map_err(|e| fail(format!("webhook unreachable: {}", e.without_url())))?;
+        if !response.status().is_success() {
+            return Err(fail(format!("webhook answered {}", response.status())));
+        }
+        Ok(())
+    }
+}
+
+impl Notifier for ChatWebhookNotifier {
+    fn channel(&self) -> ApprovalChannel {
+        ApprovalChannel::ChatLink
+    }
+
+    fn ask<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let link = self.links.link_for(to, notice).await?;
+            let text = format!(
+                "Approval requested from {name} ({email}):\n{summary}\n\
+                 Review and answer: {link}\n\
+                 (one-time link for {name}; answering needs their authenticator code)",
+                name = to.name,
+                email = to.email,
+                summary = summary(notice),
+            );
+            self.post(to, text).await
+        })
+    }
+
+    fn conclude<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+        outcome: &'a str,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let text = format!(
+                "{} ended: {outcome}. The approval link sent to {} no longer counts.",
+                notice.workflow_id, to.name
+            );
+            self.post(to, text).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_neutralizes_markup() {
+        assert_eq!(
+            escape("<script>alert('x')</script> & \"q\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+        );
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let key = MfaKey::from_bytes([7; 32]);
+        assert_eq!(format!("{key:?}"), "MfaKey(<redacted>)");
+        let url = WebhookUrl::new("https://chat.example.com/hooks/SECRETPART").expect("url");
+        assert!(!format!("{url:?}").contains("SECRETPART"));
+        assert!(WebhookUrl::new("ftp://x").is_err());
+        assert!(WebhookUrl::new("not a url").is_err());
+    }
+
+    #[test]
+    fn cookies_are_read_by_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; custos_csrf=n.m; b=2"),
+        );
+        assert_eq!(cookie_value(&h, "custos_csrf").as_deref(), Some("n.m"));
+        assert_eq!(cookie_value(&h, "missing"), None);
+    }
+
+    #[test]
+    fn timestamps_render_in_utc() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00Z");
+        assert!(format_ms(i64::MAX).contains("ms since the epoch"));
+    }
+}
