@@ -611,7 +611,9 @@ async fn start_guardians(
 async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
     use futures::StreamExt;
     let count = count.max(2);
-    println!("custos bench signing ({count} signings per configuration, guardians as separate processes)");
+    println!(
+        "custos bench signing ({count} signings per configuration, guardians as separate processes)"
+    );
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
     let guardians = start_guardians(&bench, 5).await?;
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
@@ -859,5 +861,8 @@ async fn recorded(js: &jetstream::Context, subject: &str) -> bool {
     let Ok(stream) = js.get_stream(subjects::EVENTS_STREAM).await else {
         return false;
     };
-    stream.get_last_raw_message_by_subject(subject).await.is_ok()
+    stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .is_ok()
 }

@@ -1,9 +1,9 @@
 //! Test harness: real servers on dynamic loopback ports in temporary directories,
 //! stopped in `Drop`, and helpers that speak to Custos the way its users do.
 
+pub mod browser;
 pub mod litecoind;
 pub mod slack_emulator;
-pub mod browser;
 pub mod smtp;
 pub mod webhook;
 

@@ -541,7 +541,10 @@ impl SignStep {
         let mut excluded = Vec::new();
         while candidates.len() >= threshold && threshold > 0 {
             let signers: Vec<(String, u16)> = candidates[..threshold].to_vec();
-            match self.attempt(workflow_id, &signers, &checked, &group_key).await {
+            match self
+                .attempt(workflow_id, &signers, &checked, &group_key)
+                .await
+            {
                 Ok(signatures) => {
                     let names = signers.iter().map(|(g, _)| g.clone()).collect();
                     let signed = checked
@@ -584,10 +587,7 @@ impl Step for SignStep {
 
     async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
         let id = &event.workflow_id;
-        let ceremony = self
-            .ceremony(id)
-            .await
-            .map_err(StepError::Transient)?;
+        let ceremony = self.ceremony(id).await.map_err(StepError::Transient)?;
         let (next, excluded) = match ceremony {
             Ceremony::NotPending => return Ok(Vec::new()),
             Ceremony::Signed {
@@ -620,7 +620,10 @@ impl Step for SignStep {
             .iter()
             .map(|(guardian, reason)| {
                 tracing::warn!(workflow = %id, %guardian, %reason, "guardian excluded");
-                alert(id, format!("signing {id}: guardian {guardian} excluded: {reason}"))
+                alert(
+                    id,
+                    format!("signing {id}: guardian {guardian} excluded: {reason}"),
+                )
             })
             .collect();
         proposals.push(next);

@@ -2,8 +2,8 @@
 //! chat links) and the ballot box they all feed. Channels only authenticate the
 //! approver and carry the answer; the ballot box decides whether it counts.
 
-pub mod slack;
 pub mod links;
+pub mod slack;
 
 use futures::future::BoxFuture;
 
