@@ -273,6 +273,39 @@ impl Setup {
     }
 }
 
+/// How long one scenario may take; they finish in seconds.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `scenario` on its own runtime in its own thread and fails if it does
+/// not finish within [`LIMIT`]. A tokio timeout cannot do this: a deadlock that
+/// blocks every worker thread on a lock also stops the runtime's timers.
+fn bounded<F: Future<Output = ()> + 'static>(scenario: fn() -> F) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(scenario());
+        let _ = done.send(());
+    });
+    match finished.recv_timeout(LIMIT) {
+        Ok(()) => runner.join().expect("the scenario thread"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = runner.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+            "the scenario did not finish within {LIMIT:?}: the ballot box froze (every tokio worker \
+             blocked; seen as Trail::read holding the watch::Ref from wait_for while it takes the \
+             view lock, and the trail follower holding the view's write lock while it sends on the \
+             watch, workers/src/trail.rs:150 and :171-172)"
+        ),
+    }
+}
+
 /// `user`'s vote on `notice` (bound to its hash and policy version).
 fn ballot(notice: &ApprovalNotice, user: &str, vote: Vote, channel: ApprovalChannel) -> Ballot {
     let mfa = match channel {
@@ -313,8 +346,12 @@ fn refused(got: Result<Receipt, BallotError>, why: &str, what: &str) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn votes_are_recorded_until_the_quorum_and_refusals_are_audited() {
+#[test]
+fn votes_are_recorded_until_the_quorum_and_refusals_are_audited() {
+    bounded(votes_are_recorded_until_the_quorum_and_refusals_are_audited_scenario);
+}
+
+async fn votes_are_recorded_until_the_quorum_and_refusals_are_audited_scenario() {
     let s = Setup::start().await;
     let id = s.transfer_awaiting_approvals("large", "200").await;
     let notice = s.notice(&id).await;
@@ -540,8 +577,12 @@ async fn votes_are_recorded_until_the_quorum_and_refusals_are_audited() {
     s.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_ballots_from_distinct_approvers_count_once_each() {
+#[test]
+fn twenty_concurrent_ballots_from_distinct_approvers_count_once_each() {
+    bounded(twenty_concurrent_ballots_from_distinct_approvers_count_once_each_scenario);
+}
+
+async fn twenty_concurrent_ballots_from_distinct_approvers_count_once_each_scenario() {
     let s = Setup::start().await;
     let id = s.transfer_awaiting_approvals("huge", "2000").await;
     let notice = s.notice(&id).await;
@@ -652,8 +693,12 @@ async fn twenty_concurrent_ballots_from_distinct_approvers_count_once_each() {
     s.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rejection_ends_the_workflow() {
+#[test]
+fn a_rejection_ends_the_workflow() {
+    bounded(a_rejection_ends_the_workflow_scenario);
+}
+
+async fn a_rejection_ends_the_workflow_scenario() {
     let s = Setup::start().await;
     let id = s.transfer_awaiting_approvals("rejected", "200").await;
     let notice = s.notice(&id).await;
@@ -706,8 +751,12 @@ async fn a_rejection_ends_the_workflow() {
     s.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn requests_past_their_expiry_are_rejected() {
+#[test]
+fn requests_past_their_expiry_are_rejected() {
+    bounded(requests_past_their_expiry_are_rejected_scenario);
+}
+
+async fn requests_past_their_expiry_are_rejected_scenario() {
     let s = Setup::start().await;
     let id = s.transfer_awaiting_approvals("stale", "200").await;
     let notice = s.notice(&id).await;
