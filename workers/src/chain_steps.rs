@@ -1,18 +1,36 @@
-//! Steps that talk to Bitcoin-family nodes. The broadcast step takes each
-//! `TRANSACTION_SIGNED` and sends the recorded transaction, then appends
-//! `TRANSACTION_BROADCAST` with the txid.
+//! Steps that talk to Bitcoin-family nodes:
+//!
+//! - the build step turns a transfer that may go on (`ReadyToSign` in the trail)
+//!   into the unsigned transaction guardians will sign (`TRANSACTION_BUILT`);
+//! - the broadcast step sends each `TRANSACTION_SIGNED` transaction and appends
+//!   `TRANSACTION_BROADCAST` with the txid;
+//! - the confirmation watcher polls the nodes for broadcast transactions and
+//!   appends `TRANSACTION_CONFIRMED` once they are buried deep enough. It polls
+//!   rather than consuming `TRANSACTION_BROADCAST`: waiting for blocks takes far
+//!   longer than a consumer's few redeliveries allow.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use custos_adapters::bitcoind::{Bitcoind, RpcError};
 use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
+use custos_custody::spend::{
+    self, Expectation, FeePolicy, SpendError, SpendRequest, build_spend, check_spend,
+};
+use custos_engine::chains::Family;
+use custos_engine::transfer::Stage;
+use custos_schemas::chain::{Confirmation, SpentOutput, UnsignedTransaction};
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
+    Actor, AggregateKind, AppendReply, Decimal, Event, EventType, Outcome, Payload, Proposal,
+    Target, TransferRequest, WalletDescriptor,
 };
 
+use crate::Shutdown;
 use crate::remote::Appender;
 use crate::runtime::{Step, StepError};
+use crate::signing::wallet_script;
+use crate::trail::{Trail, TrailView};
 
 /// One node client per chain id (`ltc-regtest`, `btc-mainnet`, ...).
 #[derive(Debug, Clone, Default)]
@@ -37,6 +55,473 @@ fn step_error(context: &str, e: RpcError) -> StepError {
         StepError::Transient(format!("{context}: {e}"))
     } else {
         StepError::Permanent(format!("{context}: {e}"))
+    }
+}
+
+/// How many blocks ahead the fee estimate aims to confirm within.
+const FEE_TARGET_BLOCKS: u32 = 2;
+
+/// What an allowed transfer commits its wallet to on chain: the destination's
+/// script, the amount in base units and the chain's fee limits. The build step
+/// builds exactly this; a guardian checks the recorded transaction against it.
+#[derive(Debug, Clone)]
+pub struct SpendTerms {
+    pub wallet: WalletDescriptor,
+    pub destination: Vec<u8>,
+    /// Base units (satoshi).
+    pub amount: u64,
+    pub fees: FeePolicy,
+}
+
+impl SpendTerms {
+    /// What `check_spend` holds a transaction of the wallet whose Taproot script
+    /// is `wallet_script` to.
+    pub fn expectation<'a>(&'a self, wallet_script: &'a [u8]) -> Expectation<'a> {
+        Expectation {
+            chain: &self.wallet.chain,
+            wallet_script,
+            destination: &self.destination,
+            amount: self.amount,
+            fees: self.fees,
+        }
+    }
+}
+
+/// The terms of `request` as the trail's wallet directory makes them.
+pub fn spend_terms(view: &TrailView, request: &TransferRequest) -> Result<SpendTerms, String> {
+    let wallet = view
+        .ledger
+        .wallet(&request.wallet)
+        .ok_or_else(|| format!("wallet {} is not in the trail", request.wallet))?
+        .clone();
+    let chain = custos_engine::chains::chain(&wallet.chain)
+        .ok_or_else(|| format!("unknown chain {}", wallet.chain))?;
+    if !matches!(chain.family, Family::Bitcoin { .. }) {
+        return Err(format!(
+            "wallet {} is on {}, not a Bitcoin-family chain",
+            wallet.name, wallet.chain
+        ));
+    }
+    let amount = Decimal::parse(&request.amount)
+        .and_then(|d| d.to_base_units(chain.decimals))
+        .and_then(|a| u64::try_from(a).map_err(|_| "is too large".into()))
+        .map_err(|e| format!("amount: {e}"))?;
+    let destination = spend::script_pubkey_for_address(&wallet.chain, &request.destination)
+        .map_err(|e| e.to_string())?;
+    let fees = FeePolicy::for_chain(&wallet.chain).map_err(|e| e.to_string())?;
+    Ok(SpendTerms {
+        wallet,
+        destination,
+        amount,
+        fees,
+    })
+}
+
+/// A proposal on a transfer workflow at `version`, caused by `event`.
+fn next_event(
+    event: &Event,
+    version: u64,
+    step: &str,
+    event_type: EventType,
+    result: Outcome,
+    payload: Payload,
+) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::Tx,
+        workflow_id: event.workflow_id.clone(),
+        expected_version: version,
+        event_type,
+        causation_id: Some(event.id.clone()),
+        actor: Actor::system(step),
+        target: event.target.clone(),
+        context: Default::default(),
+        result,
+        metadata: Default::default(),
+        payload,
+    }
+}
+
+fn failed(event: &Event, version: u64, reason: String) -> Proposal {
+    next_event(
+        event,
+        version,
+        "build",
+        EventType::TransactionFailed,
+        Outcome::Failure,
+        Payload::StepFailed {
+            step: "build".into(),
+            reason,
+        },
+    )
+}
+
+/// One build, as the trail has it.
+struct Job {
+    terms: SpendTerms,
+    script: Vec<u8>,
+    /// Outpoints that transactions of transfers still in flight spend.
+    reserved: BTreeSet<(String, u32)>,
+}
+
+/// The build of `workflow_id` with its version, or `None` when it is not
+/// waiting to be built.
+fn job(view: &TrailView, workflow_id: &str) -> Option<(u64, Result<Job, String>)> {
+    let t = view
+        .transfer(workflow_id)
+        .filter(|t| t.stage == Stage::ReadyToSign)?;
+    let job = || {
+        let request = t.request.as_ref().ok_or("the workflow has no request")?;
+        let terms = spend_terms(view, request)?;
+        let script = wallet_script(&terms.wallet)?;
+        // Coins are found by the recorded address: it must be the group key's.
+        let recorded = spend::script_pubkey_for_address(&terms.wallet.chain, &terms.wallet.address)
+            .map_err(|e| e.to_string())?;
+        if recorded != script {
+            return Err(format!(
+                "wallet {}'s recorded address is not its group key's",
+                terms.wallet.name
+            ));
+        }
+        Ok(Job {
+            terms,
+            script,
+            reserved: reserved(view),
+        })
+    };
+    Some((t.version, job()))
+}
+
+/// Every outpoint spent by a transfer that is built, signed or broadcast and not
+/// yet confirmed. An outpoint belongs to one script, so collecting them over all
+/// wallets reserves exactly the wallet's own. A transfer that failed reserves
+/// nothing: spending its coins again is what cancels a transaction it left signed.
+fn reserved(view: &TrailView) -> BTreeSet<(String, u32)> {
+    view.ledger
+        .transfers()
+        .filter(|(_, t)| matches!(t.stage, Stage::Built | Stage::Signed | Stage::Broadcast))
+        .filter_map(|(_, t)| t.unsigned.as_ref())
+        .flat_map(|UnsignedTransaction::Bitcoin { spent, .. }| {
+            spent.iter().map(|s| (s.txid.clone(), s.vout))
+        })
+        .collect()
+}
+
+/// The build step: turns a transfer that may go on into its unsigned
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct BuildStep<A> {
+    trail: Trail,
+    nodes: ChainNodes,
+    ledger: A,
+    consumer: StepConsumer,
+    /// One lock per wallet: a build holds it until its `TRANSACTION_BUILT` is in
+    /// the trail, so the next build of that wallet sees those coins reserved.
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl<A: Appender> BuildStep<A> {
+    pub fn new(trail: Trail, nodes: ChainNodes, ledger: A) -> Result<Self, String> {
+        let consumer =
+            workflow_consumer("build").ok_or("no consumer definition for the build step")?;
+        Ok(BuildStep {
+            trail,
+            nodes,
+            ledger,
+            consumer,
+            locks: Arc::default(),
+        })
+    }
+
+    fn wallet_lock(&self, wallet: &str) -> Arc<tokio::sync::Mutex<()>> {
+        // The map only ever gains entries: a panic while it was locked cannot
+        // have left it inconsistent.
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(wallet.to_string()).or_default().clone()
+    }
+
+    /// The wallet's spendable coins (confirmed, not spent in the mempool, not
+    /// reserved), the unsigned transaction from them, checked as guardians will.
+    async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
+        let wallet = &job.terms.wallet;
+        let node = self.nodes.get(&wallet.chain)?;
+        let scanned = node
+            .scan_addresses(&[&wallet.address])
+            .await
+            .map_err(|e| step_error("scantxoutset", e))?;
+        let mut utxos = Vec::with_capacity(scanned.len());
+        let mut held: u64 = 0;
+        for u in scanned {
+            let free = !job.reserved.contains(&(u.txid.clone(), u.vout))
+                && node
+                    .get_tx_out(&u.txid, u.vout, true)
+                    .await
+                    .map_err(|e| step_error("gettxout", e))?
+                    .is_some();
+            if !free {
+                held = held.saturating_add(u.value);
+                continue;
+            }
+            utxos.push(SpentOutput {
+                txid: u.txid,
+                vout: u.vout,
+                value: u.value,
+                script_pubkey: u.script_pubkey,
+            });
+        }
+        let fee_rate = node
+            .estimate_smart_fee(FEE_TARGET_BLOCKS)
+            .await
+            .map_err(|e| step_error("estimatesmartfee", e))?;
+        let unsigned = build_spend(&SpendRequest {
+            chain: &wallet.chain,
+            wallet_script: &job.script,
+            utxos: &utxos,
+            destination: &job.terms.destination,
+            amount: job.terms.amount,
+            fee_rate,
+            fees: job.terms.fees,
+        })
+        .map_err(|e| match e {
+            SpendError::InsufficientFunds { .. } if held > 0 => StepError::Permanent(format!(
+                "{e} (another {held} sat of the wallet are spent by transfers in flight)"
+            )),
+            e => StepError::Permanent(e.to_string()),
+        })?;
+        check_spend(&unsigned, &job.terms.expectation(&job.script)).map_err(|e| {
+            StepError::Permanent(format!(
+                "the built transaction would not pass the guardians' check: {e}"
+            ))
+        })?;
+        Ok(unsigned)
+    }
+}
+
+impl<A: Appender> Step for BuildStep<A> {
+    fn consumer(&self) -> StepConsumer {
+        self.consumer.clone()
+    }
+
+    /// Builds from what the trail says, never from the event: the event only
+    /// names the workflow (a vote that left it pending names it too).
+    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
+        let id = &event.workflow_id;
+        let wallet = self
+            .trail
+            .read(|view| {
+                view.transfer(id)
+                    .filter(|t| t.stage == Stage::ReadyToSign)
+                    .and_then(|t| t.request.as_ref())
+                    .map(|r| r.wallet.clone())
+            })
+            .await
+            .map_err(StepError::Transient)?;
+        let Some(wallet) = wallet else {
+            return Ok(Vec::new());
+        };
+        let lock = self.wallet_lock(&wallet);
+        let _building = lock.lock().await;
+        // Read again under the lock: builds that held it are in the trail now.
+        let job = self
+            .trail
+            .read(|view| job(view, id))
+            .await
+            .map_err(StepError::Transient)?;
+        let Some((version, job)) = job else {
+            return Ok(Vec::new());
+        };
+        let built = match job {
+            Ok(job) => self.build(&job).await,
+            Err(reason) => Err(StepError::Permanent(reason)),
+        };
+        let unsigned = match built {
+            Ok(unsigned) => unsigned,
+            Err(StepError::Permanent(reason)) => return Ok(vec![failed(event, version, reason)]),
+            Err(e) => return Err(e),
+        };
+        // Appended here, under the lock, rather than by the runtime after it.
+        let proposal = next_event(
+            event,
+            version,
+            "build",
+            EventType::TransactionBuilt,
+            Outcome::Success,
+            Payload::TransactionBuilt(unsigned),
+        );
+        match self.ledger.append(vec![proposal]).await {
+            // Conflict: another build of this workflow won; nothing more to do.
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => Ok(Vec::new()),
+            AppendReply::Refused { reason } => Ok(vec![failed(event, version, reason)]),
+            AppendReply::Unavailable { reason } => Err(StepError::Transient(reason)),
+        }
+    }
+}
+
+/// How deep a transaction must be buried before it counts as confirmed.
+#[derive(Debug, Clone, Default)]
+pub struct Confirmations(BTreeMap<String, u64>);
+
+impl Confirmations {
+    /// Depths per chain id that replace the defaults.
+    pub fn new(depths: impl IntoIterator<Item = (String, u64)>) -> Self {
+        Confirmations(depths.into_iter().collect())
+    }
+
+    /// As configured, else 1 on regtest chains (blocks come on demand) and 6
+    /// elsewhere; never less than 1, which would count the mempool.
+    pub fn required(&self, chain: &str) -> u64 {
+        let default = if chain.ends_with("-regtest") { 1 } else { 6 };
+        self.0.get(chain).copied().unwrap_or(default).max(1)
+    }
+}
+
+/// A broadcast transfer waiting for its confirmation.
+struct Waiting {
+    workflow_id: String,
+    version: u64,
+    chain: String,
+    txid: String,
+    target: Target,
+}
+
+/// Polls the nodes for every transfer in `Broadcast` and appends
+/// `TRANSACTION_CONFIRMED` once its transaction is deep enough. A reorg before
+/// then only lowers the count, so the transfer keeps waiting.
+#[derive(Debug, Clone)]
+pub struct ConfirmWatcher<A> {
+    trail: Trail,
+    nodes: ChainNodes,
+    ledger: A,
+    depth: Confirmations,
+}
+
+impl<A: Appender> ConfirmWatcher<A> {
+    pub fn new(trail: Trail, nodes: ChainNodes, ledger: A, depth: Confirmations) -> Self {
+        ConfirmWatcher {
+            trail,
+            nodes,
+            ledger,
+            depth,
+        }
+    }
+
+    /// Polls every `poll_every` until `shutdown`.
+    pub async fn run(self, poll_every: Duration, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(poll_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {}
+            }
+            self.poll().await;
+        }
+    }
+
+    /// One pass; returns the workflows it recorded as confirmed.
+    pub async fn poll(&self) -> Vec<String> {
+        let waiting = self
+            .trail
+            .read(|view| {
+                view.ledger
+                    .transfers()
+                    .filter(|(_, t)| t.stage == Stage::Broadcast)
+                    .filter_map(|(id, t)| {
+                        let request = t.request.as_ref();
+                        Some(Waiting {
+                            workflow_id: id.to_string(),
+                            version: t.version,
+                            chain: t.signed.as_ref()?.chain.clone(),
+                            txid: t.txid.clone()?,
+                            target: Target {
+                                kind: "transaction".into(),
+                                id: id.to_string(),
+                                amount: request.map(|r| r.amount.clone()),
+                                currency: request.map(|r| r.asset.clone()),
+                            },
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        let waiting = match waiting {
+            Ok(w) => w,
+            Err(reason) => {
+                tracing::warn!(%reason, "confirmations: the trail cannot be read");
+                return Vec::new();
+            }
+        };
+        let mut confirmed = Vec::new();
+        for w in waiting {
+            let c = match self.confirmation(&w).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(reason) => {
+                    tracing::warn!(workflow = %w.workflow_id, txid = %w.txid, %reason, "confirmation not known");
+                    continue;
+                }
+            };
+            let proposal = Proposal {
+                aggregate_kind: AggregateKind::Tx,
+                workflow_id: w.workflow_id.clone(),
+                expected_version: w.version,
+                event_type: EventType::TransactionConfirmed,
+                causation_id: Some(Event::message_id(
+                    AggregateKind::Tx,
+                    &w.workflow_id,
+                    w.version,
+                )),
+                actor: Actor::system("confirmation"),
+                target: w.target,
+                context: Default::default(),
+                result: Outcome::Success,
+                metadata: Default::default(),
+                payload: Payload::TransactionConfirmed(c),
+            };
+            match self.ledger.append(vec![proposal]).await {
+                AppendReply::Appended { .. } => confirmed.push(w.workflow_id),
+                // Another watcher recorded it, or the workflow moved on.
+                AppendReply::Conflict { .. } => {}
+                other => {
+                    tracing::warn!(workflow = %w.workflow_id, reply = ?other, "confirmation not recorded")
+                }
+            }
+        }
+        confirmed
+    }
+
+    /// Where the transaction is buried, once at the required depth.
+    async fn confirmation(&self, w: &Waiting) -> Result<Option<Confirmation>, String> {
+        let node = self.nodes.get(&w.chain).map_err(|e| e.to_string())?;
+        let tx = node
+            .get_raw_transaction(&w.txid)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the {} node does not know the transaction", w.chain))?;
+        let required = self.depth.required(&w.chain);
+        let Some(block_hash) = tx.block_hash.filter(|_| tx.confirmations >= required) else {
+            return Ok(None);
+        };
+        let header = node
+            .get_block_header(&block_hash)
+            .await
+            .map_err(|e| e.to_string())?;
+        // The block may have left the best chain between the two calls (-1).
+        let Ok(confirmations) = u64::try_from(header.confirmations) else {
+            return Ok(None);
+        };
+        if confirmations < required {
+            return Ok(None);
+        }
+        Ok(Some(Confirmation {
+            chain: w.chain.clone(),
+            txid: w.txid.clone(),
+            block_hash,
+            block_height: header.height,
+            confirmations,
+        }))
     }
 }
 
@@ -146,21 +631,16 @@ impl<A: Appender> Step for BroadcastStep<A> {
                 signed.txid
             )));
         }
-        Ok(vec![Proposal {
-            aggregate_kind: AggregateKind::Tx,
-            workflow_id: event.workflow_id.clone(),
-            expected_version: event.version,
-            event_type: EventType::TransactionBroadcast,
-            causation_id: Some(event.id.clone()),
-            actor: Actor::system("broadcast"),
-            target: event.target.clone(),
-            context: Default::default(),
-            result: Outcome::Success,
-            metadata: Default::default(),
-            payload: Payload::TransactionBroadcast {
+        Ok(vec![next_event(
+            event,
+            event.version,
+            "broadcast",
+            EventType::TransactionBroadcast,
+            Outcome::Success,
+            Payload::TransactionBroadcast {
                 chain: signed.chain.clone(),
                 txid,
             },
-        }])
+        )])
     }
 }
