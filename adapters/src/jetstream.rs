@@ -183,7 +183,20 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
     };
     vec![
         step("policy", EventType::TransactionCreated),
-        step("approvals", EventType::PolicyEvaluated),
+        // Asks approvers when a decision needs them, tells them how it ended.
+        StepConsumer {
+            name: "approvals",
+            filters: [
+                EventType::PolicyEvaluated,
+                EventType::TransactionApproved,
+                EventType::TransactionRejected,
+            ]
+            .iter()
+            .map(|e| subjects::event_type_filter(AggregateKind::Tx, e.as_str()))
+            .collect(),
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+        },
         // Builds the transaction once a transfer may go on: allowed outright, or by
         // the approval that completed the quorum.
         StepConsumer {

@@ -7,4 +7,5 @@ pub mod files;
 pub mod jetstream;
 pub mod mail;
 pub mod nats_server;
+pub mod regtest;
 pub mod slack;

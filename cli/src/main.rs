@@ -3,10 +3,12 @@
 mod audit;
 mod bench;
 mod config;
+mod demo;
 mod guardian;
 mod keys;
 mod nats;
 mod policy;
+mod services;
 mod tx;
 mod up;
 mod wallet;

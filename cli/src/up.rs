@@ -14,6 +14,9 @@ use custos_schemas::{
 use custos_workers::Shutdown;
 use custos_workers::ledger::LedgerConfig;
 use custos_workers::policy_step::{PolicyStep, PriceTable};
+use custos_workers::trail::Trail;
+
+use crate::services;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -54,6 +57,28 @@ pub struct UpArgs {
     /// Keep events this many days (0: forever).
     #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
+    /// Where approval pages and the Slack interactivity endpoint are served.
+    #[arg(long, env = "CUSTOS_HTTP_ADDR", default_value = "127.0.0.1:8780")]
+    http_addr: std::net::SocketAddr,
+    /// Base URL of approval links as approvers reach it (behind a proxy).
+    #[arg(long, env = "CUSTOS_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// A Bitcoin-family node's JSON-RPC URL, credentials in the user info
+    /// (`http://user:pass@host:port`). Without one, a local litecoind in regtest
+    /// is started when installed.
+    #[arg(long, env = "CUSTOS_BTC_RPC")]
+    btc_rpc: Option<String>,
+    /// The chain that node serves (`btc`, `btc-testnet`, `btc-regtest`, `ltc`, `ltc-regtest`, ...).
+    #[arg(long, env = "CUSTOS_BTC_NETWORK", default_value = "ltc-regtest")]
+    btc_network: String,
+    /// Do not start a local regtest node when none is configured.
+    #[arg(long)]
+    no_local_node: bool,
+    /// Walk a transfer through once on the local regtest chain: wallet, funding,
+    /// request, two approvals on their web links with TOTP, guardians, node,
+    /// confirmation. Needs the local node and the local guardians.
+    #[arg(long)]
+    demo: bool,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
@@ -132,7 +157,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let step = PolicyStep::new(js.clone(), policy, prices)
         .await
         .map_err(anyhow::Error::msg)?;
-    let _policy_step = tokio::spawn(custos_workers::runtime::run(js, ledger, step, shutdown));
+    let _policy_step = tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let approvals = services::approvals(
+        &js,
+        &ledger,
+        &trail,
+        &data_dir,
+        services::ApprovalSettings {
+            http_addr: args.http_addr,
+            public_url: args.public_url.clone(),
+            channels: services::Channels::from_env(),
+        },
+        &shutdown,
+    )
+    .await?;
+    services::signing(&client, &js, &ledger, &trail, &shutdown)?;
+    let node = match &args.btc_rpc {
+        Some(url) => Some(services::remote_node(url, &args.btc_network)?),
+        None if !args.no_local_node && custos_adapters::regtest::installed() => Some(
+            services::BitcoinNode::Local(
+                custos_adapters::regtest::RegtestNode::start(&data_dir.join("litecoind"), 0)
+                    .await
+                    .context("starting the local litecoind (regtest)")?,
+            ),
+        ),
+        None => None,
+    };
     println!("Custos is up.");
     if embedded {
         println!(
@@ -166,6 +224,29 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!(
+        "  Approvals   {} on {}  (approval pages{})",
+        approvals.channels.join(", "),
+        approvals.base_url,
+        if approvals.channels.contains(&"slack") {
+            ", POST /slack/interactions"
+        } else {
+            ""
+        }
+    );
+    match &node {
+        Some(services::BitcoinNode::Local(n)) => println!(
+            "  Chain       ltc-regtest: local litecoind (RPC 127.0.0.1:{}, data in {})",
+            n.rpc_port,
+            n.data_dir.display()
+        ),
+        Some(services::BitcoinNode::Remote { chain, rpc }) => {
+            println!("  Chain       {chain}: {}", rpc.url())
+        }
+        None => println!(
+            "  Chain       none: transfers are signed but not broadcast (--btc-rpc, or install litecoind)"
+        ),
+    }
+    println!(
         "  Policy      {} (version {})",
         policy_name,
         &policy_version[..12]
@@ -173,6 +254,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     println!("  Try         custos tx submit --wallet treasury --asset LTC --to ADDR --amount 1");
     println!("              custos tx show ID; custos audit verify");
     println!("Ctrl-C stops it.");
+    if args.demo {
+        match &node {
+            Some(services::BitcoinNode::Local(local)) if args.local_guardians >= 3 => {
+                if let Err(e) = crate::demo::run(
+                    &client,
+                    &js,
+                    &ledger,
+                    &trail,
+                    &approvals.issuer,
+                    local,
+                )
+                .await
+                {
+                    eprintln!("demo: {e:#}");
+                }
+            }
+            _ => eprintln!("demo: needs the local regtest node and three local guardians"),
+        }
+    }
 
     let stopped = tokio::select! {
         _ = interrupt.recv() => None,

@@ -71,6 +71,16 @@ impl Browser {
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let value = self.try_call(method, path, body).await;
+        assert!(
+            value["error"].is_null(),
+            "WebDriver {method} {path}: {value}"
+        );
+        value
+    }
+
+    /// The command's `value`, which names an `error` when it failed.
+    async fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let request = match method {
             "POST" => self.http.post(url).json(&body.unwrap_or_else(|| json!({}))),
@@ -79,11 +89,6 @@ impl Browser {
         };
         let response = request.send().await.expect("WebDriver request");
         let value: Value = response.json().await.expect("WebDriver JSON");
-        assert!(
-            value["value"]["error"].is_null(),
-            "WebDriver {method} {path}: {}",
-            value["value"]
-        );
         value["value"].clone()
     }
 
@@ -110,14 +115,22 @@ impl Browser {
             .to_string()
     }
 
-    /// The visible text of the whole page.
+    /// The visible text of the whole page. Right after a click the old page may
+    /// still be going away (its body turns stale): read the new one then.
     pub async fn text(&self) -> String {
-        let body = self.element("body").await;
-        self.call("GET", &self.at(&format!("/element/{body}/text")), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        for _ in 0..50 {
+            let body = self.element("body").await;
+            let text = self
+                .try_call("GET", &self.at(&format!("/element/{body}/text")), None)
+                .await;
+            if text["error"] == "stale element reference" {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            assert!(text["error"].is_null(), "WebDriver page text: {text}");
+            return text.as_str().unwrap_or_default().to_string();
+        }
+        panic!("the page kept changing under the reader")
     }
 
     pub async fn type_into(&self, css: &str, text: &str) {

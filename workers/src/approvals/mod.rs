@@ -8,6 +8,7 @@ pub mod slack;
 use futures::future::BoxFuture;
 
 pub mod ballot_box;
+pub mod console;
 pub mod step;
 
 use custos_schemas::UserRecord;

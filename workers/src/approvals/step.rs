@@ -92,10 +92,22 @@ impl Step for ApprovalStep {
     }
 
     async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
-        if event.result != Outcome::Pending {
-            return Ok(Vec::new());
-        }
         let id = event.workflow_id.clone();
+        let outcome = match (event.event_type, event.result) {
+            (EventType::PolicyEvaluated, Outcome::Pending) => None,
+            (EventType::TransactionApproved, Outcome::Success) => {
+                Some("approved: the quorum is reached".to_string())
+            }
+            (EventType::TransactionRejected, _) => Some(format!(
+                "rejected{}",
+                event
+                    .metadata
+                    .get("reason")
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )),
+            _ => return Ok(Vec::new()),
+        };
         let (notice, approvers) = self
             .trail
             .read(|view| (notice(view, &id, now_ms()), eligible_approvers(view, &id)))
@@ -109,7 +121,11 @@ impl Step for ApprovalStep {
         }
         for user in &approvers {
             for n in self.notifiers.iter() {
-                if let Err(e) = n.ask(user, &notice).await {
+                let sent = match &outcome {
+                    None => n.ask(user, &notice).await,
+                    Some(outcome) => n.conclude(user, &notice, outcome).await,
+                };
+                if let Err(e) = sent {
                     tracing::warn!(error = %e, "approval notice not delivered");
                 }
             }

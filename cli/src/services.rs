@@ -1,0 +1,248 @@
+//! The workflow services `custos up` runs next to the ledger: approvals (the
+//! ballot box, the channels and the web pages they open), signing, and the
+//! chain steps, each a thin shell over `custos_workers`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use custos_adapters::bitcoind::Bitcoind;
+use custos_adapters::mail::Mailer;
+use custos_adapters::regtest::RegtestNode;
+use custos_adapters::slack::{SLACK_API_URL, SlackApi};
+use custos_schemas::approval::ApprovalChannel;
+use custos_workers::Shutdown;
+use custos_workers::approvals::ballot_box::TrailBallotBox;
+use custos_workers::approvals::console::ConsoleNotifier;
+use custos_workers::approvals::links::{
+    ChatWebhookNotifier, EmailNotifier, LinkIssuer, LinkSettings, MfaKey, WebhookUrl,
+    links_router, system_clock,
+};
+use custos_workers::approvals::slack::{
+    SlackInteractions, SlackNotifier, SlackSecrets, slack_router,
+};
+use custos_workers::approvals::step::{ApprovalStep, expire};
+use custos_workers::approvals::{ApprovalLinks, BallotBox, Notifier};
+use custos_workers::ledger::LedgerHandle;
+use custos_workers::signing::SignStep;
+use custos_workers::trail::Trail;
+
+/// Where the approval pages are served and how approvers are reached.
+#[derive(Debug, Clone)]
+pub struct ApprovalSettings {
+    pub http_addr: SocketAddr,
+    /// The base URL links carry (default: `http://` + the bound address).
+    pub public_url: Option<String>,
+    pub channels: Channels,
+}
+
+/// Where approvers are reached, from the environment (secrets never come from
+/// arguments).
+#[derive(Debug, Clone, Default)]
+pub struct Channels {
+    /// `CUSTOS_SMTP_URL`, e.g. `smtps://user:pass@mail.example.com`.
+    pub smtp_url: Option<String>,
+    /// `CUSTOS_SMTP_FROM`.
+    pub smtp_from: Option<String>,
+    /// `CUSTOS_CHAT_WEBHOOK_URL`: an incoming webhook (Teams, Mattermost, Google Chat).
+    pub chat_webhook: Option<String>,
+    /// `CUSTOS_SLACK_API_URL` (tests point it at an emulator).
+    pub slack_api_url: Option<String>,
+}
+
+impl Channels {
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Channels {
+            smtp_url: var("CUSTOS_SMTP_URL"),
+            smtp_from: var("CUSTOS_SMTP_FROM"),
+            chat_webhook: var("CUSTOS_CHAT_WEBHOOK_URL"),
+            slack_api_url: var("CUSTOS_SLACK_API_URL"),
+        }
+    }
+}
+
+/// What the approval services expose.
+pub struct Approvals {
+    pub base_url: String,
+    /// The channels approvers are asked on, by name.
+    pub channels: Vec<&'static str>,
+    pub issuer: LinkIssuer<LedgerHandle>,
+}
+
+/// The MFA sealing key, created once next to the audit key.
+fn mfa_key(data_dir: &Path) -> anyhow::Result<MfaKey> {
+    let path = data_dir.join("mfa.key");
+    if path.exists() {
+        let hex_key = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let bytes: [u8; 32] = hex::decode(hex_key.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .with_context(|| format!("{} does not hold a 32-byte hex key", path.display()))?;
+        return Ok(MfaKey::from_bytes(bytes));
+    }
+    let key = MfaKey::generate();
+    crate::keys::write_private(&path, &hex::encode(key.expose_bytes()))?;
+    Ok(key)
+}
+
+/// Starts the ballot box, the approval step with every configured channel, the
+/// expiry sweep and the web server for approval pages and Slack interactions.
+pub async fn approvals(
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    trail: &Trail,
+    data_dir: &Path,
+    settings: ApprovalSettings,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Approvals> {
+    let ApprovalSettings {
+        http_addr,
+        public_url,
+        channels,
+    } = settings;
+    let ballots: Arc<dyn BallotBox> = Arc::new(TrailBallotBox::new(trail.clone(), ledger.clone()));
+    let listener = tokio::net::TcpListener::bind(http_addr)
+        .await
+        .with_context(|| format!("listening on {http_addr} (--http-addr)"))?;
+    let bound = listener.local_addr()?;
+    let base_url = public_url.unwrap_or_else(|| format!("http://{bound}"));
+    let issuer = LinkIssuer::new(
+        js,
+        ballots.clone(),
+        ledger.clone(),
+        &mfa_key(data_dir)?,
+        LinkSettings::new(&base_url),
+        system_clock(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("approval links: {e}"))?;
+    let links: Arc<dyn ApprovalLinks> = Arc::new(issuer.clone());
+    let mut notifiers: Vec<Arc<dyn Notifier>> = Vec::new();
+    let mut names = Vec::new();
+    let mut router = links_router(issuer.clone());
+    if let Some(url) = &channels.smtp_url {
+        let from = channels.smtp_from.as_deref().unwrap_or("custos@localhost");
+        let mailer = Mailer::from_url(url, from).map_err(|e| anyhow::anyhow!("SMTP: {e}"))?;
+        notifiers.push(Arc::new(EmailNotifier::new(links.clone(), mailer)));
+        names.push("email");
+    }
+    if let Some(url) = &channels.chat_webhook {
+        let chat: Arc<dyn ApprovalLinks> =
+            Arc::new(issuer.for_channel(ApprovalChannel::ChatLink));
+        let url = WebhookUrl::new(url.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        notifiers.push(Arc::new(
+            ChatWebhookNotifier::new(chat, url).map_err(|e| anyhow::anyhow!("{e}"))?,
+        ));
+        names.push("chat link");
+    }
+    if let Ok(secrets) = SlackSecrets::from_env() {
+        let api_url = channels.slack_api_url.as_deref().unwrap_or(SLACK_API_URL);
+        let api = Arc::new(
+            SlackApi::new(secrets.bot_token(), api_url).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        notifiers.push(Arc::new(SlackNotifier::new(api.clone(), links.clone())));
+        router = router.merge(slack_router(SlackInteractions::new(
+            ballots.clone(),
+            api,
+            &secrets,
+        )));
+        names.push("slack");
+    }
+    if notifiers.is_empty() {
+        notifiers.push(Arc::new(ConsoleNotifier::new(links)));
+        names.push("console (links printed here)");
+    }
+    let step = ApprovalStep::new(trail.clone(), notifiers).map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+    tokio::spawn(expire(
+        trail.clone(),
+        ledger.clone(),
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop.wait().await })
+        .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the approval web server stopped");
+        }
+    });
+    Ok(Approvals {
+        base_url,
+        channels: names,
+        issuer,
+    })
+}
+
+/// Starts the signing coordinator.
+pub fn signing(
+    client: &async_nats::Client,
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    trail: &Trail,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let step = SignStep::new(client.clone(), trail.clone()).map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// A Bitcoin-family node: given (`--btc-rpc`), or a local regtest litecoind.
+pub enum BitcoinNode {
+    Remote { chain: String, rpc: Bitcoind },
+    Local(RegtestNode),
+}
+
+impl BitcoinNode {
+    pub fn chain(&self) -> &str {
+        match self {
+            BitcoinNode::Remote { chain, .. } => chain,
+            BitcoinNode::Local(_) => "ltc-regtest",
+        }
+    }
+
+    pub fn rpc(&self) -> &Bitcoind {
+        match self {
+            BitcoinNode::Remote { rpc, .. } => rpc,
+            BitcoinNode::Local(node) => &node.rpc,
+        }
+    }
+}
+
+/// The node behind `--btc-rpc URL` (credentials in the URL's user info).
+pub fn remote_node(url: &str, chain: &str) -> anyhow::Result<BitcoinNode> {
+    let parsed = url::Url::parse(url).with_context(|| "--btc-rpc is not a URL".to_string())?;
+    custos_engine::chains::chain(chain)
+        .with_context(|| format!("--btc-network: unknown chain {chain}"))?;
+    let user = parsed.username().to_string();
+    let password = parsed.password().unwrap_or_default().to_string();
+    let mut bare = parsed.clone();
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    let rpc = Bitcoind::new(bare.as_str().trim_end_matches('/'), &user, &password)
+        .map_err(|e| anyhow::anyhow!("--btc-rpc: {e}"))?;
+    Ok(BitcoinNode::Remote {
+        chain: chain.to_string(),
+        rpc,
+    })
+}
