@@ -216,7 +216,22 @@ pub struct BuildStep<A> {
     consumer: StepConsumer,
     /// One lock per wallet: a build holds it until its `TRANSACTION_BUILT` is in
     /// the trail, so the next build of that wallet sees those coins reserved.
-    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: Locks,
+    /// One per chain: a node runs one `scantxoutset` at a time and refuses a
+    /// second, so builds of different wallets take turns scanning.
+    scans: Locks,
+}
+
+type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
+/// The lock named `key`, made on first use.
+fn named_lock(locks: &Locks, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    // The map only ever gains entries: a panic while it was locked cannot have
+    // left it inconsistent.
+    let mut locks = locks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    locks.entry(key.to_string()).or_default().clone()
 }
 
 impl<A: Appender> BuildStep<A> {
@@ -229,17 +244,8 @@ impl<A: Appender> BuildStep<A> {
             ledger,
             consumer,
             locks: Arc::default(),
+            scans: Arc::default(),
         })
-    }
-
-    fn wallet_lock(&self, wallet: &str) -> Arc<tokio::sync::Mutex<()>> {
-        // The map only ever gains entries: a panic while it was locked cannot
-        // have left it inconsistent.
-        let mut locks = self
-            .locks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        locks.entry(wallet.to_string()).or_default().clone()
     }
 
     /// The wallet's spendable coins (confirmed, not spent in the mempool, not
@@ -247,10 +253,13 @@ impl<A: Appender> BuildStep<A> {
     async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
         let wallet = &job.terms.wallet;
         let node = self.nodes.get(&wallet.chain)?;
-        let scanned = node
-            .scan_addresses(&[&wallet.address])
-            .await
-            .map_err(|e| step_error("scantxoutset", e))?;
+        let scanned = {
+            let scan = named_lock(&self.scans, &wallet.chain);
+            let _scanning = scan.lock().await;
+            node.scan_addresses(&[&wallet.address])
+                .await
+                .map_err(|e| step_error("scantxoutset", e))?
+        };
         let mut utxos = Vec::with_capacity(scanned.len());
         let mut held: u64 = 0;
         for u in scanned {
@@ -321,7 +330,7 @@ impl<A: Appender> Step for BuildStep<A> {
         let Some(wallet) = wallet else {
             return Ok(Vec::new());
         };
-        let lock = self.wallet_lock(&wallet);
+        let lock = named_lock(&self.locks, &wallet);
         let _building = lock.lock().await;
         // Read again under the lock: builds that held it are in the trail now.
         let job = self
@@ -642,5 +651,22 @@ impl<A: Appender> Step for BroadcastStep<A> {
                 txid,
             },
         )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmation_depths() {
+        let default = Confirmations::default();
+        assert_eq!(default.required("ltc-regtest"), 1);
+        assert_eq!(default.required("btc-mainnet"), 6);
+        assert_eq!(default.required("ltc-testnet"), 6);
+        let set = Confirmations::new([("btc-mainnet".to_string(), 3), ("ltc-regtest".into(), 0)]);
+        assert_eq!(set.required("btc-mainnet"), 3);
+        assert_eq!(set.required("ltc-regtest"), 1, "never the mempool");
+        assert_eq!(set.required("ltc-mainnet"), 6);
     }
 }
