@@ -119,25 +119,30 @@ impl SignService {
     }
 
     /// Runs every check on the replica; the sighashes this guardian would sign.
+    /// `catch_up`: first wait until the replica holds the whole stream (before a
+    /// commitment); a re-check moments later reads the replica as it is.
     async fn checked(
         &self,
         workflow_id: &str,
+        catch_up: bool,
     ) -> Result<(String, Vec<Sighash>, Arc<Share>), String> {
-        let wallet = self
-            .trail
-            .read(|view| {
-                view.transfer(workflow_id)
-                    .and_then(|t| t.request.as_ref())
-                    .map(|r| r.wallet.clone())
-            })
-            .await?
-            .ok_or_else(|| format!("workflow {workflow_id} is not in the trail"))?;
+        let wallet_of = |view: &crate::trail::TrailView| {
+            view.transfer(workflow_id)
+                .and_then(|t| t.request.as_ref())
+                .map(|r| r.wallet.clone())
+        };
+        let wallet = if catch_up {
+            self.trail.read(wallet_of).await?
+        } else {
+            self.trail.read_current(wallet_of)?
+        }
+        .ok_or_else(|| format!("workflow {workflow_id} is not in the trail"))?;
         let share = self.wallet_share(&wallet)?;
         let me = *share.key.identifier();
         let group_key = share.public.verifying_key();
         let (checked, recorded_key, my_index) = self
             .trail
-            .read(|view| {
+            .read_current(|view| {
                 let w = view.ledger.wallet(&wallet)?;
                 let script = custos_custody::address::wallet(group_key, &w.chain)
                     .map(|t| t.script_pubkey.to_vec())
@@ -152,8 +157,7 @@ impl SignService {
                     w.group_key.clone(),
                     index,
                 ))
-            })
-            .await?
+            })?
             .ok_or_else(|| format!("wallet {wallet} is not in the trail"))?;
         let mine = group_key.serialize().map(hex::encode).ok();
         if recorded_key.is_none() || recorded_key != mine {
@@ -177,7 +181,7 @@ impl SignService {
         if self.marker(session_id).exists() {
             return Err(format!("session {session_id} was already consumed"));
         }
-        let (wallet, sighashes, share) = self.checked(workflow_id).await?;
+        let (wallet, sighashes, share) = self.checked(workflow_id, true).await?;
         let mut state = self.state.lock().map_err(|_| "poisoned")?;
         state
             .prepared
@@ -230,7 +234,7 @@ impl SignService {
             }
         };
         // Check again: approvals, users and the policy may have changed since the commit.
-        let checked = self.checked(&prepared.workflow_id).await.and_then(|c| {
+        let checked = self.checked(&prepared.workflow_id, false).await.and_then(|c| {
             if c.0 != prepared.wallet || c.1 != prepared.sighashes {
                 return Err("the recorded transaction changed since the commitment".into());
             }

@@ -9,7 +9,8 @@
 //! and replaced, while enough guardians are live.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use async_nats::jetstream;
@@ -197,7 +198,12 @@ pub struct SignStep {
     js: jetstream::Context,
     trail: Trail,
     consumer: StepConsumer,
+    /// Live guardians as last read, and when: heartbeats come every 2 s.
+    live: Arc<Mutex<Option<(Instant, BTreeSet<String>)>>>,
 }
+
+/// How long a reading of the guardians' heartbeats is reused.
+const LIVENESS_REUSE: Duration = Duration::from_secs(1);
 
 impl SignStep {
     pub fn new(client: Client, trail: Trail) -> Result<Self, String> {
@@ -207,11 +213,26 @@ impl SignStep {
             trail,
             consumer: workflow_consumer("signing")
                 .ok_or("no consumer definition for the signing step")?,
+            live: Arc::new(Mutex::new(None)),
         })
     }
 
     /// Guardians with a recent heartbeat.
     async fn live(&self) -> BTreeSet<String> {
+        if let Ok(cached) = self.live.lock()
+            && let Some((at, live)) = cached.as_ref()
+            && at.elapsed() < LIVENESS_REUSE
+        {
+            return live.clone();
+        }
+        let live = self.read_live().await;
+        if let Ok(mut cached) = self.live.lock() {
+            *cached = Some((Instant::now(), live.clone()));
+        }
+        live
+    }
+
+    async fn read_live(&self) -> BTreeSet<String> {
         let mut live = BTreeSet::new();
         let Ok(bucket) = self.js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
             return live;

@@ -153,6 +153,16 @@ impl Trail {
         Ok(Trail { js, view, seq: rx })
     }
 
+    /// Runs `read` on the view as it is now, without waiting for the stream's
+    /// end: for a second look moments after a [`Trail::read`].
+    pub fn read_current<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
+        let view = self.view.read().map_err(|_| "trail replica poisoned")?;
+        if let Some(broken) = &view.broken {
+            return Err(format!("the audit trail does not verify ({broken})"));
+        }
+        Ok(read(&view))
+    }
+
     /// Runs `read` on the view once it holds every event stored before the call.
     /// Fails closed: a broken trail or a replica that cannot catch up decides nothing.
     pub async fn read<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
