@@ -66,6 +66,8 @@ pub enum AggregateKind {
     System,
     /// Sign-ins and sessions.
     Auth,
+    /// An administrative change request workflow (policy, whitelist, freeze).
+    Change,
 }
 
 impl AggregateKind {
@@ -79,6 +81,7 @@ impl AggregateKind {
             AggregateKind::Audit => "audit",
             AggregateKind::System => "system",
             AggregateKind::Auth => "auth",
+            AggregateKind::Change => "change",
         }
     }
 
@@ -86,7 +89,7 @@ impl AggregateKind {
         Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
-    pub const ALL: [AggregateKind; 8] = [
+    pub const ALL: [AggregateKind; 9] = [
         AggregateKind::Tx,
         AggregateKind::Wallet,
         AggregateKind::User,
@@ -95,6 +98,7 @@ impl AggregateKind {
         AggregateKind::Audit,
         AggregateKind::System,
         AggregateKind::Auth,
+        AggregateKind::Change,
     ];
 }
 
@@ -157,6 +161,13 @@ event_types! {
     PolicyDeleted = "POLICY_DELETED",
     SpendingLimitChanged = "SPENDING_LIMIT_CHANGED",
     RoleAssigned = "ROLE_ASSIGNED",
+    /// An administrative change was asked for (decided by the active policy next).
+    ChangeRequested = "CHANGE_REQUESTED",
+    WhitelistEntryAdded = "WHITELIST_ENTRY_ADDED",
+    WhitelistEntryRemoved = "WHITELIST_ENTRY_REMOVED",
+    /// An emergency freeze: signing stops for a wallet or for every wallet.
+    FreezeApplied = "FREEZE_APPLIED",
+    FreezeLifted = "FREEZE_LIFTED",
     // Administration.
     UserCreated = "USER_CREATED",
     UserDeactivated = "USER_DEACTIVATED",
@@ -285,6 +296,15 @@ pub enum Payload {
     TransactionConfirmed(crate::chain::Confirmation),
     /// A policy became the active one.
     PolicyActivated { name: String, version: String },
+    /// An administrative change workflow starts: the request exactly as
+    /// accepted and the hash of its canonical encoding (what approvals bind to).
+    ChangeRequested {
+        request: crate::change::ChangeRequest,
+        request_hash: String,
+    },
+    /// The approved change, taking effect (`POLICY_MODIFIED` with the policy
+    /// document, whitelist entries, `FREEZE_APPLIED`, `FREEZE_LIFTED`).
+    ChangeApplied(crate::change::Change),
     /// A user joined the directory.
     UserCreated(UserRecord),
     /// A step failed for good; the workflow ends or waits as its machine says.

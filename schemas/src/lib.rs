@@ -6,6 +6,7 @@
 
 pub mod approval;
 pub mod chain;
+pub mod change;
 pub mod codec;
 pub mod event;
 pub mod ids;
@@ -43,5 +44,7 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("policy-decision.json", schema::<policy::PolicyDecision>()),
         ("approval-vote.json", schema::<approval::ApprovalVote>()),
         ("approval-notice.json", schema::<approval::ApprovalNotice>()),
+        ("change-request.json", schema::<change::ChangeRequest>()),
+        ("change-reply.json", schema::<change::ChangeReply>()),
     ]
 }

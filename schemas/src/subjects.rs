@@ -23,6 +23,11 @@ pub const LEDGER_QUEUE: &str = "custos-ledger";
 pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
 /// Key rotation requests from operators (request/reply).
 pub const REQ_WALLET_ROTATE: &str = "custos.req.wallet.rotate";
+/// Administrative change requests (policy apply, whitelist, freeze, unfreeze),
+/// request/reply.
+pub const REQ_CHANGE: &str = "custos.req.change";
+/// Queue group of the change service.
+pub const CHANGE_QUEUE: &str = "custos-change";
 /// Queue group of the wallet service.
 pub const WALLET_QUEUE: &str = "custos-wallets";
 /// Key-value bucket holding the ledger writer's lease.

@@ -1,0 +1,231 @@
+//! Administrative change requests: applying a policy, editing a wallet's
+//! destination whitelist, freezing and unfreezing. Each is a workflow decided by
+//! the active policy (the meta-policy) and approved through the same ballot box
+//! as transfers; a freeze alone takes effect at once (an emergency).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::validate_token;
+use crate::request::FieldError;
+
+/// Longest policy document accepted, in bytes.
+pub const MAX_POLICY_DOCUMENT_LEN: usize = 256 * 1024;
+/// Longest whitelisted address or freeze reason accepted, in bytes.
+pub const MAX_TEXT_LEN: usize = 256;
+
+/// What an administrator asks to change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum Change {
+    /// Make this policy document (TOML) the active policy. `version` is the
+    /// engine's hash of the parsed document: what every later decision records.
+    PolicyApply {
+        name: String,
+        version: String,
+        document: String,
+    },
+    /// Add `address` to the whitelist of `wallet` (on the wallet's chain).
+    WhitelistAdd {
+        wallet: String,
+        address: String,
+    },
+    WhitelistRemove {
+        wallet: String,
+        address: String,
+    },
+    /// Stop every signing of `wallet`, or of every wallet when `None`. Takes
+    /// effect immediately, by any administrator.
+    Freeze {
+        #[serde(default)]
+        wallet: Option<String>,
+        reason: String,
+    },
+    /// Lift a freeze; needs the quorum the active policy demands.
+    Unfreeze {
+        #[serde(default)]
+        wallet: Option<String>,
+    },
+}
+
+impl Change {
+    /// The wallet it concerns, if one.
+    pub fn wallet(&self) -> Option<&str> {
+        match self {
+            Change::PolicyApply { .. } => None,
+            Change::WhitelistAdd { wallet, .. } | Change::WhitelistRemove { wallet, .. } => {
+                Some(wallet)
+            }
+            Change::Freeze { wallet, .. } | Change::Unfreeze { wallet } => wallet.as_deref(),
+        }
+    }
+
+    /// A line for approvers and the audit trail.
+    pub fn describe(&self) -> String {
+        let scope = |w: &Option<String>| match w {
+            Some(w) => format!("wallet {w}"),
+            None => "every wallet".to_string(),
+        };
+        match self {
+            Change::PolicyApply { name, version, .. } => {
+                format!("apply policy {name} (version {version})")
+            }
+            Change::WhitelistAdd { wallet, address } => {
+                format!("whitelist {address} for wallet {wallet}")
+            }
+            Change::WhitelistRemove { wallet, address } => {
+                format!("remove {address} from the whitelist of wallet {wallet}")
+            }
+            Change::Freeze { wallet, reason } => format!("freeze {}: {reason}", scope(wallet)),
+            Change::Unfreeze { wallet } => format!("unfreeze {}", scope(wallet)),
+        }
+    }
+}
+
+/// A change request, published to [`crate::subjects::REQ_CHANGE`] (JSON or
+/// MessagePack). Retrying with the same `requestId` returns the same workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChangeRequest {
+    /// Idempotency key: A-Z, a-z, 0-9, '-', '_' (1 to 128).
+    pub request_id: String,
+    /// Directory user id of the administrator asking.
+    pub initiator: String,
+    pub change: Change,
+}
+
+impl ChangeRequest {
+    /// Checks every field's shape; the error names the field.
+    pub fn validate_shape(&self) -> Result<(), FieldError> {
+        validate_token("requestId", &self.request_id)?;
+        validate_token("initiator", &self.initiator)?;
+        let text = |field: &str, value: &str, max: usize| {
+            if value.trim().is_empty() {
+                return Err(FieldError::new(field, "must not be empty"));
+            }
+            if value.len() > max {
+                return Err(FieldError::new(
+                    field,
+                    format!("is longer than {max} bytes"),
+                ));
+            }
+            Ok(())
+        };
+        match &self.change {
+            Change::PolicyApply {
+                name,
+                version,
+                document,
+            } => {
+                text("change.name", name, MAX_TEXT_LEN)?;
+                text("change.document", document, MAX_POLICY_DOCUMENT_LEN)?;
+                if version.len() != 64 || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(FieldError::new(
+                        "change.version",
+                        "must be 64 hex digits (SHA-256)",
+                    ));
+                }
+            }
+            Change::WhitelistAdd { wallet, address }
+            | Change::WhitelistRemove { wallet, address } => {
+                validate_token("change.wallet", wallet)?;
+                text("change.address", address, MAX_TEXT_LEN)?;
+                if address.chars().any(|c| !c.is_ascii_alphanumeric()) {
+                    return Err(FieldError::new(
+                        "change.address",
+                        "must be letters and digits",
+                    ));
+                }
+            }
+            Change::Freeze { wallet, reason } => {
+                if let Some(w) = wallet {
+                    validate_token("change.wallet", w)?;
+                }
+                text("change.reason", reason, MAX_TEXT_LEN)?;
+            }
+            Change::Unfreeze { wallet } => {
+                if let Some(w) = wallet {
+                    validate_token("change.wallet", w)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a change request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
+pub enum ChangeReply {
+    /// Recorded as workflow `workflow_id` (a freeze: already in effect).
+    Accepted { workflow_id: String },
+    /// Not recorded; `field` names what was wrong, when one field was.
+    Refused {
+        #[serde(default)]
+        field: Option<String>,
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::ContentType;
+
+    fn request(change: Change) -> ChangeRequest {
+        ChangeRequest {
+            request_id: "r-1".into(),
+            initiator: "alice".into(),
+            change,
+        }
+    }
+
+    #[test]
+    fn round_trips_in_both_encodings() {
+        let r = request(Change::Freeze {
+            wallet: Some("treasury".into()),
+            reason: "incident 42".into(),
+        });
+        for ct in [ContentType::Json, ContentType::MsgPack] {
+            assert_eq!(ct.decode::<ChangeRequest>(&ct.encode(&r)), Ok(r.clone()));
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (
+                request(Change::WhitelistAdd {
+                    wallet: "t".into(),
+                    address: "bc1 q".into(),
+                }),
+                "change.address",
+            ),
+            (
+                request(Change::PolicyApply {
+                    name: "p".into(),
+                    version: "xyz".into(),
+                    document: "version = 1".into(),
+                }),
+                "change.version",
+            ),
+            (
+                request(Change::Freeze {
+                    wallet: None,
+                    reason: " ".into(),
+                }),
+                "change.reason",
+            ),
+            (
+                request(Change::Unfreeze {
+                    wallet: Some("no spaces".into()),
+                }),
+                "change.wallet",
+            ),
+        ];
+        for (r, field) in cases {
+            let e = r.validate_shape().expect_err(field);
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+}
