@@ -12,6 +12,7 @@ use custos_schemas::{
 };
 
 use crate::chain::{self, ChainHash, Link};
+use crate::change::{self, ChangeState};
 use crate::transfer::{self, Transfer};
 
 /// One aggregate's position.
@@ -23,6 +24,8 @@ pub struct AggregateState {
     pub last_event: Option<EventType>,
     /// The workflow state, for transfers.
     pub transfer: Option<Transfer>,
+    /// The workflow state, for administrative changes.
+    pub change: Option<ChangeState>,
     /// A workflow whose first events aged out (retention): its version is known,
     /// its state is not, so nothing more is appended to it.
     pub partial: bool,
@@ -123,6 +126,14 @@ impl Ledger {
             .filter_map(|((_, id), a)| a.transfer.as_ref().map(|t| (id.as_str(), t)))
     }
 
+    /// Every change workflow the ledger holds whole, by id.
+    pub fn changes(&self) -> impl Iterator<Item = (&str, &ChangeState)> {
+        self.aggregates
+            .iter()
+            .filter(|((kind, _), a)| *kind == AggregateKind::Change && !a.partial)
+            .filter_map(|((_, id), a)| a.change.as_ref().map(|c| (id.as_str(), c)))
+    }
+
     pub fn wallet(&self, name: &str) -> Option<&WalletDescriptor> {
         self.wallets.get(name)
     }
@@ -151,7 +162,7 @@ impl Ledger {
             // First seen mid-history: its beginning aged out.
             None if self.resumed && event.version > 1 => AggregateState {
                 // Only a workflow needs its whole history to take another event.
-                partial: event.aggregate_kind == AggregateKind::Tx,
+                partial: is_workflow(event.aggregate_kind),
                 version: event.version - 1,
                 ..AggregateState::default()
             },
@@ -277,6 +288,16 @@ fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, S
         let (next, _commands) = transfer::apply(&current, event).map_err(|e| e.to_string())?;
         state.transfer = Some(next);
     }
+    if event.aggregate_kind == AggregateKind::Change && !state.partial {
+        let current = state.change.take().unwrap_or_default();
+        state.change = Some(change::apply(&current, event).map_err(|e| e.to_string())?);
+    }
+    // An applied change binds everyone: only its approved workflow may record it.
+    if matches!(event.payload, Payload::ChangeApplied(_))
+        && event.aggregate_kind != AggregateKind::Change
+    {
+        return Err("a change is applied only by its change workflow".into());
+    }
     if let Payload::WalletCreated(w) = &event.payload
         && (event.event_type != EventType::WalletCreated
             || event.aggregate_kind != AggregateKind::Wallet
@@ -291,4 +312,9 @@ fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, S
     state.version = event.version;
     state.last_event = Some(event.event_type);
     Ok(state)
+}
+
+/// Aggregates with a state machine: they need their whole history.
+fn is_workflow(kind: AggregateKind) -> bool {
+    matches!(kind, AggregateKind::Tx | AggregateKind::Change)
 }

@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod chains;
+pub mod change;
 pub mod intake;
 pub mod ledger;
 pub mod mfa;

@@ -225,7 +225,7 @@ impl std::fmt::Display for ApprovalStatus {
     }
 }
 
-/// What a vote does to a transfer awaiting approvals (see [`judge_vote`]).
+/// What a vote does to a workflow awaiting approvals (see [`judge_vote`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VoteVerdict {
     /// The approver already voted on this request: nothing double-counts.
@@ -236,34 +236,82 @@ pub enum VoteVerdict {
     Reject,
 }
 
-/// Judges one approver's vote on a transfer workflow at `now`: bound to the
-/// exact request hash and policy version, by an active user eligible for one of
-/// the decision's groups (never the initiator unless a rule allows it), before
-/// the expiry, while the workflow still awaits approvals. The error says why
-/// the vote does not count, for the approver and the audit trail.
+/// A workflow that collects approvals (a transfer, an administrative change):
+/// what [`judge_vote`] reads.
+pub trait AwaitsApprovals {
+    /// `Ok` while it awaits approvals; otherwise why a vote comes too late.
+    fn awaiting_approvals(&self) -> Result<(), String>;
+    fn decision(&self) -> Option<&PolicyDecision>;
+    /// Hex SHA-256 of the canonical request approvals bind to.
+    fn request_hash(&self) -> Option<&str>;
+    fn votes(&self) -> &[crate::transfer::CastVote];
+}
+
+impl AwaitsApprovals for crate::transfer::Transfer {
+    fn awaiting_approvals(&self) -> Result<(), String> {
+        awaiting(
+            self.stage,
+            self.stage == crate::transfer::Stage::AwaitingApprovals,
+        )
+    }
+
+    fn decision(&self) -> Option<&PolicyDecision> {
+        self.decision.as_ref()
+    }
+
+    fn request_hash(&self) -> Option<&str> {
+        self.request_hash.as_deref()
+    }
+
+    fn votes(&self) -> &[crate::transfer::CastVote] {
+        &self.votes
+    }
+}
+
+/// `Ok` when `awaits`; otherwise why a vote comes too late for a workflow at `stage`.
+pub fn awaiting(stage: impl std::fmt::Debug, awaits: bool) -> Result<(), String> {
+    match awaits {
+        true => Ok(()),
+        false => Err(format!(
+            "the request no longer awaits approvals (it is {stage:?})"
+        )),
+    }
+}
+
+/// The approvals recorded on a workflow so far.
+pub fn approvals_of(workflow: &(impl AwaitsApprovals + ?Sized)) -> Vec<Approval> {
+    workflow
+        .votes()
+        .iter()
+        .filter(|v| v.vote.vote == custos_schemas::approval::Vote::Approve)
+        .map(|v| Approval {
+            user: v.user.clone(),
+            at: v.at,
+        })
+        .collect()
+}
+
+/// Judges one approver's vote on a workflow at `now`: bound to the exact
+/// request hash and policy version, by an active user eligible for one of the
+/// decision's groups (never the initiator unless a rule allows it), before the
+/// expiry, while the workflow still awaits approvals. The error says why the
+/// vote does not count, for the approver and the audit trail.
 pub fn judge_vote(
-    transfer: &crate::transfer::Transfer,
+    workflow: &(impl AwaitsApprovals + ?Sized),
     directory: &Directory,
     user: &str,
     vote: &custos_schemas::approval::ApprovalVote,
     now: i64,
 ) -> Result<VoteVerdict, String> {
-    use crate::transfer::Stage;
     use custos_schemas::approval::Vote;
-    if transfer.votes.iter().any(|v| v.user == user) {
+    if workflow.votes().iter().any(|v| v.user == user) {
         return Ok(VoteVerdict::Duplicate);
     }
-    if transfer.stage != Stage::AwaitingApprovals {
-        return Err(format!(
-            "the request no longer awaits approvals (it is {:?})",
-            transfer.stage
-        ));
-    }
-    let decision = transfer
-        .decision
-        .as_ref()
+    workflow.awaiting_approvals()?;
+    let decision = workflow
+        .decision()
         .ok_or("the request has no policy decision")?;
-    if transfer.request_hash.as_deref() != Some(vote.request_hash.as_str()) {
+    if workflow.request_hash() != Some(vote.request_hash.as_str()) {
         return Err(
             "the request changed since this approval was asked for: it no longer \
                     counts"
@@ -310,15 +358,9 @@ pub fn judge_vote(
     if vote.vote == Vote::Reject {
         return Ok(VoteVerdict::Reject);
     }
-    let mut approvals: Vec<Approval> = transfer
-        .votes
-        .iter()
-        .filter(|v| v.vote.vote == Vote::Approve)
-        .map(|v| Approval {
-            user: v.user.clone(),
-            at: v.at,
-        })
-        .collect();
+    // Recorded votes happened: a clock behind the ledger's must not drop them.
+    let now = workflow.votes().iter().map(|v| v.at).fold(now, i64::max);
+    let mut approvals = approvals_of(workflow);
     approvals.push(Approval {
         user: user.to_string(),
         at: now,

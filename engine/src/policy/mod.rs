@@ -29,7 +29,10 @@ mod model;
 mod parse;
 pub mod state;
 
-pub use approvals::{Approval, ApprovalStatus, VoteVerdict, approvals_satisfied, judge_vote};
+pub use approvals::{
+    Approval, ApprovalStatus, AwaitsApprovals, VoteVerdict, approvals_of, approvals_satisfied,
+    awaiting, judge_vote,
+};
 pub use directory::{Directory, Duty, NewUser, Role, User};
 pub use evaluate::{Inputs, evaluate};
 pub use fiat::{Currency, PriceSnapshot};
