@@ -4,6 +4,7 @@
 pub mod approvals;
 pub mod ceremony;
 pub mod chain_steps;
+pub mod change;
 pub mod engine;
 pub mod guardian;
 mod guardian_sign;

@@ -1,7 +1,8 @@
 //! The policy step: takes each created transfer, evaluates the active policy on
-//! it (directory, prices, velocity as recorded) and appends `POLICY_EVALUATED`
-//! with the decision and its explanation. The engine's policy module decides;
-//! this shell only gathers the inputs.
+//! it (the policy, directory, address book and freezes of its verified replica
+//! of the trail, configured prices, velocity as recorded) and appends
+//! `POLICY_EVALUATED` with the decision and its explanation. The engine's policy
+//! module decides; this shell only gathers the inputs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -10,16 +11,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_nats::jetstream;
 use custos_adapters::jetstream::{StepConsumer, read_events, workflow_consumer};
 use custos_engine::policy::{
-    self, AddressBook, Currency, Directory, FreezeState, Inputs, Policy, PriceSnapshot, Request,
-    VelocityState,
+    self, Currency, Inputs, Policy, PriceSnapshot, Request, VelocityState,
 };
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, RequestContext,
-    WalletDescriptor, codec, subjects,
+    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, RequestContext, codec,
+    subjects,
 };
 
+use crate::change::ActivePolicy;
 use crate::runtime::{Step, StepError};
+use crate::trail::Trail;
+use crate::{Shutdown, ShutdownTrigger};
 
 /// Configured prices: per asset, per currency, a decimal string. A configured
 /// table states the prices as of now; a feed replaces it where one is set up.
@@ -48,15 +51,19 @@ impl PriceTable {
 /// The policy step.
 #[derive(Debug, Clone)]
 pub struct PolicyStep {
-    js: jetstream::Context,
-    policy: Arc<Policy>,
+    trail: Trail,
+    /// Stops the step's trail follower when the last clone of the step is gone.
+    _follower: Arc<ShutdownTrigger>,
+    policy: Arc<ActivePolicy>,
     prices: Arc<PriceTable>,
     velocity: Arc<Mutex<VelocityState>>,
     consumer: StepConsumer,
 }
 
 impl PolicyStep {
-    /// Builds the step, rebuilding velocity from the decisions already recorded.
+    /// Builds the step, rebuilding velocity from the decisions already recorded
+    /// and following its own replica of the trail. `policy` decides until the
+    /// trail activates another one.
     pub async fn new(
         js: jetstream::Context,
         policy: Policy,
@@ -80,26 +87,16 @@ impl PolicyStep {
         .map_err(|e| format!("reading past decisions: {e}"))?;
         let consumer =
             workflow_consumer("policy").ok_or("no consumer definition for the policy step")?;
+        let (trigger, shutdown) = Shutdown::new();
+        let trail = Trail::follow(js, shutdown).await?;
         Ok(PolicyStep {
-            js,
-            policy: Arc::new(policy),
+            trail,
+            _follower: Arc::new(trigger),
+            policy: Arc::new(ActivePolicy::new(policy)),
             prices: Arc::new(prices),
             velocity: Arc::new(Mutex::new(velocity)),
             consumer,
         })
-    }
-
-    async fn decoded(&self, filter: String) -> Result<Vec<Event>, StepError> {
-        let mut events = Vec::new();
-        read_events(&self.js, 1, Some(filter), |stored| {
-            if let Ok(e) = codec::from_msgpack::<Event>(&stored.body) {
-                events.push(e);
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| StepError::Transient(format!("reading the trail: {e}")))?;
-        Ok(events)
     }
 }
 
@@ -125,53 +122,37 @@ impl Step for PolicyStep {
         let Payload::TransferRequested { request, .. } = &event.payload else {
             return Err(StepError::Permanent("not a transfer request".into()));
         };
-        let wallet: Option<WalletDescriptor> = self
-            .decoded(subjects::event_subject(
-                AggregateKind::Wallet,
-                &request.wallet,
-                EventType::WalletCreated.as_str(),
-            ))
-            .await?
-            .into_iter()
-            .find_map(|e| match e.payload {
-                Payload::WalletCreated(w) => Some(w),
-                _ => None,
-            });
-        let wallet = wallet.ok_or_else(|| {
-            StepError::Permanent(format!("wallet {} is not recorded", request.wallet))
-        })?;
-        let mut directory = Directory::new();
-        for e in self
-            .decoded(format!("{}.user.>", subjects::EVENTS_PREFIX))
-            .await?
-        {
-            if let Err(err) = directory.apply(&e) {
-                tracing::warn!(event = %e.id, error = %err, "directory event does not apply");
-            }
-        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let prices = self.prices.snapshot(now).map_err(StepError::Permanent)?;
-        let request = Request::transfer(request, &wallet, false)
-            .map_err(|e| StepError::Permanent(e.to_string()))?;
-        let decision = {
-            let mut velocity = self
-                .velocity
-                .lock()
-                .map_err(|_| StepError::Transient("velocity state poisoned".into()))?;
-            let inputs = Inputs {
-                directory: &directory,
-                prices: &prices,
-                velocity: &velocity,
-                address_book: &AddressBook::new(),
-                freeze: &FreezeState::new(),
-                now,
-            };
-            let decision = policy::evaluate(&self.policy, &request, &inputs);
-            record(&mut velocity, &decision);
-            decision
-        };
+        let decision = self
+            .trail
+            .read(|view| {
+                let wallet = view.ledger.wallet(&request.wallet).ok_or_else(|| {
+                    StepError::Permanent(format!("wallet {} is not recorded", request.wallet))
+                })?;
+                let policy = self.policy.get(view).map_err(StepError::Transient)?;
+                let request = Request::transfer(request, wallet, false)
+                    .map_err(|e| StepError::Permanent(e.to_string()))?;
+                let mut velocity = self
+                    .velocity
+                    .lock()
+                    .map_err(|_| StepError::Transient("velocity state poisoned".into()))?;
+                let inputs = Inputs {
+                    directory: &view.directory,
+                    prices: &prices,
+                    velocity: &velocity,
+                    address_book: &view.admin.address_book,
+                    freeze: &view.admin.freeze,
+                    now,
+                };
+                let decision = policy::evaluate(&policy, &request, &inputs);
+                record(&mut velocity, &decision);
+                Ok(decision)
+            })
+            .await
+            .map_err(StepError::Transient)??;
         let result = match decision.outcome {
             PolicyOutcome::Allow => Outcome::Success,
             PolicyOutcome::RequireApprovals => Outcome::Pending,

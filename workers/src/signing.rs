@@ -95,6 +95,8 @@ pub fn check(
     else {
         return Err("the workflow lacks its request, decision or transaction".into());
     };
+    // A freeze stops every signing, whatever was decided before it.
+    view.admin.freeze.may_sign(&request.wallet)?;
     if decision.outcome == PolicyOutcome::Block
         || decision.action != "transfer"
         || decision.initiator != request.initiator

@@ -9,9 +9,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 use custos_adapters::jetstream::{StoredEvent, TrailStart, trail_start};
 use custos_engine::chain::ChainHash;
+use custos_engine::change::{Admin, ChangeState};
 use custos_engine::ledger::Ledger;
-use custos_engine::policy::Directory;
+use custos_engine::policy::{AwaitsApprovals, Directory};
 use custos_engine::transfer::Transfer;
+use custos_schemas::change::Change;
 use custos_schemas::{AggregateKind, Event, EventType, Payload, codec, subjects};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -25,6 +27,8 @@ pub struct TrailView {
     pub directory: Directory,
     /// Version of the active policy, with the seq that activated it.
     pub active_policy: Option<(String, u64)>,
+    /// Applied administrative changes: whitelists, freezes, policy documents.
+    pub admin: Admin,
     /// Set when the trail failed verification: nothing is decided from it after.
     pub broken: Option<String>,
 }
@@ -39,14 +43,42 @@ impl TrailView {
         if let Err(e) = self.directory.apply(&event) {
             tracing::warn!(event = %event.id, error = %e, "directory event does not apply");
         }
-        if let (
-            EventType::PolicyCreated | EventType::PolicyModified,
-            Payload::PolicyActivated { version, .. },
-        ) = (event.event_type, &event.payload)
-        {
-            self.active_policy = Some((version.clone(), stored.seq));
+        match (event.event_type, &event.payload) {
+            (
+                EventType::PolicyCreated | EventType::PolicyModified,
+                Payload::PolicyActivated { version, .. },
+            )
+            | (
+                EventType::PolicyModified,
+                Payload::ChangeApplied(Change::PolicyApply { version, .. }),
+            ) => self.active_policy = Some((version.clone(), stored.seq)),
+            _ => {}
         }
+        let ledger = &self.ledger;
+        self.admin
+            .apply(&event, |w| ledger.wallet(w).map(|d| d.chain.clone()));
         Ok(())
+    }
+
+    /// A change workflow's state, if the trail has it whole.
+    pub fn change(&self, workflow_id: &str) -> Option<&ChangeState> {
+        self.ledger
+            .aggregate(AggregateKind::Change, workflow_id)
+            .filter(|a| !a.partial)
+            .and_then(|a| a.change.as_ref())
+    }
+
+    /// The workflow (transfer or change) `workflow_id` names, with its kind and
+    /// version: what approvals are judged against.
+    pub fn awaiting(
+        &self,
+        workflow_id: &str,
+    ) -> Option<(AggregateKind, &dyn AwaitsApprovals, u64)> {
+        if let Some(t) = self.transfer(workflow_id) {
+            return Some((AggregateKind::Tx, t, t.version));
+        }
+        self.change(workflow_id)
+            .map(|c| (AggregateKind::Change, c as &dyn AwaitsApprovals, c.version))
     }
 
     /// A transfer workflow's state, if the trail has it whole.
@@ -147,6 +179,9 @@ impl Trail {
                     view.broken = Some(reason);
                     continue;
                 }
+                // Never hold the view while waking readers: they take the
+                // watch's lock, then the view's.
+                drop(view);
                 let _ = tx.send(stored.seq);
             }
         });
@@ -178,7 +213,10 @@ impl Trail {
             .state
             .last_sequence;
         let mut seq = self.seq.clone();
-        let reached = tokio::time::timeout(CATCH_UP, seq.wait_for(|s| *s >= end)).await;
+        // The watch's guard is released here, before the view is locked.
+        let reached = tokio::time::timeout(CATCH_UP, seq.wait_for(|s| *s >= end))
+            .await
+            .map(|r| r.map(|_| ()));
         let view = self.view.read().map_err(|_| "trail replica poisoned")?;
         if let Some(broken) = &view.broken {
             return Err(format!("the audit trail does not verify ({broken})"));

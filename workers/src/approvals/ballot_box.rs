@@ -3,9 +3,12 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use custos_engine::policy::{ApprovalStatus, VoteVerdict, approvals_satisfied, judge_vote};
+use custos_engine::policy::{
+    ApprovalStatus, AwaitsApprovals, VoteVerdict, approvals_of, approvals_satisfied, judge_vote,
+};
 use custos_engine::transfer::Stage;
-use custos_schemas::approval::{ApprovalNotice, Vote};
+use custos_schemas::TransferRequest;
+use custos_schemas::approval::ApprovalNotice;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, EventType, Outcome, Payload, Proposal, RequestContext,
     Target, UserRecord,
@@ -16,8 +19,10 @@ use super::{Ballot, BallotBox, BallotError, Receipt};
 use crate::remote::Appender;
 use crate::trail::{Trail, TrailView};
 
-/// Concurrent votes on one workflow race for its next version; the loser re-judges.
-const ATTEMPTS: usize = 8;
+/// Concurrent votes on one workflow race for its next version; the losers
+/// re-judge. Each conflict means another vote was recorded, so retrying ends;
+/// the bound is on time, not on attempts.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct TrailBallotBox<A> {
@@ -37,14 +42,16 @@ impl<A: Appender> TrailBallotBox<A> {
     }
 
     async fn cast_ballot(&self, ballot: Ballot) -> Result<Receipt, BallotError> {
-        for _ in 0..ATTEMPTS {
-            let now = now_ms();
+        let started = std::time::Instant::now();
+        while started.elapsed() < RETRY_FOR {
+            // The clock is read once the replica has caught up: votes it just
+            // learned of were recorded before this one is judged.
             let judged = self
                 .trail
-                .read(|view| judge(view, &ballot, now))
+                .read(|view| judge(view, &ballot, now_ms()))
                 .await
                 .map_err(BallotError::Unavailable)?;
-            let (verdict, expected_version, email) = match judged {
+            let (verdict, kind, expected_version, email, applies) = match judged {
                 Ok(j) => j,
                 Err(Judged::Unknown) => {
                     return Err(BallotError::UnknownWorkflow(ballot.workflow_id.clone()));
@@ -80,8 +87,8 @@ impl<A: Appender> TrailBallotBox<A> {
                     ),
                 );
             }
-            let proposal = Proposal {
-                aggregate_kind: AggregateKind::Tx,
+            let mut proposals = vec![Proposal {
+                aggregate_kind: kind,
                 workflow_id: ballot.workflow_id.clone(),
                 expected_version,
                 event_type,
@@ -101,16 +108,36 @@ impl<A: Appender> TrailBallotBox<A> {
                 result,
                 metadata,
                 payload: Payload::ApprovalVote(ballot.vote.clone()),
-            };
-            match self.appender.append(vec![proposal]).await {
+            }];
+            // The vote that completes a change's quorum applies it, in the same
+            // atomic append: an approved change never waits on another step.
+            if result == Outcome::Success
+                && let Some(change) = applies
+            {
+                proposals.push(crate::change::applied(
+                    &ballot.workflow_id,
+                    expected_version + 1,
+                    Actor::system("approvals"),
+                    change,
+                ));
+            }
+            match self.appender.append(proposals).await {
                 AppendReply::Appended { .. } => {
                     return Ok(Receipt::Recorded {
                         quorum_reached: result == Outcome::Success,
                     });
                 }
-                // Another vote took the version: judge again on the new state.
-                AppendReply::Conflict { .. } => continue,
-                AppendReply::Refused { reason } => return Err(BallotError::Refused(reason)),
+                // Another vote took the version: judge again on the new state,
+                // after a short random pause so contenders spread out.
+                AppendReply::Conflict { .. } => {
+                    let pause = rand::random::<u64>() % 20;
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    continue;
+                }
+                AppendReply::Refused { reason } => {
+                    self.record_refusal(&ballot, &reason).await;
+                    return Err(BallotError::Refused(reason));
+                }
                 AppendReply::Unavailable { reason } => {
                     return Err(BallotError::Unavailable(reason));
                 }
@@ -170,12 +197,23 @@ enum Judged {
     Refused(String),
 }
 
-type Judgement = Result<(VoteVerdict, u64, Option<String>), Judged>;
+/// The verdict, the workflow's kind and version, the voter's email, and (for a
+/// change) the change a completing approval applies.
+type Judgement = Result<
+    (
+        VoteVerdict,
+        AggregateKind,
+        u64,
+        Option<String>,
+        Option<custos_schemas::change::Change>,
+    ),
+    Judged,
+>;
 
 fn judge(view: &TrailView, ballot: &Ballot, now: i64) -> Judgement {
-    let transfer = view.transfer(&ballot.workflow_id).ok_or(Judged::Unknown)?;
+    let (kind, workflow, version) = view.awaiting(&ballot.workflow_id).ok_or(Judged::Unknown)?;
     let verdict = judge_vote(
-        transfer,
+        workflow,
         &view.directory,
         &ballot.user_id,
         &ballot.vote,
@@ -186,37 +224,59 @@ fn judge(view: &TrailView, ballot: &Ballot, now: i64) -> Judgement {
         .directory
         .user(&ballot.user_id)
         .map(|u| u.email.clone());
-    Ok((verdict, transfer.version, email))
+    let applies = view
+        .change(&ballot.workflow_id)
+        .and_then(|c| c.request.as_ref())
+        .map(|r| r.change.clone());
+    Ok((verdict, kind, version, email, applies))
 }
 
-/// The notice approvers see for a workflow, as the trail has it now.
+/// The notice approvers see for a workflow, as the trail has it now. A change
+/// is shown in the transfer-shaped notice every channel renders: its
+/// description as the memo, its wallet (or `*`), no asset and no amount.
 pub fn notice(view: &TrailView, workflow_id: &str, now: i64) -> Option<ApprovalNotice> {
-    let transfer = view.transfer(workflow_id)?;
-    let request = transfer.request.clone()?;
-    let decision = transfer.decision.as_ref()?;
-    let approvals: Vec<_> = transfer
-        .votes
-        .iter()
-        .filter(|v| v.vote.vote == Vote::Approve)
-        .map(|v| custos_engine::policy::Approval {
-            user: v.user.clone(),
-            at: v.at,
-        })
-        .collect();
+    let (request, chain, workflow): (TransferRequest, String, &dyn AwaitsApprovals) =
+        match (view.transfer(workflow_id), view.change(workflow_id)) {
+            (Some(t), _) if t.stage != Stage::New => {
+                let request = t.request.clone()?;
+                let chain = view
+                    .ledger
+                    .wallet(&request.wallet)
+                    .map(|w| w.chain.clone())
+                    .unwrap_or_default();
+                (request, chain, t)
+            }
+            (None, Some(c)) => {
+                let r = c.request.as_ref()?;
+                let wallet = r.change.wallet();
+                let request = TransferRequest {
+                    request_id: r.request_id.clone(),
+                    wallet: wallet.unwrap_or("*").to_string(),
+                    asset: String::new(),
+                    destination: String::new(),
+                    amount: "0".into(),
+                    memo: Some(r.change.describe()),
+                    initiator: r.initiator.clone(),
+                };
+                let chain = wallet
+                    .and_then(|w| view.ledger.wallet(w))
+                    .map(|w| w.chain.clone())
+                    .unwrap_or_default();
+                (request, chain, c)
+            }
+            _ => return None,
+        };
+    let decision = workflow.decision()?;
+    let approvals = approvals_of(workflow);
     let missing = match approvals_satisfied(decision, &approvals, &view.directory, now) {
         ApprovalStatus::Pending { missing } => missing,
         ApprovalStatus::Expired { .. } => vec!["expired".into()],
         ApprovalStatus::Blocked => vec!["blocked by policy".into()],
         ApprovalStatus::Satisfied { .. } => Vec::new(),
     };
-    let chain = view
-        .ledger
-        .wallet(&request.wallet)
-        .map(|w| w.chain.clone())
-        .unwrap_or_default();
     Some(ApprovalNotice {
         workflow_id: workflow_id.to_string(),
-        request_hash: transfer.request_hash.clone()?,
+        request_hash: workflow.request_hash()?.to_string(),
         policy_version: decision.policy_version.clone(),
         chain,
         fiat_value: decision.fiat_value.clone(),
@@ -228,7 +288,6 @@ pub fn notice(view: &TrailView, workflow_id: &str, now: i64) -> Option<ApprovalN
         step_up_required: step_up(decision),
         request,
     })
-    .filter(|_| transfer.stage != Stage::New)
 }
 
 /// High-value approvals need MFA on the web page: anything that needs more than

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
+use custos_engine::policy::AwaitsApprovals;
 use custos_engine::transfer::Stage;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, UserRecord,
@@ -55,12 +56,25 @@ impl ApprovalStep {
                 .ok_or("no consumer definition for the approval step")?,
         })
     }
+
+    /// The same step for administrative change workflows (its own consumer,
+    /// [`crate::change::approvals_consumer`]), asking on the same channels.
+    pub fn changes(trail: Trail, notifiers: Vec<Arc<dyn Notifier>>) -> Self {
+        ApprovalStep {
+            trail,
+            notifiers: Arc::new(notifiers),
+            consumer: crate::change::approvals_consumer(),
+        }
+    }
 }
 
 /// Active users who may approve for one of the decision's groups; the initiator
 /// only where a rule allows it.
 pub fn eligible_approvers(view: &TrailView, workflow_id: &str) -> Vec<UserRecord> {
-    let Some(decision) = view.transfer(workflow_id).and_then(|t| t.decision.as_ref()) else {
+    let Some(decision) = view
+        .awaiting(workflow_id)
+        .and_then(|(_, w, _)| w.decision())
+    else {
         return Vec::new();
     };
     view.directory
@@ -167,17 +181,34 @@ pub async fn expire<A: Appender>(
     }
 }
 
-/// `TRANSACTION_REJECTED` for every request awaiting approvals past its expiry.
+/// `TRANSACTION_REJECTED` for every request (transfer or change) awaiting
+/// approvals past its expiry.
 pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
-    view.ledger
+    let transfers = view
+        .ledger
         .transfers()
         .filter(|(_, t)| t.stage == Stage::AwaitingApprovals)
-        .filter_map(|(id, t)| {
-            let expires_at = t.decision.as_ref()?.expires_at?;
+        .map(|(id, t)| (AggregateKind::Tx, id, t as &dyn AwaitsApprovals, t.version));
+    let changes = view
+        .ledger
+        .changes()
+        .filter(|(_, c)| c.stage == custos_engine::change::Stage::AwaitingApprovals)
+        .map(|(id, c)| {
+            (
+                AggregateKind::Change,
+                id,
+                c as &dyn AwaitsApprovals,
+                c.version,
+            )
+        });
+    transfers
+        .chain(changes)
+        .filter_map(|(kind, id, w, version)| {
+            let expires_at = w.decision()?.expires_at?;
             (now > expires_at).then(|| Proposal {
-                aggregate_kind: AggregateKind::Tx,
+                aggregate_kind: kind,
                 workflow_id: id.to_string(),
-                expected_version: t.version,
+                expected_version: version,
                 event_type: EventType::TransactionRejected,
                 causation_id: None,
                 actor: Actor::system("approvals"),
