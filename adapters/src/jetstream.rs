@@ -221,7 +221,6 @@ pub fn workflow_consumers() -> Vec<StepConsumer> {
             ack_wait: Duration::from_secs(60),
         },
         step("broadcast", EventType::TransactionSigned),
-        step("confirmation", EventType::TransactionBroadcast),
     ]
 }
 

@@ -22,7 +22,9 @@ const WALLET: &str = "node";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegtestError {
-    #[error("could not start {binary} ({source}); run scripts/install-deps or set CUSTOS_LITECOIND")]
+    #[error(
+        "could not start {binary} ({source}); run scripts/install-deps or set CUSTOS_LITECOIND"
+    )]
     Spawn {
         binary: String,
         source: std::io::Error,
@@ -63,10 +65,14 @@ pub struct RegtestNode {
 impl RegtestNode {
     /// Starts a node storing under `data_dir` with RPC on `rpc_port` (0 picks a
     /// free one), loads or creates its wallet and mines until the wallet can
-    /// spend a block reward. Restarting on the same directory keeps the chain.
+    /// spend block rewards. Restarting on the same directory keeps the chain.
     pub async fn start(data_dir: &Path, rpc_port: u16) -> Result<RegtestNode, RegtestError> {
         std::fs::create_dir_all(data_dir)?;
-        let rpc_port = if rpc_port == 0 { free_port()? } else { rpc_port };
+        let rpc_port = if rpc_port == 0 {
+            free_port()?
+        } else {
+            rpc_port
+        };
         let rpc = Bitcoind::new(&format!("http://127.0.0.1:{rpc_port}"), USER, PASSWORD)?;
         let mut node = RegtestNode {
             child: None,
@@ -80,9 +86,10 @@ impl RegtestNode {
         node.spawn().await?;
         node.open_wallet().await?;
         node.mining_address = node.rpc.get_new_address(Some("bech32")).await?;
+        // Block rewards mature after 100 blocks: 120 leave 20 spendable ones.
         let height = node.rpc.get_block_count().await?;
-        if height < 101 {
-            node.mine(101 - height as u32).await?;
+        if height < 120 {
+            node.mine(120 - height as u32).await?;
         }
         Ok(node)
     }
@@ -151,8 +158,10 @@ impl RegtestNode {
 
     /// Loads the node wallet, creating it on the first start.
     async fn open_wallet(&self) -> Result<(), RegtestError> {
-        let loaded: Result<serde_json::Value, RpcError> =
-            self.rpc.call("loadwallet", serde_json::json!([WALLET])).await;
+        let loaded: Result<serde_json::Value, RpcError> = self
+            .rpc
+            .call("loadwallet", serde_json::json!([WALLET]))
+            .await;
         match loaded {
             Ok(_) => Ok(()),
             // -18: no such wallet yet; -35: already loaded.

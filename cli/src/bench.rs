@@ -18,8 +18,9 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Which benchmark: audit (append + verify), intake, policy, dkg, signing, or all.
-    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg", "signing"])]
+    /// Which benchmark: audit (append + verify), intake, policy, dkg, signing,
+    /// approvals, or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg", "signing", "approvals"])]
     which: String,
     /// Server profiles to measure: both, durable or default.
     #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
@@ -47,6 +48,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     if args.which == "signing" {
         return signing(args.ceremonies).await;
+    }
+    if args.which == "approvals" {
+        return approvals(args.concurrency).await;
     }
     if args.which == "all" || args.which == "policy" {
         policy(args.decisions)?;
@@ -865,4 +869,223 @@ async fn recorded(js: &jetstream::Context, subject: &str) -> bool {
         .get_last_raw_message_by_subject(subject)
         .await
         .is_ok()
+}
+
+/// Votes through the ballot box (verified trail replica, judging, durable
+/// append) with `approvers` approvers voting at once: each of `approvers / 2`
+/// transfers needs two approvals, so half the votes complete a quorum and move
+/// their workflow on. Latency from the vote cast to it being recorded (and, for
+/// the completing ones, the workflow advanced), against a bare durable append
+/// in the same run.
+async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
+    use custos_schemas::approval::{ApprovalChannel, ApprovalVote, MfaMethod, Vote};
+    use custos_workers::approvals::{Ballot, BallotBox, Receipt};
+    use futures::StreamExt;
+    let approvers = approvers.max(2) & !1;
+    println!("custos bench approvals ({approvers} approvers voting at once, durable profile)");
+    let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
+    let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+    let policy = custos_engine::policy::default_policy()
+        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
+    let user = |id: String, role: &str, groups: Vec<String>| {
+        record(
+            AggregateKind::User,
+            &id.clone(),
+            EventType::UserCreated,
+            Payload::UserCreated(custos_schemas::UserRecord {
+                email: format!("{id}@example.com"),
+                name: id.clone(),
+                id,
+                slack_user_id: None,
+                roles: vec![role.into()],
+                groups,
+                mfa_enrolled: true,
+            }),
+        )
+    };
+    let mut bootstrap = vec![
+        record(
+            AggregateKind::Policy,
+            "active",
+            EventType::PolicyCreated,
+            Payload::PolicyActivated {
+                name: policy.name.clone(),
+                version: policy.version().to_string(),
+            },
+        ),
+        record(
+            AggregateKind::Wallet,
+            "bench",
+            EventType::WalletCreated,
+            Payload::WalletCreated(WalletDescriptor {
+                name: "bench".into(),
+                model: "frost".into(),
+                chain: "ltc-regtest".into(),
+                // Any valid regtest address: nothing is signed here.
+                address: "rltc1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5mr2hsl".into(),
+                threshold: Some(2),
+                guardians: Vec::new(),
+                group_key: None,
+                transcript: None,
+            }),
+        ),
+        user("erp".into(), "initiator", Vec::new()),
+    ];
+    for a in 0..approvers {
+        bootstrap.push(user(
+            format!("approver-{a}"),
+            "approver",
+            vec!["approvers".into()],
+        ));
+    }
+    let reply = ledger.append(bootstrap).await;
+    anyhow::ensure!(
+        matches!(reply, AppendReply::Appended { .. }),
+        "bootstrap: {reply:?}"
+    );
+    let mut prices = custos_workers::policy_step::PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let ballots = Arc::new(custos_workers::approvals::ballot_box::TrailBallotBox::new(
+        trail.clone(),
+        ledger.clone(),
+    ));
+    // 20 LTC at EUR 80: above EUR 1,000, two approvals from `approvers`.
+    let mut workflows = Vec::new();
+    for i in 0..approvers / 2 {
+        let request = TransferRequest {
+            request_id: format!("bench-approve-{i}"),
+            wallet: "bench".into(),
+            asset: "LTC".into(),
+            destination: "rltc1pqurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qursz7c3hy".into(),
+            amount: "20".into(),
+            memo: None,
+            initiator: "erp".into(),
+        };
+        let reply = client
+            .request(
+                subjects::REQ_TRANSFER,
+                ContentType::MsgPack.encode(&request).into(),
+            )
+            .await?;
+        let workflow_id = match ContentType::MsgPack.decode(&reply.payload)? {
+            IntakeReply::Accepted { workflow_id, .. } => workflow_id,
+            other => anyhow::bail!("intake refused the transfer: {other:?}"),
+        };
+        workflows.push(workflow_id);
+    }
+    let mut notices = Vec::new();
+    for id in &workflows {
+        let started = Instant::now();
+        loop {
+            match ballots.notice(id).await {
+                Ok(n) if !n.missing.is_empty() => {
+                    notices.push(n);
+                    break;
+                }
+                _ => {
+                    anyhow::ensure!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "{id} does not await approvals"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    let ballot = |a: usize| {
+        let notice = &notices[a / 2];
+        Ballot {
+            workflow_id: notice.workflow_id.clone(),
+            user_id: format!("approver-{a}"),
+            vote: ApprovalVote {
+                vote: Vote::Approve,
+                request_hash: notice.request_hash.clone(),
+                policy_version: notice.policy_version.clone(),
+                channel: ApprovalChannel::Email,
+                mfa: MfaMethod::Totp,
+                comment: None,
+            },
+            masked_ip: Some("127.0.0.***".into()),
+            user_agent: None,
+        }
+    };
+    let t0 = Instant::now();
+    let results: Vec<anyhow::Result<(Duration, bool)>> = futures::stream::iter(0..approvers)
+        .map(|a| {
+            let (ballots, ballot) = (ballots.clone(), ballot(a));
+            async move {
+                let t = Instant::now();
+                match ballots.cast(ballot).await {
+                    Ok(Receipt::Recorded { quorum_reached }) => Ok((t.elapsed(), quorum_reached)),
+                    other => anyhow::bail!("approver-{a}: {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(approvers)
+        .collect()
+        .await;
+    let wall = t0.elapsed();
+    let results = results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let completed = results.iter().filter(|(_, q)| *q).count();
+    anyhow::ensure!(
+        completed == approvers / 2,
+        "{completed} quorums reached, expected {}",
+        approvers / 2
+    );
+    let mut all: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
+    let mut advanced: Vec<Duration> = results
+        .iter()
+        .filter(|(_, q)| *q)
+        .map(|(d, _)| *d)
+        .collect();
+    all.sort();
+    advanced.sort();
+    // The limit: one bare durable append of one event, sequentially.
+    let mut bare = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        let reply = ledger
+            .append(vec![record(
+                AggregateKind::System,
+                &format!("bench-bare-{i}"),
+                EventType::AlertRaised,
+                Payload::None,
+            )])
+            .await;
+        anyhow::ensure!(matches!(reply, AppendReply::Appended { .. }), "{reply:?}");
+        bare.push(t.elapsed());
+    }
+    bare.sort();
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "approvals  vote recorded p50 {:.1} ms p99 {:.1} ms; quorum reached -> workflow advanced p50 {:.1} ms p99 {:.1} ms; {:.0} votes/s   bare durable append p50 {:.2} ms (ratio p50 {:.1}x)",
+        ms(pct(&all, 50)),
+        ms(pct(&all, 99)),
+        ms(pct(&advanced, 50)),
+        ms(pct(&advanced, 99)),
+        approvers as f64 / wall.as_secs_f64(),
+        ms(pct(&bare, 50)),
+        pct(&all, 50).as_secs_f64() / pct(&bare, 50).as_secs_f64()
+    );
+    trigger.trigger();
+    bench.stop().await;
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -37,10 +37,16 @@ pub async fn run(
     node: &RegtestNode,
 ) -> anyhow::Result<()> {
     wait_for_guardians(js).await?;
-    let wallet = match trail.read(|v| v.ledger.wallet(WALLET).cloned()).await.map_err(anyhow::Error::msg)? {
+    let wallet = match trail
+        .read(|v| v.ledger.wallet(WALLET).cloned())
+        .await
+        .map_err(anyhow::Error::msg)?
+    {
         Some(w) => w,
         None => {
-            step("an operator creates wallet treasury: FROST 2-of-3, DKG among guardians g1, g2, g3");
+            step(
+                "an operator creates wallet treasury: FROST 2-of-3, DKG among guardians g1, g2, g3",
+            );
             let reply = custos_workers::wallets::create(
                 client,
                 ledger,
@@ -61,9 +67,9 @@ pub async fn run(
         }
     };
     step(&format!("wallet treasury receives at {}", wallet.address));
-    node.fund(&wallet.address, 50 * 100_000_000).await?;
+    node.fund(&wallet.address, 40 * 100_000_000).await?;
     node.mine(1).await?;
-    step("the node's wallet paid 50 LTC to it; one block mined");
+    step("the node's wallet paid 40 LTC to it; one block mined");
 
     // Each approver enrols an authenticator (their phone, in real life).
     let mut secrets = Vec::new();
@@ -112,10 +118,10 @@ pub async fn run(
     let reply = client
         .request(
             subjects::REQ_TRANSFER,
-            ContentType::Json.encode(&request).into(),
+            ContentType::MsgPack.encode(&request).into(),
         )
         .await?;
-    let IntakeReply::Accepted { workflow_id, .. } = ContentType::Json.decode(&reply.payload)?
+    let IntakeReply::Accepted { workflow_id, .. } = ContentType::MsgPack.decode(&reply.payload)?
     else {
         anyhow::bail!("intake refused the demo transfer");
     };
@@ -124,9 +130,7 @@ pub async fn run(
     ));
     wait_stage(trail, &workflow_id, Stage::AwaitingApprovals).await?;
     let notice = trail
-        .read(|v| {
-            custos_workers::approvals::ballot_box::notice(v, &workflow_id, now_ms())
-        })
+        .read(|v| custos_workers::approvals::ballot_box::notice(v, &workflow_id, now_ms()))
         .await
         .map_err(anyhow::Error::msg)?
         .context("no approval notice")?;
@@ -232,7 +236,11 @@ async fn approve_on_page(
         .get_all(reqwest::header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|c| c.split(';').next().filter(|c| c.starts_with("custos_csrf=")))
+        .find_map(|c| {
+            c.split(';')
+                .next()
+                .filter(|c| c.starts_with("custos_csrf="))
+        })
         .map(str::to_string)
         .context("the approval page set no CSRF cookie")?;
     let html = page.text().await?;

@@ -18,14 +18,17 @@ use custos_workers::Shutdown;
 use custos_workers::approvals::ballot_box::TrailBallotBox;
 use custos_workers::approvals::console::ConsoleNotifier;
 use custos_workers::approvals::links::{
-    ChatWebhookNotifier, EmailNotifier, LinkIssuer, LinkSettings, MfaKey, WebhookUrl,
-    links_router, system_clock,
+    ChatWebhookNotifier, EmailNotifier, LinkIssuer, LinkSettings, MfaKey, WebhookUrl, links_router,
+    system_clock,
 };
 use custos_workers::approvals::slack::{
     SlackInteractions, SlackNotifier, SlackSecrets, slack_router,
 };
 use custos_workers::approvals::step::{ApprovalStep, expire};
 use custos_workers::approvals::{ApprovalLinks, BallotBox, Notifier};
+use custos_workers::chain_steps::{
+    BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
+};
 use custos_workers::ledger::LedgerHandle;
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
@@ -132,8 +135,7 @@ pub async fn approvals(
         names.push("email");
     }
     if let Some(url) = &channels.chat_webhook {
-        let chat: Arc<dyn ApprovalLinks> =
-            Arc::new(issuer.for_channel(ApprovalChannel::ChatLink));
+        let chat: Arc<dyn ApprovalLinks> = Arc::new(issuer.for_channel(ApprovalChannel::ChatLink));
         let url = WebhookUrl::new(url.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         notifiers.push(Arc::new(
             ChatWebhookNotifier::new(chat, url).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -204,6 +206,42 @@ pub fn signing(
         step,
         shutdown.clone(),
     ));
+    Ok(())
+}
+
+/// Starts the chain steps for `node`: building transactions from the node's
+/// coins, broadcasting signed ones, and watching for confirmations.
+pub fn chain(
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    trail: &Trail,
+    node: &BitcoinNode,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let nodes = || ChainNodes::new([(node.chain().to_string(), node.rpc().clone())]);
+    let build =
+        BuildStep::new(trail.clone(), nodes(), ledger.clone()).map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        build,
+        shutdown.clone(),
+    ));
+    // An alert once a node has refused a broadcast this many times in a row.
+    let broadcast = BroadcastStep::new(nodes(), ledger.clone(), 3).map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        broadcast,
+        shutdown.clone(),
+    ));
+    let watcher = ConfirmWatcher::new(
+        trail.clone(),
+        nodes(),
+        ledger.clone(),
+        Confirmations::default(),
+    );
+    tokio::spawn(watcher.run(Duration::from_secs(1), shutdown.clone()));
     Ok(())
 }
 

@@ -293,6 +293,24 @@ fn print_show(id: &str, state: &Transfer, events: &[Event]) {
     if let Some(reason) = &state.reason {
         println!("reason     {reason}");
     }
+    for v in &state.votes {
+        println!(
+            "vote       {} {:?} via {} (MFA {:?})",
+            v.user,
+            v.vote.vote,
+            v.vote.channel.as_str(),
+            v.vote.mfa
+        );
+    }
+    if let Some(txid) = &state.txid {
+        match &state.confirmation {
+            Some(c) => println!(
+                "chain      txid {txid}, {} confirmation(s) in block {} at height {}",
+                c.confirmations, c.block_hash, c.block_height
+            ),
+            None => println!("chain      txid {txid}, waiting for confirmations"),
+        }
+    }
     println!("history");
     for e in events {
         println!(

@@ -182,15 +182,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     services::signing(&client, &js, &ledger, &trail, &shutdown)?;
     let node = match &args.btc_rpc {
         Some(url) => Some(services::remote_node(url, &args.btc_network)?),
-        None if !args.no_local_node && custos_adapters::regtest::installed() => Some(
-            services::BitcoinNode::Local(
+        None if !args.no_local_node && custos_adapters::regtest::installed() => {
+            Some(services::BitcoinNode::Local(
                 custos_adapters::regtest::RegtestNode::start(&data_dir.join("litecoind"), 0)
                     .await
                     .context("starting the local litecoind (regtest)")?,
-            ),
-        ),
+            ))
+        }
         None => None,
     };
+    if let Some(node) = &node {
+        services::chain(&js, &ledger, &trail, node, &shutdown)?;
+    }
     println!("Custos is up.");
     if embedded {
         println!(
@@ -257,15 +260,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.demo {
         match &node {
             Some(services::BitcoinNode::Local(local)) if args.local_guardians >= 3 => {
-                if let Err(e) = crate::demo::run(
-                    &client,
-                    &js,
-                    &ledger,
-                    &trail,
-                    &approvals.issuer,
-                    local,
-                )
-                .await
+                if let Err(e) =
+                    crate::demo::run(&client, &js, &ledger, &trail, &approvals.issuer, local).await
                 {
                     eprintln!("demo: {e:#}");
                 }

@@ -234,19 +234,22 @@ impl SignService {
             }
         };
         // Check again: approvals, users and the policy may have changed since the commit.
-        let checked = self.checked(&prepared.workflow_id, false).await.and_then(|c| {
-            if c.0 != prepared.wallet || c.1 != prepared.sighashes {
-                return Err("the recorded transaction changed since the commitment".into());
-            }
-            if packages.len() != c.1.len() {
-                return Err(format!(
-                    "{} packages for {} inputs",
-                    packages.len(),
-                    c.1.len()
-                ));
-            }
-            Ok(c)
-        });
+        let checked = self
+            .checked(&prepared.workflow_id, false)
+            .await
+            .and_then(|c| {
+                if c.0 != prepared.wallet || c.1 != prepared.sighashes {
+                    return Err("the recorded transaction changed since the commitment".into());
+                }
+                if packages.len() != c.1.len() {
+                    return Err(format!(
+                        "{} packages for {} inputs",
+                        packages.len(),
+                        c.1.len()
+                    ));
+                }
+                Ok(c)
+            });
         let (_, sighashes, share) = match checked {
             Ok(c) => c,
             Err(e) => {

@@ -20,14 +20,14 @@ use custos_custody::frost::round1::SigningCommitments;
 use custos_custody::frost::round2::SignatureShare;
 use custos_custody::frost::{Identifier, SigningPackage, VerifyingKey};
 use custos_custody::sign::{self, AggregateError};
-use custos_custody::spend::{self, CheckedSpend, Expectation, FeePolicy};
+use custos_custody::spend::{self, CheckedSpend};
 use custos_engine::policy::{Approval, ApprovalStatus, approvals_satisfied};
 use custos_engine::transfer::Stage;
 use custos_schemas::approval::Vote;
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
-    Actor, AggregateKind, Decimal, Event, EventType, Outcome, Payload, Proposal, Target,
-    WalletDescriptor, codec, subjects,
+    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, Target, WalletDescriptor,
+    codec, subjects,
 };
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -147,32 +147,10 @@ pub fn check(
         ApprovalStatus::Expired { .. } => return Err("the approvals expired".into()),
         ApprovalStatus::Blocked => return Err("the policy blocks this transfer".into()),
     }
-    let wallet = view
-        .ledger
-        .wallet(&request.wallet)
-        .ok_or_else(|| format!("wallet {} is not in the trail", request.wallet))?
-        .clone();
-    let chain = custos_engine::chains::chain(&wallet.chain)
-        .ok_or_else(|| format!("unknown chain {}", wallet.chain))?;
-    let amount = Decimal::parse(&request.amount)
-        .and_then(|d| d.to_base_units(chain.decimals))
-        .and_then(|a| u64::try_from(a).map_err(|_| "is too large".into()))
-        .map_err(|e| format!("amount: {e}"))?;
-    let destination = spend::script_pubkey_for_address(&wallet.chain, &request.destination)
-        .map_err(|e| e.to_string())?;
-    let fees = FeePolicy::for_chain(&wallet.chain).map_err(|e| e.to_string())?;
-    let checked = spend::check_spend(
-        unsigned,
-        &Expectation {
-            chain: &wallet.chain,
-            wallet_script,
-            destination: &destination,
-            amount,
-            fees,
-        },
-    )
-    .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
-    Ok((wallet, checked))
+    let terms = crate::chain_steps::spend_terms(view, request)?;
+    let checked = spend::check_spend(unsigned, &terms.expectation(wallet_script))
+        .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
+    Ok((terms.wallet, checked))
 }
 
 /// The wallet's Taproot script from its recorded group key.
@@ -201,8 +179,10 @@ pub struct SignStep {
     trail: Trail,
     consumer: StepConsumer,
     /// Live guardians as last read, and when: heartbeats come every 2 s.
-    live: Arc<Mutex<Option<(Instant, BTreeSet<String>)>>>,
+    live: Arc<Mutex<Option<LiveReading>>>,
 }
+
+type LiveReading = (Instant, BTreeSet<String>);
 
 /// How long a reading of the guardians' heartbeats is reused.
 const LIVENESS_REUSE: Duration = Duration::from_secs(1);
