@@ -159,11 +159,19 @@ pub async fn approvals(
         notifiers.push(Arc::new(ConsoleNotifier::new(links)));
         names.push("console (links printed here)");
     }
+    // The same channels ask for transfers and for administrative changes.
+    let changes = ApprovalStep::changes(trail.clone(), notifiers.clone());
     let step = ApprovalStep::new(trail.clone(), notifiers).map_err(anyhow::Error::msg)?;
     tokio::spawn(custos_workers::runtime::run(
         js.clone(),
         ledger.clone(),
         step,
+        shutdown.clone(),
+    ));
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        changes,
         shutdown.clone(),
     ));
     tokio::spawn(expire(
@@ -189,6 +197,30 @@ pub async fn approvals(
         channels: names,
         issuer,
     })
+}
+
+/// Starts the service that records administrative change requests (policy
+/// apply, whitelist, freeze) under `configured` until the trail activates another.
+pub fn changes(
+    client: &async_nats::Client,
+    ledger: &LedgerHandle,
+    trail: &Trail,
+    configured: custos_engine::policy::Policy,
+    shutdown: &Shutdown,
+) {
+    let (client, trail, ledger, shutdown) = (
+        client.clone(),
+        trail.clone(),
+        ledger.clone(),
+        shutdown.clone(),
+    );
+    tokio::spawn(async move {
+        if let Err(e) =
+            custos_workers::change::serve(client, trail, ledger, configured, shutdown).await
+        {
+            tracing::error!(error = %e, "the change request service stopped");
+        }
+    });
 }
 
 /// Starts the signing coordinator.

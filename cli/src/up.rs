@@ -154,6 +154,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => PriceTable::default(),
     };
     let (policy_name, policy_version) = (policy.name.clone(), policy.version().to_string());
+    let configured = policy.clone();
     let step = PolicyStep::new(js.clone(), policy, prices)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -179,6 +180,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         &shutdown,
     )
     .await?;
+    services::changes(&client, &ledger, &trail, configured, &shutdown);
     services::signing(&client, &js, &ledger, &trail, &shutdown)?;
     let node = match &args.btc_rpc {
         Some(url) => Some(services::remote_node(url, &args.btc_network)?),
