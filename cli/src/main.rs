@@ -1,5 +1,6 @@
 //! `custos`: one binary for the engine, its operators and its auditors.
 
+mod admin;
 mod audit;
 mod bench;
 mod config;
@@ -63,10 +64,38 @@ enum Command {
         #[command(subcommand)]
         command: wallet::WalletCommand,
     },
-    /// Policies: validate, show, diff, simulate.
+    /// Policies: validate, show, diff, simulate, apply.
     Policy {
         #[command(subcommand)]
         command: policy::PolicyCommand,
+    },
+    /// Freeze a wallet's signing (or every wallet's) at once: an administrator's emergency.
+    Freeze {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        args: admin::FreezeArgs,
+    },
+    /// Ask to lift a freeze (needs the active policy's quorum).
+    Unfreeze {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(flatten)]
+        args: admin::UnfreezeArgs,
+    },
+    /// Wallet destination whitelists: add, remove (each needs the policy's quorum).
+    Whitelist {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: admin::WhitelistCommand,
+    },
+    /// Administrative change workflows: show.
+    Change {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: admin::ChangeCommand,
     },
     /// Transfers: submit, show, list.
     Tx {
@@ -117,7 +146,11 @@ fn main() -> ExitCode {
             Command::Nats { command } => nats::run(command).await,
             Command::Tx { conn, command } => tx::run(&conn.nats_url, command).await,
             Command::Guardian { command } => guardian::run(command).await,
-            Command::Policy { command } => policy::run(command),
+            Command::Policy { command } => policy::run(command).await,
+            Command::Freeze { conn, args } => admin::freeze(&conn.nats_url, args).await,
+            Command::Unfreeze { conn, args } => admin::unfreeze(&conn.nats_url, args).await,
+            Command::Whitelist { conn, command } => admin::whitelist(&conn.nats_url, command).await,
+            Command::Change { conn, command } => admin::change(&conn.nats_url, command).await,
             Command::Wallet { conn, command } => wallet::run(&conn.nats_url, command).await,
             Command::Audit { conn, command } => audit::run(&conn.nats_url, command).await,
             Command::Bench(args) => bench::run(args).await,

@@ -1,6 +1,5 @@
-//! `custos policy`: validate, show, diff and simulate policy files. (Applying a
-//! policy is a workflow that needs an administrator quorum under the current
-//! policy; it arrives with approval collection.)
+//! `custos policy`: validate, show, diff and simulate policy files, and apply
+//! one (a change workflow that needs the quorum the active policy demands).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,10 +40,39 @@ pub enum PolicyCommand {
         #[arg(long)]
         mfa: bool,
     },
+    /// Ask to make a policy file the active policy: validated here first, then
+    /// sent as a change request that needs the active policy's quorum.
+    Apply {
+        file: PathBuf,
+        #[command(flatten)]
+        requester: crate::admin::Requester,
+        /// NATS server URL.
+        #[arg(long, env = "CUSTOS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+    },
 }
 
-pub fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
+pub async fn run(command: PolicyCommand) -> anyhow::Result<ExitCode> {
     match command {
+        PolicyCommand::Apply {
+            file,
+            requester,
+            nats_url,
+        } => {
+            let (document, policy) = match read(&file) {
+                Ok(read) => read,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let change = custos_schemas::change::Change::PolicyApply {
+                name: policy.name.clone(),
+                version: policy.version().to_string(),
+                document,
+            };
+            crate::admin::request(&nats_url, requester, change).await
+        }
         PolicyCommand::Validate { file } => match load(&file) {
             Ok(p) => {
                 println!(
@@ -134,14 +162,20 @@ fn active() -> anyhow::Result<Policy> {
 }
 
 fn load(path: &Path) -> Result<Policy, String> {
+    read(path).map(|(_, policy)| policy)
+}
+
+/// The file's text and the policy it holds; errors name the file, line and field.
+fn read(path: &Path) -> Result<(String, Policy), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Policy::parse(&text).map_err(|errors| {
+    let policy = Policy::parse(&text).map_err(|errors| {
         errors
             .iter()
             .map(|e| format!("{}:{e}", path.display()))
             .collect::<Vec<_>>()
             .join("\n")
-    })
+    })?;
+    Ok((text, policy))
 }
 
 /// Rule-level differences, by rule name, then the settings.
