@@ -10,15 +10,19 @@ use custos_adapters::nats_server::free_port;
 
 struct Up {
     child: Child,
+    /// Every line `custos up` prints after it is up.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Up {
-    /// Starts `custos up` and waits until it says it is up.
-    fn start(data_dir: &std::path::Path, port: u16) -> Up {
+    /// Starts `custos up` (approval pages on a free port, plus `extra`) and
+    /// waits until it says it is up.
+    fn start(data_dir: &std::path::Path, port: u16, extra: &[&str]) -> Up {
         let mut child = Command::new(env!("CARGO_BIN_EXE_custos"))
             .args(["up", "--data-dir"])
             .arg(data_dir)
             .args(["--nats-port", &port.to_string()])
+            .args(["--http-addr", "127.0.0.1:0"])
             .args([
                 "--directory",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo/directory.toml"),
@@ -27,6 +31,7 @@ impl Up {
                 "--prices",
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../config/demo/prices.toml"),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -43,8 +48,35 @@ impl Up {
             }
         }
         // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Up { child }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Up { child, lines: rx }
+    }
+
+    /// Waits for a printed line containing `text`; all lines read on the way.
+    fn wait_for(&self, text: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(text);
+                    seen.push(line);
+                    if found {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {text:?} within {limit:?}; saw:\n{}",
+                    seen.join("\n")
+                ),
+            }
+        }
     }
 
     /// Sends Ctrl-C and waits for a clean exit.
@@ -116,7 +148,7 @@ fn up_runs_the_engine_stops_on_ctrl_c_and_resumes_on_the_same_data() {
         "first",
     ];
 
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port, &["--no-local-node"]);
     let (ok, out) = custos(&url, &submit);
     assert!(!ok && out.contains("wallet: unknown wallet"), "{out}");
     assert!(dir.path().join("audit-key").exists() && dir.path().join("audit-key.pub").exists());
@@ -132,7 +164,7 @@ fn up_runs_the_engine_stops_on_ctrl_c_and_resumes_on_the_same_data() {
 
     // Again on the same data directory: the same key, the same trail, which verifies.
     let key = std::fs::read_to_string(dir.path().join("audit-key.pub")).expect("pub key");
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port, &["--no-local-node"]);
     assert_eq!(
         std::fs::read_to_string(dir.path().join("audit-key.pub")).expect("pub key"),
         key
@@ -152,7 +184,7 @@ fn quick_start_flow_reaches_the_policy_decision() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port().expect("port");
     let url = format!("nats://127.0.0.1:{port}");
-    let up = Up::start(dir.path(), port);
+    let up = Up::start(dir.path(), port, &["--no-local-node"]);
     // The local guardians announce themselves within a heartbeat or two.
     let deadline = Instant::now() + Duration::from_secs(30);
     let wallet = loop {
@@ -219,5 +251,90 @@ fn quick_start_flow_reaches_the_policy_decision() {
     let (stage, out) = stage_of("200");
     assert_eq!(stage, "awaiting_approvals", "{out}");
     assert!(out.contains("treasury-managers"), "{out}");
+    assert!(up.interrupt().success());
+}
+
+/// The quick start's main command end to end: a FROST 2-of-3 wallet made by
+/// three guardian processes, funded on a real litecoind (regtest), a transfer
+/// that needs two approvals, answered on the web links with TOTP, signed by two
+/// guardians that each checked the trail, broadcast, mined and confirmed; the
+/// destination's balance changes on the node and the audit trail verifies.
+#[test]
+fn demo_takes_a_transfer_from_request_to_confirmation() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port().expect("port");
+    let url = format!("nats://127.0.0.1:{port}");
+    let up = Up::start(dir.path(), port, &["--demo"]);
+    let seen = up.wait_for("mined and confirmed", Duration::from_secs(240));
+    let text = seen.join("\n");
+    for step in [
+        "FROST 2-of-3, DKG among guardians g1, g2, g3",
+        "requires 2 from approvers",
+        "alice opened the link, typed the authenticator code and approved",
+        "bob opened the link, typed the authenticator code and approved",
+        "two guardians checked the trail and signed; the node accepted txid",
+    ] {
+        assert!(text.contains(step), "missing {step:?} in:\n{text}");
+    }
+    let id = text
+        .split_whitespace()
+        .find(|w| w.starts_with("tx-"))
+        .map(|w| w.trim_end_matches(':').to_string())
+        .expect("a workflow id");
+    let (ok, out) = custos(&url, &["tx", "show", &id, "--json"]);
+    assert!(ok, "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(shown["stage"], "confirmed", "{out}");
+    assert_eq!(
+        shown["approvals"].as_array().map(Vec::len),
+        Some(2),
+        "{out}"
+    );
+    let txid = shown["txid"].as_str().expect("txid");
+    assert_eq!(shown["confirmation"]["txid"], txid);
+    let events: Vec<&str> = shown["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["eventType"].as_str())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "TRANSACTION_CREATED",
+            "POLICY_EVALUATED",
+            "TRANSACTION_APPROVED",
+            "TRANSACTION_APPROVED",
+            "TRANSACTION_BUILT",
+            "TRANSACTION_SIGNED",
+            "TRANSACTION_BROADCAST",
+            "TRANSACTION_CONFIRMED"
+        ]
+    );
+    // The node itself says the destination received the 20 LTC.
+    let rpc_port = text
+        .split("local litecoind (RPC 127.0.0.1:")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("the node's RPC port");
+    let destination = text
+        .split("requests 20 LTC to ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .expect("the destination");
+    let node = custos_adapters::bitcoind::Bitcoind::new(
+        &format!("http://127.0.0.1:{rpc_port}"),
+        "custos",
+        "regtest-only",
+    )
+    .expect("rpc client");
+    let received: f64 = tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(node.call("getreceivedbyaddress", serde_json::json!([destination, 1])))
+        .expect("getreceivedbyaddress");
+    assert_eq!(received, 20.0);
+    let key = dir.path().join("audit-key.pub");
+    let (ok, out) = custos(&url, &["audit", "verify", "--key", &key.to_string_lossy()]);
+    assert!(ok && out.contains("OK"), "{out}");
     assert!(up.interrupt().success());
 }
