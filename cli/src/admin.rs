@@ -16,7 +16,8 @@ use rand::RngCore;
 /// Who asks, and under which idempotency key.
 #[derive(Debug, clap::Args)]
 pub struct Requester {
-    /// Directory user id of the administrator asking.
+    /// Directory user id of who asks: an administrator (an initiator for
+    /// whitelist changes, as the policy's duties say).
     #[arg(long, env = "CUSTOS_USER")]
     pub initiator: String,
     /// Idempotency key; asking again with it returns the same workflow.
