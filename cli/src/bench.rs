@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Which benchmark: audit (append + verify), intake, policy, dkg, signing,
-    /// approvals, or all.
-    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg", "signing", "approvals"])]
+    /// approvals, e2e (request to broadcast on a real node), or all.
+    #[arg(default_value = "all", value_parser = ["all", "audit", "intake", "policy", "dkg", "signing", "approvals", "e2e"])]
     which: String,
     /// Server profiles to measure: both, durable or default.
     #[arg(long, default_value = "both", value_parser = ["both", "durable", "default"])]
@@ -51,6 +51,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     if args.which == "approvals" {
         return approvals(args.concurrency).await;
+    }
+    if args.which == "e2e" {
+        return e2e(args.requests as usize).await;
     }
     if args.which == "all" || args.which == "policy" {
         policy(args.decisions)?;
@@ -1088,4 +1091,224 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
     trigger.trigger();
     bench.stop().await;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Auto-approved transfers end to end in the durable profile: intake, policy,
+/// build on a real litecoind (regtest), signing by a 2-of-3 wallet's three
+/// guardian processes, broadcast to the node. Workflows/s and the latency from
+/// request to `TRANSACTION_BROADCAST`, against the FROST compute-only signing
+/// limit measured in the same run.
+async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
+    use futures::StreamExt;
+    let count = count.clamp(1, 2_000);
+    println!(
+        "custos bench e2e ({count} transfers, FROST 2-of-3, guardian processes, litecoind regtest)"
+    );
+    let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
+    let guardians = start_guardians(&bench, 3).await?;
+    let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+    let node =
+        custos_adapters::regtest::RegtestNode::start(&bench.dir.join("litecoind"), 0).await?;
+    let policy = custos_engine::policy::default_policy()
+        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
+    let reply = ledger
+        .append(vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: policy.name.clone(),
+                    version: policy.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "bench",
+                EventType::UserCreated,
+                Payload::UserCreated(custos_schemas::UserRecord {
+                    id: "bench".into(),
+                    name: "Bench".into(),
+                    email: "bench@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: Vec::new(),
+                    mfa_enrolled: false,
+                }),
+            ),
+        ])
+        .await;
+    anyhow::ensure!(
+        matches!(reply, AppendReply::Appended { .. }),
+        "bootstrap: {reply:?}"
+    );
+    let wallet = match custos_workers::wallets::create(
+        client,
+        ledger,
+        custos_workers::wallets::CreateWallet {
+            name: "bench".into(),
+            model: "frost".into(),
+            threshold: 2,
+            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
+            chain: "ltc-regtest".into(),
+            initiator: "bench".into(),
+        },
+    )
+    .await
+    {
+        custos_workers::wallets::CreateWalletReply::Created { wallet } => wallet,
+        other => anyhow::bail!("wallet creation failed: {other:?}"),
+    };
+    // One coin per transfer: transfers in flight never share coins.
+    for _ in 0..count {
+        node.fund(&wallet.address, 20_000_000).await?;
+    }
+    node.mine(1).await?;
+    let mut prices = custos_workers::policy_step::PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let nodes = || {
+        custos_workers::chain_steps::ChainNodes::new([(
+            "ltc-regtest".to_string(),
+            node.rpc.clone(),
+        )])
+    };
+    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let build = custos_workers::chain_steps::BuildStep::new(trail.clone(), nodes(), ledger.clone())
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        build,
+        shutdown.clone(),
+    ));
+    let sign = custos_workers::signing::SignStep::new(client.clone(), trail.clone())
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        sign,
+        shutdown.clone(),
+    ));
+    let broadcast = custos_workers::chain_steps::BroadcastStep::new(nodes(), ledger.clone(), 3)
+        .map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        broadcast,
+        shutdown.clone(),
+    ));
+
+    let destination = node.rpc.get_new_address(Some("bech32")).await?;
+    let mut broadcasts = client
+        .subscribe(subjects::event_type_filter(
+            AggregateKind::Tx,
+            EventType::TransactionBroadcast.as_str(),
+        ))
+        .await?;
+    let mut failures = client
+        .subscribe(subjects::event_type_filter(
+            AggregateKind::Tx,
+            EventType::TransactionFailed.as_str(),
+        ))
+        .await?;
+    let started = Instant::now();
+    let submitted: Vec<anyhow::Result<(String, Instant)>> = futures::stream::iter(0..count)
+        .map(|i| {
+            let request = TransferRequest {
+                request_id: format!("bench-e2e-{i}"),
+                wallet: "bench".into(),
+                asset: "LTC".into(),
+                destination: destination.clone(),
+                amount: "0.1".into(),
+                memo: None,
+                initiator: "bench".into(),
+            };
+            async move {
+                let t = Instant::now();
+                let reply = client
+                    .request(
+                        subjects::REQ_TRANSFER,
+                        ContentType::MsgPack.encode(&request).into(),
+                    )
+                    .await?;
+                match ContentType::MsgPack.decode(&reply.payload)? {
+                    IntakeReply::Accepted { workflow_id, .. } => Ok((workflow_id, t)),
+                    other => anyhow::bail!("intake: {other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let submitted: std::collections::HashMap<String, Instant> =
+        submitted.into_iter().collect::<anyhow::Result<_>>()?;
+    let mut latencies = Vec::with_capacity(count);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while latencies.len() < count {
+        let msg = tokio::select! {
+            m = broadcasts.next() => m,
+            f = failures.next() => {
+                let reason = f
+                    .and_then(|m| codec_event(&m.payload))
+                    .unwrap_or_default();
+                anyhow::bail!("a transfer failed: {reason}");
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                anyhow::bail!("{} of {count} broadcast within 10 min", latencies.len())
+            }
+        };
+        let Some(msg) = msg else { break };
+        let id = msg
+            .subject
+            .split('.')
+            .nth(3)
+            .unwrap_or_default()
+            .to_string();
+        if let Some(t) = submitted.get(&id) {
+            latencies.push(t.elapsed());
+        }
+    }
+    let wall = started.elapsed();
+    latencies.sort();
+    let compute = signing_compute(2, 3, 50)?;
+    let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let rate = count as f64 / wall.as_secs_f64();
+    println!(
+        "e2e        {count} transfers request -> broadcast: {rate:.1} workflows/s (target >= 300), p50 {:.0} ms p99 {:.0} ms (target < 250)   FROST compute limit {:.0} signings/s on one core (ratio {:.3})",
+        ms(pct(&latencies, 50)),
+        ms(pct(&latencies, 99)),
+        1.0 / compute.as_secs_f64(),
+        rate * compute.as_secs_f64()
+    );
+    trigger.trigger();
+    drop(guardians);
+    drop(node);
+    bench.stop().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A failure's reason, from a stored event's body.
+fn codec_event(body: &[u8]) -> Option<String> {
+    let event: custos_schemas::Event = custos_schemas::codec::from_msgpack(body).ok()?;
+    match event.payload {
+        Payload::StepFailed { step, reason } => Some(format!("{step}: {reason}")),
+        _ => event.metadata.get("reason").cloned(),
+    }
 }

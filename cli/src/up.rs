@@ -85,6 +85,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Registered before anything starts, so Ctrl-C always stops cleanly.
     let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the Ctrl-C handler")?;
+    // Service managers stop with SIGTERM: the same clean stop as Ctrl-C.
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -274,6 +278,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let stopped = tokio::select! {
         _ = interrupt.recv() => None,
+        _ = terminate.recv() => None,
         result = &mut engine => Some(result),
     };
     let result = match stopped {

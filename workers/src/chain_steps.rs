@@ -260,16 +260,10 @@ impl<A: Appender> BuildStep<A> {
                 .await
                 .map_err(|e| step_error("scantxoutset", e))?
         };
-        let mut utxos = Vec::with_capacity(scanned.len());
         let mut held: u64 = 0;
+        let mut utxos = Vec::with_capacity(scanned.len());
         for u in scanned {
-            let free = !job.reserved.contains(&(u.txid.clone(), u.vout))
-                && node
-                    .get_tx_out(&u.txid, u.vout, true)
-                    .await
-                    .map_err(|e| step_error("gettxout", e))?
-                    .is_some();
-            if !free {
+            if job.reserved.contains(&(u.txid.clone(), u.vout)) {
                 held = held.saturating_add(u.value);
                 continue;
             }
@@ -284,21 +278,48 @@ impl<A: Appender> BuildStep<A> {
             .estimate_smart_fee(FEE_TARGET_BLOCKS)
             .await
             .map_err(|e| step_error("estimatesmartfee", e))?;
-        let unsigned = build_spend(&SpendRequest {
-            chain: &wallet.chain,
-            wallet_script: &job.script,
-            utxos: &utxos,
-            destination: &job.terms.destination,
-            amount: job.terms.amount,
-            fee_rate,
-            fees: job.terms.fees,
-        })
-        .map_err(|e| match e {
-            SpendError::InsufficientFunds { .. } if held > 0 => StepError::Permanent(format!(
-                "{e} (another {held} sat of the wallet are spent by transfers in flight)"
-            )),
-            e => StepError::Permanent(e.to_string()),
-        })?;
+        // Only the chosen coins are asked about the mempool (one call each, not
+        // one per coin of the wallet); a coin spent there is dropped and the
+        // choice made again.
+        let unsigned = loop {
+            let unsigned = build_spend(&SpendRequest {
+                chain: &wallet.chain,
+                wallet_script: &job.script,
+                utxos: &utxos,
+                destination: &job.terms.destination,
+                amount: job.terms.amount,
+                fee_rate,
+                fees: job.terms.fees,
+            })
+            .map_err(|e| match e {
+                SpendError::InsufficientFunds { .. } if held > 0 => StepError::Permanent(format!(
+                    "{e} (another {held} sat of the wallet are spent by transfers in flight)"
+                )),
+                e => StepError::Permanent(e.to_string()),
+            })?;
+            let UnsignedTransaction::Bitcoin { spent, .. } = &unsigned;
+            let mut gone = Vec::new();
+            for coin in spent {
+                let unspent = node
+                    .get_tx_out(&coin.txid, coin.vout, true)
+                    .await
+                    .map_err(|e| step_error("gettxout", e))?
+                    .is_some();
+                if !unspent {
+                    gone.push((coin.txid.clone(), coin.vout));
+                }
+            }
+            if gone.is_empty() {
+                break unsigned;
+            }
+            utxos.retain(|u| {
+                let spent_in_mempool = gone.contains(&(u.txid.clone(), u.vout));
+                if spent_in_mempool {
+                    held = held.saturating_add(u.value);
+                }
+                !spent_in_mempool
+            });
+        };
         check_spend(&unsigned, &job.terms.expectation(&job.script)).map_err(|e| {
             StepError::Permanent(format!(
                 "the built transaction would not pass the guardians' check: {e}"
