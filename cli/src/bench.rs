@@ -624,56 +624,8 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
     let guardians = start_guardians(&bench, 5).await?;
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
-    let policy = custos_engine::policy::default_policy()
-        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
-    let user = custos_schemas::UserRecord {
-        id: "bench".into(),
-        name: "Bench".into(),
-        email: "bench@example.com".into(),
-        slack_user_id: None,
-        roles: vec!["initiator".into()],
-        groups: Vec::new(),
-        mfa_enrolled: false,
-    };
-    let reply = ledger
-        .append(vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: policy.name.clone(),
-                    version: policy.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "bench",
-                EventType::UserCreated,
-                Payload::UserCreated(user),
-            ),
-        ])
-        .await;
-    anyhow::ensure!(
-        matches!(reply, AppendReply::Appended { .. }),
-        "bootstrap: {reply:?}"
-    );
-    let mut prices = custos_workers::policy_step::PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
     let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
         .await
         .map_err(anyhow::Error::msg)?;
@@ -683,23 +635,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
     );
     for (t, n) in [(2u16, 3u16), (3, 5)] {
         let name = format!("bench-{t}of{n}");
-        let wallet = match custos_workers::wallets::create(
-            client,
-            ledger,
-            custos_workers::wallets::CreateWallet {
-                name: name.clone(),
-                model: "frost".into(),
-                threshold: t,
-                guardians: (1..=n).map(|i| format!("g{i}")).collect(),
-                chain: "ltc-regtest".into(),
-                initiator: "bench".into(),
-            },
-        )
-        .await
-        {
-            custos_workers::wallets::CreateWalletReply::Created { wallet } => wallet,
-            other => anyhow::bail!("wallet creation failed: {other:?}"),
-        };
+        let wallet = frost_wallet(client, ledger, &name, t, n).await?;
         // One ceremony first: each guardian decrypts its share once (argon2id).
         let warm = built_transfers(client, js, ledger, &wallet, "warm", 1).await?;
         ceremony(&step, &warm[0]).await?;
@@ -888,34 +824,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
     println!("custos bench approvals ({approvers} approvers voting at once, durable profile)");
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
-    let policy = custos_engine::policy::default_policy()
-        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
-    let user = |id: String, role: &str, groups: Vec<String>| {
-        record(
-            AggregateKind::User,
-            &id.clone(),
-            EventType::UserCreated,
-            Payload::UserCreated(custos_schemas::UserRecord {
-                email: format!("{id}@example.com"),
-                name: id.clone(),
-                id,
-                slack_user_id: None,
-                roles: vec![role.into()],
-                groups,
-                mfa_enrolled: true,
-            }),
-        )
-    };
-    let mut bootstrap = vec![
-        record(
-            AggregateKind::Policy,
-            "active",
-            EventType::PolicyCreated,
-            Payload::PolicyActivated {
-                name: policy.name.clone(),
-                version: policy.version().to_string(),
-            },
-        ),
+    let mut extra = vec![
         record(
             AggregateKind::Wallet,
             "bench",
@@ -932,36 +841,17 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
                 transcript: None,
             }),
         ),
-        user("erp".into(), "initiator", Vec::new()),
+        bench_user("erp".into(), "initiator", Vec::new()),
     ];
     for a in 0..approvers {
-        bootstrap.push(user(
+        extra.push(bench_user(
             format!("approver-{a}"),
             "approver",
             vec!["approvers".into()],
         ));
     }
-    let reply = ledger.append(bootstrap).await;
-    anyhow::ensure!(
-        matches!(reply, AppendReply::Appended { .. }),
-        "bootstrap: {reply:?}"
-    );
-    let mut prices = custos_workers::policy_step::PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    workflow_setup(js, ledger, extra, &shutdown).await?;
     let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
         .await
         .map_err(anyhow::Error::msg)?;
@@ -1109,68 +999,14 @@ async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
     let node =
         custos_adapters::regtest::RegtestNode::start(&bench.dir.join("litecoind"), 0).await?;
-    let policy = custos_engine::policy::default_policy()
-        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
-    let reply = ledger
-        .append(vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: policy.name.clone(),
-                    version: policy.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "bench",
-                EventType::UserCreated,
-                Payload::UserCreated(custos_schemas::UserRecord {
-                    id: "bench".into(),
-                    name: "Bench".into(),
-                    email: "bench@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: Vec::new(),
-                    mfa_enrolled: false,
-                }),
-            ),
-        ])
-        .await;
-    anyhow::ensure!(
-        matches!(reply, AppendReply::Appended { .. }),
-        "bootstrap: {reply:?}"
-    );
-    let wallet = match custos_workers::wallets::create(
-        client,
-        ledger,
-        custos_workers::wallets::CreateWallet {
-            name: "bench".into(),
-            model: "frost".into(),
-            threshold: 2,
-            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-            chain: "ltc-regtest".into(),
-            initiator: "bench".into(),
-        },
-    )
-    .await
-    {
-        custos_workers::wallets::CreateWalletReply::Created { wallet } => wallet,
-        other => anyhow::bail!("wallet creation failed: {other:?}"),
-    };
+    let (trigger, shutdown) = Shutdown::new();
+    workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
+    let wallet = frost_wallet(client, ledger, "bench", 2, 3).await?;
     // One coin per transfer: transfers in flight never share coins.
     for _ in 0..count {
         node.fund(&wallet.address, 20_000_000).await?;
     }
     node.mine(1).await?;
-    let mut prices = custos_workers::policy_step::PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
-    let (trigger, shutdown) = Shutdown::new();
     let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
         .await
         .map_err(anyhow::Error::msg)?;
@@ -1180,39 +1016,15 @@ async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
             node.rpc.clone(),
         )])
     };
-    let policy_step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
     let build = custos_workers::chain_steps::BuildStep::new(trail.clone(), nodes(), ledger.clone())
         .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        build,
-        shutdown.clone(),
-    ));
+    run_step(js, ledger, build, &shutdown);
     let sign = custos_workers::signing::SignStep::new(client.clone(), trail.clone())
         .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        sign,
-        shutdown.clone(),
-    ));
+    run_step(js, ledger, sign, &shutdown);
     let broadcast = custos_workers::chain_steps::BroadcastStep::new(nodes(), ledger.clone(), 3)
         .map_err(anyhow::Error::msg)?;
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        ledger.clone(),
-        broadcast,
-        shutdown.clone(),
-    ));
+    run_step(js, ledger, broadcast, &shutdown);
 
     let destination = node.rpc.get_new_address(Some("bech32")).await?;
     let mut broadcasts = client
@@ -1310,5 +1122,99 @@ fn codec_event(body: &[u8]) -> Option<String> {
     match event.payload {
         Payload::StepFailed { step, reason } => Some(format!("{step}: {reason}")),
         _ => event.metadata.get("reason").cloned(),
+    }
+}
+
+/// Records the default policy as active, the `bench` initiator and `extra`,
+/// then starts the policy step (LTC at EUR 80) until `shutdown`.
+async fn workflow_setup(
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    extra: Vec<Proposal>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let policy = custos_engine::policy::default_policy()
+        .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
+    let mut proposals = vec![
+        record(
+            AggregateKind::Policy,
+            "active",
+            EventType::PolicyCreated,
+            Payload::PolicyActivated {
+                name: policy.name.clone(),
+                version: policy.version().to_string(),
+            },
+        ),
+        bench_user("bench".into(), "initiator", Vec::new()),
+    ];
+    proposals.extend(extra);
+    let reply = ledger.append(proposals).await;
+    anyhow::ensure!(
+        matches!(reply, AppendReply::Appended { .. }),
+        "bootstrap: {reply:?}"
+    );
+    let mut prices = custos_workers::policy_step::PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    run_step(js, ledger, step, shutdown);
+    Ok(())
+}
+
+fn run_step(
+    js: &jetstream::Context,
+    ledger: &LedgerHandle,
+    step: impl custos_workers::runtime::Step,
+    shutdown: &Shutdown,
+) {
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+}
+
+fn bench_user(id: String, role: &str, groups: Vec<String>) -> Proposal {
+    record(
+        AggregateKind::User,
+        &id.clone(),
+        EventType::UserCreated,
+        Payload::UserCreated(custos_schemas::UserRecord {
+            email: format!("{id}@example.com"),
+            name: id.clone(),
+            id,
+            slack_user_id: None,
+            roles: vec![role.into()],
+            groups,
+            mfa_enrolled: true,
+        }),
+    )
+}
+
+/// A FROST `threshold`-of-`n` wallet of guardians g1..gN on ltc-regtest.
+async fn frost_wallet(
+    client: &async_nats::Client,
+    ledger: &LedgerHandle,
+    name: &str,
+    threshold: u16,
+    n: u16,
+) -> anyhow::Result<WalletDescriptor> {
+    let request = custos_workers::wallets::CreateWallet {
+        name: name.into(),
+        model: "frost".into(),
+        threshold,
+        guardians: (1..=n).map(|i| format!("g{i}")).collect(),
+        chain: "ltc-regtest".into(),
+        initiator: "bench".into(),
+    };
+    match custos_workers::wallets::create(client, ledger, request).await {
+        custos_workers::wallets::CreateWalletReply::Created { wallet } => Ok(wallet),
+        other => anyhow::bail!("wallet creation failed: {other:?}"),
     }
 }

@@ -144,13 +144,19 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
             }
             let (state, _) = transfer::fold(events.iter())
                 .map_err(|e| anyhow::anyhow!("workflow {id} does not replay: {e}"))?;
+            let missing = match state.stage {
+                Stage::AwaitingApprovals => missing_approvals(&js, &id).await?,
+                _ => Vec::new(),
+            };
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&summary(&id, &state, &events))?
-                );
+                let mut shown = summary(&id, &state, &events);
+                shown["approvalsMissing"] = serde_json::json!(missing);
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
                 print_show(&id, &state, &events);
+                for m in &missing {
+                    println!("missing    {m}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -222,6 +228,25 @@ pub async fn read_decoded(
         anyhow::bail!("undecodable event at {bad}; run `custos audit verify`");
     }
     Ok(events)
+}
+
+/// What a workflow awaiting approvals still lacks, judged as the ballot box
+/// judges: on a verified replica of the trail (directory as it is now).
+async fn missing_approvals(
+    js: &async_nats::jetstream::Context,
+    id: &str,
+) -> anyhow::Result<Vec<String>> {
+    let (trigger, shutdown) = custos_workers::Shutdown::new();
+    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let notice = trail
+        .read(|view| custos_workers::approvals::ballot_box::notice(view, id, now))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    trigger.trigger();
+    Ok(notice.map(|n| n.missing).unwrap_or_default())
 }
 
 /// Which step a workflow waits on, in words.
