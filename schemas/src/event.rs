@@ -328,6 +328,17 @@ pub enum Payload {
         ceremony_id: String,
         public_digest: String,
     },
+    /// `GUARDIAN_ADDED` / `GUARDIAN_REMOVED`: a key ceremony changed the wallet's
+    /// guardians; `wallet` is its new descriptor (same group key and address),
+    /// the roster signing reads from now on.
+    GuardianChanged {
+        /// The guardian added or removed.
+        guardian: String,
+        ceremony_id: String,
+        /// The new public key package's digest, as every member computed it.
+        public_digest: String,
+        wallet: WalletDescriptor,
+    },
 }
 
 /// A directory user as recorded.
