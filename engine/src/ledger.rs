@@ -168,6 +168,7 @@ impl Ledger {
             },
             None => AggregateState::default(),
         };
+        self.check_roster_change(&event).map_err(fail)?;
         let mut next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
         if event.version == 1 {
             next.first_seq = l.seq;
@@ -229,6 +230,8 @@ impl Ledger {
                 metadata: p.metadata,
                 payload: p.payload,
             };
+            self.check_roster_change(&event)
+                .map_err(|e| SealError::Refused(format!("{}: {e}", event.workflow_id)))?;
             let next = advance(current, &event)
                 .map_err(|e| SealError::Refused(format!("{}: {e}", event.workflow_id)))?;
             touched.insert(key, next);
@@ -269,9 +272,49 @@ impl Ledger {
     }
 
     fn note_wallet(&mut self, event: &Event) {
-        if let Payload::WalletCreated(w) = &event.payload {
+        if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
+            &event.payload
+        {
             self.wallets.insert(w.name.clone(), w.clone());
         }
+    }
+
+    /// A guardian change replaces a recorded wallet's roster, never its key:
+    /// signing reads the roster from here, and funds sit at the address.
+    fn check_roster_change(&self, event: &Event) -> Result<(), String> {
+        let Payload::GuardianChanged { wallet: w, .. } = &event.payload else {
+            return Ok(());
+        };
+        if !matches!(
+            event.event_type,
+            EventType::GuardianAdded | EventType::GuardianRemoved
+        ) || event.aggregate_kind != AggregateKind::Wallet
+            || w.name != event.workflow_id
+        {
+            return Err(format!(
+                "a guardian change of wallet {} belongs to aggregate wallet.{} as GUARDIAN_ADDED or GUARDIAN_REMOVED",
+                w.name, w.name
+            ));
+        }
+        let Some(old) = self.wallets.get(&w.name) else {
+            return Err(format!("no wallet {} to change the guardians of", w.name));
+        };
+        if (&old.model, &old.chain, &old.address, &old.group_key)
+            != (&w.model, &w.chain, &w.address, &w.group_key)
+        {
+            return Err(format!(
+                "a guardian change keeps wallet {}'s model, chain, address and group key",
+                w.name
+            ));
+        }
+        let n = w.guardians.len();
+        if w.threshold.is_none_or(|t| t < 2 || usize::from(t) > n) {
+            return Err(format!(
+                "threshold {:?} of {n} guardians (needs 2 <= threshold <= guardians)",
+                w.threshold
+            ));
+        }
+        Ok(())
     }
 }
 
