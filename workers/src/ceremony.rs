@@ -7,6 +7,7 @@
 //! share nor forge a guardian's word.
 
 use custos_custody::identity::{GuardianPublic, SignedMessage};
+use custos_custody::seal::Sealed;
 use serde::{Deserialize, Serialize};
 
 /// Rounds of the DKG envelope; each sender speaks once per round.
@@ -70,8 +71,37 @@ pub enum GuardianRequest {
         ceremony_id: String,
         shares: Vec<SignedMessage>,
     },
+    /// Start adding a guardian: a helper answers with its repair deltas sealed
+    /// to the other helpers; any other member answers with none and waits to
+    /// admit the newcomer.
+    RepairStart {
+        ceremony_id: String,
+        wallet: String,
+        joining: Joining,
+    },
+    /// The deltas sealed to this helper: answer with its sigma and the wallet's
+    /// public key package, sealed to the newcomer ([`RepairSigma`]).
+    RepairCombine {
+        ceremony_id: String,
+        deltas: Vec<SignedMessage>,
+    },
+    /// To the newcomer: every helper's sigma. It keeps its share (pending) and
+    /// answers with its signed result: group key, digest, its verifying share.
+    RepairFinish {
+        ceremony_id: String,
+        joining: Joining,
+        sigmas: Vec<SignedMessage>,
+    },
+    /// To the wallet's members: the newcomer's signed result. Each adds its
+    /// verifying share to the public key package (pending) and answers with its
+    /// signed group key and digest, refusing a result that differs.
+    RepairAdmit {
+        ceremony_id: String,
+        result: SignedMessage,
+    },
     /// The ceremony is recorded in the trail: the pending share becomes the
-    /// wallet's (replacing the old one after a rotation).
+    /// wallet's (replacing the old one after a rotation). A guardian the recorded
+    /// roster no longer lists forgets its share instead.
     Commit { ceremony_id: String, wallet: String },
     /// The ceremony failed: forget it and its pending share.
     Abort { ceremony_id: String },
@@ -86,10 +116,33 @@ impl GuardianRequest {
             | GuardianRequest::RefreshStart { ceremony_id, .. }
             | GuardianRequest::RefreshShares { ceremony_id, .. }
             | GuardianRequest::RefreshFinalize { ceremony_id, .. }
+            | GuardianRequest::RepairStart { ceremony_id, .. }
+            | GuardianRequest::RepairCombine { ceremony_id, .. }
+            | GuardianRequest::RepairFinish { ceremony_id, .. }
+            | GuardianRequest::RepairAdmit { ceremony_id, .. }
             | GuardianRequest::Commit { ceremony_id, .. }
             | GuardianRequest::Abort { ceremony_id } => ceremony_id,
         }
     }
+}
+
+/// Who takes part in adding a guardian.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Joining {
+    /// The wallet's guardians and the newcomer.
+    pub roster: Vec<RosterEntry>,
+    /// FROST indices of the members that compute the newcomer's share.
+    pub helpers: Vec<u16>,
+    /// The newcomer's FROST index.
+    pub newcomer: u16,
+}
+
+/// What a helper sends the newcomer (sealed sigma, public package in the clear:
+/// it holds no secret), signed as one round-2 message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepairSigma {
+    pub sigma: Sealed,
+    pub public_key_package: Vec<u8>,
 }
 
 /// A guardian's answers.
@@ -107,7 +160,8 @@ pub enum GuardianReply {
         shares: Vec<SignedMessage>,
     },
     /// Payload: the 33-byte group verifying key, then a 32-byte digest (the DKG
-    /// transcript, or the refreshed public key package).
+    /// transcript, or the new public key package); a newcomer's adds its 33-byte
+    /// verifying share.
     Result {
         message: SignedMessage,
     },

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
 use custos_custody::dkg::{self, Ceremony, DkgRound1, DkgRound2, Echo};
-use custos_custody::frost::keys::{KeyPackage, PublicKeyPackage};
+use custos_custody::frost::keys::repairable::{Delta, Sigma};
+use custos_custody::frost::keys::{KeyPackage, PublicKeyPackage, VerifyingShare};
 use custos_custody::identity::{GuardianKeys, GuardianPublic, Inbox, SignedMessage};
 use custos_custody::lifecycle::{self, RefreshRound1, RefreshRound2};
 use custos_custody::seal::Sealed;
@@ -24,7 +25,9 @@ use zeroize::Zeroizing;
 use custos_adapters::files::write_private;
 
 use crate::Shutdown;
-use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
+use crate::ceremony::{
+    Announcement, GuardianReply, GuardianRequest, Joining, RepairSigma, RosterEntry, rounds,
+};
 use crate::guardian_sign::SignService;
 use crate::signing::{SignReply, SignRequest};
 use crate::trail::Trail;
@@ -58,6 +61,15 @@ enum Stage {
     Round2(DkgRound2),
     Refresh1(RefreshRound1, Box<Share>),
     Refresh2(RefreshRound2, Box<Share>),
+    /// A repair helper holding its own delta until the others' arrive.
+    Repair1 {
+        own: Delta,
+        helpers: BTreeSet<Identifier>,
+        newcomer: Identifier,
+        share: Box<Share>,
+    },
+    /// A member waiting for the newcomer's verifying share.
+    Admit(Identifier, Box<Share>),
     /// Finished; the share is pending until the ceremony is recorded.
     Done,
 }
@@ -110,12 +122,12 @@ pub async fn run(
             path: config.data_dir.clone(),
             reason,
         })?;
-    let signing = Arc::new(SignService::new(config.clone(), trail).map_err(|reason| {
-        GuardianError::Store {
+    let signing = Arc::new(
+        SignService::new(config.clone(), trail.clone()).map_err(|reason| GuardianError::Store {
             path: config.data_dir.clone(),
             reason,
-        }
-    })?);
+        })?,
+    );
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut sessions: HashMap<String, Session> = HashMap::new();
     tracing::info!(guardian = %config.id, "guardian up");
@@ -154,10 +166,12 @@ pub async fn run(
                     // Ceremony steps hash passphrases (argon2id) and do curve arithmetic:
                     // off the async threads, so heartbeats keep going.
                     Ok(request) => {
+                        let mut unlisted = false;
                         if let GuardianRequest::Commit { wallet, .. } = &request {
                             signing.forget_share(wallet);
+                            unlisted = not_a_guardian(&trail, wallet, &config.id).await;
                         }
-                        tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request))
+                        tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request, unlisted))
                     }
                     Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },
                 };
@@ -173,6 +187,19 @@ pub async fn run(
     Ok(())
 }
 
+/// Whether the trail records wallet `wallet` without guardian `me`: only then
+/// does a commit make this guardian forget its share (no coordinator can).
+async fn not_a_guardian(trail: &Trail, wallet: &str, me: &str) -> bool {
+    let listed = trail
+        .read(|view| {
+            view.ledger
+                .wallet(wallet)
+                .map(|w| w.guardians.iter().any(|g| g.id == me))
+        })
+        .await;
+    matches!(listed, Ok(Some(false)))
+}
+
 fn refused(reason: impl std::fmt::Display) -> GuardianReply {
     GuardianReply::Refused {
         reason: reason.to_string(),
@@ -184,6 +211,7 @@ fn handle(
     config: &GuardianConfig,
     sessions: &mut HashMap<String, Session>,
     request: GuardianRequest,
+    unlisted: bool,
 ) -> GuardianReply {
     let ceremony_id = request.ceremony_id().to_string();
     if let Err(e) = validate_token("ceremonyId", &ceremony_id) {
@@ -316,7 +344,12 @@ fn handle(
                 return refused(e);
             }
             sessions.remove(&ceremony_id);
-            match commit_share(config, &ceremony_id, &wallet) {
+            let done = if unlisted {
+                forget_share(config, &ceremony_id, &wallet)
+            } else {
+                commit_share(config, &ceremony_id, &wallet)
+            };
+            match done {
                 Ok(()) => GuardianReply::Done,
                 Err(e) => refused(e),
             }
@@ -329,6 +362,18 @@ fn handle(
         }
         GuardianRequest::RefreshFinalize { shares, .. } => {
             refresh_finalize(keys, config, sessions, &ceremony_id, &shares)
+        }
+        GuardianRequest::RepairStart {
+            wallet, joining, ..
+        } => repair_start(keys, config, sessions, &ceremony_id, &wallet, joining),
+        GuardianRequest::RepairCombine { deltas, .. } => {
+            repair_combine(keys, sessions, &ceremony_id, &deltas)
+        }
+        GuardianRequest::RepairFinish {
+            joining, sigmas, ..
+        } => repair_finish(keys, config, sessions, &ceremony_id, joining, &sigmas),
+        GuardianRequest::RepairAdmit { result, .. } => {
+            repair_admit(keys, config, sessions, &ceremony_id, &result)
         }
         GuardianRequest::Abort { .. } => {
             sessions.remove(&ceremony_id);
@@ -423,15 +468,17 @@ fn refresh_start(
         .iter()
         .filter_map(|e| Identifier::try_from(e.index).ok())
         .collect();
-    if roster_ids != participants {
-        return refused("the roster does not name exactly the wallet's guardians");
+    // Fewer than the wallet's guardians removes the others (checked against
+    // the threshold by the lifecycle step); it takes effect once recorded.
+    if !roster_ids.is_subset(&participants) {
+        return refused("the roster names someone who is not a guardian of the wallet");
     }
     if let Err(reason) = first_use(config, sessions, ceremony_id) {
         return refused(reason);
     }
     let me = *share.key.identifier();
     let (state, package) =
-        match lifecycle::refresh_start(&share.public, &participants, me, &mut OsRng) {
+        match lifecycle::refresh_start(&share.public, &roster_ids, me, &mut OsRng) {
             Ok(v) => v,
             Err(e) => return refused(e),
         };
@@ -485,17 +532,19 @@ fn refresh_shares(
         let Some(recipient) = session.ceremony.members.get(&to) else {
             return refused("a refresh package for a non-member");
         };
-        let bytes = match package.serialize() {
-            Ok(b) => Zeroizing::new(b),
-            Err(e) => return refused(e),
-        };
-        match keys.seal_to(
-            recipient,
-            &bytes,
-            ceremony_id,
-            lifecycle::PURPOSE_REFRESH_ROUND2,
-            &mut OsRng,
-        ) {
+        let sealed = package
+            .serialize()
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                seal_to(
+                    keys,
+                    recipient,
+                    &Zeroizing::new(b),
+                    ceremony_id,
+                    lifecycle::PURPOSE_REFRESH_ROUND2,
+                )
+            });
+        match sealed {
             Ok(sealed) => shares.push(keys.sign_message(
                 ceremony_id,
                 Some(&recipient.id),
@@ -521,32 +570,18 @@ fn refresh_finalize(
     };
     let mut received = BTreeMap::new();
     for m in shares {
-        let payload = match session.inbox.accept(m) {
-            Ok(p) => p,
-            Err(e) => return refused(e),
-        };
-        let Some(from) = session.ceremony.identifier_of(&m.sender) else {
-            return refused(format!("refresh share from {}, not a member", m.sender));
-        };
-        let opened = codec::from_msgpack::<Sealed>(payload)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                keys.open(
-                    &s,
-                    ceremony_id,
-                    &m.sender,
-                    lifecycle::PURPOSE_REFRESH_ROUND2,
-                )
-                .map_err(|e| e.to_string())
-            })
-            .and_then(|plain| {
-                frost::keys::dkg::round2::Package::deserialize(&plain).map_err(|e| e.to_string())
-            });
+        let opened = open_signed(keys, session, m, lifecycle::PURPOSE_REFRESH_ROUND2).and_then(
+            |(from, plain)| {
+                frost::keys::dkg::round2::Package::deserialize(&plain)
+                    .map(|p| (from, p))
+                    .map_err(|e| format!("refresh share from {}: {e}", m.sender))
+            },
+        );
         match opened {
-            Ok(package) => {
+            Ok((from, package)) => {
                 received.insert(from, package);
             }
-            Err(e) => return refused(format!("refresh share from {}: {e}", m.sender)),
+            Err(e) => return refused(e),
         }
     }
     session.inbox.advance_to(rounds::RESULT);
@@ -578,6 +613,362 @@ fn refresh_finalize(
                 message: keys.sign_message(ceremony_id, None, rounds::RESULT, payload),
             }
         }
+        Err(reason) => {
+            sessions.remove(ceremony_id);
+            refused(reason)
+        }
+    }
+}
+
+/// Seals a secret value from this guardian to a ceremony member.
+fn seal_to(
+    keys: &GuardianKeys,
+    recipient: &GuardianPublic,
+    secret: &[u8],
+    ceremony_id: &str,
+    purpose: &str,
+) -> Result<Sealed, String> {
+    keys.seal_to(recipient, secret, ceremony_id, purpose, &mut OsRng)
+        .map_err(|e| e.to_string())
+}
+
+/// Checks a signed message sealed to this guardian and opens it: the sender's
+/// identifier and the plaintext.
+fn open_signed(
+    keys: &GuardianKeys,
+    session: &mut Session,
+    m: &SignedMessage,
+    purpose: &str,
+) -> Result<(Identifier, Zeroizing<Vec<u8>>), String> {
+    let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+    let from = session
+        .ceremony
+        .identifier_of(&m.sender)
+        .ok_or_else(|| format!("{purpose} from {}, not a member", m.sender))?;
+    let plain = codec::from_msgpack::<Sealed>(payload)
+        .map_err(|e| e.to_string())
+        .and_then(|s| {
+            keys.open(&s, &session.ceremony.id, &m.sender, purpose)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| format!("{purpose} from {}: {e}", m.sender))?;
+    Ok((from, plain))
+}
+
+/// FROST identifiers from roster indices.
+fn identifiers(indices: &[u16]) -> Result<BTreeSet<Identifier>, String> {
+    indices
+        .iter()
+        .map(|i| Identifier::try_from(*i).map_err(|_| format!("identifier {i} is zero")))
+        .collect()
+}
+
+/// A member of the wallet starts adding `newcomer`: a helper computes the
+/// repair deltas (its own kept, the others' sealed to them); a member that does
+/// not help just waits to admit the newcomer's verifying share.
+fn repair_start(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    wallet: &str,
+    joining: Joining,
+) -> GuardianReply {
+    let Joining {
+        roster,
+        helpers,
+        newcomer,
+    } = joining;
+    let started = (|| {
+        validate_token("wallet", wallet).map_err(|e| e.to_string())?;
+        let share = load_share(config, wallet)?;
+        let threshold = share
+            .public
+            .min_signers()
+            .ok_or("the wallet's public key package has no threshold")?;
+        let members: BTreeSet<Identifier> =
+            share.public.verifying_shares().keys().copied().collect();
+        let newcomer = Identifier::try_from(newcomer).map_err(|e| e.to_string())?;
+        let helpers = identifiers(&helpers)?;
+        let mut expected = members.clone();
+        if !expected.insert(newcomer) {
+            return Err("the newcomer's identifier is already a member's".to_string());
+        }
+        let roster_ids = identifiers(&roster.iter().map(|e| e.index).collect::<Vec<_>>())?;
+        if roster_ids != expected {
+            return Err("the roster does not name the wallet's guardians and the newcomer".into());
+        }
+        if !helpers.is_subset(&members) {
+            return Err("a helper is not a guardian of the wallet".into());
+        }
+        first_use(config, sessions, ceremony_id)?;
+        let me = *share.key.identifier();
+        let mut session = session(ceremony_id, keys.id(), threshold, roster, Stage::Done)?;
+        let mut sealed = Vec::new();
+        session.stage = if helpers.contains(&me) {
+            let list: Vec<Identifier> = helpers.iter().copied().collect();
+            let mut deltas = lifecycle::repair_help(&list, &share.key, newcomer, &mut OsRng)
+                .map_err(|e| e.to_string())?;
+            let own = deltas.remove(&me).ok_or("no delta of my own")?;
+            for (to, delta) in deltas {
+                let recipient = session
+                    .ceremony
+                    .members
+                    .get(&to)
+                    .ok_or("a repair delta for a non-member")?;
+                let s = seal_to(
+                    keys,
+                    recipient,
+                    &Zeroizing::new(delta.serialize()),
+                    ceremony_id,
+                    lifecycle::PURPOSE_REPAIR_DELTA,
+                )?;
+                sealed.push(keys.sign_message(
+                    ceremony_id,
+                    Some(&recipient.id),
+                    rounds::SHARES,
+                    codec::to_msgpack(&s),
+                ));
+            }
+            Stage::Repair1 {
+                own,
+                helpers,
+                newcomer,
+                share: Box::new(share),
+            }
+        } else {
+            Stage::Admit(newcomer, Box::new(share))
+        };
+        sessions.insert(ceremony_id.to_string(), session);
+        Ok(sealed)
+    })();
+    match started {
+        Ok(shares) => GuardianReply::Sealed { shares },
+        Err(reason) => refused(reason),
+    }
+}
+
+/// A helper combines every helper's delta into its sigma for the newcomer.
+fn repair_combine(
+    keys: &GuardianKeys,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    deltas: &[SignedMessage],
+) -> GuardianReply {
+    let Some(session) = sessions.get_mut(ceremony_id) else {
+        return refused(format!("no ceremony {ceremony_id} in progress here"));
+    };
+    let Stage::Repair1 {
+        own,
+        helpers,
+        newcomer,
+        share,
+    } = std::mem::replace(&mut session.stage, Stage::Done)
+    else {
+        return refused("this ceremony is not waiting for repair deltas");
+    };
+    let combined = (|| {
+        let mut received = vec![own];
+        let mut from = BTreeSet::new();
+        for m in deltas {
+            let (sender, plain) = open_signed(keys, session, m, lifecycle::PURPOSE_REPAIR_DELTA)?;
+            if !helpers.contains(&sender) || !from.insert(sender) {
+                return Err(format!("an unexpected repair delta from {}", m.sender));
+            }
+            received.push(Delta::deserialize(&plain).map_err(|e| e.to_string())?);
+        }
+        if received.len() != helpers.len() {
+            return Err(format!(
+                "{} repair deltas for {} helpers",
+                received.len(),
+                helpers.len()
+            ));
+        }
+        let sigma = Zeroizing::new(lifecycle::repair_combine(&received).serialize());
+        let recipient = session
+            .ceremony
+            .members
+            .get(&newcomer)
+            .ok_or("the newcomer is not in the roster")?;
+        let payload = RepairSigma {
+            sigma: seal_to(
+                keys,
+                recipient,
+                &sigma,
+                ceremony_id,
+                lifecycle::PURPOSE_REPAIR_SIGMA,
+            )?,
+            public_key_package: share.public.serialize().map_err(|e| e.to_string())?,
+        };
+        Ok(keys.sign_message(
+            ceremony_id,
+            Some(&recipient.id),
+            rounds::SHARES,
+            codec::to_msgpack(&payload),
+        ))
+    })();
+    match combined {
+        Ok(message) => {
+            session.stage = Stage::Admit(newcomer, share);
+            GuardianReply::Sealed {
+                shares: vec![message],
+            }
+        }
+        Err(reason) => {
+            sessions.remove(ceremony_id);
+            refused(reason)
+        }
+    }
+}
+
+/// The newcomer computes its share from the helpers' sigmas and keeps it
+/// (pending); its signed result carries its verifying share for the members.
+fn repair_finish(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    joining: Joining,
+    sigmas: &[SignedMessage],
+) -> GuardianReply {
+    let Joining {
+        roster,
+        helpers,
+        newcomer,
+    } = joining;
+    let finished = (|| {
+        let me = Identifier::try_from(newcomer).map_err(|e| e.to_string())?;
+        let helpers = identifiers(&helpers)?;
+        first_use(config, sessions, ceremony_id)?;
+        // The threshold arrives with the public key package; the roster only
+        // authenticates the helpers here.
+        let n = u16::try_from(helpers.len()).map_err(|_| "too many helpers")?;
+        let mut session = session(ceremony_id, keys.id(), n, roster, Stage::Done)?;
+        if session.ceremony.members.get(&me) != Some(&keys.public()) {
+            return Err(format!(
+                "the roster does not name me as identifier {newcomer}"
+            ));
+        }
+        let mut received = Vec::new();
+        let mut from = BTreeSet::new();
+        let mut public: Option<Vec<u8>> = None;
+        for m in sigmas {
+            let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+            let sender = session.ceremony.identifier_of(&m.sender);
+            if !sender.is_some_and(|s| helpers.contains(&s) && from.insert(s)) {
+                return Err(format!("an unexpected sigma from {}", m.sender));
+            }
+            let RepairSigma {
+                sigma,
+                public_key_package,
+            } = codec::from_msgpack(payload)
+                .map_err(|e| format!("malformed sigma from {}: {e}", m.sender))?;
+            if public.get_or_insert_with(|| public_key_package.clone()) != &public_key_package {
+                return Err(format!(
+                    "helper {} sent another public key package",
+                    m.sender
+                ));
+            }
+            let plain = keys
+                .open(
+                    &sigma,
+                    ceremony_id,
+                    &m.sender,
+                    lifecycle::PURPOSE_REPAIR_SIGMA,
+                )
+                .map_err(|e| format!("sigma from {}: {e}", m.sender))?;
+            received.push(Sigma::deserialize(&plain).map_err(|e| e.to_string())?);
+        }
+        if from.len() != helpers.len() {
+            return Err(format!(
+                "{} sigmas for {} helpers",
+                from.len(),
+                helpers.len()
+            ));
+        }
+        let public = PublicKeyPackage::deserialize(&public.unwrap_or_default())
+            .map_err(|e| format!("public key package: {e}"))?;
+        let (key, public) =
+            lifecycle::repair_finish(&received, me, &public).map_err(|e| e.to_string())?;
+        let mut payload = public
+            .verifying_key()
+            .serialize()
+            .map_err(|e| e.to_string())?;
+        payload.extend_from_slice(&lifecycle::public_digest(&public).map_err(|e| e.to_string())?);
+        payload.extend(
+            key.verifying_share()
+                .serialize()
+                .map_err(|e| e.to_string())?,
+        );
+        save_share(
+            config,
+            &pending_path(config, ceremony_id),
+            ceremony_id,
+            &key,
+            &public,
+        )?;
+        sessions.insert(ceremony_id.to_string(), session);
+        Ok(keys.sign_message(ceremony_id, None, rounds::RESULT, payload))
+    })();
+    match finished {
+        Ok(message) => GuardianReply::Result { message },
+        Err(reason) => refused(reason),
+    }
+}
+
+/// A member adds the newcomer's verifying share to its public key package
+/// (pending), refusing a newcomer whose group key or package differs.
+fn repair_admit(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    result: &SignedMessage,
+) -> GuardianReply {
+    let Some(session) = sessions.get_mut(ceremony_id) else {
+        return refused(format!("no ceremony {ceremony_id} in progress here"));
+    };
+    let Stage::Admit(newcomer, share) = std::mem::replace(&mut session.stage, Stage::Done) else {
+        return refused("this ceremony is not waiting for the newcomer");
+    };
+    session.inbox.advance_to(rounds::RESULT);
+    let admitted = (|| {
+        let payload = session.inbox.accept(result).map_err(|e| e.to_string())?;
+        if session.ceremony.identifier_of(&result.sender) != Some(newcomer) {
+            return Err(format!("a result from {}, not the newcomer", result.sender));
+        }
+        let (Some(group), Some(digest), Some(verifying)) =
+            (payload.get(..33), payload.get(33..65), payload.get(65..))
+        else {
+            return Err("the newcomer's result is too short".to_string());
+        };
+        let mine = share
+            .public
+            .verifying_key()
+            .serialize()
+            .map_err(|e| e.to_string())?;
+        if group != mine.as_slice() {
+            return Err("the newcomer computed another group key".into());
+        }
+        let verifying = VerifyingShare::deserialize(verifying).map_err(|e| e.to_string())?;
+        let public = lifecycle::with_member(&share.public, newcomer, verifying);
+        let own = lifecycle::public_digest(&public).map_err(|e| e.to_string())?;
+        if digest != own.as_slice() {
+            return Err("the newcomer's public key package differs from mine".into());
+        }
+        save_share(
+            config,
+            &pending_path(config, ceremony_id),
+            ceremony_id,
+            &share.key,
+            &public,
+        )?;
+        let mut payload = mine;
+        payload.extend_from_slice(&own);
+        Ok(keys.sign_message(ceremony_id, None, rounds::RESULT, payload))
+    })();
+    match admitted {
+        Ok(message) => GuardianReply::Result { message },
         Err(reason) => {
             sessions.remove(ceremony_id);
             refused(reason)
@@ -710,6 +1101,21 @@ fn commit_share(config: &GuardianConfig, ceremony_id: &str, wallet: &str) -> Res
     std::fs::rename(&pending, share_path(config, wallet))
         .map_err(|e| format!("{}: {e}", pending.display()))?;
     std::fs::rename(&staged, &marker).map_err(|e| format!("{}: {e}", marker.display()))
+}
+
+/// Drops this guardian's share of a wallet whose recorded roster no longer
+/// lists it (and anything a ceremony left pending).
+fn forget_share(config: &GuardianConfig, ceremony_id: &str, wallet: &str) -> Result<(), String> {
+    let _ = std::fs::remove_file(pending_path(config, ceremony_id));
+    for path in [share_path(config, wallet), ceremony_path(config, wallet)] {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("{}: {e}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Loads the guardian's identity, creating it on first start.

@@ -20,7 +20,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::Shutdown;
-use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, RosterEntry, rounds};
+use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, Joining, RosterEntry, rounds};
 use crate::remote::Appender;
 
 /// A guardian whose last heartbeat is older than this is not live.
@@ -102,78 +102,125 @@ pub async fn serve<A: Appender>(
     Ok(())
 }
 
-/// A request to rotate a wallet's key shares, sent to [`subjects::REQ_WALLET_ROTATE`].
+/// A request to rotate a wallet's key shares or change its guardians, sent to
+/// [`subjects::REQ_WALLET_ROTATE`]: every one is a refresh or repair on the
+/// same group key, among the guardian processes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RotateWallet {
     pub name: String,
     pub initiator: String,
+    /// A guardian change instead of a plain rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<GuardianChange>,
 }
 
-/// Rotates every guardian's share of a FROST wallet (refresh): same group key and
-/// address, old shares no longer combine with new ones. Recorded as
-/// `KEY_ROTATION_CEREMONY` once every guardian signed the same result.
+/// A change of a FROST wallet's guardians; the threshold stays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "kind",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
+pub enum GuardianChange {
+    /// A refresh among the others: its share no longer combines with theirs.
+    Remove { guardian: String },
+    /// A repair with a new identifier by `helpers` (by default the first
+    /// threshold-many guardians).
+    Add {
+        guardian: String,
+        #[serde(default)]
+        helpers: Vec<String>,
+    },
+}
+
+/// What a lifecycle ceremony will do, checked before it starts.
+struct Plan {
+    /// Guardians that run the ceremony (the newcomer of an addition last).
+    roster: Vec<RosterEntry>,
+    /// Guardians told to commit or abort: the roster and a removed guardian.
+    told: Vec<String>,
+    /// The wallet as recorded when the ceremony succeeds.
+    wallet: WalletDescriptor,
+    event_type: EventType,
+    /// Indices of the helpers, for an addition.
+    helpers: Vec<u16>,
+}
+
+/// Rotates every guardian's share of a FROST wallet (refresh: same group key and
+/// address, old shares no longer combine with new ones) or changes its
+/// guardians. Recorded (`KEY_ROTATION_CEREMONY`, `GUARDIAN_REMOVED`,
+/// `GUARDIAN_ADDED`) once every guardian signed the same result; only then do
+/// guardians commit. Bad input is refused without recording anything.
 pub async fn rotate<A: Appender>(
     client: &Client,
     ledger: &A,
     request: RotateWallet,
 ) -> CreateWalletReply {
-    let checked = validate_token("name", &request.name)
-        .and_then(|()| validate_token("initiator", &request.initiator))
-        .map_err(|e| e.to_string());
-    if let Err(reason) = checked {
-        return CreateWalletReply::Failed { reason };
-    }
+    let (what, prefix) = match &request.change {
+        None => ("key rotation", "rot"),
+        Some(GuardianChange::Remove { .. }) => ("guardian removal", "rm"),
+        Some(GuardianChange::Add { .. }) => ("guardian addition", "add"),
+    };
+    let (wallet, version, newcomer) = match checked_wallet(client, &request).await {
+        Ok(w) => w,
+        Err(reason) => return CreateWalletReply::Failed { reason },
+    };
     let mut nonce = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ceremony_id = format!("rot-{}-{}", request.name, hex::encode(nonce));
+    let ceremony_id = format!("{prefix}-{}-{}", request.name, hex::encode(nonce));
     let result = async {
-        let (wallet, version) = recorded_wallet(client, &request.name).await?;
-        let roster = pinned_roster(client, &wallet).await?;
+        let plan = plan(client, &request, &wallet, newcomer).await?;
         let outcome = async {
-            let digest = run_refresh(client, &ceremony_id, &request.name, &roster, &wallet).await?;
-            let event = Proposal {
-                aggregate_kind: AggregateKind::Wallet,
-                workflow_id: request.name.clone(),
-                expected_version: version,
-                event_type: EventType::KeyRotationCeremony,
-                causation_id: Some(ceremony_id.clone()),
-                actor: Actor {
-                    user_id: request.initiator.clone(),
-                    email: None,
-                    role: Some("administrator".into()),
-                },
-                target: Target {
-                    kind: "wallet".into(),
-                    id: request.name.clone(),
-                    amount: None,
-                    currency: None,
-                },
-                context: RequestContext::default(),
-                result: Outcome::Success,
-                metadata: Default::default(),
-                payload: Payload::KeyCeremony {
+            let digest = match &request.change {
+                Some(GuardianChange::Add { .. }) => {
+                    run_repair(client, &ceremony_id, &request.name, &plan).await?
+                }
+                _ => {
+                    run_refresh(client, &ceremony_id, &request.name, &plan.roster, &wallet).await?
+                }
+            };
+            let public_digest = hex::encode(digest);
+            let payload = match &request.change {
+                None => Payload::KeyCeremony {
                     wallet: request.name.clone(),
                     ceremony_id: ceremony_id.clone(),
-                    public_digest: hex::encode(digest),
+                    public_digest,
+                },
+                Some(
+                    GuardianChange::Remove { guardian } | GuardianChange::Add { guardian, .. },
+                ) => Payload::GuardianChanged {
+                    guardian: guardian.clone(),
+                    ceremony_id: ceremony_id.clone(),
+                    public_digest,
+                    wallet: plan.wallet.clone(),
                 },
             };
+            let event = wallet_event(
+                &request.name,
+                &request.initiator,
+                &ceremony_id,
+                version,
+                plan.event_type,
+                payload,
+            );
             match ledger.append(vec![event]).await {
                 AppendReply::Appended { .. } => Ok(()),
                 _ if recorded(client, &request.name, &ceremony_id).await => Ok(()),
-                other => Err(format!("the rotation could not be recorded: {other:?}")),
+                other => Err(format!("the {what} could not be recorded: {other:?}")),
             }
         }
         .await;
         finish(
             client,
-            &roster,
+            &plan.told,
             &ceremony_id,
             &request.name,
             outcome.is_ok(),
         )
         .await;
-        outcome.map(|()| wallet)
+        outcome.map(|()| plan.wallet)
     }
     .await;
     match result {
@@ -184,7 +231,7 @@ pub async fn rotate<A: Appender>(
                 &request.name,
                 &request.initiator,
                 &ceremony_id,
-                "key rotation",
+                what,
                 reason,
             )
             .await
@@ -192,15 +239,152 @@ pub async fn rotate<A: Appender>(
     }
 }
 
+/// The recorded wallet, its version and the guardian to add (as registered),
+/// once the request is known to make sense for it (names, guardians, what
+/// remains of the threshold).
+async fn checked_wallet(
+    client: &Client,
+    request: &RotateWallet,
+) -> Result<(WalletDescriptor, u64, Option<RosterEntry>), String> {
+    validate_token("name", &request.name).map_err(|e| e.to_string())?;
+    validate_token("initiator", &request.initiator).map_err(|e| e.to_string())?;
+    let (wallet, version) = recorded_wallet(client, &request.name).await?;
+    let guards = |g: &str| wallet.guardians.iter().any(|w| w.id == g);
+    let threshold = wallet.threshold.unwrap_or(0);
+    let mut newcomer = None;
+    match &request.change {
+        None => {}
+        Some(GuardianChange::Remove { guardian }) => {
+            validate_token("guardian", guardian).map_err(|e| e.to_string())?;
+            if !guards(guardian) {
+                return Err(format!(
+                    "guardian: {guardian} is not a guardian of wallet {}",
+                    wallet.name
+                ));
+            }
+            let left = wallet.guardians.len() - 1;
+            if threshold < 2 || usize::from(threshold) > left {
+                return Err(format!(
+                    "guardian: removing {guardian} would leave {left} guardians for a threshold of {threshold} (needs 2 <= threshold <= guardians)"
+                ));
+            }
+        }
+        Some(GuardianChange::Add { guardian, helpers }) => {
+            validate_token("guardian", guardian).map_err(|e| e.to_string())?;
+            if guards(guardian) {
+                return Err(format!(
+                    "guardian: {guardian} already guards wallet {}",
+                    wallet.name
+                ));
+            }
+            let mut unique = helpers.clone();
+            unique.sort();
+            unique.dedup();
+            if let Some(h) = helpers.iter().find(|h| !guards(h)) {
+                return Err(format!(
+                    "helpers: {h} is not a guardian of wallet {}",
+                    wallet.name
+                ));
+            }
+            if unique.len() != helpers.len() {
+                return Err("helpers: a guardian is listed twice".into());
+            }
+            if !helpers.is_empty() && helpers.len() < usize::from(threshold) {
+                return Err(format!(
+                    "helpers: {} helpers, the threshold is {threshold}",
+                    helpers.len()
+                ));
+            }
+            newcomer = roster(client, std::slice::from_ref(guardian))
+                .await
+                .map_err(|e| format!("guardian: {e}"))?
+                .pop();
+        }
+    }
+    Ok((wallet, version, newcomer))
+}
+
+/// Who runs the ceremony with which keys, and the wallet it leaves.
+async fn plan(
+    client: &Client,
+    request: &RotateWallet,
+    wallet: &WalletDescriptor,
+    newcomer: Option<RosterEntry>,
+) -> Result<Plan, String> {
+    let mut next = wallet.clone();
+    match &request.change {
+        None => {
+            let roster = pinned_roster(client, &wallet.guardians).await?;
+            Ok(Plan {
+                told: ids(&roster),
+                roster,
+                wallet: next,
+                event_type: EventType::KeyRotationCeremony,
+                helpers: Vec::new(),
+            })
+        }
+        Some(GuardianChange::Remove { guardian }) => {
+            // The removed guardian need not be live: it takes no part.
+            next.guardians.retain(|g| g.id != *guardian);
+            let roster = pinned_roster(client, &next.guardians).await?;
+            let mut told = ids(&roster);
+            told.push(guardian.clone());
+            Ok(Plan {
+                roster,
+                told,
+                wallet: next,
+                event_type: EventType::GuardianRemoved,
+                helpers: Vec::new(),
+            })
+        }
+        Some(GuardianChange::Add { guardian, helpers }) => {
+            let mut roster = pinned_roster(client, &wallet.guardians).await?;
+            let index = roster
+                .iter()
+                .map(|e| e.index)
+                .max()
+                .unwrap_or(0)
+                .checked_add(1)
+                .ok_or("too many guardians")?;
+            let mut newcomer = newcomer.ok_or(format!("guardian {guardian} is unknown"))?;
+            newcomer.index = index;
+            let threshold = usize::from(wallet.threshold.unwrap_or(0));
+            let helpers: Vec<u16> = if helpers.is_empty() {
+                roster.iter().take(threshold).map(|e| e.index).collect()
+            } else {
+                roster
+                    .iter()
+                    .filter(|e| helpers.contains(&e.guardian.id))
+                    .map(|e| e.index)
+                    .collect()
+            };
+            next.guardians
+                .extend(descriptor_guardians(std::slice::from_ref(&newcomer)));
+            roster.push(newcomer);
+            Ok(Plan {
+                told: ids(&roster),
+                roster,
+                wallet: next,
+                event_type: EventType::GuardianAdded,
+                helpers,
+            })
+        }
+    }
+}
+
+fn ids(roster: &[RosterEntry]) -> Vec<String> {
+    roster.iter().map(|e| e.guardian.id.clone()).collect()
+}
+
 /// Tells the guardians to keep (commit) or drop (abort) what the ceremony made.
 async fn finish(
     client: &Client,
-    roster: &[RosterEntry],
+    guardians: &[String],
     ceremony_id: &str,
     wallet: &str,
     commit: bool,
 ) {
-    for e in roster {
+    for guardian in guardians {
         let request = if commit {
             GuardianRequest::Commit {
                 ceremony_id: ceremony_id.into(),
@@ -211,8 +395,8 @@ async fn finish(
                 ceremony_id: ceremony_id.into(),
             }
         };
-        if let Err(err) = ask(client, &e.guardian.id, &request).await {
-            tracing::warn!(guardian = %e.guardian.id, error = %err, commit, "guardian did not confirm the end of a ceremony");
+        if let Err(err) = ask(client, guardian, &request).await {
+            tracing::warn!(guardian = %guardian, error = %err, commit, "guardian did not confirm the end of a ceremony");
         }
     }
 }
@@ -229,7 +413,9 @@ async fn recorded_wallet(client: &Client, name: &str) -> Result<(WalletDescripto
         |stored| {
             if let Ok(event) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
                 version = event.version;
-                if let Payload::WalletCreated(w) = event.payload {
+                if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
+                    event.payload
+                {
                     wallet = Some(w);
                 }
             }
@@ -245,16 +431,16 @@ async fn recorded_wallet(client: &Client, name: &str) -> Result<(WalletDescripto
     Ok((wallet, version))
 }
 
-/// The wallet's guardians with the keys recorded at its creation; each must be
-/// live and still announce those very keys.
+/// Guardians with the keys recorded with the wallet; each must be live and
+/// still announce those very keys.
 async fn pinned_roster(
     client: &Client,
-    wallet: &WalletDescriptor,
+    guardians: &[WalletGuardian],
 ) -> Result<Vec<RosterEntry>, String> {
-    let ids: Vec<String> = wallet.guardians.iter().map(|g| g.id.clone()).collect();
+    let ids: Vec<String> = guardians.iter().map(|g| g.id.clone()).collect();
     let live = roster(client, &ids).await?;
     let mut pinned = Vec::new();
-    for (g, entry) in wallet.guardians.iter().zip(live) {
+    for (g, entry) in guardians.iter().zip(live) {
         if hex::encode(entry.guardian.signing_key) != g.signing_key
             || hex::encode(entry.guardian.encryption_key) != g.encryption_key
         {
@@ -332,7 +518,7 @@ async fn ceremony<A: Appender>(
     .await;
     finish(
         client,
-        &roster,
+        &ids(&roster),
         ceremony_id,
         &request.name,
         recorded.is_ok(),
@@ -589,6 +775,21 @@ fn signed_packages(replies: Vec<GuardianReply>, round: &str) -> Result<Vec<Signe
         .collect()
 }
 
+/// Every guardian's sealed messages, filed under their recipients.
+fn sealed_by_recipient(
+    replies: Vec<GuardianReply>,
+    round: &str,
+) -> Result<BTreeMap<String, Vec<SignedMessage>>, String> {
+    let mut filed = BTreeMap::new();
+    for r in replies {
+        let GuardianReply::Sealed { shares } = r else {
+            return Err(format!("a guardian answered {round} with something else"));
+        };
+        by_recipient(&mut filed, shares);
+    }
+    Ok(filed)
+}
+
 /// Files point-to-point messages under the guardian they are addressed to.
 fn by_recipient(into: &mut BTreeMap<String, Vec<SignedMessage>>, messages: Vec<SignedMessage>) {
     for m in messages {
@@ -647,7 +848,6 @@ async fn run_refresh(
     wallet: &WalletDescriptor,
 ) -> Result<[u8; 32], String> {
     let id = ceremony_id.to_string();
-    let unexpected = |what: &str| format!("a guardian answered {what} with something else");
     let replies = ask_all(client, roster, |_| GuardianRequest::RefreshStart {
         ceremony_id: id.clone(),
         wallet: wallet_name.to_string(),
@@ -660,23 +860,83 @@ async fn run_refresh(
         packages: packages.clone(),
     })
     .await?;
-    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
-    for r in replies {
-        let GuardianReply::Sealed { shares: sealed } = r else {
-            return Err(unexpected("RefreshShares"));
-        };
-        by_recipient(&mut shares, sealed);
-    }
+    let shares = sealed_by_recipient(replies, "RefreshShares")?;
     let replies = ask_all(client, roster, |e| GuardianRequest::RefreshFinalize {
         ceremony_id: id.clone(),
         shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
     })
     .await?;
     let (key, digest) = agreed_result(ceremony_id, roster, replies, "RefreshFinalize")?;
+    same_group_key(&key, wallet)?;
+    Ok(digest)
+}
+
+fn same_group_key(key: &frost::VerifyingKey, wallet: &WalletDescriptor) -> Result<(), String> {
     let recorded = wallet.group_key.as_deref().unwrap_or_default();
     if hex::encode(key.serialize().map_err(|e| e.to_string())?) != recorded {
         return Err("the guardians' group key differs from the wallet's".into());
     }
+    Ok(())
+}
+
+/// The repair rounds that add the plan's newcomer (last in its roster): deltas
+/// among the helpers, their sigmas to the newcomer, then every member admits
+/// the newcomer's verifying share. Returns the digest every member signed.
+async fn run_repair(
+    client: &Client,
+    ceremony_id: &str,
+    wallet_name: &str,
+    plan: &Plan,
+) -> Result<[u8; 32], String> {
+    let id = ceremony_id.to_string();
+    let (newcomer, members) = plan.roster.split_last().ok_or("an empty roster")?;
+    let joining = Joining {
+        roster: plan.roster.clone(),
+        helpers: plan.helpers.clone(),
+        newcomer: newcomer.index,
+    };
+    let replies = ask_all(client, members, |_| GuardianRequest::RepairStart {
+        ceremony_id: id.clone(),
+        wallet: wallet_name.to_string(),
+        joining: joining.clone(),
+    })
+    .await?;
+    let deltas = sealed_by_recipient(replies, "RepairStart")?;
+    let helpers: Vec<RosterEntry> = members
+        .iter()
+        .filter(|e| plan.helpers.contains(&e.index))
+        .cloned()
+        .collect();
+    let replies = ask_all(client, &helpers, |e| GuardianRequest::RepairCombine {
+        ceremony_id: id.clone(),
+        deltas: deltas.get(&e.guardian.id).cloned().unwrap_or_default(),
+    })
+    .await?;
+    let sigmas = sealed_by_recipient(replies, "RepairCombine")?;
+    let reply = ask(
+        client,
+        &newcomer.guardian.id,
+        &GuardianRequest::RepairFinish {
+            ceremony_id: id.clone(),
+            joining,
+            sigmas: sigmas
+                .get(&newcomer.guardian.id)
+                .cloned()
+                .unwrap_or_default(),
+        },
+    )
+    .await?;
+    let GuardianReply::Result { message } = reply else {
+        return Err("the newcomer answered RepairFinish with something else".into());
+    };
+    // Each member checks the newcomer's signed result against its own package.
+    let replies = ask_all(client, members, |_| GuardianRequest::RepairAdmit {
+        ceremony_id: id.clone(),
+        result: message.clone(),
+    })
+    .await?;
+    let (key, digest) = agreed_result(ceremony_id, members, replies, "RepairAdmit")?;
+    same_group_key(&key, &plan.wallet)?;
     Ok(digest)
 }
 
@@ -693,15 +953,7 @@ fn describe(
         chain: r.chain.clone(),
         address: taproot.address,
         threshold: Some(r.threshold),
-        guardians: roster
-            .iter()
-            .map(|e| WalletGuardian {
-                id: e.guardian.id.clone(),
-                index: e.index,
-                signing_key: hex::encode(e.guardian.signing_key),
-                encryption_key: hex::encode(e.guardian.encryption_key),
-            })
-            .collect(),
+        guardians: descriptor_guardians(roster),
         group_key: Some(hex::encode(
             group_key.serialize().map_err(|e| e.to_string())?,
         )),
@@ -709,27 +961,59 @@ fn describe(
     })
 }
 
+/// The roster as the wallet descriptor records it.
+fn descriptor_guardians(roster: &[RosterEntry]) -> Vec<WalletGuardian> {
+    roster
+        .iter()
+        .map(|e| WalletGuardian {
+            id: e.guardian.id.clone(),
+            index: e.index,
+            signing_key: hex::encode(e.guardian.signing_key),
+            encryption_key: hex::encode(e.guardian.encryption_key),
+        })
+        .collect()
+}
+
 fn wallet_created(r: &CreateWallet, ceremony_id: &str, wallet: WalletDescriptor) -> Proposal {
+    wallet_event(
+        &r.name,
+        &r.initiator,
+        ceremony_id,
+        0,
+        EventType::WalletCreated,
+        Payload::WalletCreated(wallet),
+    )
+}
+
+/// A key ceremony's event on wallet `name`, caused by the ceremony.
+fn wallet_event(
+    name: &str,
+    initiator: &str,
+    ceremony_id: &str,
+    expected_version: u64,
+    event_type: EventType,
+    payload: Payload,
+) -> Proposal {
     Proposal {
         aggregate_kind: AggregateKind::Wallet,
-        workflow_id: r.name.clone(),
-        expected_version: 0,
-        event_type: EventType::WalletCreated,
+        workflow_id: name.to_string(),
+        expected_version,
+        event_type,
         causation_id: Some(ceremony_id.to_string()),
         actor: Actor {
-            user_id: r.initiator.clone(),
+            user_id: initiator.to_string(),
             email: None,
             role: Some("administrator".into()),
         },
         target: Target {
             kind: "wallet".into(),
-            id: r.name.clone(),
+            id: name.to_string(),
             amount: None,
             currency: None,
         },
         context: RequestContext::default(),
         result: Outcome::Success,
         metadata: [("ceremonyId".to_string(), ceremony_id.to_string())].into(),
-        payload: Payload::WalletCreated(wallet),
+        payload,
     }
 }
