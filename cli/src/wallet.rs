@@ -1,12 +1,13 @@
-//! `custos wallet`: create (a key ceremony among guardians), show, list.
+//! `custos wallet`: create (a key ceremony among guardians), rotate, remove or
+//! add a guardian (key ceremonies on the same key), show, list.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use custos_schemas::{ContentType, EventType, Payload, WalletDescriptor, subjects};
-use custos_workers::wallets::{CreateWallet, CreateWalletReply, RotateWallet};
+use custos_schemas::{AggregateKind, ContentType, Payload, WalletDescriptor, subjects};
+use custos_workers::wallets::{CreateWallet, CreateWalletReply, GuardianChange, RotateWallet};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum WalletCommand {
@@ -32,6 +33,29 @@ pub enum WalletCommand {
     /// Rotate a FROST wallet's key shares: same key and address, new shares.
     Rotate {
         name: String,
+        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
+        initiator: String,
+    },
+    /// Remove a guardian of a FROST wallet: the others refresh their shares among
+    /// themselves (same key and address, same threshold); its share no longer
+    /// combines with theirs.
+    RemoveGuardian {
+        name: String,
+        #[arg(long)]
+        guardian: String,
+        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
+        initiator: String,
+    },
+    /// Add a guardian to a FROST wallet (also to replace one, then remove the
+    /// old): threshold-many helpers compute its share without the key ever
+    /// existing; same key, address and threshold.
+    AddGuardian {
+        name: String,
+        #[arg(long)]
+        guardian: String,
+        /// Comma-separated helpers (default: the first threshold-many guardians).
+        #[arg(long, value_delimiter = ',')]
+        helpers: Vec<String>,
         #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
         initiator: String,
     },
@@ -83,26 +107,24 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
             })
         }
         WalletCommand::Rotate { name, initiator } => {
-            let request = RotateWallet { name, initiator };
-            let reply = ask(
-                &client,
-                subjects::REQ_WALLET_ROTATE,
-                ContentType::Json.encode(&request),
-            )
-            .await?;
-            Ok(match reply {
-                CreateWalletReply::Created { wallet } => {
-                    println!(
-                        "rotated the key shares of {} (address unchanged: {})",
-                        wallet.name, wallet.address
-                    );
-                    ExitCode::SUCCESS
-                }
-                CreateWalletReply::Failed { reason } => {
-                    eprintln!("{reason}");
-                    ExitCode::FAILURE
-                }
-            })
+            lifecycle(&client, name, initiator, None).await
+        }
+        WalletCommand::RemoveGuardian {
+            name,
+            guardian,
+            initiator,
+        } => {
+            let change = GuardianChange::Remove { guardian };
+            lifecycle(&client, name, initiator, Some(change)).await
+        }
+        WalletCommand::AddGuardian {
+            name,
+            guardian,
+            helpers,
+            initiator,
+        } => {
+            let change = GuardianChange::Add { guardian, helpers };
+            lifecycle(&client, name, initiator, Some(change)).await
         }
         WalletCommand::Show { name, json } => {
             custos_schemas::validate_token("name", &name)?;
@@ -133,6 +155,53 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
     }
 }
 
+/// Runs a key ceremony on an existing wallet (rotation or a guardian change).
+async fn lifecycle(
+    client: &async_nats::Client,
+    name: String,
+    initiator: String,
+    change: Option<GuardianChange>,
+) -> anyhow::Result<ExitCode> {
+    let done = match &change {
+        None => "rotated the key shares of".to_string(),
+        Some(GuardianChange::Remove { guardian }) => format!("removed guardian {guardian} from"),
+        Some(GuardianChange::Add { guardian, .. }) => format!("added guardian {guardian} to"),
+    };
+    let request = RotateWallet {
+        name,
+        initiator,
+        change,
+    };
+    let reply = ask(
+        client,
+        subjects::REQ_WALLET_ROTATE,
+        ContentType::Json.encode(&request),
+    )
+    .await?;
+    Ok(match reply {
+        CreateWalletReply::Created { wallet } => {
+            println!(
+                "{done} {} ({}-of-{}: {}; address unchanged: {})",
+                wallet.name,
+                wallet.threshold.unwrap_or(0),
+                wallet.guardians.len(),
+                wallet
+                    .guardians
+                    .iter()
+                    .map(|g| g.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                wallet.address
+            );
+            ExitCode::SUCCESS
+        }
+        CreateWalletReply::Failed { reason } => {
+            eprintln!("{reason}");
+            ExitCode::FAILURE
+        }
+    })
+}
+
 /// Sends a request to the wallet service and reads its answer.
 async fn ask(
     client: &async_nats::Client,
@@ -151,26 +220,19 @@ async fn ask(
         .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))
 }
 
-/// Wallets recorded in the trail (one, or all), by name.
+/// Wallets recorded in the trail (one, or all), by name, as their last
+/// creation or guardian change left them.
 async fn wallets(
     client: &async_nats::Client,
     name: Option<&str>,
 ) -> anyhow::Result<BTreeMap<String, WalletDescriptor>> {
     let js = async_nats::jetstream::new(client.clone());
-    let filter = match name {
-        Some(n) => subjects::event_subject(
-            custos_schemas::AggregateKind::Wallet,
-            n,
-            EventType::WalletCreated.as_str(),
-        ),
-        None => subjects::event_type_filter(
-            custos_schemas::AggregateKind::Wallet,
-            EventType::WalletCreated.as_str(),
-        ),
-    };
+    let filter = subjects::aggregate_filter(AggregateKind::Wallet, name.unwrap_or("*"));
     let mut out = BTreeMap::new();
     for event in crate::tx::read_decoded(&js, Some(filter)).await? {
-        if let Payload::WalletCreated(w) = event.payload {
+        if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
+            event.payload
+        {
             out.insert(w.name.clone(), w);
         }
     }

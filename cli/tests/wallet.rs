@@ -202,6 +202,48 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
     let (ok, out) = custos(&url, &["wallet", "rotate", "nope"]);
     assert!(!ok && out.contains("no wallet nope"), "{out}");
 
+    // Guardian changes keep the address; `wallet show` follows the roster.
+    let (ok, out) = custos(
+        &url,
+        &["wallet", "remove-guardian", "treasury", "--guardian", "g3"],
+    );
+    assert!(
+        ok && out.contains("2-of-2") && out.contains(&wallet.address),
+        "{out}"
+    );
+    let (ok, out) = custos(
+        &url,
+        &["wallet", "remove-guardian", "treasury", "--guardian", "g2"],
+    );
+    assert!(!ok && out.contains("threshold of 2"), "{out}");
+    let (ok, out) = custos(
+        &url,
+        &[
+            "wallet",
+            "add-guardian",
+            "treasury",
+            "--guardian",
+            "g3",
+            "--helpers",
+            "g2,g1",
+        ],
+    );
+    assert!(
+        ok && out.contains("2-of-3") && out.contains(&wallet.address),
+        "{out}"
+    );
+    let (ok, shown) = custos(&url, &["wallet", "show", "treasury", "--json"]);
+    let shown: WalletDescriptor = serde_json::from_str(&shown).expect("wallet json");
+    assert_eq!(
+        (shown.guardians.len(), &shown.address, ok),
+        (3, &wallet.address, true)
+    );
+    let (ok, out) = custos(
+        &url,
+        &["wallet", "add-guardian", "treasury", "--guardian", "g1"],
+    );
+    assert!(!ok && out.contains("g1 already guards"), "{out}");
+
     // A second wallet of the same name is refused and nothing more is recorded.
     let (ok, out) = custos(
         &url,

@@ -1,0 +1,431 @@
+//! Guardian changes on a FROST wallet over NATS among guardians: removing one
+//! (a refresh among the others) and adding one (a repair by threshold-many
+//! helpers), each recorded with the wallet's new roster and the same address;
+//! signing follows the recorded roster; bad requests are refused with nothing
+//! recorded, and a ceremony that fails leaves the wallet as it was.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use custos_adapters::nats_server::Durability;
+use custos_custody::frost::keys::{KeyPackage, PublicKeyPackage};
+use custos_custody::sign::Sighash;
+use custos_custody::spend::{self, FeePolicy, SpendRequest};
+use custos_custody::{sim, store};
+use custos_engine::policy;
+use custos_engine::transfer::{self, Stage};
+use custos_schemas::chain::SpentOutput;
+use custos_schemas::{
+    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
+    RequestContext, Target, UserRecord, WalletDescriptor, subjects,
+};
+use custos_tests::*;
+use custos_workers::guardian::GuardianConfig;
+use custos_workers::policy_step::{PolicyStep, PriceTable};
+use custos_workers::signing::{Ceremony, SignStep, wallet_script};
+use custos_workers::trail::Trail;
+use custos_workers::wallets::{
+    CreateWallet, CreateWalletReply, GuardianChange, RotateWallet, rotate,
+};
+use custos_workers::{Shutdown, ShutdownTrigger};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
+    Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.into(),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("test"),
+        target: Target::default(),
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload,
+    }
+}
+
+struct Guardian {
+    trigger: ShutdownTrigger,
+    dir: tempfile::TempDir,
+}
+
+fn passphrase(id: &str) -> String {
+    format!("passphrase of {id}")
+}
+
+fn start_guardian(client: async_nats::Client, id: &str) -> Guardian {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = GuardianConfig {
+        id: id.into(),
+        data_dir: PathBuf::from(dir.path()),
+        passphrase: Zeroizing::new(passphrase(id)),
+    };
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
+    Guardian { trigger, dir }
+}
+
+/// A guardian's share of `wallet` as it holds it on disk (decrypted).
+fn share_on_disk(dir: &Path, id: &str, wallet: &str) -> Option<(KeyPackage, PublicKeyPackage)> {
+    let shares = dir.join("shares");
+    let file = std::fs::read(shares.join(format!("{wallet}.share"))).ok()?;
+    let ceremony = std::fs::read_to_string(shares.join(format!("{wallet}.ceremony"))).ok()?;
+    let plain =
+        store::open_secret(&file, passphrase(id).as_bytes(), id, ceremony.trim()).expect("opens");
+    let len = u32::from_be_bytes(plain[..4].try_into().expect("length")) as usize;
+    Some((
+        KeyPackage::deserialize(&plain[4..4 + len]).expect("key package"),
+        PublicKeyPackage::deserialize(&plain[4 + len..]).expect("public package"),
+    ))
+}
+
+async fn change(
+    client: &async_nats::Client,
+    engine: &Engine,
+    change: Option<GuardianChange>,
+) -> CreateWalletReply {
+    rotate(
+        client,
+        &engine.ledger,
+        RotateWallet {
+            name: "vault".into(),
+            initiator: "ops".into(),
+            change,
+        },
+    )
+    .await
+}
+
+fn remove(guardian: &str) -> Option<GuardianChange> {
+    Some(GuardianChange::Remove {
+        guardian: guardian.into(),
+    })
+}
+
+fn add(guardian: &str, helpers: &[&str]) -> Option<GuardianChange> {
+    Some(GuardianChange::Add {
+        guardian: guardian.into(),
+        helpers: helpers.iter().map(|h| h.to_string()).collect(),
+    })
+}
+
+async fn events(nats: &Nats) -> Vec<Event> {
+    all_events(&nats.js().await)
+        .await
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+async fn stage_of(nats: &Nats, workflow_id: &str) -> Stage {
+    let history: Vec<Event> = events(nats)
+        .await
+        .into_iter()
+        .filter(|e| e.aggregate_kind == AggregateKind::Tx && e.workflow_id == workflow_id)
+        .collect();
+    transfer::fold(&history)
+        .map(|(t, _)| t.stage)
+        .unwrap_or(Stage::New)
+}
+
+/// Records the transaction built for an allowed transfer: one made-up 5 LTC
+/// output of the wallet, paying `destination`.
+async fn build(engine: &Engine, nats: &Nats, wallet: &WalletDescriptor, id: &str, dest: &str) {
+    let script = wallet_script(wallet).expect("wallet script");
+    let utxo = SpentOutput {
+        txid: hex::encode([id.len() as u8; 32]),
+        vout: 1,
+        value: 500_000_000,
+        script_pubkey: hex::encode(&script),
+    };
+    let unsigned = spend::build_spend(&SpendRequest {
+        chain: &wallet.chain,
+        wallet_script: &script,
+        utxos: &[utxo],
+        destination: &spend::script_pubkey_for_address(&wallet.chain, dest).expect("address"),
+        amount: 150_000_000,
+        fee_rate: Some(2),
+        fees: FeePolicy::for_chain(&wallet.chain).expect("fees"),
+    })
+    .expect("builds");
+    let version = events(nats)
+        .await
+        .iter()
+        .filter(|e| e.workflow_id == id)
+        .count() as u64;
+    let mut p = record(
+        AggregateKind::Tx,
+        id,
+        EventType::TransactionBuilt,
+        Payload::TransactionBuilt(unsigned),
+    );
+    p.expected_version = version;
+    append_ok(&engine.ledger, vec![p]).await;
+}
+
+/// Who signed the built transfer `id`.
+async fn signers(step: &SignStep, id: &str) -> Vec<String> {
+    match step.ceremony(id).await.expect("ceremony runs") {
+        Ceremony::Signed { signed, .. } => signed.signers,
+        other => panic!("{id} not signed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guardians_are_removed_and_added_on_the_same_address() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let ids = ["g1", "g2", "g3", "g4"];
+    let guardians: Vec<Guardian> = ids
+        .iter()
+        .map(|id| start_guardian(client.clone(), id))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+                return false;
+            };
+            let mut n = 0;
+            for id in ids {
+                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
+            }
+            n == ids.len()
+        })
+        .await,
+        "guardians announce themselves"
+    );
+    let created = match custos_workers::wallets::create(
+        &client,
+        &engine.ledger,
+        CreateWallet {
+            name: "vault".into(),
+            model: "frost".into(),
+            threshold: 2,
+            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
+            chain: "ltc-regtest".into(),
+            initiator: "ops".into(),
+        },
+    )
+    .await
+    {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+    let (old_g3, _) = share_on_disk(guardians[2].dir.path(), "g3", "vault").expect("g3's share");
+
+    // Wrong inputs: refused with the reason, nothing recorded.
+    let before = events(&nats).await.len();
+    for (request, why) in [
+        (remove("g9"), "g9 is not a guardian of wallet vault"),
+        (add("g2", &[]), "g2 already guards wallet vault"),
+        (add("g5", &[]), "g5 has never announced itself"),
+        (add("g4", &["g1", "g9"]), "helpers: g9 is not a guardian"),
+        (add("g4", &["g1"]), "helpers: 1 helpers, the threshold is 2"),
+    ] {
+        let reply = change(&client, &engine, request).await;
+        assert!(
+            matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains(why)),
+            "{why}: {reply:?}"
+        );
+    }
+    assert_eq!(events(&nats).await.len(), before, "nothing recorded");
+
+    // Remove g3: 2-of-2 with the same key and address, recorded with the roster.
+    let removed = match change(&client, &engine, remove("g3")).await {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+    let roster = |w: &WalletDescriptor| -> Vec<(String, u16)> {
+        w.guardians
+            .iter()
+            .map(|g| (g.id.clone(), g.index))
+            .collect()
+    };
+    assert_eq!(
+        roster(&removed),
+        [("g1".to_string(), 1), ("g2".to_string(), 2)]
+    );
+    assert_eq!(
+        (&removed.address, &removed.group_key, removed.threshold),
+        (&created.address, &created.group_key, Some(2))
+    );
+    let recorded = events(&nats).await;
+    let last = recorded.last().expect("an event");
+    assert_eq!(last.event_type, EventType::GuardianRemoved);
+    assert!(
+        matches!(&last.payload, Payload::GuardianChanged { guardian, wallet, public_digest, .. }
+            if guardian == "g3" && *wallet == removed && public_digest.len() == 64),
+        "{:?}",
+        last.payload
+    );
+    // g3 forgot its share; its old share does not combine with g1's new one.
+    assert!(share_on_disk(guardians[2].dir.path(), "g3", "vault").is_none());
+    let (new_g1, public) = share_on_disk(guardians[0].dir.path(), "g1", "vault").expect("g1");
+    assert_eq!(public.verifying_shares().len(), 2);
+    let sighash = Sighash::from_recomputed([5; 32]);
+    assert!(
+        sim::run_signing(
+            &[&new_g1, &old_g3],
+            &public,
+            &sighash,
+            &mut rand::rngs::OsRng
+        )
+        .is_err(),
+        "an old share of the removed guardian no longer combines"
+    );
+    let (new_g2, _) = share_on_disk(guardians[1].dir.path(), "g2", "vault").expect("g2");
+    assert!(
+        sim::run_signing(
+            &[&new_g1, &new_g2],
+            &public,
+            &sighash,
+            &mut rand::rngs::OsRng
+        )
+        .is_ok()
+    );
+
+    // Below the threshold: refused, nothing recorded.
+    let before = events(&nats).await.len();
+    let reply = change(&client, &engine, remove("g2")).await;
+    assert!(
+        matches!(&reply, CreateWalletReply::Failed { reason }
+            if reason.contains("would leave 1 guardians for a threshold of 2")),
+        "{reply:?}"
+    );
+    assert_eq!(events(&nats).await.len(), before);
+
+    // A transfer on the 2-of-2 wallet is signed by g1 and g2.
+    let default = policy::default_policy().expect("default policy");
+    append_ok(
+        &engine.ledger,
+        vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: default.name.clone(),
+                    version: default.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "erp",
+                EventType::UserCreated,
+                Payload::UserCreated(UserRecord {
+                    id: "erp".into(),
+                    name: "ERP".into(),
+                    email: "erp@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: vec![],
+                    mfa_enrolled: false,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let mut prices = PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = PolicyStep::new(js.clone(), default, prices)
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        engine.ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let destination = taproot_address("rltc", [9; 32]);
+    let mut transfers = Vec::new();
+    for n in 0..2 {
+        let body = json!({"requestId": format!("pay-{n}"), "wallet": "vault", "asset": "LTC",
+            "destination": destination, "amount": "1.5", "initiator": "erp"});
+        match submit_json(&engine.client, &body).await {
+            IntakeReply::Accepted { workflow_id, .. } => transfers.push(workflow_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    for id in &transfers {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                stage_of(&nats, id).await == Stage::ReadyToSign
+            })
+            .await,
+            "{id} allowed by policy"
+        );
+    }
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .expect("trail");
+    let step = SignStep::new(client.clone(), trail).expect("sign step");
+    build(&engine, &nats, &removed, &transfers[0], &destination).await;
+    assert_eq!(signers(&step, &transfers[0]).await, ["g1", "g2"]);
+
+    // Add g4, repaired by g1 and g2: 2-of-3, same address, a fresh identifier.
+    let added = match change(&client, &engine, add("g4", &[])).await {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        roster(&added),
+        [
+            ("g1".to_string(), 1),
+            ("g2".to_string(), 2),
+            ("g4".to_string(), 3)
+        ]
+    );
+    assert_eq!(
+        (&added.address, &added.group_key, added.threshold),
+        (&created.address, &created.group_key, Some(2))
+    );
+    let last = events(&nats).await.pop().expect("an event");
+    assert_eq!(last.event_type, EventType::GuardianAdded);
+    assert!(
+        matches!(&last.payload, Payload::GuardianChanged { guardian, wallet, .. } if guardian == "g4" && *wallet == added)
+    );
+    // Adding an existing guardian is refused.
+    let reply = change(&client, &engine, add("g1", &[])).await;
+    assert!(
+        matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains("g1 already guards")),
+        "{reply:?}"
+    );
+
+    // g2 goes down: g4 signs with g1.
+    guardians[1].trigger.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    build(&engine, &nats, &added, &transfers[1], &destination).await;
+    assert_eq!(signers(&step, &transfers[1]).await, ["g1", "g4"]);
+
+    // A ceremony that fails (g2 does not answer) leaves the wallet as it was,
+    // recorded only as an alert with the reason.
+    let before = events(&nats).await.len();
+    let reply = change(&client, &engine, remove("g4")).await;
+    assert!(
+        matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains("guardian removal failed") && reason.contains("g2")),
+        "{reply:?}"
+    );
+    let after = events(&nats).await;
+    assert_eq!(after.len(), before + 1);
+    assert!(
+        matches!(&after[before].payload, Payload::Alert { summary, .. } if summary.contains("g2")),
+        "{:?}",
+        after[before]
+    );
+    let shown = share_on_disk(guardians[3].dir.path(), "g4", "vault").expect("g4 keeps its share");
+    assert_eq!(shown.1.verifying_shares().len(), 3);
+
+    trigger.trigger();
+    drop(guardians);
+    verify_stream(&js).await.expect("the trail verifies");
+}
