@@ -497,9 +497,7 @@ impl SignStep {
     /// fewer than the threshold remain.
     pub async fn ceremony(&self, workflow_id: &str) -> Result<Ceremony, String> {
         let now = now_ms();
-        let checked = self
-            .trail
-            .read(|view| {
+        let prepare = |view: &TrailView| {
                 let t = view.transfer(workflow_id)?;
                 if t.stage != Stage::Built {
                     return None;
@@ -517,8 +515,13 @@ impl SignStep {
                         .map_err(|reason| (reason, t.version))
                         .map(|c| (c, t.version)),
                 )
-            })
-            .await?;
+            };
+        // The replica has usually seen the recorded transaction already (it
+        // follows the stream live); only if not, wait for the stream's end.
+        let checked = match self.trail.read_current(prepare)? {
+            Some(c) => Some(c),
+            None => self.trail.read(prepare).await?,
+        };
         let ((wallet, checked), version) = match checked {
             None => return Ok(Ceremony::NotPending),
             Some(Ok(c)) => c,

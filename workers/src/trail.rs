@@ -201,15 +201,13 @@ impl Trail {
     /// Runs `read` on the view once it holds every event stored before the call.
     /// Fails closed: a broken trail or a replica that cannot catch up decides nothing.
     pub async fn read<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
-        let mut stream = self
+        // Looking the stream up answers with its state: one request, not two.
+        let end = self
             .js
             .get_stream(subjects::EVENTS_STREAM)
             .await
-            .map_err(|e| format!("reading the trail's end: {e}"))?;
-        let end = stream
-            .info()
-            .await
             .map_err(|e| format!("reading the trail's end: {e}"))?
+            .cached_info()
             .state
             .last_sequence;
         let mut seq = self.seq.clone();
