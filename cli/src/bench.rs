@@ -1098,6 +1098,27 @@ async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
     }
     let wall = started.elapsed();
     latencies.sort();
+    // Where the time goes: the median gap before each step's event.
+    let mut gaps: BTreeMapSteps = Default::default();
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for e in crate::tx::read_decoded(js, Some(format!("{}.tx.>", subjects::EVENTS_PREFIX))).await? {
+        if let Some(prev) = last.insert(e.workflow_id.clone(), e.timestamp) {
+            gaps.entry(e.event_type.as_str())
+                .or_default()
+                .push(e.timestamp - prev);
+        }
+    }
+    let steps: Vec<String> = gaps
+        .iter_mut()
+        .map(|(step, v)| {
+            v.sort();
+            format!("{step} {} ms", v[v.len() / 2])
+        })
+        .collect();
+    println!(
+        "e2e        median wait before each event: {}",
+        steps.join(", ")
+    );
     let compute = signing_compute(2, 3, 50)?;
     let pct = |v: &[Duration], p: usize| v[(v.len() * p / 100).min(v.len() - 1)];
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -1115,6 +1136,8 @@ async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
     bench.stop().await;
     Ok(std::process::ExitCode::SUCCESS)
 }
+
+type BTreeMapSteps = std::collections::BTreeMap<&'static str, Vec<i64>>;
 
 /// A failure's reason, from a stored event's body.
 fn codec_event(body: &[u8]) -> Option<String> {

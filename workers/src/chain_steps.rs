@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use custos_adapters::bitcoind::{Bitcoind, RpcError};
+use custos_adapters::bitcoind::{Bitcoind, RpcError, ScannedUtxo};
 use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
 use custos_custody::spend::{
     self, Expectation, FeePolicy, SpendError, SpendRequest, build_spend, check_spend,
@@ -220,7 +220,14 @@ pub struct BuildStep<A> {
     /// One per chain: a node runs one `scantxoutset` at a time and refuses a
     /// second, so builds of different wallets take turns scanning.
     scans: Locks,
+    /// Each wallet's last scan, and when. A scan reads the node's whole coin
+    /// set; coins taken since are reserved in the trail and the chosen ones are
+    /// checked against the mempool, so a recent scan serves the next builds.
+    scanned: Arc<Mutex<HashMap<String, (std::time::Instant, Vec<ScannedUtxo>)>>>,
 }
+
+/// How long a wallet's scan serves builds (a block interval is far longer).
+const SCAN_REUSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
@@ -245,21 +252,62 @@ impl<A: Appender> BuildStep<A> {
             consumer,
             locks: Arc::default(),
             scans: Arc::default(),
+            scanned: Arc::default(),
         })
     }
 
-    /// The wallet's spendable coins (confirmed, not spent in the mempool, not
-    /// reserved), the unsigned transaction from them, checked as guardians will.
-    async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
-        let wallet = &job.terms.wallet;
-        let node = self.nodes.get(&wallet.chain)?;
-        let scanned = {
+    /// The wallet's coins on the node, from a scan at most [`SCAN_REUSE`] old
+    /// unless `fresh`.
+    async fn coins(
+        &self,
+        node: &Bitcoind,
+        wallet: &WalletDescriptor,
+        fresh: bool,
+    ) -> Result<Vec<ScannedUtxo>, StepError> {
+        let cached = |scanned: &Self| {
+            let scans = scanned
+                .scanned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            scans
+                .get(&wallet.address)
+                .filter(|(at, _)| !fresh && at.elapsed() < SCAN_REUSE)
+                .map(|(_, coins)| coins.clone())
+        };
+        if let Some(coins) = cached(self) {
+            return Ok(coins);
+        }
+        let coins = {
             let scan = named_lock(&self.scans, &wallet.chain);
             let _scanning = scan.lock().await;
             node.scan_addresses(&[&wallet.address])
                 .await
                 .map_err(|e| step_error("scantxoutset", e))?
         };
+        self.scanned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                wallet.address.clone(),
+                (std::time::Instant::now(), coins.clone()),
+            );
+        Ok(coins)
+    }
+
+    /// The wallet's spendable coins (confirmed, not spent in the mempool, not
+    /// reserved), the unsigned transaction from them, checked as guardians will.
+    async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
+        match self.build_from(job, false).await {
+            // Not enough in a reused scan: new coins may have arrived since.
+            Err(StepError::Permanent(_)) => self.build_from(job, true).await,
+            built => built,
+        }
+    }
+
+    async fn build_from(&self, job: &Job, fresh: bool) -> Result<UnsignedTransaction, StepError> {
+        let wallet = &job.terms.wallet;
+        let node = self.nodes.get(&wallet.chain)?;
+        let scanned = self.coins(node, wallet, fresh).await?;
         let mut held: u64 = 0;
         let mut utxos = Vec::with_capacity(scanned.len());
         for u in scanned {
@@ -353,11 +401,11 @@ impl<A: Appender> Step for BuildStep<A> {
         };
         let lock = named_lock(&self.locks, &wallet);
         let _building = lock.lock().await;
-        // Read again under the lock: builds that held it are in the trail now.
+        // Read again under the lock: builds that held it are in the replica now
+        // (each waits for its own event there before letting go).
         let job = self
             .trail
-            .read(|view| job(view, id))
-            .await
+            .read_current(|view| job(view, id))
             .map_err(StepError::Transient)?;
         let Some((version, job)) = job else {
             return Ok(Vec::new());
@@ -381,8 +429,16 @@ impl<A: Appender> Step for BuildStep<A> {
             Payload::TransactionBuilt(unsigned),
         );
         match self.ledger.append(vec![proposal]).await {
+            AppendReply::Appended { sequences } => {
+                let seq = sequences.iter().copied().max().unwrap_or_default();
+                self.trail
+                    .wait_until(seq)
+                    .await
+                    .map_err(StepError::Transient)?;
+                Ok(Vec::new())
+            }
             // Conflict: another build of this workflow won; nothing more to do.
-            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => Ok(Vec::new()),
+            AppendReply::Conflict { .. } => Ok(Vec::new()),
             AppendReply::Refused { reason } => Ok(vec![failed(event, version, reason)]),
             AppendReply::Unavailable { reason } => Err(StepError::Transient(reason)),
         }

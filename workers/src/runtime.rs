@@ -62,6 +62,7 @@ pub async fn run<S: Step, A: Appender>(
     let consumer = stream.create_consumer(def.config()).await?;
     let mut messages = consumer.messages().await?;
     let step = Arc::new(step);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait() => break,
@@ -74,22 +75,29 @@ pub async fn run<S: Step, A: Appender>(
                 None => break,
             },
         };
-        // Steps are handled in their own task so a panicking step cannot take the
-        // runtime down; a panic counts as a transient failure.
-        let handled = tokio::spawn(handle_message(
-            js.clone(),
-            ledger.clone(),
-            step.clone(),
-            def.clone(),
-            msg,
-        ))
-        .await;
-        if let Err(e) = handled {
-            tracing::error!(step = def.name, error = %e, "step task failed");
-        }
+        // Several messages in flight (each workflow's order is kept by the
+        // ledger's version check, not by handling one at a time).
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (js, ledger, step, def) = (js.clone(), ledger.clone(), step.clone(), def.clone());
+        tokio::spawn(async move {
+            // Handled in its own task so a panicking step cannot take the
+            // runtime down; a panic counts as a transient failure.
+            let name = def.name;
+            if let Err(e) = tokio::spawn(handle_message(js, ledger, step, def, msg)).await {
+                tracing::error!(step = name, error = %e, "step task failed");
+            }
+            drop(permit);
+        });
     }
+    // Let the messages in flight settle before returning.
+    let _ = in_flight.acquire_many(IN_FLIGHT as u32).await;
     Ok(())
 }
+
+/// Messages a step handles at once.
+const IN_FLIGHT: usize = 32;
 
 /// One delivery of one message to a step, and what the runtime needs to settle it.
 struct Delivery<'a, A> {

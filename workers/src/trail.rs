@@ -198,6 +198,16 @@ impl Trail {
         Ok(read(&view))
     }
 
+    /// Waits until the replica holds stream sequence `seq` (an append's own).
+    pub async fn wait_until(&self, seq: u64) -> Result<(), String> {
+        let mut at = self.seq.clone();
+        tokio::time::timeout(CATCH_UP, at.wait_for(|s| *s >= seq))
+            .await
+            .map(|r| r.map(|_| ()))
+            .map_err(|_| format!("the trail replica did not reach seq {seq}"))?
+            .map_err(|_| "the trail follower stopped".to_string())
+    }
+
     /// Runs `read` on the view once it holds every event stored before the call.
     /// Fails closed: a broken trail or a replica that cannot catch up decides nothing.
     pub async fn read<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
