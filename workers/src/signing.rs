@@ -498,24 +498,24 @@ impl SignStep {
     pub async fn ceremony(&self, workflow_id: &str) -> Result<Ceremony, String> {
         let now = now_ms();
         let prepare = |view: &TrailView| {
-                let t = view.transfer(workflow_id)?;
-                if t.stage != Stage::Built {
-                    return None;
-                }
-                let wallet = t
-                    .request
-                    .as_ref()
-                    .and_then(|r| view.ledger.wallet(&r.wallet))
-                    .cloned();
-                Some(
-                    wallet
-                        .ok_or_else(|| "the wallet is not in the trail".to_string())
-                        .and_then(|w| wallet_script(&w))
-                        .and_then(|script| check(view, workflow_id, &script, now))
-                        .map_err(|reason| (reason, t.version))
-                        .map(|c| (c, t.version)),
-                )
-            };
+            let t = view.transfer(workflow_id)?;
+            if t.stage != Stage::Built {
+                return None;
+            }
+            let wallet = t
+                .request
+                .as_ref()
+                .and_then(|r| view.ledger.wallet(&r.wallet))
+                .cloned();
+            Some(
+                wallet
+                    .ok_or_else(|| "the wallet is not in the trail".to_string())
+                    .and_then(|w| wallet_script(&w))
+                    .and_then(|script| check(view, workflow_id, &script, now))
+                    .map_err(|reason| (reason, t.version))
+                    .map(|c| (c, t.version)),
+            )
+        };
         // The replica has usually seen the recorded transaction already (it
         // follows the stream live); only if not, wait for the stream's end.
         let checked = match self.trail.read_current(prepare)? {
