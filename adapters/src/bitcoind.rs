@@ -52,7 +52,10 @@ impl RpcError {
     pub fn is_transient(&self) -> bool {
         match self {
             RpcError::NodeDown { .. } => true,
-            RpcError::Http { status, .. } => *status == 503,
+            // Core answers a full RPC work queue with a 500 and this text.
+            RpcError::Http { status, body, .. } => {
+                *status == 503 || body.contains("Work queue depth exceeded")
+            }
             RpcError::Rpc { code, message, .. } => {
                 *code == RPC_IN_WARMUP || message.contains("Scan already in progress")
             }
