@@ -3,15 +3,16 @@
 //! through the same ballot box, then applied; or rejected. A freeze skips the
 //! decision: it is an emergency and takes effect at once. [`Admin`] folds the
 //! applied changes into what later decisions read (address book, freezes, the
-//! active policy's document).
+//! active policy's document); [`directory_after`] is what a user or role change
+//! does to the directory.
 
 use custos_schemas::approval::{ApprovalVote, Vote};
 use custos_schemas::change::{Change, ChangeRequest};
 use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
-use custos_schemas::{AggregateKind, Event, EventType, Outcome, Payload, codec};
+use custos_schemas::{AggregateKind, Event, EventType, FieldError, Outcome, Payload, codec};
 use sha2::{Digest, Sha256};
 
-use crate::policy::{ActionKind, AddressBook, FreezeState};
+use crate::policy::{ActionKind, AddressBook, Directory, Duty, FreezeState};
 use crate::transfer::CastVote;
 
 /// Where a change request stands.
@@ -71,6 +72,10 @@ pub fn action(change: &Change) -> ActionKind {
         Change::PolicyApply { .. } | Change::Freeze { .. } | Change::Unfreeze { .. } => {
             ActionKind::PolicyChange
         }
+        Change::UserAdd(_) | Change::UserDeactivate { .. } => ActionKind::UserAdmin,
+        Change::RoleCreate { .. } | Change::RoleAssign { .. } | Change::RoleRevoke { .. } => {
+            ActionKind::RoleAdmin
+        }
     }
 }
 
@@ -82,6 +87,60 @@ pub fn effect(change: &Change) -> EventType {
         Change::WhitelistRemove { .. } => EventType::WhitelistEntryRemoved,
         Change::Freeze { .. } => EventType::FreezeApplied,
         Change::Unfreeze { .. } => EventType::FreezeLifted,
+        Change::UserAdd(_) => EventType::UserCreated,
+        Change::UserDeactivate { .. } => EventType::UserDeactivated,
+        Change::RoleCreate { .. } => EventType::RoleCreated,
+        Change::RoleAssign { .. } => EventType::RoleAssigned,
+        Change::RoleRevoke { .. } => EventType::PermissionChanged,
+    }
+}
+
+/// The directory once `change` is applied to it, all or nothing; `None` when
+/// the change is not about users or roles. What the change service checks a
+/// request against before recording it, and what every replica folds once it
+/// is applied. The error names the change's field at fault.
+pub fn directory_after(
+    directory: &Directory,
+    change: &Change,
+) -> Result<Option<Directory>, FieldError> {
+    let edit = |f: &dyn Fn(&mut Directory) -> Result<(), FieldError>| {
+        let mut next = directory.clone();
+        f(&mut next).map(|()| Some(next))
+    };
+    // The directory names a user's roles and groups, and a new role, in the singular.
+    let rename = |from: &'static str, to: &'static str| {
+        move |e: FieldError| match e.field == from {
+            true => FieldError::new(to, e.reason),
+            false => e,
+        }
+    };
+    match change {
+        Change::PolicyApply { .. }
+        | Change::WhitelistAdd { .. }
+        | Change::WhitelistRemove { .. }
+        | Change::Freeze { .. }
+        | Change::Unfreeze { .. } => Ok(None),
+        Change::UserAdd(record) => edit(&|d| d.add_record(record))
+            .map_err(rename("role", "roles"))
+            .map_err(rename("group", "groups")),
+        Change::UserDeactivate { user } => edit(&|d| d.deactivate(user)),
+        Change::RoleCreate { name, duties } => {
+            let duties = duties
+                .iter()
+                .map(|d| {
+                    Duty::parse(d).ok_or_else(|| {
+                        let known: Vec<&str> = Duty::ALL.iter().map(|d| d.as_str()).collect();
+                        FieldError::new(
+                            "duties",
+                            format!("no duty {d:?} (one of {})", known.join(", ")),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            edit(&|d| d.create_role(name, &duties)).map_err(rename("role", "name"))
+        }
+        Change::RoleAssign { user, role } => edit(&|d| d.assign_role(user, role)),
+        Change::RoleRevoke { user, role } => edit(&|d| d.revoke_role(user, role)),
     }
 }
 
@@ -262,6 +321,12 @@ impl Admin {
                 self.freeze.unfreeze_wallet(w);
             }
             Change::Unfreeze { wallet: None } => self.freeze.unfreeze_everything(),
+            // The directory folds these (see `directory_after`).
+            Change::UserAdd(_)
+            | Change::UserDeactivate { .. }
+            | Change::RoleCreate { .. }
+            | Change::RoleAssign { .. }
+            | Change::RoleRevoke { .. } => {}
         }
     }
 }

@@ -1,11 +1,13 @@
 //! Administrative change requests: applying a policy, editing a wallet's
-//! destination whitelist, freezing and unfreezing. Each is a workflow decided by
+//! destination whitelist, freezing and unfreezing, administering the directory's
+//! users and roles. Each is a workflow decided by
 //! the active policy (the meta-policy) and approved through the same ballot box
 //! as transfers; a freeze alone takes effect at once (an emergency).
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::event::UserRecord;
 use crate::ids::validate_token;
 use crate::request::FieldError;
 
@@ -13,6 +15,8 @@ use crate::request::FieldError;
 pub const MAX_POLICY_DOCUMENT_LEN: usize = 256 * 1024;
 /// Longest whitelisted address or freeze reason accepted, in bytes.
 pub const MAX_TEXT_LEN: usize = 256;
+/// Most roles, groups or duties one change names.
+pub const MAX_LIST_LEN: usize = 32;
 
 /// What an administrator asks to change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -46,13 +50,42 @@ pub enum Change {
         #[serde(default)]
         wallet: Option<String>,
     },
+    /// Add a user to the directory with their roles and groups (`USER_CREATED`).
+    UserAdd(UserRecord),
+    /// Deactivate a user for good: they no longer initiate or approve, and
+    /// approvals they gave to requests still in flight stop counting
+    /// (`USER_DEACTIVATED`).
+    UserDeactivate {
+        user: String,
+    },
+    /// Create a role bundling `duties` (duty names, e.g. `initiate`), which
+    /// must not conflict (`ROLE_CREATED`).
+    RoleCreate {
+        name: String,
+        duties: Vec<String>,
+    },
+    /// Give `user` the role, unless it breaks separation of duties (`ROLE_ASSIGNED`).
+    RoleAssign {
+        user: String,
+        role: String,
+    },
+    /// Take the role from `user` (`PERMISSION_CHANGED`).
+    RoleRevoke {
+        user: String,
+        role: String,
+    },
 }
 
 impl Change {
     /// The wallet it concerns, if one.
     pub fn wallet(&self) -> Option<&str> {
         match self {
-            Change::PolicyApply { .. } => None,
+            Change::PolicyApply { .. }
+            | Change::UserAdd(_)
+            | Change::UserDeactivate { .. }
+            | Change::RoleCreate { .. }
+            | Change::RoleAssign { .. }
+            | Change::RoleRevoke { .. } => None,
             Change::WhitelistAdd { wallet, .. } | Change::WhitelistRemove { wallet, .. } => {
                 Some(wallet)
             }
@@ -78,6 +111,26 @@ impl Change {
             }
             Change::Freeze { wallet, reason } => format!("freeze {}: {reason}", scope(wallet)),
             Change::Unfreeze { wallet } => format!("unfreeze {}", scope(wallet)),
+            Change::UserAdd(r) => {
+                let list = |items: &[String]| match items.is_empty() {
+                    true => "none".to_string(),
+                    false => items.join(", "),
+                };
+                format!(
+                    "add user {} ({} <{}>), roles: {}, groups: {}",
+                    r.id,
+                    r.name,
+                    r.email,
+                    list(&r.roles),
+                    list(&r.groups)
+                )
+            }
+            Change::UserDeactivate { user } => format!("deactivate user {user}"),
+            Change::RoleCreate { name, duties } => {
+                format!("create role {name} with duties {}", duties.join(", "))
+            }
+            Change::RoleAssign { user, role } => format!("assign role {role} to {user}"),
+            Change::RoleRevoke { user, role } => format!("revoke role {role} from {user}"),
         }
     }
 }
@@ -148,9 +201,45 @@ impl ChangeRequest {
                     validate_token("change.wallet", w)?;
                 }
             }
+            Change::UserAdd(r) => {
+                validate_token("change.id", &r.id)?;
+                text("change.name", &r.name, MAX_TEXT_LEN)?;
+                text("change.email", &r.email, MAX_TEXT_LEN)?;
+                if let Some(slack) = &r.slack_user_id {
+                    validate_token("change.slackUserId", slack)?;
+                }
+                tokens("change.roles", &r.roles, false)?;
+                tokens("change.groups", &r.groups, false)?;
+            }
+            Change::UserDeactivate { user } => validate_token("change.user", user)?,
+            Change::RoleCreate { name, duties } => {
+                validate_token("change.name", name)?;
+                tokens("change.duties", duties, true)?;
+            }
+            Change::RoleAssign { user, role } | Change::RoleRevoke { user, role } => {
+                validate_token("change.user", user)?;
+                validate_token("change.role", role)?;
+            }
         }
         Ok(())
     }
+}
+
+/// A list of at most [`MAX_LIST_LEN`] tokens; `required`: not empty.
+fn tokens(field: &'static str, items: &[String], required: bool) -> Result<(), FieldError> {
+    if required && items.is_empty() {
+        return Err(FieldError::new(field, "must name at least one"));
+    }
+    if items.len() > MAX_LIST_LEN {
+        return Err(FieldError::new(
+            field,
+            format!("names more than {MAX_LIST_LEN}"),
+        ));
+    }
+    for item in items {
+        validate_token(field, item)?;
+    }
+    Ok(())
 }
 
 /// The answer to a change request.
@@ -180,14 +269,40 @@ mod tests {
         }
     }
 
+    /// A user whose email is blank.
+    fn user() -> UserRecord {
+        UserRecord {
+            id: "bob".into(),
+            name: "Bob".into(),
+            email: " ".into(),
+            slack_user_id: None,
+            roles: Vec::new(),
+            groups: Vec::new(),
+            mfa_enrolled: false,
+        }
+    }
+
     #[test]
     fn round_trips_in_both_encodings() {
-        let r = request(Change::Freeze {
-            wallet: Some("treasury".into()),
-            reason: "incident 42".into(),
-        });
-        for ct in [ContentType::Json, ContentType::MsgPack] {
-            assert_eq!(ct.decode::<ChangeRequest>(&ct.encode(&r)), Ok(r.clone()));
+        let changes = [
+            Change::Freeze {
+                wallet: Some("treasury".into()),
+                reason: "incident 42".into(),
+            },
+            Change::UserAdd(UserRecord {
+                email: "bob@example.com".into(),
+                roles: vec!["initiator".into()],
+                ..user()
+            }),
+            Change::RoleCreate {
+                name: "treasurer".into(),
+                duties: vec!["initiate".into(), "approve".into()],
+            },
+        ];
+        for r in changes.map(request) {
+            for ct in [ContentType::Json, ContentType::MsgPack] {
+                assert_eq!(ct.decode::<ChangeRequest>(&ct.encode(&r)), Ok(r.clone()));
+            }
         }
     }
 
@@ -221,6 +336,33 @@ mod tests {
                     wallet: Some("no spaces".into()),
                 }),
                 "change.wallet",
+            ),
+            (request(Change::UserAdd(user())), "change.email"),
+            (
+                request(Change::UserAdd(UserRecord {
+                    email: "bob@example.com".into(),
+                    roles: vec!["initiator".into(), "not a role".into()],
+                    ..user()
+                })),
+                "change.roles",
+            ),
+            (
+                request(Change::UserDeactivate { user: "".into() }),
+                "change.user",
+            ),
+            (
+                request(Change::RoleCreate {
+                    name: "treasurer".into(),
+                    duties: Vec::new(),
+                }),
+                "change.duties",
+            ),
+            (
+                request(Change::RoleAssign {
+                    user: "bob".into(),
+                    role: "a/b".into(),
+                }),
+                "change.role",
             ),
         ];
         for (r, field) in cases {

@@ -1,8 +1,9 @@
 //! The change service: takes administrative change requests on
-//! [`subjects::REQ_CHANGE`], checks them against the verified trail, decides them
-//! under the active policy (the meta-policy) and records them. A freeze is
-//! recorded as applied at once; anything else waits for the ballot box, where the
-//! approval completing the quorum applies it.
+//! [`subjects::REQ_CHANGE`], checks them against the verified trail (wallets,
+//! freezes, the directory), decides them under the active policy (the
+//! meta-policy) and records them. A freeze is recorded as applied at once;
+//! anything else waits for the ballot box, where the approval completing the
+//! quorum applies it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -201,6 +202,16 @@ pub fn prepare(
             if !frozen {
                 return Err(refused("change.wallet", "nothing of that scope is frozen"));
             }
+        }
+        // Unknown users and roles, taken ids, separation of duties: checked on
+        // a copy of the directory, exactly as every replica will apply it.
+        change @ (Change::UserAdd(_)
+        | Change::UserDeactivate { .. }
+        | Change::RoleCreate { .. }
+        | Change::RoleAssign { .. }
+        | Change::RoleRevoke { .. }) => {
+            machine::directory_after(&view.directory, change)
+                .map_err(|e| refused(&format!("change.{}", e.field), e.reason))?;
         }
     }
     let mut proposals = vec![Proposal {

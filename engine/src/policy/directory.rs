@@ -383,11 +383,22 @@ impl Directory {
         Ok(())
     }
 
-    /// Folds one directory event (`USER_CREATED`, `USER_DEACTIVATED`); other
-    /// events leave the directory as it is.
+    /// Folds one directory event (`USER_CREATED`, `USER_DEACTIVATED`, and the
+    /// user and role changes an approved change workflow applies: `ROLE_CREATED`,
+    /// `ROLE_ASSIGNED`, `PERMISSION_CHANGED` as well); other events leave the
+    /// directory as it is. An applied change that no longer applies (say, two
+    /// approved requests adding the same id) changes nothing.
     pub fn apply(&mut self, event: &custos_schemas::Event) -> Result<(), FieldError> {
-        use custos_schemas::{EventType, Payload};
+        use custos_schemas::{AggregateKind, EventType, Payload};
         match (event.event_type, &event.payload) {
+            (_, Payload::ChangeApplied(change))
+                if event.aggregate_kind == AggregateKind::Change =>
+            {
+                if let Some(next) = crate::change::directory_after(self, change)? {
+                    *self = next;
+                }
+                Ok(())
+            }
             (EventType::UserCreated, Payload::UserCreated(r)) => self.add_record(r),
             (EventType::UserDeactivated, _) => self.deactivate(&event.workflow_id),
             _ => Ok(()),
