@@ -4,7 +4,9 @@
 //! then decided by the new version; a rejected one leaves the old policy; a
 //! freeze by an administrator blocks the wallet's transfers (and its signing) at
 //! once and lifting it needs the quorum; a whitelisted destination is allowed
-//! where a whitelist rule applies, any other never is.
+//! where a whitelist rule applies, any other never is. Users and roles change
+//! through the same quorum: a user added after it can initiate, a deactivated
+//! user's approvals stop counting, separation of duties is refused up front.
 
 use std::time::Duration;
 
@@ -146,7 +148,7 @@ fn record(id: &str, roles: &[&str], groups: &[&str]) -> UserRecord {
 
 /// The engine, the policy step and the change service under `policy`, a
 /// followed trail and the ballot box. Directory: `erp` initiates transfers;
-/// `admin1`..`admin3` administer and approve for `administrators`; `alice`
+/// `admin1`..`admin4` administer and approve for `administrators`; `alice`
 /// approves transfers only.
 struct Setup {
     nats: Nats,
@@ -173,7 +175,7 @@ impl Setup {
             user("erp", &["initiator"], &[]),
             user("alice", &["approver"], &["approvers"]),
         ];
-        users.extend((1..=3).map(|i| {
+        users.extend((1..=4).map(|i| {
             user(
                 &format!("admin{i}"),
                 &["administrator", "approver"],
@@ -291,6 +293,35 @@ impl Setup {
             .await
     }
 
+    /// Asks for `change` as `admin1` and has `admin3` and `admin4` approve it;
+    /// returns the workflow id once it is applied.
+    async fn approved(&self, request_id: &str, change: Change) -> String {
+        let id = self.accepted(request_id, "admin1", change).await;
+        assert_eq!(
+            self.change_stage(&id).await,
+            Some(ChangeStage::AwaitingApprovals)
+        );
+        self.counted(&id, "admin3", Vote::Approve).await;
+        self.counted(&id, "admin4", Vote::Approve).await;
+        assert_eq!(self.change_stage(&id).await, Some(ChangeStage::Applied));
+        id
+    }
+
+    /// Asks for `change` and expects it refused for `field`; returns the reason.
+    async fn refused(&self, request_id: &str, change: Change, field: &str) -> String {
+        match self.ask(request_id, "admin1", change).await {
+            ChangeReply::Refused {
+                field: Some(f),
+                reason,
+            } if f == field => {
+                let id = format!("change-{request_id}");
+                assert_eq!(self.change_stage(&id).await, None, "nothing is recorded");
+                reason
+            }
+            other => panic!("{request_id} should be refused for {field}: {other:?}"),
+        }
+    }
+
     /// Casts a vote that must count.
     async fn counted(&self, id: &str, user: &str, vote: Vote) {
         if let Err(e) = self.vote(id, user, vote).await {
@@ -301,13 +332,23 @@ impl Setup {
     /// Submits a transfer of 1 LTC (EUR 80) by `erp` to `destination` and
     /// returns the policy's decision on it.
     async fn transfer(&self, request_id: &str, destination: &str) -> PolicyDecision {
+        self.transfer_by(request_id, "erp", destination).await
+    }
+
+    /// The same, initiated by `initiator`.
+    async fn transfer_by(
+        &self,
+        request_id: &str,
+        initiator: &str,
+        destination: &str,
+    ) -> PolicyDecision {
         let body = json!({
             "requestId": request_id,
             "wallet": "treasury",
             "asset": "LTC",
             "destination": destination,
             "amount": "1",
-            "initiator": "erp",
+            "initiator": initiator,
         });
         let id = match submit_json(&self.engine.client, &body).await {
             IntakeReply::Accepted { workflow_id, .. } => workflow_id,
@@ -565,6 +606,228 @@ async fn a_whitelisted_destination_is_allowed_after_the_quorum() {
         s.ask("bad", "erp", bad).await,
         ChangeReply::Refused { field: Some(f), .. } if f == "change.address"
     ));
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_added_after_two_administrators_can_initiate() {
+    let s = Setup::start(&amounts_policy()).await;
+    let unknown = s.transfer_by("before", "bob", &to()).await;
+    assert_eq!(unknown.outcome, PolicyOutcome::Block);
+    assert!(
+        unknown.explanation.contains("not in the directory"),
+        "{unknown:?}"
+    );
+    let add = Change::UserAdd(record("bob", &["initiator"], &[]));
+    let id = s.accepted("add-bob", "admin1", add.clone()).await;
+    let notice = s.ballot_box.notice(&id).await.expect("notice");
+    assert_eq!(
+        notice.missing,
+        vec!["administrators: 0 of 2 (rule administration)".to_string()]
+    );
+    s.counted(&id, "admin2", Vote::Approve).await;
+    let known = |view: &custos_workers::trail::TrailView| view.directory.user("bob").is_some();
+    assert!(
+        !s.trail.read(known).await.expect("reads"),
+        "not before the quorum"
+    );
+    s.counted(&id, "admin3", Vote::Approve).await;
+    assert_eq!(s.change_stage(&id).await, Some(ChangeStage::Applied));
+    assert!(s.trail.read(known).await.expect("reads"));
+    let after = s.transfer_by("after", "bob", &to()).await;
+    assert_eq!(after.outcome, PolicyOutcome::Allow, "{after:?}");
+    // The id is taken now; so is the email under another id.
+    let reason = s.refused("again", add, "change.id").await;
+    assert!(reason.contains("already exists"), "{reason}");
+    let mut twin = record("bobby", &[], &[]);
+    twin.email = "bob@example.com".into();
+    s.refused("twin", Change::UserAdd(twin), "change.email")
+        .await;
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deactivated_users_approvals_stop_counting_and_they_cannot_vote() {
+    let s = Setup::start(&amounts_policy()).await;
+    let pending = s
+        .accepted("apply", "admin1", policy_apply(&strict_policy()))
+        .await;
+    s.counted(&pending, "admin2", Vote::Approve).await;
+    let other = s
+        .accepted(
+            "whitelist",
+            "erp",
+            Change::WhitelistAdd {
+                wallet: "treasury".into(),
+                address: to(),
+            },
+        )
+        .await;
+    assert_eq!(
+        s.ballot_box
+            .notice(&pending)
+            .await
+            .expect("notice")
+            .approved_by,
+        vec!["admin2".to_string()]
+    );
+
+    s.refused(
+        "nobody",
+        Change::UserDeactivate {
+            user: "nobody".into(),
+        },
+        "change.user",
+    )
+    .await;
+    let deactivate = Change::UserDeactivate {
+        user: "admin2".into(),
+    };
+    s.approved("deactivate", deactivate.clone()).await;
+
+    // The approval given before no longer counts...
+    let notice = s.ballot_box.notice(&pending).await.expect("notice");
+    assert_eq!(
+        notice.missing,
+        vec!["administrators: 0 of 2 (rule administration)".to_string()]
+    );
+    // ... so one more approval does not complete the quorum, two do.
+    assert_eq!(
+        s.vote(&pending, "admin3", Vote::Approve).await,
+        Ok(Receipt::Recorded {
+            quorum_reached: false
+        })
+    );
+    // They can no longer vote, nor initiate.
+    assert!(
+        matches!(
+            s.vote(&other, "admin2", Vote::Approve).await,
+            Err(BallotError::Refused(_))
+        ),
+        "a deactivated user's vote is refused"
+    );
+    match s
+        .ask(
+            "late-freeze",
+            "admin2",
+            Change::Freeze {
+                wallet: None,
+                reason: "after leaving".into(),
+            },
+        )
+        .await
+    {
+        ChangeReply::Refused { field, .. } => assert_eq!(field.as_deref(), Some("initiator")),
+        other => panic!("a deactivated administrator cannot freeze: {other:?}"),
+    }
+    s.counted(&pending, "admin4", Vote::Approve).await;
+    assert_eq!(s.change_stage(&pending).await, Some(ChangeStage::Applied));
+    let reason = s.refused("twice", deactivate, "change.user").await;
+    assert!(reason.contains("already deactivated"), "{reason}");
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn roles_change_through_the_quorum_and_separation_of_duties_is_refused() {
+    let s = Setup::start(&amounts_policy()).await;
+    // Refused with the field and reason before anything is recorded.
+    let reason = s
+        .refused(
+            "auditing-approver",
+            Change::RoleAssign {
+                user: "alice".into(),
+                role: "auditor".into(),
+            },
+            "change.role",
+        )
+        .await;
+    assert!(
+        reason.contains("alice holds approver") && reason.contains("separation of duties"),
+        "{reason}"
+    );
+    let reason = s
+        .refused(
+            "signing-admin",
+            Change::RoleCreate {
+                name: "signing-admin".into(),
+                duties: vec!["administer".into(), "operate-guardian".into()],
+            },
+            "change.duties",
+        )
+        .await;
+    assert!(reason.contains("separation of duties"), "{reason}");
+    s.refused(
+        "no-such-duty",
+        Change::RoleCreate {
+            name: "x".into(),
+            duties: vec!["sign".into()],
+        },
+        "change.duties",
+    )
+    .await;
+    s.refused(
+        "conflicted-user",
+        Change::UserAdd(record("carol", &["guardian-operator", "approver"], &[])),
+        "change.roles",
+    )
+    .await;
+    s.refused(
+        "no-such-role",
+        Change::RoleAssign {
+            user: "alice".into(),
+            role: "treasurer".into(),
+        },
+        "change.role",
+    )
+    .await;
+
+    let duties = |view: &custos_workers::trail::TrailView| view.directory.duties("alice");
+    s.approved(
+        "create",
+        Change::RoleCreate {
+            name: "treasurer".into(),
+            duties: vec!["initiate".into(), "approve".into()],
+        },
+    )
+    .await;
+    s.approved(
+        "assign",
+        Change::RoleAssign {
+            user: "alice".into(),
+            role: "treasurer".into(),
+        },
+    )
+    .await;
+    assert!(
+        s.trail
+            .read(duties)
+            .await
+            .expect("reads")
+            .contains(&policy::Duty::Initiate)
+    );
+    assert_eq!(
+        s.transfer_by("as-treasurer", "alice", &to()).await.outcome,
+        PolicyOutcome::Allow
+    );
+    s.approved(
+        "revoke",
+        Change::RoleRevoke {
+            user: "alice".into(),
+            role: "treasurer".into(),
+        },
+    )
+    .await;
+    assert!(
+        !s.trail
+            .read(duties)
+            .await
+            .expect("reads")
+            .contains(&policy::Duty::Initiate)
+    );
+    assert_eq!(
+        s.transfer_by("revoked", "alice", &to()).await.outcome,
+        PolicyOutcome::Block
+    );
     s.finish().await;
 }
 
