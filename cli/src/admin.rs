@@ -1,5 +1,5 @@
-//! `custos freeze|unfreeze|whitelist|change` (and `policy apply`, which sends
-//! through here): administrative change requests, sent to the change service
+//! `custos freeze|unfreeze|whitelist|user|role|change` (and `policy apply`,
+//! which sends through here): administrative change requests, sent to the change service
 //! like an administrator's console would, and change workflows as the trail
 //! has them.
 
@@ -10,7 +10,7 @@ use anyhow::Context;
 use custos_engine::change::{self as machine, ChangeState, Stage};
 use custos_engine::policy::{ApprovalStatus, Directory, approvals_of, approvals_satisfied};
 use custos_schemas::change::{Change, ChangeReply, ChangeRequest};
-use custos_schemas::{AggregateKind, ContentType, Event, subjects};
+use custos_schemas::{AggregateKind, ContentType, Event, UserRecord, subjects};
 use rand::RngCore;
 
 /// Who asks, and under which idempotency key.
@@ -64,6 +64,70 @@ pub struct WhitelistArgs {
 }
 
 #[derive(Debug, clap::Subcommand)]
+pub enum UserCommand {
+    /// Ask to add a user to the directory (needs the policy's quorum).
+    Add(UserAddArgs),
+    /// Ask to deactivate a user for good: they no longer initiate or approve,
+    /// and their approvals of requests still in flight stop counting.
+    Deactivate {
+        /// The user's directory id.
+        id: String,
+        #[command(flatten)]
+        requester: Requester,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UserAddArgs {
+    /// Directory id: A-Z, a-z, 0-9, '-', '_'.
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    email: String,
+    /// Slack user id, like U024BE7LH (for approvals in Slack).
+    #[arg(long)]
+    slack_id: Option<String>,
+    /// A role to give (repeat for more); refused if two break separation of duties.
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// A group to join (repeat for more); created on first use.
+    #[arg(long = "group")]
+    groups: Vec<String>,
+    #[command(flatten)]
+    requester: Requester,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RoleCommand {
+    /// Ask to create a role bundling duties that do not conflict.
+    Create {
+        name: String,
+        /// A duty: initiate, approve, execute, administer, audit or
+        /// operate-guardian (repeat for more).
+        #[arg(long = "duty", required = true)]
+        duties: Vec<String>,
+        #[command(flatten)]
+        requester: Requester,
+    },
+    /// Ask to give a user a role (refused if it breaks separation of duties).
+    Assign(RoleArgs),
+    /// Ask to take a role from a user.
+    Revoke(RoleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RoleArgs {
+    #[arg(long)]
+    user: String,
+    #[arg(long)]
+    role: String,
+    #[command(flatten)]
+    requester: Requester,
+}
+
+#[derive(Debug, clap::Subcommand)]
 pub enum ChangeCommand {
     /// One change workflow: its stage, decision, votes and what is missing.
     Show {
@@ -102,6 +166,53 @@ pub async fn whitelist(nats_url: &str, command: WhitelistCommand) -> anyhow::Res
         false => Change::WhitelistRemove { wallet, address },
     };
     request(nats_url, args.requester, change).await
+}
+
+pub async fn user(nats_url: &str, command: UserCommand) -> anyhow::Result<ExitCode> {
+    let (requester, change) = match command {
+        UserCommand::Add(a) => (
+            a.requester,
+            // MFA is enrolled later, by the user.
+            Change::UserAdd(UserRecord {
+                id: a.id,
+                name: a.name,
+                email: a.email,
+                slack_user_id: a.slack_id,
+                roles: a.roles,
+                groups: a.groups,
+                mfa_enrolled: false,
+            }),
+        ),
+        UserCommand::Deactivate { id, requester } => {
+            (requester, Change::UserDeactivate { user: id })
+        }
+    };
+    request(nats_url, requester, change).await
+}
+
+pub async fn role(nats_url: &str, command: RoleCommand) -> anyhow::Result<ExitCode> {
+    let (requester, change) = match command {
+        RoleCommand::Create {
+            name,
+            duties,
+            requester,
+        } => (requester, Change::RoleCreate { name, duties }),
+        RoleCommand::Assign(a) => (
+            a.requester,
+            Change::RoleAssign {
+                user: a.user,
+                role: a.role,
+            },
+        ),
+        RoleCommand::Revoke(a) => (
+            a.requester,
+            Change::RoleRevoke {
+                user: a.user,
+                role: a.role,
+            },
+        ),
+    };
+    request(nats_url, requester, change).await
 }
 
 pub async fn change(nats_url: &str, command: ChangeCommand) -> anyhow::Result<ExitCode> {

@@ -90,6 +90,20 @@ enum Command {
         #[command(subcommand)]
         command: admin::WhitelistCommand,
     },
+    /// Directory users: add, deactivate (each needs the policy's quorum).
+    User {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: admin::UserCommand,
+    },
+    /// Roles: create, assign, revoke (each needs the policy's quorum).
+    Role {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: admin::RoleCommand,
+    },
     /// Administrative change workflows: show.
     Change {
         #[command(flatten)]
@@ -150,6 +164,8 @@ fn main() -> ExitCode {
             Command::Freeze { conn, args } => admin::freeze(&conn.nats_url, args).await,
             Command::Unfreeze { conn, args } => admin::unfreeze(&conn.nats_url, args).await,
             Command::Whitelist { conn, command } => admin::whitelist(&conn.nats_url, command).await,
+            Command::User { conn, command } => admin::user(&conn.nats_url, command).await,
+            Command::Role { conn, command } => admin::role(&conn.nats_url, command).await,
             Command::Change { conn, command } => admin::change(&conn.nats_url, command).await,
             Command::Wallet { conn, command } => wallet::run(&conn.nats_url, command).await,
             Command::Audit { conn, command } => audit::run(&conn.nats_url, command).await,

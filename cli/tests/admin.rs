@@ -1,5 +1,5 @@
 //! The administrative commands end to end against `custos up`: `policy apply`,
-//! `change show` and `freeze`, run as an administrator would.
+//! `change show`, `freeze`, `user` and `role`, run as an administrator would.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -180,6 +180,81 @@ fn policy_apply_awaits_administrators_and_refusals_name_the_reason() {
     let (ok, out) = up.custos(&["freeze", "--wallet", "treasury", "--initiator", "alice"]);
     assert!(
         !ok && out.contains("refused: initiator: alice is not an active administrator"),
+        "{out}"
+    );
+}
+
+#[test]
+fn user_and_role_changes_await_administrators_and_conflicts_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let up = Up::start(dir.path());
+
+    let (ok, out) = up.custos(&[
+        "user",
+        "add",
+        "--id",
+        "bob",
+        "--name",
+        "Bob",
+        "--email",
+        "bob@example.invalid",
+        "--slack-id",
+        "U024BE7LH",
+        "--role",
+        "initiator",
+        "--initiator",
+        "erin",
+    ]);
+    assert!(ok, "{out}");
+    let id = out.lines().next().unwrap_or_default().to_string();
+    assert!(id.starts_with("change-cli-"), "{out}");
+    assert!(
+        out.contains("add user bob (Bob <bob@example.invalid>), roles: initiator")
+            && out.contains("awaiting approvals: administrators: 0 of 2")
+            && out.contains("who may approve: frank, grace"),
+        "{out}"
+    );
+    let (ok, out) = up.custos(&["change", "show", &id, "--json"]);
+    assert!(ok, "{out}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(shown["stage"], "awaiting_approvals", "{out}");
+    assert_eq!(shown["decision"]["action"], "user-admin", "{out}");
+
+    // Separation of duties: an approver never audits.
+    let (ok, out) = up.custos(&[
+        "role",
+        "assign",
+        "--user",
+        "alice",
+        "--role",
+        "auditor",
+        "--initiator",
+        "erin",
+    ]);
+    assert!(
+        !ok && out.contains("refused: change.role: alice holds approver")
+            && out.contains("separation of duties"),
+        "{out}"
+    );
+    let (ok, out) = up.custos(&["user", "deactivate", "nobody", "--initiator", "erin"]);
+    assert!(
+        !ok && out.contains("refused: change.user: no user \"nobody\""),
+        "{out}"
+    );
+    let (ok, out) = up.custos(&[
+        "role",
+        "create",
+        "treasurer",
+        "--duty",
+        "initiate",
+        "--duty",
+        "approve",
+        "--initiator",
+        "erin",
+    ]);
+    assert!(
+        ok && out.contains("create role treasurer with duties initiate, approve")
+            && out.contains("who may approve: frank, grace"),
         "{out}"
     );
 }
