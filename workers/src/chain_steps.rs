@@ -223,8 +223,11 @@ pub struct BuildStep<A> {
     /// Each wallet's last scan, and when. A scan reads the node's whole coin
     /// set; coins taken since are reserved in the trail and the chosen ones are
     /// checked against the mempool, so a recent scan serves the next builds.
-    scanned: Arc<Mutex<HashMap<String, (std::time::Instant, Vec<ScannedUtxo>)>>>,
+    scanned: Arc<Mutex<HashMap<String, Scan>>>,
 }
+
+/// When a wallet's coins were scanned, and what was found.
+type Scan = (std::time::Instant, Vec<ScannedUtxo>);
 
 /// How long a wallet's scan serves builds (a block interval is far longer).
 const SCAN_REUSE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -652,30 +655,16 @@ impl<A: Appender> BroadcastStep<A> {
         if count != self.alert_after {
             return;
         }
-        let alert = Proposal {
-            aggregate_kind: AggregateKind::System,
-            workflow_id: format!("broadcast-unreachable-{}", event.workflow_id),
-            expected_version: 0,
-            event_type: EventType::AlertRaised,
-            causation_id: Some(event.id.clone()),
-            actor: Actor::system("broadcast"),
-            target: Target {
-                kind: "transaction".into(),
-                id: event.workflow_id.clone(),
-                amount: None,
-                currency: None,
-            },
-            context: Default::default(),
-            result: Outcome::Failure,
-            metadata: Default::default(),
-            payload: Payload::Alert {
-                severity: "high".into(),
-                summary: format!(
-                    "broadcast of {} has failed {count} times: the {chain} node is unreachable ({reason})",
-                    event.workflow_id
-                ),
-            },
-        };
+        let alert = crate::runtime::transfer_alert(
+            "broadcast",
+            format!("broadcast-unreachable-{}", event.workflow_id),
+            &event.workflow_id,
+            Some(event.id.clone()),
+            format!(
+                "broadcast of {} has failed {count} times: the {chain} node is unreachable ({reason})",
+                event.workflow_id
+            ),
+        );
         match self.ledger.append(vec![alert]).await {
             AppendReply::Appended { .. } | AppendReply::Conflict { .. } => {}
             other => {

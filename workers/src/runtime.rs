@@ -290,6 +290,38 @@ impl<A: Appender> Delivery<'_, A> {
     }
 }
 
+/// A high-severity alert about transfer `workflow_id`, on its own aggregate
+/// `alert_id` (a fixed id makes recording it twice a harmless conflict).
+pub fn transfer_alert(
+    step: &str,
+    alert_id: String,
+    workflow_id: &str,
+    causation: Option<String>,
+    summary: String,
+) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::System,
+        workflow_id: alert_id,
+        expected_version: 0,
+        event_type: EventType::AlertRaised,
+        causation_id: causation,
+        actor: Actor::system(step),
+        target: Target {
+            kind: "transaction".into(),
+            id: workflow_id.to_string(),
+            amount: None,
+            currency: None,
+        },
+        context: RequestContext::default(),
+        result: Outcome::Failure,
+        metadata: Default::default(),
+        payload: Payload::Alert {
+            severity: "high".into(),
+            summary,
+        },
+    }
+}
+
 /// An operational event on its own aggregate: one per consumed message, so that
 /// recording it again after a redelivery is a harmless conflict.
 fn alert(def: &StepConsumer, stream_seq: u64, cause: &str, payload: Payload) -> Proposal {

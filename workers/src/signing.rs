@@ -26,8 +26,8 @@ use custos_engine::transfer::Stage;
 use custos_schemas::approval::Vote;
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, Target, WalletDescriptor,
-    codec, subjects,
+    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, WalletDescriptor, codec,
+    subjects,
 };
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -447,27 +447,8 @@ fn agreed_public_package(
 }
 
 fn alert(workflow_id: &str, summary: String) -> Proposal {
-    Proposal {
-        aggregate_kind: AggregateKind::System,
-        workflow_id: format!("signing-{}", hex::encode(rand::random::<[u8; 8]>())),
-        expected_version: 0,
-        event_type: EventType::AlertRaised,
-        causation_id: None,
-        actor: Actor::system("signing"),
-        target: Target {
-            kind: "transaction".into(),
-            id: workflow_id.to_string(),
-            amount: None,
-            currency: None,
-        },
-        context: Default::default(),
-        result: Outcome::Failure,
-        metadata: Default::default(),
-        payload: Payload::Alert {
-            severity: "high".into(),
-            summary,
-        },
-    }
+    let id = format!("signing-{}", hex::encode(rand::random::<[u8; 8]>()));
+    crate::runtime::transfer_alert("signing", id, workflow_id, None, summary)
 }
 
 /// How one signing ceremony ended.

@@ -299,7 +299,8 @@ fn step_up(decision: &custos_schemas::policy::PolicyDecision) -> bool {
         .any(|r| r.groups.iter().map(|q| q.count).sum::<u32>() > 2)
 }
 
-fn user_record(u: &custos_engine::policy::User) -> UserRecord {
+/// A directory user as channels see it.
+pub(crate) fn user_record(u: &custos_engine::policy::User) -> UserRecord {
     UserRecord {
         id: u.id.clone(),
         name: u.name.clone(),

@@ -88,15 +88,7 @@ pub fn eligible_approvers(view: &TrailView, workflow_id: &str) -> Vec<UserRecord
                         .any(|q| view.directory.may_approve_for(&u.id, &q.group))
             })
         })
-        .map(|u| UserRecord {
-            id: u.id.clone(),
-            name: u.name.clone(),
-            email: u.email.clone(),
-            slack_user_id: u.slack_user_id.clone(),
-            roles: u.roles.iter().cloned().collect(),
-            groups: u.groups.iter().cloned().collect(),
-            mfa_enrolled: u.mfa_enrolled,
-        })
+        .map(super::ballot_box::user_record)
         .collect()
 }
 
