@@ -242,8 +242,10 @@ pub fn signing(
 }
 
 /// Starts the chain steps for `node`: building transactions from the node's
-/// coins, broadcasting signed ones, and watching for confirmations.
+/// coins, broadcasting signed ones, watching for confirmations, and answering
+/// balance questions.
 pub fn chain(
+    client: &async_nats::Client,
     js: &jetstream::Context,
     ledger: &LedgerHandle,
     trail: &Trail,
@@ -267,6 +269,18 @@ pub fn chain(
         broadcast,
         shutdown.clone(),
     ));
+    let balances = balances(
+        client.clone(),
+        trail.clone(),
+        node.rpc().clone(),
+        node.chain().to_string(),
+        shutdown.clone(),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = balances.await {
+            tracing::error!(error = %e, "the balance service stopped");
+        }
+    });
     let watcher = ConfirmWatcher::new(
         trail.clone(),
         nodes(),
@@ -275,6 +289,74 @@ pub fn chain(
     );
     tokio::spawn(watcher.run(Duration::from_secs(1), shutdown.clone()));
     Ok(())
+}
+
+/// Answers balance questions ([`subjects::REQ_WALLET_BALANCE`]) from the
+/// node: the wallet's confirmed coins at its recorded address.
+pub async fn balances(
+    client: async_nats::Client,
+    trail: Trail,
+    node: Bitcoind,
+    chain: String,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut requests = client
+        .subscribe(custos_schemas::subjects::REQ_WALLET_BALANCE)
+        .await?;
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.wait() => break,
+            m = requests.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(reply_to) = msg.reply.clone() else {
+            continue;
+        };
+        let answer = balance(&trail, &node, &chain, &msg.payload).await;
+        let body = serde_json::to_vec(&match answer {
+            Ok(b) => b,
+            Err(e) => serde_json::json!({ "error": e }),
+        })
+        .unwrap_or_default();
+        if let Err(e) = client.publish(reply_to, body.into()).await {
+            tracing::warn!(error = %e, "could not answer a balance question");
+        }
+    }
+    Ok(())
+}
+
+async fn balance(
+    trail: &Trail,
+    node: &Bitcoind,
+    chain: &str,
+    request: &[u8],
+) -> Result<serde_json::Value, String> {
+    let name = serde_json::from_slice::<serde_json::Value>(request)
+        .ok()
+        .and_then(|v| v["wallet"].as_str().map(str::to_string))
+        .ok_or("wallet: expected {\"wallet\": NAME}")?;
+    let wallet = trail
+        .read(|v| v.ledger.wallet(&name).cloned())
+        .await?
+        .ok_or_else(|| format!("wallet: no wallet {name}"))?;
+    if wallet.chain != chain {
+        return Err(format!(
+            "wallet: {name} is on {}, this engine's node serves {chain}",
+            wallet.chain
+        ));
+    }
+    let coins = node
+        .scan_addresses(&[&wallet.address])
+        .await
+        .map_err(|e| e.to_string())?;
+    let confirmed: u64 = coins.iter().map(|c| c.value).sum();
+    Ok(serde_json::json!({
+        "wallet": name,
+        "chain": chain,
+        "address": wallet.address,
+        "confirmedSat": confirmed,
+        "coins": coins.len(),
+    }))
 }
 
 /// A Bitcoin-family node: given (`--btc-rpc`), or a local regtest litecoind.

@@ -197,7 +197,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     if let Some(node) = &node {
-        services::chain(&js, &ledger, &trail, node, &shutdown)?;
+        services::chain(&client, &js, &ledger, &trail, node, &shutdown)?;
     }
     println!("Custos is up.");
     if embedded {

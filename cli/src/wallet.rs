@@ -65,6 +65,12 @@ pub enum WalletCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A wallet's confirmed balance, from its chain's node (through `custos up`).
+    Balance {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List wallets.
     List,
 }
@@ -133,6 +139,39 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
                 .get(&name)
                 .with_context(|| format!("no wallet {name}"))?;
             print_wallet(wallet, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        WalletCommand::Balance { name, json } => {
+            custos_schemas::validate_token("name", &name)?;
+            let body = serde_json::to_vec(&serde_json::json!({ "wallet": name }))?;
+            let reply = tokio::time::timeout(
+                Duration::from_secs(30),
+                client.request(subjects::REQ_WALLET_BALANCE, body.into()),
+            )
+            .await
+            .context("no answer from the balance service within 30 s")?
+            .map_err(|e| {
+                anyhow::anyhow!("balance request failed: {e} (is `custos up` running with a node?)")
+            })?;
+            let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+                .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))?;
+            if let Some(error) = answer["error"].as_str() {
+                eprintln!("{error}");
+                return Ok(ExitCode::FAILURE);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let sat = answer["confirmedSat"].as_u64().unwrap_or_default();
+                println!(
+                    "{name}  {}.{:08} ({} coins, {} at {})",
+                    sat / 100_000_000,
+                    sat % 100_000_000,
+                    answer["coins"],
+                    answer["chain"].as_str().unwrap_or_default(),
+                    answer["address"].as_str().unwrap_or_default()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         WalletCommand::List => {

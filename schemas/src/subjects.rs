@@ -23,6 +23,9 @@ pub const LEDGER_QUEUE: &str = "custos-ledger";
 pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
 /// Key rotation requests from operators (request/reply).
 pub const REQ_WALLET_ROTATE: &str = "custos.req.wallet.rotate";
+/// Balance questions from operators (request/reply, JSON `{"wallet": NAME}`),
+/// answered from the wallet's chain node.
+pub const REQ_WALLET_BALANCE: &str = "custos.req.wallet.balance";
 /// Administrative change requests (policy apply, whitelist, freeze, unfreeze),
 /// request/reply.
 pub const REQ_CHANGE: &str = "custos.req.change";
