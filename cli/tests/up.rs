@@ -333,6 +333,12 @@ fn demo_takes_a_transfer_from_request_to_confirmation() {
         .block_on(node.call("getreceivedbyaddress", serde_json::json!([destination, 1])))
         .expect("getreceivedbyaddress");
     assert_eq!(received, 20.0);
+    // And the wallet holds the change: 40 LTC funded, 20 paid, minus the fee.
+    let (ok, out) = custos(&url, &["wallet", "balance", "treasury", "--json"]);
+    assert!(ok, "{out}");
+    let balance: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let sat = balance["confirmedSat"].as_u64().expect("confirmedSat");
+    assert!((1_999_000_000..2_000_000_000).contains(&sat), "{out}");
     let key = dir.path().join("audit-key.pub");
     let (ok, out) = custos(&url, &["audit", "verify", "--key", &key.to_string_lossy()]);
     assert!(ok && out.contains("OK"), "{out}");
