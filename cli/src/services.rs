@@ -223,7 +223,8 @@ pub fn changes(
     });
 }
 
-/// Starts the signing coordinator.
+/// Starts the signing coordinator, and the sweep that signs transfers once
+/// their policy time delay has passed.
 pub fn signing(
     client: &async_nats::Client,
     js: &jetstream::Context,
@@ -232,6 +233,12 @@ pub fn signing(
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
     let step = SignStep::new(client.clone(), trail.clone()).map_err(anyhow::Error::msg)?;
+    tokio::spawn(custos_workers::signing::sign_when_due(
+        step.clone(),
+        ledger.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
     tokio::spawn(custos_workers::runtime::run(
         js.clone(),
         ledger.clone(),

@@ -438,3 +438,159 @@ async fn guardians_sign_only_what_the_trail_justifies() {
     drop(guardians);
     verify_stream(&js).await.expect("the trail verifies");
 }
+
+/// A policy time delay between approval and signing: the coordinator leaves a
+/// built transfer alone until it passes (guardians would refuse before), then
+/// the sweep signs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_time_delay_holds_signing_until_it_passes() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let _guardians: Vec<Guardian> = ["g1", "g2", "g3"]
+        .iter()
+        .map(|id| start_guardian(client.clone(), id))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+                return false;
+            };
+            let mut n = 0;
+            for id in ["g1", "g2", "g3"] {
+                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
+            }
+            n == 3
+        })
+        .await,
+        "guardians announce themselves"
+    );
+    let wallet = match custos_workers::wallets::create(
+        &client,
+        &engine.ledger,
+        CreateWallet {
+            name: "slow".into(),
+            model: "frost".into(),
+            threshold: 2,
+            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
+            chain: "ltc-regtest".into(),
+            initiator: "ops".into(),
+        },
+    )
+    .await
+    {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+    // The default policy, with an 8-second delay on small transfers (far from
+    // the moment the test looks, so a slow machine cannot blur the two).
+    let text = policy::DEFAULT_POLICY_TOML.replacen(
+        "amount = { at_most = \"1000\" }\noutcome = \"allow\"",
+        "amount = { at_most = \"1000\" }\noutcome = \"allow\"\ndelay = \"8s\"",
+        1,
+    );
+    assert_ne!(
+        text,
+        policy::DEFAULT_POLICY_TOML,
+        "the rule to delay is found"
+    );
+    let delayed = policy::Policy::parse(&text).expect("policy parses");
+    append_ok(
+        &engine.ledger,
+        vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: delayed.name.clone(),
+                    version: delayed.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "erp",
+                EventType::UserCreated,
+                Payload::UserCreated(UserRecord {
+                    id: "erp".into(),
+                    name: "ERP".into(),
+                    email: "erp@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: vec![],
+                    mfa_enrolled: false,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let mut prices = PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = PolicyStep::new(js.clone(), delayed, prices)
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        engine.ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let destination = taproot_address("rltc", [9; 32]);
+    let body = json!({"requestId": "slow-1", "wallet": "slow", "asset": "LTC",
+        "destination": destination, "amount": "1.5", "initiator": "erp"});
+    let id = match submit_json(&engine.client, &body).await {
+        IntakeReply::Accepted { workflow_id, .. } => workflow_id,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            stage_of(&nats, &id).await == Stage::ReadyToSign
+        })
+        .await,
+        "allowed by policy"
+    );
+    append_built(
+        &engine,
+        &nats,
+        &id,
+        built(&wallet, &destination, 150_000_000, 9),
+    )
+    .await;
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .expect("trail");
+    let step = SignStep::new(client.clone(), trail).expect("sign step");
+    tokio::spawn(custos_workers::signing::sign_when_due(
+        step.clone(),
+        engine.ledger.clone(),
+        Duration::from_millis(200),
+        shutdown.clone(),
+    ));
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        engine.ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        stage_of(&nats, &id).await,
+        Stage::Built,
+        "not signed during the delay"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            stage_of(&nats, &id).await == Stage::Signed
+        })
+        .await,
+        "signed once the delay passed"
+    );
+    trigger.trigger();
+    verify_stream(&js).await.expect("the trail verifies");
+}

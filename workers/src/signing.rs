@@ -26,8 +26,8 @@ use custos_engine::transfer::Stage;
 use custos_schemas::approval::Vote;
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, WalletDescriptor, codec,
-    subjects,
+    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
+    WalletDescriptor, codec, subjects,
 };
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -469,6 +469,80 @@ pub enum Ceremony {
     },
     /// Not built (yet), or signed already.
     NotPending,
+    /// Approved with a time delay that has not passed: signing starts at
+    /// `until` (ms since the epoch), from [`sign_when_due`].
+    Delayed { until: i64 },
+}
+
+/// When a built transfer's policy time delay ends, if it has not yet.
+fn delayed_until(view: &TrailView, workflow_id: &str, now: i64) -> Option<i64> {
+    let t = view.transfer(workflow_id)?;
+    let decision = t.decision.as_ref().filter(|d| d.delay_ms > 0)?;
+    if t.stage != Stage::Built {
+        return None;
+    }
+    let approvals: Vec<Approval> = t
+        .votes
+        .iter()
+        .filter(|v| v.vote.vote == Vote::Approve)
+        .map(|v| Approval {
+            user: v.user.clone(),
+            at: v.at,
+        })
+        .collect();
+    match approvals_satisfied(decision, &approvals, &view.directory, now) {
+        ApprovalStatus::Satisfied { sign_after, .. } if sign_after > now => Some(sign_after),
+        _ => None,
+    }
+}
+
+/// Signs, every `every`, the built transfers whose policy time delay has passed
+/// (the signing step leaves them waiting), until `shutdown`.
+pub async fn sign_when_due<A: crate::remote::Appender>(
+    step: SignStep,
+    appender: A,
+    every: Duration,
+    mut shutdown: crate::Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let due = step.trail.read(|view| {
+            view.ledger
+                .transfers()
+                .filter(|(_, t)| {
+                    t.stage == Stage::Built && t.decision.as_ref().is_some_and(|d| d.delay_ms > 0)
+                })
+                .filter(|(id, _)| delayed_until(view, id, now).is_none())
+                .map(|(id, _)| id.to_string())
+                .collect::<Vec<_>>()
+        });
+        let due = match due.await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "delayed signings skipped");
+                continue;
+            }
+        };
+        for id in due {
+            let proposals = match step.ceremony(&id).await {
+                Ok(ceremony) => step.record(&id, None, Target::default(), ceremony),
+                Err(e) => {
+                    tracing::warn!(workflow = %id, error = %e, "delayed signing not started");
+                    continue;
+                }
+            };
+            if let AppendReply::Refused { reason } | AppendReply::Unavailable { reason } =
+                appender.append(proposals).await
+            {
+                tracing::warn!(workflow = %id, %reason, "delayed signing not recorded");
+            }
+        }
+    }
 }
 
 impl SignStep {
@@ -478,6 +552,13 @@ impl SignStep {
     /// fewer than the threshold remain.
     pub async fn ceremony(&self, workflow_id: &str) -> Result<Ceremony, String> {
         let now = now_ms();
+        if let Some(until) = self
+            .trail
+            .read(|view| delayed_until(view, workflow_id, now))
+            .await?
+        {
+            return Ok(Ceremony::Delayed { until });
+        }
         let prepare = |view: &TrailView| {
             let t = view.transfer(workflow_id)?;
             if t.stage != Stage::Built {
@@ -573,35 +654,73 @@ impl Step for SignStep {
     }
 
     async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
-        let id = &event.workflow_id;
-        let ceremony = self.ceremony(id).await.map_err(StepError::Transient)?;
+        let ceremony = self
+            .ceremony(&event.workflow_id)
+            .await
+            .map_err(StepError::Transient)?;
+        Ok(self.record(
+            &event.workflow_id,
+            Some(event.id.clone()),
+            event.target.clone(),
+            ceremony,
+        ))
+    }
+}
+
+impl SignStep {
+    /// What a ceremony's outcome records: the signed transaction or the
+    /// failure, after an alert for each guardian excluded on the way.
+    fn record(
+        &self,
+        id: &str,
+        causation: Option<String>,
+        target: Target,
+        ceremony: Ceremony,
+    ) -> Vec<Proposal> {
+        let next = |event_type, result, payload, version| Proposal {
+            aggregate_kind: AggregateKind::Tx,
+            workflow_id: id.to_string(),
+            expected_version: version,
+            event_type,
+            causation_id: causation.clone(),
+            actor: Actor::system("signing"),
+            target: target.clone(),
+            context: Default::default(),
+            result,
+            metadata: Default::default(),
+            payload,
+        };
         let (next, excluded) = match ceremony {
-            Ceremony::NotPending => return Ok(Vec::new()),
+            Ceremony::NotPending | Ceremony::Delayed { .. } => return Vec::new(),
             Ceremony::Signed {
                 signed,
                 version,
                 excluded,
             } => (
-                Proposal {
-                    aggregate_kind: AggregateKind::Tx,
-                    workflow_id: id.clone(),
-                    expected_version: version,
-                    event_type: EventType::TransactionSigned,
-                    causation_id: Some(event.id.clone()),
-                    actor: Actor::system("signing"),
-                    target: event.target.clone(),
-                    context: Default::default(),
-                    result: Outcome::Success,
-                    metadata: Default::default(),
-                    payload: Payload::TransactionSigned(signed),
-                },
+                next(
+                    EventType::TransactionSigned,
+                    Outcome::Success,
+                    Payload::TransactionSigned(signed),
+                    version,
+                ),
                 excluded,
             ),
             Ceremony::Failed {
                 reason,
                 version,
                 excluded,
-            } => (failed(event, version, &reason), excluded),
+            } => (
+                next(
+                    EventType::TransactionFailed,
+                    Outcome::Failure,
+                    Payload::StepFailed {
+                        step: "signing".into(),
+                        reason,
+                    },
+                    version,
+                ),
+                excluded,
+            ),
         };
         let mut proposals: Vec<Proposal> = excluded
             .iter()
@@ -614,25 +733,6 @@ impl Step for SignStep {
             })
             .collect();
         proposals.push(next);
-        Ok(proposals)
-    }
-}
-
-fn failed(event: &Event, version: u64, reason: &str) -> Proposal {
-    Proposal {
-        aggregate_kind: AggregateKind::Tx,
-        workflow_id: event.workflow_id.clone(),
-        expected_version: version,
-        event_type: EventType::TransactionFailed,
-        causation_id: Some(event.id.clone()),
-        actor: Actor::system("signing"),
-        target: event.target.clone(),
-        context: Default::default(),
-        result: Outcome::Failure,
-        metadata: Default::default(),
-        payload: Payload::StepFailed {
-            step: "signing".into(),
-            reason: reason.to_string(),
-        },
+        proposals
     }
 }
