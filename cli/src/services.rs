@@ -24,7 +24,7 @@ use custos_workers::approvals::links::{
 use custos_workers::approvals::slack::{
     SlackInteractions, SlackNotifier, SlackSecrets, slack_router,
 };
-use custos_workers::approvals::step::{ApprovalStep, expire};
+use custos_workers::approvals::step::{ApprovalStep, expire, remind};
 use custos_workers::approvals::{ApprovalLinks, BallotBox, Notifier};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
@@ -40,6 +40,8 @@ pub struct ApprovalSettings {
     /// The base URL links carry (default: `http://` + the bound address).
     pub public_url: Option<String>,
     pub channels: Channels,
+    /// Approvers who have not answered are asked again this often.
+    pub remind_every: Duration,
 }
 
 /// Where approvers are reached, from the environment (secrets never come from
@@ -107,6 +109,7 @@ pub async fn approvals(
         http_addr,
         public_url,
         channels,
+        remind_every,
     } = settings;
     let ballots: Arc<dyn BallotBox> = Arc::new(TrailBallotBox::new(trail.clone(), ledger.clone()));
     let listener = tokio::net::TcpListener::bind(http_addr)
@@ -159,7 +162,14 @@ pub async fn approvals(
         notifiers.push(Arc::new(ConsoleNotifier::new(links)));
         names.push("console (links printed here)");
     }
-    // The same channels ask for transfers and for administrative changes.
+    // The same channels ask for transfers and for administrative changes, and
+    // remind those who have not answered.
+    tokio::spawn(remind(
+        trail.clone(),
+        notifiers.clone(),
+        remind_every,
+        shutdown.clone(),
+    ));
     let changes = ApprovalStep::changes(trail.clone(), notifiers.clone());
     let step = ApprovalStep::new(trail.clone(), notifiers).map_err(anyhow::Error::msg)?;
     tokio::spawn(custos_workers::runtime::run(

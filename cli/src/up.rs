@@ -71,6 +71,9 @@ pub struct UpArgs {
     /// The chain that node serves (`btc`, `btc-testnet`, `btc-regtest`, `ltc`, `ltc-regtest`, ...).
     #[arg(long, env = "CUSTOS_BTC_NETWORK", default_value = "ltc-regtest")]
     btc_network: String,
+    /// Approvers who have not answered a request are asked again this often (seconds).
+    #[arg(long, env = "CUSTOS_APPROVAL_REMINDER_SECS", default_value_t = 3600)]
+    approval_reminder_secs: u64,
     /// Do not start a local regtest node when none is configured.
     #[arg(long)]
     no_local_node: bool,
@@ -179,6 +182,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             http_addr: args.http_addr,
             public_url: args.public_url.clone(),
             channels: services::Channels::from_env(),
+            remind_every: Duration::from_secs(args.approval_reminder_secs.max(1)),
         },
         &shutdown,
     )

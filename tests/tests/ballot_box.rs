@@ -831,3 +831,65 @@ async fn requests_past_their_expiry_are_rejected_scenario() {
     );
     s.finish().await;
 }
+
+#[test]
+fn reminders_go_to_the_approvers_who_have_not_answered() {
+    bounded(reminders_go_to_the_approvers_who_have_not_answered_scenario);
+}
+
+async fn reminders_go_to_the_approvers_who_have_not_answered_scenario() {
+    use custos_workers::approvals::step::reminders_due;
+    use std::collections::HashMap;
+    let s = Setup::start().await;
+    let id = s.transfer_awaiting_approvals("remind", "200").await;
+    let notice = s.notice(&id).await;
+    s.ballot_box
+        .cast(approve(&notice, "tm1"))
+        .await
+        .expect("tm1 approves");
+    let due = |every: i64, asked: HashMap<String, i64>| {
+        let trail = s.trail.clone();
+        async move {
+            trail
+                .read(move |view| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    reminders_due(view, now, every, &asked)
+                        .into_iter()
+                        .map(|(n, users)| {
+                            (n.workflow_id, users.into_iter().map(|u| u.id).collect())
+                        })
+                        .collect::<Vec<(String, Vec<String>)>>()
+                })
+                .await
+                .expect("the replica reads")
+        }
+    };
+    // Due at once: the treasury managers who have not answered, nobody else.
+    let reminded = due(0, HashMap::new()).await;
+    let ours: Vec<&Vec<String>> = reminded
+        .iter()
+        .filter(|(w, _)| *w == id)
+        .map(|(_, u)| u)
+        .collect();
+    assert_eq!(
+        ours,
+        [&(2..=6).map(|i| format!("tm{i}")).collect::<Vec<_>>()],
+        "{reminded:?}"
+    );
+    // Not yet due an hour after the decision, nor right after a reminder.
+    assert!(
+        due(3_600_000, HashMap::new())
+            .await
+            .iter()
+            .all(|(w, _)| *w != id),
+        "not due within the hour"
+    );
+    let asked = HashMap::from([(id.clone(), i64::MAX / 2)]);
+    assert!(
+        due(1, asked).await.iter().all(|(w, _)| *w != id),
+        "not due right after a reminder"
+    );
+    s.finish().await;
+}

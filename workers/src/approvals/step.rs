@@ -2,12 +2,14 @@
 //! approver on every configured channel; rejects requests whose approvals did not
 //! come in before the expiry.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
 use custos_engine::policy::AwaitsApprovals;
 use custos_engine::transfer::Stage;
+use custos_schemas::approval::ApprovalNotice;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, UserRecord,
 };
@@ -173,9 +175,10 @@ pub async fn expire<A: Appender>(
     }
 }
 
-/// `TRANSACTION_REJECTED` for every request (transfer or change) awaiting
-/// approvals past its expiry.
-pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
+/// Every request (transfer or change) awaiting approvals.
+fn awaiting_approvals(
+    view: &TrailView,
+) -> impl Iterator<Item = (AggregateKind, &str, &dyn AwaitsApprovals, u64)> {
     let transfers = view
         .ledger
         .transfers()
@@ -193,8 +196,82 @@ pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
                 c.version,
             )
         });
-    transfers
-        .chain(changes)
+    transfers.chain(changes)
+}
+
+/// The eligible approvers who have not answered, per request awaiting
+/// approvals that was last asked `every` ago or more (`asked`: when each was
+/// last asked, ms; absent means at its decision).
+pub fn reminders_due(
+    view: &TrailView,
+    now: i64,
+    every: i64,
+    asked: &HashMap<String, i64>,
+) -> Vec<(ApprovalNotice, Vec<UserRecord>)> {
+    awaiting_approvals(view)
+        .filter_map(|(_, id, w, _)| {
+            let last = asked
+                .get(id)
+                .copied()
+                .or_else(|| w.decision().map(|d| d.evaluated_at))?;
+            if now - last < every {
+                return None;
+            }
+            let notice = notice(view, id, now)?;
+            let voted: Vec<&str> = w.votes().iter().map(|v| v.user.as_str()).collect();
+            let waiting: Vec<UserRecord> = eligible_approvers(view, id)
+                .into_iter()
+                .filter(|u| !voted.contains(&u.id.as_str()))
+                .collect();
+            Some((notice, waiting))
+        })
+        .collect()
+}
+
+/// Asks again, every `every`, the approvers who have not answered a request
+/// still awaiting approvals, until `shutdown`.
+pub async fn remind(
+    trail: Trail,
+    notifiers: Vec<Arc<dyn Notifier>>,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut asked: HashMap<String, i64> = HashMap::new();
+    let every_ms = i64::try_from(every.as_millis()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(every.min(Duration::from_secs(60)));
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let due = match trail
+            .read(|view| reminders_due(view, now, every_ms, &asked))
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "approval reminders skipped");
+                continue;
+            }
+        };
+        for (notice, waiting) in due {
+            for user in &waiting {
+                for n in &notifiers {
+                    if let Err(e) = n.ask(user, &notice).await {
+                        tracing::warn!(error = %e, "approval reminder not delivered");
+                    }
+                }
+            }
+            asked.insert(notice.workflow_id.clone(), now);
+        }
+    }
+}
+
+/// `TRANSACTION_REJECTED` for every request (transfer or change) awaiting
+/// approvals past its expiry.
+pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
+    awaiting_approvals(view)
         .filter_map(|(kind, id, w, version)| {
             let expires_at = w.decision()?.expires_at?;
             (now > expires_at).then(|| Proposal {
