@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +14,7 @@ use custos_schemas::{
 };
 use custos_workers::Shutdown;
 use custos_workers::ledger::LedgerConfig;
-use custos_workers::policy_step::{PolicyStep, PriceTable};
+use custos_workers::policy_step::{PolicyStep, PriceTable, Prices};
 use custos_workers::trail::Trail;
 
 use crate::services;
@@ -54,6 +55,13 @@ pub struct UpArgs {
     /// Without one, rules that need a fiat value block (fail closed).
     #[arg(long, env = "CUSTOS_PRICES_FILE")]
     prices: Option<PathBuf>,
+    /// A price feed (HTTP GET, JSON shaped like the price table) read every
+    /// `--price-feed-every-secs`; replaces `--prices`. Readings older than the
+    /// policy's `max_price_age` count as missing (fail closed).
+    #[arg(long, env = "CUSTOS_PRICE_FEED_URL")]
+    price_feed: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    price_feed_every_secs: u64,
     /// Keep events this many days (0: forever).
     #[arg(long, env = "CUSTOS_RETENTION_DAYS", default_value_t = 0)]
     retention_days: u64,
@@ -161,7 +169,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let (policy_name, policy_version) = (policy.name.clone(), policy.version().to_string());
     let configured = policy.clone();
-    let step = PolicyStep::new(js.clone(), policy, prices)
+    prices.snapshot(0).map_err(anyhow::Error::msg)?;
+    let prices = match &args.price_feed {
+        Some(url) => {
+            let reading = Arc::new(std::sync::Mutex::new(None));
+            tokio::spawn(custos_workers::policy_step::follow_price_feed(
+                url.clone(),
+                Duration::from_secs(args.price_feed_every_secs.max(1)),
+                reading.clone(),
+                shutdown.clone(),
+            ));
+            Prices::Feed(reading)
+        }
+        None => Prices::Table(Arc::new(prices)),
+    };
+    let step = PolicyStep::with_prices(js.clone(), policy, prices)
         .await
         .map_err(anyhow::Error::msg)?;
     let _policy_step = tokio::spawn(custos_workers::runtime::run(

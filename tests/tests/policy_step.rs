@@ -179,3 +179,126 @@ async fn transfers_are_allowed_sent_for_approval_or_blocked_by_the_default_polic
         .await
         .expect("the trail verifies");
 }
+
+/// Prices from an HTTP feed: the step decides with the feed's latest reading,
+/// follows its changes, and a reading older than the policy's maximum price age
+/// counts as missing (the transfer is blocked, fail closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_price_feed_is_followed_and_a_stale_reading_fails_closed() {
+    use custos_workers::policy_step::{Prices, follow_price_feed};
+    use std::sync::{Arc, Mutex};
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    append_ok(
+        &engine.ledger,
+        vec![
+            wallet_created("treasury", "ltc-regtest", &taproot_address("rltc", [1; 32])),
+            user("erp", &["initiator"], &[]),
+        ],
+    )
+    .await;
+    let served = Arc::new(Mutex::new(r#"{"LTC": {"EUR": "80"}}"#.to_string()));
+    let body = served.clone();
+    let app = axum::Router::new().route(
+        "/prices",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body.lock().map(|b| b.clone()).unwrap_or_default() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/prices", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let reading = Arc::new(Mutex::new(None));
+    let (feed_trigger, feed_shutdown) = Shutdown::new();
+    tokio::spawn(follow_price_feed(
+        url,
+        Duration::from_millis(100),
+        reading.clone(),
+        feed_shutdown,
+    ));
+    let price_of = |reading: &Arc<Mutex<Option<(i64, PriceTable)>>>| {
+        reading.lock().ok().and_then(|r| {
+            r.as_ref()
+                .and_then(|(_, t)| t.quotes.get("LTC").and_then(|q| q.get("EUR")).cloned())
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            price_of(&reading).as_deref() == Some("80")
+        })
+        .await,
+        "the feed is read"
+    );
+    let step = PolicyStep::with_prices(
+        nats.js().await,
+        policy::default_policy().expect("default policy"),
+        Prices::Feed(reading.clone()),
+    )
+    .await
+    .expect("policy step");
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(custos_workers::runtime::run(
+        nats.js().await,
+        engine.ledger.clone(),
+        step,
+        shutdown,
+    ));
+    let to = taproot_address("rltc", [9; 32]);
+    let decide = |id: &'static str| {
+        let (nats, client, to) = (&nats, &engine.client, to.clone());
+        async move {
+            let body = json!({"requestId": id, "wallet": "treasury", "asset": "LTC",
+                "destination": to, "amount": "1", "initiator": "erp"});
+            let wf = match submit_json(client, &body).await {
+                IntakeReply::Accepted { workflow_id, .. } => workflow_id,
+                other => panic!("{other:?}"),
+            };
+            assert!(
+                eventually(Duration::from_secs(20), || async {
+                    history(nats, &wf).await.len() == 2
+                })
+                .await,
+                "{id} decided"
+            );
+            match &history(nats, &wf).await[1].payload {
+                Payload::PolicyEvaluated(d) => d.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let d = decide("feed-80").await;
+    assert_eq!(d.outcome, PolicyOutcome::Allow, "{}", d.explanation);
+    assert_eq!(d.fiat_value.map(|f| f.amount), Some("80.00".to_string()));
+
+    *served.lock().expect("served") = r#"{"LTC": {"EUR": "2000"}}"#.into();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            price_of(&reading).as_deref() == Some("2000")
+        })
+        .await,
+        "the feed's change is read"
+    );
+    let d = decide("feed-2000").await;
+    assert_eq!(
+        d.outcome,
+        PolicyOutcome::RequireApprovals,
+        "{}",
+        d.explanation
+    );
+
+    // The feed stops; its last reading ages past the policy's 5 minutes.
+    feed_trigger.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Ok(mut r) = reading.lock()
+        && let Some((at, _)) = r.as_mut()
+    {
+        *at -= 10 * 60 * 1000;
+    }
+    let d = decide("feed-stale").await;
+    assert_eq!(d.outcome, PolicyOutcome::Block, "{}", d.explanation);
+    assert!(d.explanation.contains("price"), "{}", d.explanation);
+    trigger.trigger();
+}

@@ -48,6 +48,77 @@ impl PriceTable {
     }
 }
 
+/// Where the policy's prices come from.
+#[derive(Debug, Clone)]
+pub enum Prices {
+    /// A configured table, stating the prices as of now.
+    Table(Arc<PriceTable>),
+    /// A feed's last reading, as of when it was read (so the policy's maximum
+    /// price age applies; none yet: every price is missing, which fails closed).
+    Feed(Arc<Mutex<Option<(i64, PriceTable)>>>),
+}
+
+impl Prices {
+    fn snapshot(&self, now: i64) -> Result<PriceSnapshot, String> {
+        match self {
+            Prices::Table(t) => t.snapshot(now),
+            Prices::Feed(reading) => {
+                match reading.lock().map_err(|_| "price feed poisoned")?.as_ref() {
+                    Some((at, table)) => table.snapshot(*at),
+                    None => Ok(PriceSnapshot::new()),
+                }
+            }
+        }
+    }
+}
+
+/// Reads the price feed at `url` every `every` until `shutdown`: JSON shaped
+/// like the price table, `{"LTC": {"EUR": "80", "USD": "86"}}`. A reading that
+/// fails or does not parse leaves the last good one to age out.
+pub async fn follow_price_feed(
+    url: String,
+    every: std::time::Duration,
+    reading: Arc<Mutex<Option<(i64, PriceTable)>>>,
+    mut shutdown: Shutdown,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap_or_default();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        let fetched = async {
+            let quotes = http
+                .get(&url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .map_err(|e| e.to_string())?
+                .json::<BTreeMap<String, BTreeMap<String, String>>>()
+                .await
+                .map_err(|e| format!("not a price table: {e}"))?;
+            let table = PriceTable { quotes };
+            table.snapshot(0)?;
+            Ok::<_, String>(table)
+        };
+        match fetched.await {
+            Ok(table) => {
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                if let Ok(mut r) = reading.lock() {
+                    *r = Some((at, table));
+                }
+            }
+            Err(e) => tracing::warn!(%url, error = %e, "price feed not read"),
+        }
+    }
+}
+
 /// The policy step.
 #[derive(Debug, Clone)]
 pub struct PolicyStep {
@@ -55,7 +126,7 @@ pub struct PolicyStep {
     /// Stops the step's trail follower when the last clone of the step is gone.
     _follower: Arc<ShutdownTrigger>,
     policy: Arc<ActivePolicy>,
-    prices: Arc<PriceTable>,
+    prices: Prices,
     velocity: Arc<Mutex<VelocityState>>,
     consumer: StepConsumer,
 }
@@ -70,6 +141,15 @@ impl PolicyStep {
         prices: PriceTable,
     ) -> Result<Self, String> {
         prices.snapshot(0)?;
+        Self::with_prices(js, policy, Prices::Table(Arc::new(prices))).await
+    }
+
+    /// As [`PolicyStep::new`], with prices from `prices` (a table or a feed).
+    pub async fn with_prices(
+        js: jetstream::Context,
+        policy: Policy,
+        prices: Prices,
+    ) -> Result<Self, String> {
         let mut velocity = VelocityState::new(policy.currency);
         let filter =
             subjects::event_type_filter(AggregateKind::Tx, EventType::PolicyEvaluated.as_str());
@@ -93,7 +173,7 @@ impl PolicyStep {
             trail,
             _follower: Arc::new(trigger),
             policy: Arc::new(ActivePolicy::new(policy)),
-            prices: Arc::new(prices),
+            prices,
             velocity: Arc::new(Mutex::new(velocity)),
             consumer,
         })
