@@ -15,6 +15,7 @@ use custos_engine::transfer::Stage;
 use custos_schemas::{Actor, ContentType, IntakeReply, TransferRequest, subjects};
 use custos_workers::approvals::ApprovalLinks;
 use custos_workers::approvals::links::LinkIssuer;
+use custos_workers::ceremony::Announcement;
 use custos_workers::ledger::LedgerHandle;
 use custos_workers::trail::Trail;
 use custos_workers::wallets::{CreateWallet, CreateWalletReply};
@@ -171,16 +172,25 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Waits until the three local guardians have announced themselves since the
+/// demo started (an earlier run's announcements do not count).
 async fn wait_for_guardians(js: &jetstream::Context) -> anyhow::Result<()> {
     let bucket = js
         .get_key_value(subjects::GUARDIANS_BUCKET)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let started = Instant::now();
+    let since = now_ms();
     loop {
         let mut live = 0;
         for id in ["g1", "g2", "g3"] {
-            live += usize::from(matches!(bucket.get(id).await, Ok(Some(_))));
+            let fresh = match bucket.get(id).await {
+                Ok(Some(v)) => {
+                    serde_json::from_slice::<Announcement>(&v).is_ok_and(|a| a.seen_ms >= since)
+                }
+                _ => false,
+            };
+            live += usize::from(fresh);
         }
         if live == 3 {
             return Ok(());

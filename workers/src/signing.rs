@@ -637,6 +637,22 @@ impl SignStep {
                 }
             }
         }
+        // Guardians that only did not answer (restarting, a network cut) may be
+        // back soon: retry later rather than fail the transfer.
+        if !excluded.is_empty()
+            && excluded.iter().all(|(_, reason)| {
+                reason.contains("unreachable") || reason.contains("did not answer")
+            })
+        {
+            return Err(format!(
+                "fewer than {threshold} guardians answered: {}",
+                excluded
+                    .iter()
+                    .map(|(_, reason)| reason.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         Ok(Ceremony::Failed {
             reason: format!(
                 "fewer than {threshold} guardians could sign ({} left after exclusions)",
