@@ -1,5 +1,6 @@
 //! `custos wallet`: create (a key ceremony among guardians), rotate, remove or
-//! add a guardian (key ceremonies on the same key), show, list.
+//! add a guardian, set the threshold (key ceremonies on the same key), show,
+//! list.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -56,6 +57,16 @@ pub enum WalletCommand {
         /// Comma-separated helpers (default: the first threshold-many guardians).
         #[arg(long, value_delimiter = ',')]
         helpers: Vec<String>,
+        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
+        initiator: String,
+    },
+    /// Change a FROST wallet's threshold: the guardians redistribute their
+    /// shares verifiably under the new threshold (same key, address and
+    /// guardians; 2 <= threshold <= guardians).
+    SetThreshold {
+        name: String,
+        #[arg(long)]
+        threshold: u16,
         #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
         initiator: String,
     },
@@ -132,6 +143,14 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
             let change = GuardianChange::Add { guardian, helpers };
             lifecycle(&client, name, initiator, Some(change)).await
         }
+        WalletCommand::SetThreshold {
+            name,
+            threshold,
+            initiator,
+        } => {
+            let change = GuardianChange::Threshold { threshold };
+            lifecycle(&client, name, initiator, Some(change)).await
+        }
         WalletCommand::Show { name, json } => {
             custos_schemas::validate_token("name", &name)?;
             let wallets = wallets(&client, Some(&name)).await?;
@@ -205,6 +224,9 @@ async fn lifecycle(
         None => "rotated the key shares of".to_string(),
         Some(GuardianChange::Remove { guardian }) => format!("removed guardian {guardian} from"),
         Some(GuardianChange::Add { guardian, .. }) => format!("added guardian {guardian} to"),
+        Some(GuardianChange::Threshold { threshold }) => {
+            format!("set threshold {threshold} on")
+        }
     };
     let request = RotateWallet {
         name,
@@ -260,7 +282,7 @@ async fn ask(
 }
 
 /// Wallets recorded in the trail (one, or all), by name, as their last
-/// creation or guardian change left them.
+/// creation, guardian or threshold change left them.
 async fn wallets(
     client: &async_nats::Client,
     name: Option<&str>,
@@ -269,8 +291,9 @@ async fn wallets(
     let filter = subjects::aggregate_filter(AggregateKind::Wallet, name.unwrap_or("*"));
     let mut out = BTreeMap::new();
     for event in crate::tx::read_decoded(&js, Some(filter)).await? {
-        if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
-            event.payload
+        if let Payload::WalletCreated(w)
+        | Payload::GuardianChanged { wallet: w, .. }
+        | Payload::ThresholdChanged { wallet: w, .. } = event.payload
         {
             out.insert(w.name.clone(), w);
         }

@@ -272,30 +272,60 @@ impl Ledger {
     }
 
     fn note_wallet(&mut self, event: &Event) {
-        if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
-            &event.payload
+        if let Payload::WalletCreated(w)
+        | Payload::GuardianChanged { wallet: w, .. }
+        | Payload::ThresholdChanged { wallet: w, .. } = &event.payload
         {
             self.wallets.insert(w.name.clone(), w.clone());
         }
     }
 
-    /// A guardian change replaces a recorded wallet's roster, never its key:
-    /// signing reads the roster from here, and funds sit at the address.
+    /// A guardian or threshold change replaces a recorded wallet's roster or
+    /// threshold, never its key: signing reads both from here, and funds sit at
+    /// the address.
     fn check_roster_change(&self, event: &Event) -> Result<(), String> {
-        let Payload::GuardianChanged { wallet: w, .. } = &event.payload else {
-            return Ok(());
+        let w = match &event.payload {
+            Payload::GuardianChanged { wallet: w, .. } => {
+                if !matches!(
+                    event.event_type,
+                    EventType::GuardianAdded | EventType::GuardianRemoved
+                ) || event.aggregate_kind != AggregateKind::Wallet
+                    || w.name != event.workflow_id
+                {
+                    return Err(format!(
+                        "a guardian change of wallet {} belongs to aggregate wallet.{} as GUARDIAN_ADDED or GUARDIAN_REMOVED",
+                        w.name, w.name
+                    ));
+                }
+                w
+            }
+            Payload::ThresholdChanged {
+                wallet: w,
+                threshold,
+                ..
+            } => {
+                if event.event_type != EventType::ThresholdModified
+                    || event.aggregate_kind != AggregateKind::Wallet
+                    || w.name != event.workflow_id
+                    || w.threshold != Some(*threshold)
+                {
+                    return Err(format!(
+                        "a threshold change of wallet {} belongs to aggregate wallet.{} as THRESHOLD_MODIFIED, with the wallet's new threshold",
+                        w.name, w.name
+                    ));
+                }
+                if let Some(old) = self.wallets.get(&w.name)
+                    && old.guardians != w.guardians
+                {
+                    return Err(format!(
+                        "a threshold change keeps wallet {}'s guardians",
+                        w.name
+                    ));
+                }
+                w
+            }
+            _ => return Ok(()),
         };
-        if !matches!(
-            event.event_type,
-            EventType::GuardianAdded | EventType::GuardianRemoved
-        ) || event.aggregate_kind != AggregateKind::Wallet
-            || w.name != event.workflow_id
-        {
-            return Err(format!(
-                "a guardian change of wallet {} belongs to aggregate wallet.{} as GUARDIAN_ADDED or GUARDIAN_REMOVED",
-                w.name, w.name
-            ));
-        }
         let Some(old) = self.wallets.get(&w.name) else {
             return Err(format!("no wallet {} to change the guardians of", w.name));
         };

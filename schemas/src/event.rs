@@ -339,6 +339,19 @@ pub enum Payload {
         public_digest: String,
         wallet: WalletDescriptor,
     },
+    /// `THRESHOLD_MODIFIED`: a redistribution of the shares (verifiable, among
+    /// the guardians) changed the wallet's threshold; `wallet` is its new
+    /// descriptor (same guardians, group key and address), the threshold
+    /// signing reads from now on.
+    ThresholdChanged {
+        /// The new threshold (also in `wallet`).
+        threshold: u16,
+        ceremony_id: String,
+        /// The redistribution transcript (parameters and every dealing), as
+        /// every guardian computed it.
+        transcript: String,
+        wallet: WalletDescriptor,
+    },
 }
 
 /// A directory user as recorded.

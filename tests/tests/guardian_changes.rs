@@ -2,7 +2,9 @@
 //! (a refresh among the others) and adding one (a repair by threshold-many
 //! helpers), each recorded with the wallet's new roster and the same address;
 //! signing follows the recorded roster; bad requests are refused with nothing
-//! recorded, and a ceremony that fails leaves the wallet as it was.
+//! recorded, and a ceremony that fails leaves the wallet as it was. A threshold
+//! change (verifiable redistribution among the same guardians) keeps the
+//! address and group key, and signing then needs the new threshold.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -424,6 +426,217 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     );
     let shown = share_on_disk(guardians[3].dir.path(), "g4", "vault").expect("g4 keeps its share");
     assert_eq!(shown.1.verifying_shares().len(), 3);
+
+    trigger.trigger();
+    drop(guardians);
+    verify_stream(&js).await.expect("the trail verifies");
+}
+
+fn threshold(t: u16) -> Option<GuardianChange> {
+    Some(GuardianChange::Threshold { threshold: t })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_threshold_changes_on_the_same_address() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let ids = ["g1", "g2", "g3"];
+    let guardians: Vec<Guardian> = ids
+        .iter()
+        .map(|id| start_guardian(client.clone(), id))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+                return false;
+            };
+            let mut n = 0;
+            for id in ids {
+                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
+            }
+            n == ids.len()
+        })
+        .await,
+        "guardians announce themselves"
+    );
+    let created = match custos_workers::wallets::create(
+        &client,
+        &engine.ledger,
+        CreateWallet {
+            name: "vault".into(),
+            model: "frost".into(),
+            threshold: 2,
+            guardians: ids.iter().map(|g| g.to_string()).collect(),
+            chain: "ltc-regtest".into(),
+            initiator: "ops".into(),
+        },
+    )
+    .await
+    {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+
+    // Thresholds out of range (or unchanged): refused, nothing recorded.
+    let before = events(&nats).await.len();
+    for (t, why) in [
+        (
+            1,
+            "threshold: 1 of 3 guardians (needs 2 <= threshold <= guardians)",
+        ),
+        (
+            4,
+            "threshold: 4 of 3 guardians (needs 2 <= threshold <= guardians)",
+        ),
+        (2, "wallet vault already has threshold 2"),
+    ] {
+        let reply = change(&client, &engine, threshold(t)).await;
+        assert!(
+            matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains(why)),
+            "{why}: {reply:?}"
+        );
+    }
+    assert_eq!(events(&nats).await.len(), before, "nothing recorded");
+
+    // 2-of-3 becomes 3-of-3: same guardians, group key and address.
+    let changed = match change(&client, &engine, threshold(3)).await {
+        CreateWalletReply::Created { wallet } => wallet,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(changed.threshold, Some(3));
+    assert_eq!(
+        (&changed.address, &changed.group_key, &changed.guardians),
+        (&created.address, &created.group_key, &created.guardians)
+    );
+    let last = events(&nats).await.pop().expect("an event");
+    assert_eq!(last.event_type, EventType::ThresholdModified);
+    assert!(
+        matches!(&last.payload, Payload::ThresholdChanged { threshold: 3, wallet, transcript, .. }
+            if *wallet == changed && transcript.len() == 64),
+        "{:?}",
+        last.payload
+    );
+
+    // The guardians' new shares: any two no longer sign, all three do, under
+    // the unchanged group key.
+    let shares: Vec<(KeyPackage, PublicKeyPackage)> = guardians
+        .iter()
+        .zip(ids)
+        .map(|(g, id)| share_on_disk(g.dir.path(), id, "vault").expect("a share"))
+        .collect();
+    let public = &shares[0].1;
+    assert_eq!(public.min_signers(), Some(3));
+    assert_eq!(
+        hex::encode(public.verifying_key().serialize().expect("key")),
+        created.group_key.clone().expect("group key")
+    );
+    let sighash = Sighash::from_recomputed([7; 32]);
+    assert!(
+        sim::run_signing(
+            &[&shares[0].0, &shares[1].0],
+            public,
+            &sighash,
+            &mut rand::rngs::OsRng
+        )
+        .is_err(),
+        "two shares no longer sign"
+    );
+    assert!(
+        sim::run_signing(
+            &[&shares[0].0, &shares[1].0, &shares[2].0],
+            public,
+            &sighash,
+            &mut rand::rngs::OsRng
+        )
+        .is_ok()
+    );
+
+    // A transfer is signed by all three guardians; with g3 down, g1 and g2
+    // alone cannot sign the next one.
+    let default = policy::default_policy().expect("default policy");
+    append_ok(
+        &engine.ledger,
+        vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: default.name.clone(),
+                    version: default.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "erp",
+                EventType::UserCreated,
+                Payload::UserCreated(UserRecord {
+                    id: "erp".into(),
+                    name: "ERP".into(),
+                    email: "erp@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: vec![],
+                    mfa_enrolled: false,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let mut prices = PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = PolicyStep::new(js.clone(), default, prices)
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js.clone(),
+        engine.ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    let destination = taproot_address("rltc", [9; 32]);
+    let mut transfers = Vec::new();
+    for n in 0..2 {
+        let body = json!({"requestId": format!("pay-{n}"), "wallet": "vault", "asset": "LTC",
+            "destination": destination, "amount": "1.5", "initiator": "erp"});
+        match submit_json(&engine.client, &body).await {
+            IntakeReply::Accepted { workflow_id, .. } => transfers.push(workflow_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    for id in &transfers {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                stage_of(&nats, id).await == Stage::ReadyToSign
+            })
+            .await,
+            "{id} allowed by policy"
+        );
+    }
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .expect("trail");
+    let step = SignStep::new(client.clone(), trail).expect("sign step");
+    build(&engine, &nats, &changed, &transfers[0], &destination).await;
+    assert_eq!(signers(&step, &transfers[0]).await, ["g1", "g2", "g3"]);
+
+    guardians[2].trigger.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    build(&engine, &nats, &changed, &transfers[1], &destination).await;
+    match step.ceremony(&transfers[1]).await {
+        Err(reason) | Ok(Ceremony::Failed { reason, .. }) => {
+            assert!(reason.contains("fewer than 3 guardians"), "{reason}")
+        }
+        Ok(other) => panic!("signed with two guardians: {other:?}"),
+    }
+    assert_ne!(stage_of(&nats, &transfers[1]).await, Stage::Signed);
 
     trigger.trigger();
     drop(guardians);

@@ -99,6 +99,24 @@ pub enum GuardianRequest {
         ceremony_id: String,
         result: SignedMessage,
     },
+    /// Start changing the wallet's threshold (verifiable redistribution: same
+    /// group key, same guardians): deal this guardian's Lagrange-weighted share
+    /// to every member under `min_signers`; answer with the signed dealing
+    /// (public commitments) and the sub-shares sealed to each other member.
+    ReshareStart {
+        ceremony_id: String,
+        wallet: String,
+        min_signers: u16,
+        roster: Vec<RosterEntry>,
+    },
+    /// Every member's signed dealing and the sub-shares sealed to this
+    /// guardian: verify them (naming a bad dealer), keep the new share
+    /// (pending) and answer with the signed group key and transcript.
+    ReshareFinalize {
+        ceremony_id: String,
+        dealings: Vec<SignedMessage>,
+        shares: Vec<SignedMessage>,
+    },
     /// The ceremony is recorded in the trail: the pending share becomes the
     /// wallet's (replacing the old one after a rotation). A guardian the recorded
     /// roster no longer lists forgets its share instead.
@@ -120,6 +138,8 @@ impl GuardianRequest {
             | GuardianRequest::RepairCombine { ceremony_id, .. }
             | GuardianRequest::RepairFinish { ceremony_id, .. }
             | GuardianRequest::RepairAdmit { ceremony_id, .. }
+            | GuardianRequest::ReshareStart { ceremony_id, .. }
+            | GuardianRequest::ReshareFinalize { ceremony_id, .. }
             | GuardianRequest::Commit { ceremony_id, .. }
             | GuardianRequest::Abort { ceremony_id } => ceremony_id,
         }
@@ -157,6 +177,12 @@ pub enum GuardianReply {
     },
     /// Refresh round-2 packages, each sealed to its recipient.
     Sealed {
+        shares: Vec<SignedMessage>,
+    },
+    /// A redistribution dealer's signed dealing (broadcast) and its sub-shares,
+    /// each sealed to its recipient.
+    Dealt {
+        dealing: SignedMessage,
         shares: Vec<SignedMessage>,
     },
     /// Payload: the 33-byte group verifying key, then a 32-byte digest (the DKG

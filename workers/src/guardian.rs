@@ -15,6 +15,7 @@ use custos_custody::frost::keys::repairable::{Delta, Sigma};
 use custos_custody::frost::keys::{KeyPackage, PublicKeyPackage, VerifyingShare};
 use custos_custody::identity::{GuardianKeys, GuardianPublic, Inbox, SignedMessage};
 use custos_custody::lifecycle::{self, RefreshRound1, RefreshRound2};
+use custos_custody::reshare::{self, Dealing, Redistribution, SubShare};
 use custos_custody::seal::Sealed;
 use custos_custody::{Identifier, frost, store};
 use custos_schemas::{codec, subjects, validate_token};
@@ -70,6 +71,12 @@ enum Stage {
     },
     /// A member waiting for the newcomer's verifying share.
     Admit(Identifier, Box<Share>),
+    /// A redistribution dealer (and new member) holding its own dealing and
+    /// the sub-share it dealt itself until the others' arrive.
+    Reshare {
+        params: Box<Redistribution>,
+        own: Box<(Dealing, SubShare)>,
+    },
     /// Finished; the share is pending until the ceremony is recorded.
     Done,
 }
@@ -375,6 +382,23 @@ fn handle(
         GuardianRequest::RepairAdmit { result, .. } => {
             repair_admit(keys, config, sessions, &ceremony_id, &result)
         }
+        GuardianRequest::ReshareStart {
+            wallet,
+            min_signers,
+            roster,
+            ..
+        } => reshare_start(
+            keys,
+            config,
+            sessions,
+            &ceremony_id,
+            &wallet,
+            min_signers,
+            roster,
+        ),
+        GuardianRequest::ReshareFinalize {
+            dealings, shares, ..
+        } => reshare_finalize(keys, config, sessions, &ceremony_id, &dealings, &shares),
         GuardianRequest::Abort { .. } => {
             sessions.remove(&ceremony_id);
             let _ = std::fs::remove_file(pending_path(config, &ceremony_id));
@@ -968,6 +992,152 @@ fn repair_admit(
         Ok(keys.sign_message(ceremony_id, None, rounds::RESULT, payload))
     })();
     match admitted {
+        Ok(message) => GuardianReply::Result { message },
+        Err(reason) => {
+            sessions.remove(ceremony_id);
+            refused(reason)
+        }
+    }
+}
+
+/// A member starts changing the wallet's threshold: it deals its
+/// Lagrange-weighted share to every member under the new threshold (the
+/// dealing broadcast, each other member's sub-share sealed to it).
+fn reshare_start(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    wallet: &str,
+    min_signers: u16,
+    roster: Vec<RosterEntry>,
+) -> GuardianReply {
+    let started = (|| {
+        validate_token("wallet", wallet).map_err(|e| e.to_string())?;
+        let share = load_share(config, wallet)?;
+        let members: BTreeSet<Identifier> =
+            share.public.verifying_shares().keys().copied().collect();
+        let roster_ids = identifiers(&roster.iter().map(|e| e.index).collect::<Vec<_>>())?;
+        if roster_ids != members {
+            return Err("the roster does not name the wallet's guardians".to_string());
+        }
+        let params = Redistribution::new(
+            ceremony_id,
+            share.public.clone(),
+            members.clone(),
+            min_signers,
+            members,
+        )
+        .map_err(|e| e.to_string())?;
+        first_use(config, sessions, ceremony_id)?;
+        let mut session = session(ceremony_id, keys.id(), min_signers, roster, Stage::Done)?;
+        let me = *share.key.identifier();
+        let (dealing, mut subs) =
+            reshare::deal(&params, &share.key, &mut OsRng).map_err(|e| e.to_string())?;
+        let own = subs.remove(&me).ok_or("no sub-share of my own")?;
+        let mut sealed = Vec::new();
+        for (to, sub) in &subs {
+            let recipient = session
+                .ceremony
+                .members
+                .get(to)
+                .ok_or("a sub-share for a non-member")?;
+            let s = reshare::seal_sub_share(keys, recipient, ceremony_id, sub, &mut OsRng)
+                .map_err(|e| e.to_string())?;
+            sealed.push(keys.sign_message(
+                ceremony_id,
+                Some(&recipient.id),
+                rounds::SHARES,
+                codec::to_msgpack(&s),
+            ));
+        }
+        let broadcast = keys.sign_message(
+            ceremony_id,
+            None,
+            rounds::PACKAGES,
+            codec::to_msgpack(&dealing),
+        );
+        session.stage = Stage::Reshare {
+            params: Box::new(params),
+            own: Box::new((dealing, own)),
+        };
+        sessions.insert(ceremony_id.to_string(), session);
+        Ok((broadcast, sealed))
+    })();
+    match started {
+        Ok((dealing, shares)) => GuardianReply::Dealt { dealing, shares },
+        Err(reason) => refused(reason),
+    }
+}
+
+/// A member checks every dealing and the sub-shares sealed to it (naming a
+/// bad dealer), keeps its new share (pending) and signs the group key and the
+/// redistribution transcript.
+fn reshare_finalize(
+    keys: &GuardianKeys,
+    config: &GuardianConfig,
+    sessions: &mut HashMap<String, Session>,
+    ceremony_id: &str,
+    dealings: &[SignedMessage],
+    shares: &[SignedMessage],
+) -> GuardianReply {
+    let Some(session) = sessions.get_mut(ceremony_id) else {
+        return refused(format!("no ceremony {ceremony_id} in progress here"));
+    };
+    let Stage::Reshare { params, own } = std::mem::replace(&mut session.stage, Stage::Done) else {
+        return refused("this ceremony is not waiting for dealings");
+    };
+    let (own_dealing, own_sub) = *own;
+    let finished = (|| {
+        let me = own_dealing.dealer;
+        let mut received = BTreeMap::from([(me, own_dealing)]);
+        for m in dealings.iter().filter(|m| m.sender != keys.id()) {
+            let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+            let from = session.ceremony.identifier_of(&m.sender);
+            let dealing: Dealing = codec::from_msgpack(payload)
+                .map_err(|e| format!("malformed dealing from {}: {e}", m.sender))?;
+            if from != Some(dealing.dealer) || received.contains_key(&dealing.dealer) {
+                return Err(format!("an unexpected dealing from {}", m.sender));
+            }
+            reshare::verify_dealing(&params, &dealing)
+                .map_err(|e| format!("dealing from {}: {e}", m.sender))?;
+            received.insert(dealing.dealer, dealing);
+        }
+        session.inbox.advance_to(rounds::SHARES);
+        let mut subs = BTreeMap::from([(me, own_sub)]);
+        for m in shares {
+            let payload = session.inbox.accept(m).map_err(|e| e.to_string())?;
+            let from = session
+                .ceremony
+                .identifier_of(&m.sender)
+                .ok_or_else(|| format!("a sub-share from {}, not a member", m.sender))?;
+            let sealed: Sealed = codec::from_msgpack(payload)
+                .map_err(|e| format!("malformed sub-share from {}: {e}", m.sender))?;
+            let sub = reshare::open_sub_share(keys, &sealed, ceremony_id, &m.sender, from)
+                .map_err(|e| format!("guardian {}: {e}", m.sender))?;
+            if subs.insert(from, sub).is_some() {
+                return Err(format!("two sub-shares from {}", m.sender));
+            }
+        }
+        session.inbox.advance_to(rounds::RESULT);
+        let (key, public) =
+            reshare::combine(&params, &me, &received, &subs).map_err(|e| e.to_string())?;
+        let transcript = reshare::transcript(&params, &received).map_err(|e| e.to_string())?;
+        save_share(
+            config,
+            &pending_path(config, ceremony_id),
+            ceremony_id,
+            &key,
+            &public,
+        )?;
+        let mut payload = public
+            .verifying_key()
+            .serialize()
+            .map_err(|e| e.to_string())?;
+        payload.extend_from_slice(&transcript);
+        Ok(keys.sign_message(ceremony_id, None, rounds::RESULT, payload))
+    })();
+    match finished {
         Ok(message) => GuardianReply::Result { message },
         Err(reason) => {
             sessions.remove(ceremony_id);

@@ -115,7 +115,8 @@ pub struct RotateWallet {
     pub change: Option<GuardianChange>,
 }
 
-/// A change of a FROST wallet's guardians; the threshold stays.
+/// A change of a FROST wallet's guardians (the threshold stays) or of its
+/// threshold (the guardians stay).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "kind",
@@ -133,6 +134,9 @@ pub enum GuardianChange {
         #[serde(default)]
         helpers: Vec<String>,
     },
+    /// A verifiable redistribution of the shares among the same guardians
+    /// under a new threshold (`2 <= threshold <= guardians`).
+    Threshold { threshold: u16 },
 }
 
 /// What a lifecycle ceremony will do, checked before it starts.
@@ -150,8 +154,8 @@ struct Plan {
 
 /// Rotates every guardian's share of a FROST wallet (refresh: same group key and
 /// address, old shares no longer combine with new ones) or changes its
-/// guardians. Recorded (`KEY_ROTATION_CEREMONY`, `GUARDIAN_REMOVED`,
-/// `GUARDIAN_ADDED`) once every guardian signed the same result; only then do
+/// guardians or its threshold. Recorded (`KEY_ROTATION_CEREMONY`,
+/// `GUARDIAN_REMOVED`, `GUARDIAN_ADDED`, `THRESHOLD_MODIFIED`) once every guardian signed the same result; only then do
 /// guardians commit. Bad input is refused without recording anything.
 pub async fn rotate<A: Appender>(
     client: &Client,
@@ -162,6 +166,7 @@ pub async fn rotate<A: Appender>(
         None => ("key rotation", "rot"),
         Some(GuardianChange::Remove { .. }) => ("guardian removal", "rm"),
         Some(GuardianChange::Add { .. }) => ("guardian addition", "add"),
+        Some(GuardianChange::Threshold { .. }) => ("threshold change", "thr"),
     };
     let (wallet, version, newcomer) = match checked_wallet(client, &request).await {
         Ok(w) => w,
@@ -176,6 +181,9 @@ pub async fn rotate<A: Appender>(
             let digest = match &request.change {
                 Some(GuardianChange::Add { .. }) => {
                     run_repair(client, &ceremony_id, &request.name, &plan).await?
+                }
+                Some(GuardianChange::Threshold { .. }) => {
+                    run_reshare(client, &ceremony_id, &request.name, &plan).await?
                 }
                 _ => {
                     run_refresh(client, &ceremony_id, &request.name, &plan.roster, &wallet).await?
@@ -194,6 +202,12 @@ pub async fn rotate<A: Appender>(
                     guardian: guardian.clone(),
                     ceremony_id: ceremony_id.clone(),
                     public_digest,
+                    wallet: plan.wallet.clone(),
+                },
+                Some(GuardianChange::Threshold { threshold }) => Payload::ThresholdChanged {
+                    threshold: *threshold,
+                    ceremony_id: ceremony_id.clone(),
+                    transcript: public_digest,
                     wallet: plan.wallet.clone(),
                 },
             };
@@ -300,6 +314,20 @@ async fn checked_wallet(
                 .map_err(|e| format!("guardian: {e}"))?
                 .pop();
         }
+        Some(GuardianChange::Threshold { threshold: t }) => {
+            let n = wallet.guardians.len();
+            if *t < 2 || usize::from(*t) > n {
+                return Err(format!(
+                    "threshold: {t} of {n} guardians (needs 2 <= threshold <= guardians)"
+                ));
+            }
+            if *t == threshold {
+                return Err(format!(
+                    "threshold: wallet {} already has threshold {t}",
+                    wallet.name
+                ));
+            }
+        }
     }
     Ok((wallet, version, newcomer))
 }
@@ -369,6 +397,17 @@ async fn plan(
                 helpers,
             })
         }
+        Some(GuardianChange::Threshold { threshold }) => {
+            let roster = pinned_roster(client, &wallet.guardians).await?;
+            next.threshold = Some(*threshold);
+            Ok(Plan {
+                told: ids(&roster),
+                roster,
+                wallet: next,
+                event_type: EventType::ThresholdModified,
+                helpers: Vec::new(),
+            })
+        }
     }
 }
 
@@ -413,8 +452,9 @@ async fn recorded_wallet(client: &Client, name: &str) -> Result<(WalletDescripto
         |stored| {
             if let Ok(event) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
                 version = event.version;
-                if let Payload::WalletCreated(w) | Payload::GuardianChanged { wallet: w, .. } =
-                    event.payload
+                if let Payload::WalletCreated(w)
+                | Payload::GuardianChanged { wallet: w, .. }
+                | Payload::ThresholdChanged { wallet: w, .. } = event.payload
                 {
                     wallet = Some(w);
                 }
@@ -938,6 +978,50 @@ async fn run_repair(
     let (key, digest) = agreed_result(ceremony_id, members, replies, "RepairAdmit")?;
     same_group_key(&key, &plan.wallet)?;
     Ok(digest)
+}
+
+/// The redistribution rounds that change the threshold: every member deals
+/// its weighted share (signed public commitments, sub-shares sealed to each
+/// member), then every member verifies what it received, keeps its new share
+/// (pending) and signs the group key and the transcript. Returns the
+/// transcript every member signed, after checking the group key did not change.
+async fn run_reshare(
+    client: &Client,
+    ceremony_id: &str,
+    wallet_name: &str,
+    plan: &Plan,
+) -> Result<[u8; 32], String> {
+    let id = ceremony_id.to_string();
+    let min_signers = plan.wallet.threshold.ok_or("the wallet has no threshold")?;
+    let replies = ask_all(client, &plan.roster, |_| GuardianRequest::ReshareStart {
+        ceremony_id: id.clone(),
+        wallet: wallet_name.to_string(),
+        min_signers,
+        roster: plan.roster.clone(),
+    })
+    .await?;
+    let mut dealings = Vec::new();
+    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
+    for r in replies {
+        let GuardianReply::Dealt {
+            dealing,
+            shares: sealed,
+        } = r
+        else {
+            return Err("a guardian answered ReshareStart with something else".into());
+        };
+        dealings.push(dealing);
+        by_recipient(&mut shares, sealed);
+    }
+    let replies = ask_all(client, &plan.roster, |e| GuardianRequest::ReshareFinalize {
+        ceremony_id: id.clone(),
+        dealings: dealings.clone(),
+        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+    })
+    .await?;
+    let (key, transcript) = agreed_result(ceremony_id, &plan.roster, replies, "ReshareFinalize")?;
+    same_group_key(&key, &plan.wallet)?;
+    Ok(transcript)
 }
 
 fn describe(
