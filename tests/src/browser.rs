@@ -133,6 +133,19 @@ impl Browser {
         panic!("the page kept changing under the reader")
     }
 
+    /// The page's text once it contains `needle` (after a form post the old page
+    /// may still show for a moment), or as it is after 10 s.
+    pub async fn text_with(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.text().await;
+            if text.contains(needle) || std::time::Instant::now() > deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn type_into(&self, css: &str, text: &str) {
         let el = self.element(css).await;
         self.call("POST", &self.at(&format!("/element/{el}/clear")), None)

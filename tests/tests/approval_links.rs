@@ -381,7 +381,7 @@ async fn an_emailed_link_shows_the_request_and_approves_only_with_the_right_code
     browser.click("#approve").await;
     browser.type_into("#code", &s.wrong_code("alice")).await;
     browser.click("#submit").await;
-    let text = browser.text().await;
+    let text = browser.text_with("Wrong authenticator code").await;
     assert!(text.contains("Wrong authenticator code"), "{text}");
     assert!(s.ballots.ballots().is_empty());
     let failures = s.events(EventType::LoginFailure).await;
@@ -399,7 +399,7 @@ async fn an_emailed_link_shows_the_request_and_approves_only_with_the_right_code
     browser.type_into("#code", &s.code("alice")).await;
     browser.type_into("#comment", "checked the invoice").await;
     browser.click("#submit").await;
-    let text = browser.text().await;
+    let text = browser.text_with("Your approval of tx-1 is recorded").await;
     assert!(text.contains("Your approval of tx-1 is recorded"), "{text}");
 
     let ballots = s.ballots.ballots();
