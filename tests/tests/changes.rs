@@ -416,6 +416,7 @@ async fn a_policy_applies_after_two_administrators_and_decides_new_transfers() {
         notice.missing,
         vec!["administrators: 0 of 2 (rule administration)".to_string()]
     );
+    assert!(notice.approved_by.is_empty(), "{:?}", notice.approved_by);
     // The initiator never approves their own change; a transfer approver cannot.
     for outsider in ["admin1", "alice"] {
         assert!(

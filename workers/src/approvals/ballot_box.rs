@@ -282,7 +282,12 @@ pub fn notice(view: &TrailView, workflow_id: &str, now: i64) -> Option<ApprovalN
         fiat_value: decision.fiat_value.clone(),
         whitelisted: None,
         explanation: decision.explanation.clone(),
-        approved_by: approvals.into_iter().map(|a| a.user).collect(),
+        // Only approvals that still count: a deactivated approver's do not.
+        approved_by: approvals
+            .into_iter()
+            .filter(|a| view.directory.user(&a.user).is_some_and(|u| u.active))
+            .map(|a| a.user)
+            .collect(),
         missing,
         expires_at: decision.expires_at,
         step_up_required: step_up(decision),
