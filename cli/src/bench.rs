@@ -745,6 +745,7 @@ async fn built_transfers(
                 started.elapsed() < Duration::from_secs(60),
                 "no policy decision for {id}"
             );
+            // Poll the stream: the policy step's answer is an event, not a reply.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let unsigned = custos_custody::spend::build_spend(&SpendRequest {
@@ -897,6 +898,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
                         started.elapsed() < Duration::from_secs(60),
                         "{id} does not await approvals"
                     );
+                    // Poll the replica until the policy's decision is in it.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }

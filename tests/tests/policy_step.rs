@@ -213,7 +213,7 @@ async fn an_http_price_feed_is_followed_and_a_stale_reading_fails_closed() {
     tokio::spawn(async move { axum::serve(listener, app).await });
     let reading = Arc::new(Mutex::new(None));
     let (feed_trigger, feed_shutdown) = Shutdown::new();
-    tokio::spawn(follow_price_feed(
+    let feed = tokio::spawn(follow_price_feed(
         url,
         Duration::from_millis(100),
         reading.clone(),
@@ -291,7 +291,7 @@ async fn an_http_price_feed_is_followed_and_a_stale_reading_fails_closed() {
 
     // The feed stops; its last reading ages past the policy's 5 minutes.
     feed_trigger.trigger();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    feed.await.expect("the feed stops");
     if let Ok(mut r) = reading.lock()
         && let Some((at, _)) = r.as_mut()
     {

@@ -45,6 +45,7 @@ fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload
 
 struct Guardian {
     trigger: ShutdownTrigger,
+    task: tokio::task::JoinHandle<Result<(), custos_workers::guardian::GuardianError>>,
     _dir: tempfile::TempDir,
 }
 
@@ -56,8 +57,12 @@ fn start_guardian(client: async_nats::Client, id: &str) -> Guardian {
         passphrase: Zeroizing::new(format!("passphrase of {id}")),
     };
     let (trigger, shutdown) = Shutdown::new();
-    tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
-    Guardian { trigger, _dir: dir }
+    let task = tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
+    Guardian {
+        trigger,
+        task,
+        _dir: dir,
+    }
 }
 
 async fn history(nats: &Nats, workflow_id: &str) -> Vec<Event> {
@@ -122,16 +127,24 @@ async fn append_built(engine: &Engine, nats: &Nats, workflow_id: &str, payload: 
     append_ok(&engine.ledger, vec![p]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn guardians_sign_only_what_the_trail_justifies() {
-    let nats = Nats::start(Durability::Default).await;
-    let engine = Engine::start(&nats).await;
+/// What the signing tests start from.
+struct Frost {
+    guardians: Vec<Guardian>,
+    wallet: WalletDescriptor,
+    trigger: ShutdownTrigger,
+    shutdown: Shutdown,
+}
+
+/// Three in-process guardians, a FROST 2-of-3 wallet `name` from their DKG,
+/// `policy` recorded as active, the initiator `erp`, and the policy step
+/// (LTC at EUR 80) running until `trigger`.
+async fn frost_setup(nats: &Nats, engine: &Engine, name: &str, policy: policy::Policy) -> Frost {
     let client = nats.client().await;
+    let js = nats.js().await;
     let guardians: Vec<Guardian> = ["g1", "g2", "g3"]
         .iter()
         .map(|id| start_guardian(client.clone(), id))
         .collect();
-    let js = nats.js().await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
@@ -150,7 +163,7 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         &client,
         &engine.ledger,
         CreateWallet {
-            name: "vault".into(),
+            name: name.into(),
             model: "frost".into(),
             threshold: 2,
             guardians: vec!["g1".into(), "g2".into(), "g3".into()],
@@ -163,7 +176,6 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         CreateWalletReply::Created { wallet } => wallet,
         other => panic!("{other:?}"),
     };
-    let default = policy::default_policy().expect("default policy");
     append_ok(
         &engine.ledger,
         vec![
@@ -172,8 +184,8 @@ async fn guardians_sign_only_what_the_trail_justifies() {
                 "active",
                 EventType::PolicyCreated,
                 Payload::PolicyActivated {
-                    name: default.name.clone(),
-                    version: default.version().to_string(),
+                    name: policy.name.clone(),
+                    version: policy.version().to_string(),
                 },
             ),
             record(
@@ -200,15 +212,36 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         .or_default()
         .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), default, prices)
+    let policy_step = PolicyStep::new(js.clone(), policy, prices)
         .await
         .expect("policy step");
     tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
+        js,
         engine.ledger.clone(),
         policy_step,
         shutdown.clone(),
     ));
+    Frost {
+        guardians,
+        wallet,
+        trigger,
+        shutdown,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guardians_sign_only_what_the_trail_justifies() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let policy = policy::default_policy().expect("default policy");
+    let Frost {
+        guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(&nats, &engine, "vault", policy).await;
 
     let destination = taproot_address("rltc", [9; 32]);
     let mut ids = Vec::new();
@@ -333,8 +366,10 @@ async fn guardians_sign_only_what_the_trail_justifies() {
 
     // g1 goes down with its heartbeat still fresh: the coordinator asks it,
     // names it when it does not answer, and signs with g2 and g3.
-    guardians[0].trigger.trigger();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut guardians = guardians;
+    let g1 = guardians.remove(0);
+    g1.trigger.trigger();
+    let _ = g1.task.await;
     let trail = Trail::follow(js.clone(), shutdown.clone())
         .await
         .expect("trail");
@@ -448,41 +483,6 @@ async fn a_time_delay_holds_signing_until_it_passes() {
     let engine = Engine::start(&nats).await;
     let client = nats.client().await;
     let js = nats.js().await;
-    let _guardians: Vec<Guardian> = ["g1", "g2", "g3"]
-        .iter()
-        .map(|id| start_guardian(client.clone(), id))
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
-                return false;
-            };
-            let mut n = 0;
-            for id in ["g1", "g2", "g3"] {
-                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
-            }
-            n == 3
-        })
-        .await,
-        "guardians announce themselves"
-    );
-    let wallet = match custos_workers::wallets::create(
-        &client,
-        &engine.ledger,
-        CreateWallet {
-            name: "slow".into(),
-            model: "frost".into(),
-            threshold: 2,
-            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-            chain: "ltc-regtest".into(),
-            initiator: "ops".into(),
-        },
-    )
-    .await
-    {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
     // The default policy, with an 8-second delay on small transfers (far from
     // the moment the test looks, so a slow machine cannot blur the two).
     let text = policy::DEFAULT_POLICY_TOML.replacen(
@@ -496,51 +496,12 @@ async fn a_time_delay_holds_signing_until_it_passes() {
         "the rule to delay is found"
     );
     let delayed = policy::Policy::parse(&text).expect("policy parses");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: delayed.name.clone(),
-                    version: delayed.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
-    let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), delayed, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    let Frost {
+        guardians: _guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(&nats, &engine, "slow", delayed).await;
     let destination = taproot_address("rltc", [9; 32]);
     let body = json!({"requestId": "slow-1", "wallet": "slow", "asset": "LTC",
         "destination": destination, "amount": "1.5", "initiator": "erp"});
@@ -578,6 +539,8 @@ async fn a_time_delay_holds_signing_until_it_passes() {
         step,
         shutdown.clone(),
     ));
+    // Nothing to wait on: the point is that nothing happens in the meantime
+    // (1.5 s into an 8 s delay).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         stage_of(&nats, &id).await,
