@@ -20,11 +20,17 @@
 //!   redistribution (see `docs/threshold-change.md`).
 //! - [`spend`]: Bitcoin-family spends: addresses to scripts, the deterministic
 //!   builder, and the check a guardian runs before it signs ([`spend::check_spend`]).
+//! - [`hd`]: HD wallets: BIP-39 mnemonics from the caller's RNG, BIP-32/44
+//!   derivation, Ethereum accounts, the seed sealed at rest.
+//! - [`evm`]: EIP-1559 transfers: the build, the check a signer runs before it
+//!   signs ([`evm::check`]), low-S ECDSA signatures and the EIP-2718 envelope.
 //! - [`sim`]: whole ceremonies run in process, for tests and compute benchmarks.
 
 pub mod address;
 mod conv;
 pub mod dkg;
+pub mod evm;
+pub mod hd;
 pub mod identity;
 pub mod lifecycle;
 pub mod reshare;

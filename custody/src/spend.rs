@@ -417,7 +417,10 @@ pub fn check_spend(
         fee,
         change_vout,
         ..
-    } = unsigned;
+    } = unsigned
+    else {
+        return Err(refused("not a Bitcoin-family transaction"));
+    };
     if hrp_for(chain)? != hrp_for(expect.chain)? {
         return Err(refused(format!(
             "the transaction is for {chain}, the approval for {}",

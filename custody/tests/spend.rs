@@ -66,7 +66,10 @@ fn parts(u: &UnsignedTransaction) -> (Transaction, Vec<SpentOutput>, u64, Option
         fee,
         change_vout,
         ..
-    } = u;
+    } = u
+    else {
+        panic!("a Bitcoin transaction")
+    };
     (
         Transaction::parse(&hex::decode(unsigned_tx).expect("hex")).expect("parses"),
         spent.clone(),
@@ -198,10 +201,14 @@ fn dust_change_goes_to_the_fee_and_rates_are_clamped() {
 
     let mut r = request(&utxos, &d, 50_000);
     r.fee_rate = Some(100_000);
-    let UnsignedTransaction::Bitcoin { fee_rate, .. } = build_spend(&r).unwrap();
+    let UnsignedTransaction::Bitcoin { fee_rate, .. } = build_spend(&r).unwrap() else {
+        panic!("a Bitcoin transaction")
+    };
     assert_eq!(fee_rate, fees().max_rate);
     r.fee_rate = None;
-    let UnsignedTransaction::Bitcoin { fee_rate, .. } = build_spend(&r).unwrap();
+    let UnsignedTransaction::Bitcoin { fee_rate, .. } = build_spend(&r).unwrap() else {
+        panic!("a Bitcoin transaction")
+    };
     assert_eq!(fee_rate, fees().min_rate);
 }
 
@@ -374,7 +381,10 @@ fn check_refuses_every_deviation_from_the_approval() {
         fee,
         change_vout,
         ..
-    } = &u;
+    } = &u
+    else {
+        panic!("a Bitcoin transaction")
+    };
     let garbage = UnsignedTransaction::Bitcoin {
         chain: "ltc-regtest".into(),
         unsigned_tx: "0200".into(),
@@ -493,7 +503,9 @@ proptest! {
         let d = dest();
         let u = build_spend(&request(&utxos, &d, 120_000)).unwrap();
         let honest = check_spend(&u, &expectation(&d, 120_000)).unwrap();
-        let UnsignedTransaction::Bitcoin { unsigned_tx, spent, fee, change_vout, .. } = &u;
+        let UnsignedTransaction::Bitcoin { unsigned_tx, spent, fee, change_vout, .. } = &u else {
+            panic!("a Bitcoin transaction")
+        };
         let mut raw = hex::decode(unsigned_tx).unwrap();
         let i = i % raw.len();
         raw[i] ^= flip;

@@ -39,6 +39,26 @@ pub enum UnsignedTransaction {
         #[serde(default)]
         change_vout: Option<u32>,
     },
+    /// An EVM EIP-1559 (type 2) transaction paying the chain's native asset
+    /// from the wallet's address; nothing else (no calldata, no access list).
+    Evm {
+        chain: String,
+        /// EIP-155 chain id, bound into the signature.
+        chain_id: u64,
+        /// The wallet's address (EIP-55): the sender.
+        from: String,
+        /// The destination (EIP-55).
+        to: String,
+        /// Wei, as a decimal string (can exceed 64 bits).
+        value: String,
+        /// Allocated by the build step: one per transaction of the wallet.
+        nonce: u64,
+        gas_limit: u64,
+        /// Wei per gas.
+        max_fee_per_gas: u64,
+        /// Wei per gas.
+        max_priority_fee_per_gas: u64,
+    },
 }
 
 /// A complete signed transaction.

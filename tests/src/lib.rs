@@ -1,6 +1,7 @@
 //! Test harness: real servers on dynamic loopback ports in temporary directories,
 //! stopped in `Drop`, and helpers that speak to Custos the way its users do.
 
+pub mod anvil;
 pub mod browser;
 pub mod litecoind;
 pub mod slack_emulator;

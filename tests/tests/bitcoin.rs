@@ -66,7 +66,10 @@ async fn frost_wallet_spends_confirm_on_litecoind() {
     let unsigned = build(rpc, &w, &destination, amount).await.expect("build");
     let UnsignedTransaction::Bitcoin {
         fee, change_vout, ..
-    } = &unsigned;
+    } = &unsigned
+    else {
+        panic!("a Bitcoin transaction")
+    };
     assert_eq!(*change_vout, Some(1));
 
     let (checked, signed) = sign_as_guardians(&w, &unsigned, &destination, amount);
