@@ -9,7 +9,7 @@
 //! hash is computed from that rebuilt transaction.
 
 use alloy_consensus::{SignableTransaction, TxEip1559, TxEnvelope};
-use alloy_eips::eip2718::Encodable2718;
+use alloy_eips::eip2718::{Decodable2718, Encodable2718};
 use alloy_primitives::{Address, Bytes, Signature, TxKind, U256};
 use custos_schemas::chain::{SignedTransaction, UnsignedTransaction};
 use k256::ecdsa::SigningKey;
@@ -304,10 +304,40 @@ impl CheckedTransfer {
     }
 }
 
+impl CheckedTransfer {
+    /// Checks a signed transaction someone else produced for this one: the
+    /// same fields, the sender's signature, the hash it is named by.
+    pub fn verify_signed(&self, signed: &SignedTransaction) -> Result<(), EvmError> {
+        let raw = signed
+            .raw_tx
+            .strip_prefix("0x")
+            .and_then(|h| hex::decode(h).ok())
+            .ok_or_else(|| refused("the signed transaction is not 0x-prefixed hex"))?;
+        let envelope = TxEnvelope::decode_2718(&mut raw.as_slice())
+            .map_err(|e| refused(format!("the signed transaction does not decode: {e}")))?;
+        let TxEnvelope::Eip1559(s) = envelope else {
+            return Err(refused("the signed transaction is not EIP-1559"));
+        };
+        if s.tx() != &self.tx || signed.chain != self.chain {
+            return Err(refused("the signed transaction is not the checked one"));
+        }
+        let sender = s
+            .signature()
+            .recover_address_from_prehash(&s.tx().signature_hash())
+            .map_err(|e| refused(format!("the signature does not recover: {e}")))?;
+        if sender != self.from {
+            return Err(refused(format!("signed by {sender}, not by {}", self.from)));
+        }
+        if signed.txid != format!("{:#x}", s.hash()) {
+            return Err(refused("the txid is not the transaction's hash"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloy_eips::eip2718::Decodable2718;
 
     const WALLET: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
     const DEST: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
@@ -364,6 +394,13 @@ mod tests {
         assert_eq!(sender.to_checksum(None), WALLET);
         // Low S (EIP-2).
         assert!(s.signature().normalize_s().is_none());
+        checked.verify_signed(&signed).expect("verifies");
+        let mut other_tx = checked.clone();
+        other_tx.tx.nonce += 1;
+        assert!(other_tx.verify_signed(&signed).is_err());
+        let mut renamed = signed.clone();
+        renamed.txid = format!("0x{}", "00".repeat(32));
+        assert!(checked.verify_signed(&renamed).is_err());
         // Another key is refused rather than signing for someone else.
         let other = SigningKey::from_slice(&[1u8; 32]).expect("key");
         assert!(matches!(

@@ -1,4 +1,5 @@
-//! Steps that talk to Bitcoin-family nodes:
+//! Steps that talk to the chains' nodes (Bitcoin-family here, EVM in
+//! [`crate::evm_steps`], chosen by the wallet's chain):
 //!
 //! - the build step turns a transfer that may go on (`ReadyToSign` in the trail)
 //!   into the unsigned transaction guardians will sign (`TRANSACTION_BUILT`);
@@ -27,18 +28,25 @@ use custos_schemas::{
 };
 
 use crate::Shutdown;
+use crate::evm_steps::{self, EvmNodes, is_evm};
 use crate::remote::Appender;
 use crate::runtime::{Step, StepError};
 use crate::signing::wallet_script;
 use crate::trail::{Trail, TrailView};
 
-/// One node client per chain id (`ltc-regtest`, `btc-mainnet`, ...).
+/// One node client per chain id (`ltc-regtest`, `btc-mainnet`, ...), and the
+/// EVM chains' nodes.
 #[derive(Debug, Clone, Default)]
-pub struct ChainNodes(BTreeMap<String, Bitcoind>);
+pub struct ChainNodes(BTreeMap<String, Bitcoind>, EvmNodes);
 
 impl ChainNodes {
     pub fn new(nodes: impl IntoIterator<Item = (String, Bitcoind)>) -> Self {
-        ChainNodes(nodes.into_iter().collect())
+        ChainNodes(nodes.into_iter().collect(), EvmNodes::default())
+    }
+
+    /// With these EVM nodes too.
+    pub fn with_evm(self, evm: EvmNodes) -> Self {
+        ChainNodes(self.0, evm)
     }
 
     fn get(&self, chain: &str) -> Result<&Bitcoind, StepError> {
@@ -200,9 +208,11 @@ fn reserved(view: &TrailView) -> BTreeSet<(String, u32)> {
         .transfers()
         .filter(|(_, t)| matches!(t.stage, Stage::Built | Stage::Signed | Stage::Broadcast))
         .filter_map(|(_, t)| t.unsigned.as_ref())
-        .flat_map(|UnsignedTransaction::Bitcoin { spent, .. }| {
-            spent.iter().map(|s| (s.txid.clone(), s.vout))
+        .flat_map(|unsigned| match unsigned {
+            UnsignedTransaction::Bitcoin { spent, .. } => spent.as_slice(),
+            _ => &[],
         })
+        .map(|s| (s.txid.clone(), s.vout))
         .collect()
 }
 
@@ -348,7 +358,9 @@ impl<A: Appender> BuildStep<A> {
                 )),
                 e => StepError::Permanent(e.to_string()),
             })?;
-            let UnsignedTransaction::Bitcoin { spent, .. } = &unsigned;
+            let UnsignedTransaction::Bitcoin { spent, .. } = &unsigned else {
+                return Err(StepError::Permanent("not a Bitcoin-family spend".into()));
+            };
             let mut gone = Vec::new();
             for coin in spent {
                 let unspent = node
@@ -395,27 +407,51 @@ impl<A: Appender> Step for BuildStep<A> {
                 view.transfer(id)
                     .filter(|t| t.stage == Stage::ReadyToSign)
                     .and_then(|t| t.request.as_ref())
-                    .map(|r| r.wallet.clone())
+                    .map(|r| {
+                        let evm = view
+                            .ledger
+                            .wallet(&r.wallet)
+                            .is_some_and(|w| is_evm(&w.chain));
+                        (r.wallet.clone(), evm)
+                    })
             })
             .await
             .map_err(StepError::Transient)?;
-        let Some(wallet) = wallet else {
+        let Some((wallet, evm)) = wallet else {
             return Ok(Vec::new());
         };
         let lock = named_lock(&self.locks, &wallet);
         let _building = lock.lock().await;
         // Read again under the lock: builds that held it are in the replica now
-        // (each waits for its own event there before letting go).
-        let job = self
-            .trail
-            .read_current(|view| job(view, id))
-            .map_err(StepError::Transient)?;
-        let Some((version, job)) = job else {
-            return Ok(Vec::new());
-        };
-        let built = match job {
-            Ok(job) => self.build(&job).await,
-            Err(reason) => Err(StepError::Permanent(reason)),
+        // (each waits for its own event there before letting go). For an EVM
+        // wallet that is what makes nonce allocation safe: every nonce taken
+        // before is recorded, also across a restart of this step.
+        let (version, built) = if evm {
+            let job = self
+                .trail
+                .read_current(|view| evm_steps::job(view, id))
+                .map_err(StepError::Transient)?;
+            let Some((version, job)) = job else {
+                return Ok(Vec::new());
+            };
+            let built = match job {
+                Ok(job) => evm_steps::build(&self.nodes.1, &job).await,
+                Err(reason) => Err(StepError::Permanent(reason)),
+            };
+            (version, built)
+        } else {
+            let job = self
+                .trail
+                .read_current(|view| job(view, id))
+                .map_err(StepError::Transient)?;
+            let Some((version, job)) = job else {
+                return Ok(Vec::new());
+            };
+            let built = match job {
+                Ok(job) => self.build(&job).await,
+                Err(reason) => Err(StepError::Permanent(reason)),
+            };
+            (version, built)
         };
         let unsigned = match built {
             Ok(unsigned) => unsigned,
@@ -458,10 +494,12 @@ impl Confirmations {
         Confirmations(depths.into_iter().collect())
     }
 
-    /// As configured, else 1 on regtest chains (blocks come on demand) and 6
-    /// elsewhere; never less than 1, which would count the mempool.
+    /// As configured, else 1 on regtest chains and anvil's dev chain (blocks
+    /// come on demand) and 6 elsewhere; never less than 1, which would count
+    /// the mempool.
     pub fn required(&self, chain: &str) -> u64 {
-        let default = if chain.ends_with("-regtest") { 1 } else { 6 };
+        let local = chain.ends_with("-regtest") || chain == "evm-31337";
+        let default = if local { 1 } else { 6 };
         self.0.get(chain).copied().unwrap_or(default).max(1)
     }
 }
@@ -472,6 +510,8 @@ struct Waiting {
     version: u64,
     chain: String,
     txid: String,
+    /// The signed transaction, sent again if an EVM node has lost it.
+    raw_tx: String,
     target: Target,
 }
 
@@ -524,6 +564,7 @@ impl<A: Appender> ConfirmWatcher<A> {
                             version: t.version,
                             chain: t.signed.as_ref()?.chain.clone(),
                             txid: t.txid.clone()?,
+                            raw_tx: t.signed.as_ref()?.raw_tx.clone(),
                             target: Target {
                                 kind: "transaction".into(),
                                 id: id.to_string(),
@@ -544,19 +585,39 @@ impl<A: Appender> ConfirmWatcher<A> {
         };
         let mut confirmed = Vec::new();
         for w in waiting {
-            let c = match self.confirmation(&w).await {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
+            let status = if is_evm(&w.chain) {
+                self.evm_status(&w).await
+            } else {
+                self.confirmation(&w)
+                    .await
+                    .map(|c| c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed))
+            };
+            let (event_type, result, payload) = match status {
+                Ok(evm_steps::Status::Confirmed(c)) => (
+                    EventType::TransactionConfirmed,
+                    Outcome::Success,
+                    Payload::TransactionConfirmed(c),
+                ),
+                Ok(evm_steps::Status::Reverted(reason)) => (
+                    EventType::TransactionFailed,
+                    Outcome::Failure,
+                    Payload::StepFailed {
+                        step: "confirmation".into(),
+                        reason,
+                    },
+                ),
+                Ok(evm_steps::Status::Pending) => continue,
                 Err(reason) => {
                     tracing::warn!(workflow = %w.workflow_id, txid = %w.txid, %reason, "confirmation not known");
                     continue;
                 }
             };
+            let confirmed_now = event_type == EventType::TransactionConfirmed;
             let proposal = Proposal {
                 aggregate_kind: AggregateKind::Tx,
                 workflow_id: w.workflow_id.clone(),
                 expected_version: w.version,
-                event_type: EventType::TransactionConfirmed,
+                event_type,
                 causation_id: Some(Event::message_id(
                     AggregateKind::Tx,
                     &w.workflow_id,
@@ -565,12 +626,13 @@ impl<A: Appender> ConfirmWatcher<A> {
                 actor: Actor::system("confirmation"),
                 target: w.target,
                 context: Default::default(),
-                result: Outcome::Success,
+                result,
                 metadata: Default::default(),
-                payload: Payload::TransactionConfirmed(c),
+                payload,
             };
             match self.ledger.append(vec![proposal]).await {
-                AppendReply::Appended { .. } => confirmed.push(w.workflow_id),
+                AppendReply::Appended { .. } if confirmed_now => confirmed.push(w.workflow_id),
+                AppendReply::Appended { .. } => {}
                 // Another watcher recorded it, or the workflow moved on.
                 AppendReply::Conflict { .. } => {}
                 other => {
@@ -579,6 +641,18 @@ impl<A: Appender> ConfirmWatcher<A> {
             }
         }
         confirmed
+    }
+
+    async fn evm_status(&self, w: &Waiting) -> Result<evm_steps::Status, String> {
+        let node = self.nodes.1.get(&w.chain).map_err(|e| e.to_string())?;
+        evm_steps::status(
+            node,
+            &w.chain,
+            &w.txid,
+            &w.raw_tx,
+            self.depth.required(&w.chain),
+        )
+        .await
     }
 
     /// Where the transaction is buried, once at the required depth.
@@ -685,9 +759,16 @@ impl<A: Appender> Step for BroadcastStep<A> {
                 "payload is not the signed transaction".into(),
             ));
         };
-        let node = self.nodes.get(&signed.chain)?;
         // Idempotent at the node: a transaction it already has counts as sent.
-        let txid = match node.send_raw_transaction(&signed.raw_tx).await {
+        let sent = if is_evm(&signed.chain) {
+            let node = self.nodes.1.get(&signed.chain)?;
+            node.send_raw_transaction(&signed.raw_tx, &signed.txid)
+                .await
+        } else {
+            let node = self.nodes.get(&signed.chain)?;
+            node.send_raw_transaction(&signed.raw_tx).await
+        };
+        let txid = match sent {
             Ok(txid) => txid,
             Err(e) => {
                 let err = step_error("sendrawtransaction", e);
@@ -730,6 +811,8 @@ mod tests {
         assert_eq!(default.required("ltc-regtest"), 1);
         assert_eq!(default.required("btc-mainnet"), 6);
         assert_eq!(default.required("ltc-testnet"), 6);
+        assert_eq!(default.required("evm-31337"), 1);
+        assert_eq!(default.required("evm-1"), 6);
         let set = Confirmations::new([("btc-mainnet".to_string(), 3), ("ltc-regtest".into(), 0)]);
         assert_eq!(set.required("btc-mainnet"), 3);
         assert_eq!(set.required("ltc-regtest"), 1, "never the mempool");

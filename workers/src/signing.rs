@@ -24,10 +24,11 @@ use custos_custody::spend::{self, CheckedSpend};
 use custos_engine::policy::{Approval, ApprovalStatus, approvals_satisfied};
 use custos_engine::transfer::Stage;
 use custos_schemas::approval::Vote;
+use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
-    WalletDescriptor, codec, subjects,
+    TransferRequest, WalletDescriptor, codec, subjects,
 };
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,22 @@ pub fn check(
     wallet_script: &[u8],
     now: i64,
 ) -> Result<(WalletDescriptor, CheckedSpend), String> {
+    let (request, unsigned) = workflow_allows(view, workflow_id, now)?;
+    let terms = crate::chain_steps::spend_terms(view, request)?;
+    let checked = spend::check_spend(unsigned, &terms.expectation(wallet_script))
+        .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
+    Ok((terms.wallet, checked))
+}
+
+/// The checks of [`check`] that do not depend on the chain or the wallet model
+/// (every signer makes them): built, decided under the active policy, approvals
+/// satisfied and the time delay passed, initiator active, wallet not frozen.
+/// Returns the request and the recorded transaction.
+pub fn workflow_allows<'a>(
+    view: &'a TrailView,
+    workflow_id: &str,
+    now: i64,
+) -> Result<(&'a TransferRequest, &'a UnsignedTransaction), String> {
     let t = view
         .transfer(workflow_id)
         .ok_or_else(|| format!("workflow {workflow_id} is not in the trail"))?;
@@ -147,10 +164,7 @@ pub fn check(
         ApprovalStatus::Expired { .. } => return Err("the approvals expired".into()),
         ApprovalStatus::Blocked => return Err("the policy blocks this transfer".into()),
     }
-    let terms = crate::chain_steps::spend_terms(view, request)?;
-    let checked = spend::check_spend(unsigned, &terms.expectation(wallet_script))
-        .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
-    Ok((terms.wallet, checked))
+    Ok((request, unsigned))
 }
 
 /// The wallet's Taproot script from its recorded group key.
@@ -558,6 +572,10 @@ impl SignStep {
             .await?
         {
             return Ok(Ceremony::Delayed { until });
+        }
+        // HD wallets are signed by the signer holding their seed, not by guardians.
+        if crate::hd_signer::is_hd(&self.trail, workflow_id).await? {
+            return crate::hd_signer::ceremony(&self.client, &self.trail, workflow_id, now).await;
         }
         let prepare = |view: &TrailView| {
             let t = view.transfer(workflow_id)?;
