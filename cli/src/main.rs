@@ -10,6 +10,7 @@ mod keys;
 mod nats;
 mod policy;
 mod services;
+mod signer;
 mod tx;
 mod up;
 mod wallet;
@@ -56,6 +57,11 @@ enum Command {
     Guardian {
         #[command(subcommand)]
         command: guardian::GuardianCommand,
+    },
+    /// An HD signer process holding HD wallets' seeds.
+    Signer {
+        #[command(subcommand)]
+        command: signer::SignerCommand,
     },
     /// Wallets: create (a key ceremony), show, list.
     Wallet {
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
             Command::Nats { command } => nats::run(command).await,
             Command::Tx { conn, command } => tx::run(&conn.nats_url, command).await,
             Command::Guardian { command } => guardian::run(command).await,
+            Command::Signer { command } => signer::run(command).await,
             Command::Policy { command } => policy::run(command).await,
             Command::Freeze { conn, args } => admin::freeze(&conn.nats_url, args).await,
             Command::Unfreeze { conn, args } => admin::unfreeze(&conn.nats_url, args).await,

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::jetstream;
+use custos_adapters::anvil::AnvilNode;
 use custos_adapters::bitcoind::Bitcoind;
+use custos_adapters::evm::EvmRpc;
 use custos_adapters::mail::Mailer;
 use custos_adapters::regtest::RegtestNode;
 use custos_adapters::slack::{SLACK_API_URL, SlackApi};
@@ -29,6 +31,7 @@ use custos_workers::approvals::{ApprovalLinks, BallotBox, Notifier};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
+use custos_workers::evm_steps::EvmNodes;
 use custos_workers::ledger::LedgerHandle;
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
@@ -258,18 +261,24 @@ pub fn signing(
     Ok(())
 }
 
-/// Starts the chain steps for `node`: building transactions from the node's
-/// coins, broadcasting signed ones, watching for confirmations, and answering
-/// balance questions.
+/// Starts the chain steps for the Bitcoin-family `node` and the `evm` node:
+/// building transactions (from the node's coins, or with the wallet's next
+/// nonce), broadcasting signed ones, watching for confirmations, and answering
+/// balance questions (Bitcoin family).
 pub fn chain(
     client: &async_nats::Client,
     js: &jetstream::Context,
     ledger: &LedgerHandle,
     trail: &Trail,
-    node: &BitcoinNode,
+    node: Option<&BitcoinNode>,
+    evm: Option<&EvmNode>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<()> {
-    let nodes = || ChainNodes::new([(node.chain().to_string(), node.rpc().clone())]);
+    let nodes = || {
+        ChainNodes::new(node.map(|n| (n.chain().to_string(), n.rpc().clone()))).with_evm(
+            EvmNodes::new(evm.map(|e| (e.chain().to_string(), e.rpc().clone()))),
+        )
+    };
     let build =
         BuildStep::new(trail.clone(), nodes(), ledger.clone()).map_err(anyhow::Error::msg)?;
     tokio::spawn(custos_workers::runtime::run(
@@ -286,18 +295,20 @@ pub fn chain(
         broadcast,
         shutdown.clone(),
     ));
-    let balances = balances(
-        client.clone(),
-        trail.clone(),
-        node.rpc().clone(),
-        node.chain().to_string(),
-        shutdown.clone(),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = balances.await {
-            tracing::error!(error = %e, "the balance service stopped");
-        }
-    });
+    if let Some(node) = node {
+        let balances = balances(
+            client.clone(),
+            trail.clone(),
+            node.rpc().clone(),
+            node.chain().to_string(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = balances.await {
+                tracing::error!(error = %e, "the balance service stopped");
+            }
+        });
+    }
     let watcher = ConfirmWatcher::new(
         trail.clone(),
         nodes(),
@@ -414,4 +425,46 @@ pub fn remote_node(url: &str, chain: &str) -> anyhow::Result<BitcoinNode> {
         chain: chain.to_string(),
         rpc,
     })
+}
+
+/// An EVM node: given (`--evm-rpc`), or a local anvil.
+pub enum EvmNode {
+    Remote { chain: String, rpc: EvmRpc },
+    Local(AnvilNode),
+}
+
+impl EvmNode {
+    pub fn chain(&self) -> String {
+        match self {
+            EvmNode::Remote { chain, .. } => chain.clone(),
+            EvmNode::Local(_) => format!("evm-{}", custos_adapters::anvil::CHAIN_ID),
+        }
+    }
+
+    pub fn rpc(&self) -> &EvmRpc {
+        match self {
+            EvmNode::Remote { rpc, .. } => rpc,
+            EvmNode::Local(node) => &node.rpc,
+        }
+    }
+}
+
+/// The node behind `--evm-rpc URL`, which must serve chain `chain_id` (a node
+/// on another chain would get transactions signed for the wrong one refused,
+/// or worse, replayed: checked at start).
+pub async fn remote_evm(url: &str, chain_id: u64) -> anyhow::Result<EvmNode> {
+    url::Url::parse(url).with_context(|| "--evm-rpc is not a URL".to_string())?;
+    let chain = format!("evm-{chain_id}");
+    custos_engine::chains::chain(&chain)
+        .with_context(|| format!("--evm-chain-id: Custos does not know chain {chain_id}"))?;
+    let rpc = EvmRpc::new(url).map_err(|e| anyhow::anyhow!("--evm-rpc: {e}"))?;
+    let served = rpc
+        .chain_id()
+        .await
+        .map_err(|e| anyhow::anyhow!("--evm-rpc: {e}"))?;
+    anyhow::ensure!(
+        served == chain_id,
+        "--evm-rpc serves chain id {served}, not --evm-chain-id {chain_id}"
+    );
+    Ok(EvmNode::Remote { chain, rpc })
 }

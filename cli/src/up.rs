@@ -79,10 +79,20 @@ pub struct UpArgs {
     /// The chain that node serves (`btc`, `btc-testnet`, `btc-regtest`, `ltc`, `ltc-regtest`, ...).
     #[arg(long, env = "CUSTOS_BTC_NETWORK", default_value = "ltc-regtest")]
     btc_network: String,
+    /// An EVM node's JSON-RPC URL. Without one, a local anvil is started when
+    /// installed.
+    #[arg(long, env = "CUSTOS_EVM_RPC")]
+    evm_rpc: Option<String>,
+    /// The EIP-155 chain id that node serves (checked at start).
+    #[arg(long, env = "CUSTOS_EVM_CHAIN_ID", default_value_t = 31_337)]
+    evm_chain_id: u64,
+    /// Do not start the local HD signer process (s1).
+    #[arg(long)]
+    no_local_signer: bool,
     /// Approvers who have not answered a request are asked again this often (seconds).
     #[arg(long, env = "CUSTOS_APPROVAL_REMINDER_SECS", default_value_t = 3600)]
     approval_reminder_secs: u64,
-    /// Do not start a local regtest node when none is configured.
+    /// Do not start a local regtest node or anvil when none is configured.
     #[arg(long)]
     no_local_node: bool,
     /// Walk a transfer through once on the local regtest chain: wallet, funding,
@@ -222,8 +232,27 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    if let Some(node) = &node {
-        services::chain(&client, &js, &ledger, &trail, node, &shutdown)?;
+    let evm = match &args.evm_rpc {
+        Some(url) => Some(services::remote_evm(url, args.evm_chain_id).await?),
+        None if !args.no_local_node && custos_adapters::anvil::installed() => {
+            Some(services::EvmNode::Local(
+                custos_adapters::anvil::AnvilNode::start(0)
+                    .await
+                    .context("starting the local anvil")?,
+            ))
+        }
+        None => None,
+    };
+    if node.is_some() || evm.is_some() {
+        services::chain(
+            &client,
+            &js,
+            &ledger,
+            &trail,
+            node.as_ref(),
+            evm.as_ref(),
+            &shutdown,
+        )?;
     }
     println!("Custos is up.");
     if embedded {
@@ -244,6 +273,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         custos_schemas::subjects::REQ_TRANSFER
     );
     let guardians = start_local_guardians(&data_dir, &url, args.local_guardians)?;
+    let _signer = if args.no_local_signer {
+        None
+    } else {
+        let signer = start_local_signer(&data_dir, &url)?;
+        println!(
+            "  HD signer   {LOCAL_SIGNER} (local process, seeds in {})",
+            data_dir.join("signers").display()
+        );
+        Some(signer)
+    };
     if !guardians.is_empty() {
         println!(
             "  Guardians   {} (local processes, data in {})",
@@ -278,6 +317,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => println!(
             "  Chain       none: transfers are signed but not broadcast (--btc-rpc, or install litecoind)"
+        ),
+    }
+    match &evm {
+        Some(services::EvmNode::Local(n)) => println!(
+            "  EVM         evm-{}: local anvil (RPC 127.0.0.1:{}, chain kept in memory)",
+            custos_adapters::anvil::CHAIN_ID,
+            n.port
+        ),
+        Some(services::EvmNode::Remote { chain, rpc }) => {
+            println!("  EVM         {chain}: {}", rpc.shown())
+        }
+        None => println!(
+            "  EVM         none (--evm-rpc URL --evm-chain-id ID, or scripts/install-deps for anvil)"
         ),
     }
     println!(
@@ -370,6 +422,42 @@ fn start_local_guardians(
         children.push(child);
     }
     Ok(children)
+}
+
+/// The local HD signer's id.
+const LOCAL_SIGNER: &str = "s1";
+
+/// Starts the local HD signer process, with its data directory and a
+/// passphrase file created once (like the local guardians: for trying Custos,
+/// not for holding real funds). Killed on drop.
+fn start_local_signer(
+    data_dir: &std::path::Path,
+    nats_url: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("locating the custos binary")?;
+    let dir = data_dir.join("signers").join(LOCAL_SIGNER);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let passphrase = data_dir.join("signer-passphrase");
+    if !passphrase.exists() {
+        let mut bytes = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+        crate::keys::write_private(&passphrase, &hex::encode(bytes))?;
+    }
+    tokio::process::Command::new(&exe)
+        .args([
+            "signer",
+            "run",
+            "--id",
+            LOCAL_SIGNER,
+            "--nats-url",
+            nats_url,
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("CUSTOS_SIGNER_PASSPHRASE_FILE", &passphrase)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting the HD signer {LOCAL_SIGNER}"))
 }
 
 /// Records the active policy (the default) the first time, and imports the
