@@ -26,7 +26,7 @@ use custos_workers::approvals::links::{
 use custos_workers::approvals::slack::{
     SlackInteractions, SlackNotifier, SlackSecrets, slack_router,
 };
-use custos_workers::approvals::step::{ApprovalStep, expire, remind};
+use custos_workers::approvals::step::{ApprovalStep, escalate, expire, remind};
 use custos_workers::approvals::{ApprovalLinks, BallotBox, Notifier};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
@@ -171,6 +171,15 @@ pub async fn approvals(
         trail.clone(),
         notifiers.clone(),
         remind_every,
+        shutdown.clone(),
+    ));
+    // Requirements still unmet after their escalation delay: asked of their
+    // second group (checked as often as expiries).
+    tokio::spawn(escalate(
+        trail.clone(),
+        ledger.clone(),
+        notifiers.clone(),
+        Duration::from_secs(5),
         shutdown.clone(),
     ));
     let changes = ApprovalStep::changes(trail.clone(), notifiers.clone());

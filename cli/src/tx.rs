@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use custos_adapters::jetstream::read_events;
 use custos_engine::transfer::{self, Stage, Transfer};
+use custos_schemas::approval::ApprovalEscalation;
 use custos_schemas::{
-    AggregateKind, ContentType, Event, IntakeReply, TransferRequest, codec, subjects,
+    AggregateKind, ContentType, Event, IntakeReply, Payload, TransferRequest, codec, subjects,
 };
 use rand::RngCore;
 
@@ -148,12 +149,39 @@ pub async fn run(nats_url: &str, command: TxCommand) -> anyhow::Result<ExitCode>
                 Stage::AwaitingApprovals => missing_approvals(&js, &id).await?,
                 _ => Vec::new(),
             };
+            let escalations = escalations(&js, &id, &state).await?;
             if json {
                 let mut shown = summary(&id, &state, &events);
                 shown["approvalsMissing"] = serde_json::json!(missing);
+                shown["escalations"] = serde_json::json!(
+                    escalations
+                        .iter()
+                        .map(|(at, e)| serde_json::json!({
+                            "time": crate::audit::format_ms(*at),
+                            "rule": e.rule,
+                            "group": e.group,
+                            "countsFrom": crate::audit::format_ms(e.counts_from),
+                            "notified": e.notified,
+                        }))
+                        .collect::<Vec<_>>()
+                );
                 println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
                 print_show(&id, &state, &events);
+                for (at, e) in &escalations {
+                    println!(
+                        "escalated  {} rule {} to {} (counts from {}; asked: {})",
+                        crate::audit::format_ms(*at),
+                        e.rule,
+                        e.group,
+                        crate::audit::format_ms(e.counts_from),
+                        if e.notified.is_empty() {
+                            "nobody".to_string()
+                        } else {
+                            e.notified.join(", ")
+                        }
+                    );
+                }
                 for m in &missing {
                     println!("missing    {m}");
                 }
@@ -228,6 +256,30 @@ pub async fn read_decoded(
         anyhow::bail!("undecodable event at {bad}; run `custos audit verify`");
     }
     Ok(events)
+}
+
+/// The recorded escalations of a workflow's approval requirements (each on
+/// its own system aggregate), with when they were recorded.
+async fn escalations(
+    js: &async_nats::jetstream::Context,
+    id: &str,
+    state: &Transfer,
+) -> anyhow::Result<Vec<(i64, ApprovalEscalation)>> {
+    let mut out = Vec::new();
+    let requirements = state.decision.iter().flat_map(|d| d.approvals.iter());
+    for (i, _) in requirements
+        .enumerate()
+        .filter(|(_, r)| r.escalation.is_some())
+    {
+        let aggregate = ApprovalEscalation::aggregate_id(id, u32::try_from(i)?);
+        let filter = subjects::aggregate_filter(AggregateKind::System, &aggregate);
+        for e in read_decoded(js, Some(filter)).await? {
+            if let Payload::ApprovalEscalated(escalation) = e.payload {
+                out.push((e.timestamp, escalation));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// What a workflow awaiting approvals still lacks, judged as the ballot box

@@ -210,6 +210,48 @@ fn bad_files_name_line_and_field() {
             Some("version"),
             "not supported",
         ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"treasury-managers\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_after"),
+            "escalate_to needs escalate_after",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_after = \"4h\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_to"),
+            "escalate_after needs escalate_to",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"managers\", escalate_after = \"4h\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_to"),
+            "group \"managers\", which is not declared in [groups]",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"approvers\", escalate_after = \"4h\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_to"),
+            "already approves for this requirement",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"treasury-managers\", escalate_after = \"4 hours\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_after"),
+            "4 hours",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\nexpires_after = \"2h\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"treasury-managers\", escalate_after = \"2h\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_after"),
+            "not before the approvals expire (2h)",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"treasury-managers\", escalate_after = \"25h\" }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.escalate_after"),
+            "not before the approvals expire (1d)",
+        ),
         (HEADER.to_string(), None, Some("rule"), "deny everything"),
     ];
     for (text, marker, field, words) in cases {
@@ -290,4 +332,66 @@ fn checking_against_the_directory_finds_missing_groups_and_unreachable_quorums()
     );
     assert!(errors[0].message.contains("only 6"), "{}", errors[0]);
     assert!(errors[0].line.is_some());
+}
+
+#[test]
+fn an_escalation_is_part_of_the_decision_and_of_the_version() {
+    let with = |escalation: &str| {
+        policy_with(&format!(
+            "[[rule]]\nname = \"large\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = {{ groups = [{{ group = \"approvers\", count = 2 }}]{escalation} }}\n"
+        ))
+    };
+    let plain = with("");
+    let escalating = with(", escalate_to = \"treasury-managers\", escalate_after = \"4h\"");
+    let later = with(", escalate_to = \"treasury-managers\", escalate_after = \"5h\"");
+    assert_ne!(plain.version(), escalating.version());
+    assert_ne!(escalating.version(), later.version());
+    let d = World::new().decide(&escalating, &transfer("bob", "hot", "1"));
+    assert_eq!(
+        d.approvals
+            .iter()
+            .map(|r| r.escalation.clone())
+            .collect::<Vec<_>>(),
+        vec![Some(custos_schemas::policy::Escalation {
+            group: "treasury-managers".into(),
+            after_ms: 4 * HOUR as u64,
+        })]
+    );
+    assert!(
+        d.explanation
+            .contains("escalated to treasury-managers if not met 4h after the decision"),
+        "{}",
+        d.explanation
+    );
+    // A requirement without escalation records none: decisions and policy
+    // versions from before escalations existed are unchanged.
+    let d = World::new().decide(&plain, &transfer("bob", "hot", "1"));
+    assert_eq!(d.approvals[0].escalation, None);
+    let json = String::from_utf8(custos_schemas::ContentType::Json.encode(&d)).expect("utf-8");
+    assert!(!json.contains("escalation"), "{json}");
+}
+
+#[test]
+fn an_escalation_group_without_an_active_approver_is_found_before_applying() {
+    let p = policy_with(
+        "[[rule]]\nname = \"large\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], escalate_to = \"administrators\", escalate_after = \"1h\" }\n",
+    );
+    let mut d = directory();
+    assert!(p.check_directory(&d).is_empty());
+    for a in ["admin1", "admin2", "admin3"] {
+        d.deactivate(a).expect("deactivate");
+    }
+    let errors = p.check_directory(&d);
+    assert_eq!(errors.len(), 1, "{}", render_errors(&errors));
+    assert_eq!(
+        errors[0].field.as_deref(),
+        Some("rule[0].approvals.escalate_to")
+    );
+    assert!(
+        errors[0]
+            .message
+            .contains("escalates to administrators, which has no active member"),
+        "{}",
+        errors[0]
+    );
 }

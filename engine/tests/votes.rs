@@ -8,12 +8,13 @@ mod common;
 use std::collections::BTreeMap;
 
 use custos_engine::policy::{
-    Approval, ApprovalStatus, Directory, NewUser, VoteVerdict, approvals_satisfied, judge_vote,
+    Approval, ApprovalStatus, Directory, DueEscalation, NewUser, VoteVerdict, approvals_satisfied,
+    escalations_due, judge_vote,
 };
 use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::approval::{ApprovalChannel, ApprovalVote, MfaMethod, Vote};
 use custos_schemas::policy::{
-    ApprovalRequirement, Combine, GroupQuorum, PolicyDecision, PolicyOutcome,
+    ApprovalRequirement, Combine, Escalation, GroupQuorum, PolicyDecision, PolicyOutcome,
 };
 use custos_schemas::{Actor, AggregateKind, Event, EventType, Outcome, Payload, SCHEMA_VERSION};
 use proptest::prelude::*;
@@ -87,6 +88,7 @@ fn req(combine: Combine, groups: &[(&str, u32)]) -> ApprovalRequirement {
             })
             .collect(),
         initiator_may_approve: false,
+        escalation: None,
     }
 }
 
@@ -214,7 +216,11 @@ impl Flow {
     /// Casts a vote a minute after the last event and records it as the ballot
     /// box does (a duplicate records nothing). Panics on a refusal.
     fn cast(&mut self, user: &str, vote: Vote) -> VoteVerdict {
-        let now = self.at + MINUTE;
+        self.cast_at(user, vote, self.at + MINUTE)
+    }
+
+    /// [`Flow::cast`] at `now`.
+    fn cast_at(&mut self, user: &str, vote: Vote, now: i64) -> VoteVerdict {
         let ballot = self.ballot(vote);
         let verdict = self
             .judge(user, &ballot, now)
@@ -933,9 +939,10 @@ fn random_requirements() -> impl Strategy<Value = Vec<ApprovalRequirement>> {
         proptest::sample::subsequence(GROUPS.to_vec(), 1..=3),
         proptest::collection::vec(1u32..=3, 3),
         prop::bool::weighted(0.3),
+        prop::option::weighted(0.3, (proptest::sample::select(GROUPS.to_vec()), 0u64..45)),
     )
-        .prop_map(
-            |(all, groups, counts, initiator_may_approve)| ApprovalRequirement {
+        .prop_map(|(all, groups, counts, initiator_may_approve, escalation)| {
+            ApprovalRequirement {
                 rule: "r".into(),
                 combine: if all { Combine::All } else { Combine::Any },
                 groups: groups
@@ -947,8 +954,12 @@ fn random_requirements() -> impl Strategy<Value = Vec<ApprovalRequirement>> {
                     })
                     .collect(),
                 initiator_may_approve,
-            },
-        );
+                escalation: escalation.map(|(group, after_ms)| Escalation {
+                    group: group.into(),
+                    after_ms,
+                }),
+            }
+        });
     proptest::collection::vec(one, 1..=2)
 }
 
@@ -959,6 +970,161 @@ fn random_decision() -> impl Strategy<Value = PolicyDecision> {
         d.expires_at = expiry.map(|e| T0 + e);
         d
     })
+}
+
+// ---- escalation to a second group ----
+
+/// 2 approvers, escalated to the treasury managers an hour after the decision.
+fn escalating(after: i64) -> ApprovalRequirement {
+    let mut r = req(Combine::All, &[(AP, 2)]);
+    r.escalation = Some(Escalation {
+        group: TM.into(),
+        after_ms: after as u64,
+    });
+    r
+}
+
+#[test]
+fn an_escalation_group_counts_only_from_the_decision_plus_the_delay() {
+    let mut f = Flow::awaiting(decision(vec![escalating(HOUR)]));
+    assert_eq!(f.cast("ap1", Vote::Approve), approve(false));
+    let before = f.judge("tm1", &f.ballot(Vote::Approve), T0 + HOUR - 1);
+    assert_eq!(
+        before,
+        Err(format!(
+            "tm1 counts for rule rule-1 only once it escalates to {TM}, at 2023-11-14T23:13:20Z"
+        )),
+        "a treasury manager's vote before the escalation is refused with when it will count"
+    );
+    let reject_before = f.judge("tm1", &f.ballot(Vote::Reject), T0 + HOUR - 1);
+    assert!(
+        reject_before.is_err(),
+        "nor may they reject: {reject_before:?}"
+    );
+    assert_eq!(
+        escalations_due(
+            f.state.decision.as_ref().expect("decided"),
+            &f.approvals(),
+            &f.directory,
+            T0 + HOUR - 1
+        ),
+        vec![],
+        "not due before the delay"
+    );
+    let due = vec![DueEscalation {
+        requirement: 0,
+        rule: "rule-1".into(),
+        group: TM.into(),
+        counts_from: T0 + HOUR,
+    }];
+    let d = f.state.decision.clone().expect("decided");
+    assert_eq!(
+        escalations_due(&d, &f.approvals(), &f.directory, T0 + HOUR),
+        due
+    );
+    assert_eq!(
+        approvals_satisfied(&d, &f.approvals(), &f.directory, T0 + HOUR),
+        ApprovalStatus::Pending {
+            missing: vec![format!("{AP}: 1 of 2 (rule rule-1; escalated to {TM})")]
+        },
+        "the shortfall says the requirement is escalated"
+    );
+    // The initiator stays excluded, escalated or not.
+    assert_eq!(
+        f.judge("alice", &f.ballot(Vote::Approve), T0 + HOUR),
+        Err("alice initiated this request and may not approve it".into())
+    );
+    assert_eq!(f.cast_at("tm1", Vote::Approve, T0 + HOUR), approve(true));
+    assert_eq!(f.state.stage, Stage::ReadyToSign);
+    assert_eq!(
+        approvals_satisfied(&d, &f.approvals(), &f.directory, T0 + 2 * HOUR),
+        ApprovalStatus::Satisfied {
+            completed_at: T0 + HOUR,
+            sign_after: T0 + HOUR
+        },
+        "re-counted from the recorded votes and times, as a guardian does"
+    );
+    assert_eq!(
+        escalations_due(&d, &f.approvals(), &f.directory, T0 + 2 * HOUR),
+        vec![],
+        "a met decision escalates nothing"
+    );
+}
+
+#[test]
+fn a_recorded_escalation_group_approval_from_before_the_delay_does_not_count() {
+    // What a guardian re-counting a forged or mistaken trail sees: the time of
+    // each recorded approval decides, not when it is counted.
+    let d = decision(vec![escalating(HOUR)]);
+    let dir = directory();
+    let early = [
+        Approval {
+            user: "ap1".into(),
+            at: T0 + MINUTE,
+        },
+        Approval {
+            user: "tm1".into(),
+            at: T0 + HOUR - 1,
+        },
+    ];
+    assert_eq!(
+        approvals_satisfied(&d, &early, &dir, T0 + 2 * HOUR),
+        ApprovalStatus::Pending {
+            missing: vec![format!("{AP}: 1 of 2 (rule rule-1; escalated to {TM})")]
+        }
+    );
+    let on_time = [
+        Approval {
+            user: "ap1".into(),
+            at: T0 + MINUTE,
+        },
+        Approval {
+            user: "tm1".into(),
+            at: T0 + HOUR,
+        },
+    ];
+    assert!(matches!(
+        approvals_satisfied(&d, &on_time, &dir, T0 + 2 * HOUR),
+        ApprovalStatus::Satisfied { completed_at, .. } if completed_at == T0 + HOUR
+    ));
+}
+
+#[test]
+fn only_unmet_requirements_escalate_and_none_after_the_expiry() {
+    let mut other = req(Combine::All, &[(TM, 1)]);
+    other.rule = "other".into();
+    other.escalation = Some(Escalation {
+        group: AP.into(),
+        after_ms: (2 * HOUR) as u64,
+    });
+    let d = decision(vec![escalating(HOUR), other]);
+    let dir = directory();
+    let tm1 = [Approval {
+        user: "tm1".into(),
+        at: T0 + MINUTE,
+    }];
+    assert_eq!(
+        escalations_due(&d, &tm1, &dir, T0 + 3 * HOUR),
+        vec![DueEscalation {
+            requirement: 0,
+            rule: "rule-1".into(),
+            group: TM.into(),
+            counts_from: T0 + HOUR,
+        }],
+        "the met requirement (one treasury manager) is not escalated"
+    );
+    assert_eq!(
+        escalations_due(&d, &[], &dir, T0 + 3 * HOUR)
+            .iter()
+            .map(|e| (e.requirement, e.counts_from))
+            .collect::<Vec<_>>(),
+        vec![(0, T0 + HOUR), (1, T0 + 2 * HOUR)]
+    );
+    assert_eq!(
+        escalations_due(&d, &[], &dir, EXPIRES + 1),
+        vec![],
+        "expired"
+    );
 }
 
 proptest! {

@@ -63,6 +63,36 @@ pub struct ApprovalVote {
     pub comment: Option<String>,
 }
 
+/// Payload of `APPROVAL_ESCALATED`: a requirement still unmet when its
+/// escalation delay passed; its escalation group was asked. Recorded on the
+/// system aggregate [`ApprovalEscalation::aggregate_id`] (one per requirement,
+/// so a second sweep's append conflicts instead of asking twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalEscalation {
+    /// The workflow awaiting approvals (a transfer or a change).
+    pub workflow_id: String,
+    /// Index of the requirement in the decision's `approvals`.
+    pub requirement: u32,
+    /// The rule(s) that demand it.
+    pub rule: String,
+    /// The escalation group.
+    pub group: String,
+    /// From when the group's approvals count (decision time plus the delay, ms
+    /// since the epoch): what every replica computes from the decision.
+    pub counts_from: i64,
+    /// Directory ids of the members asked.
+    pub notified: Vec<String>,
+}
+
+impl ApprovalEscalation {
+    /// The system aggregate holding requirement `requirement`'s escalation of
+    /// workflow `workflow_id`.
+    pub fn aggregate_id(workflow_id: &str, requirement: u32) -> String {
+        format!("escalation-{workflow_id}-{requirement}")
+    }
+}
+
 /// Everything an approver sees before answering, on every channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

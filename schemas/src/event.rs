@@ -149,6 +149,9 @@ event_types! {
     TransactionRejected = "TRANSACTION_REJECTED",
     /// An approval that did not count (forged, stale, wrong approver, expired...).
     ApprovalRefused = "APPROVAL_REFUSED",
+    /// Approvals still missing after a requirement's escalation delay: its
+    /// second group was asked, and counts from then on.
+    ApprovalEscalated = "APPROVAL_ESCALATED",
     /// The unsigned transaction chosen for an approved transfer, before signing.
     TransactionBuilt = "TRANSACTION_BUILT",
     TransactionSigned = "TRANSACTION_SIGNED",
@@ -285,6 +288,8 @@ pub enum Payload {
     PolicyEvaluated(crate::policy::PolicyDecision),
     /// An approver's answer (`TRANSACTION_APPROVED` / `TRANSACTION_REJECTED`).
     ApprovalVote(crate::approval::ApprovalVote),
+    /// `APPROVAL_ESCALATED`: whom an unmet requirement was escalated to.
+    ApprovalEscalated(crate::approval::ApprovalEscalation),
     /// The unsigned transaction chosen for an approved transfer
     /// (`TRANSACTION_BUILT`): what every guardian checks and signs, and nothing else.
     TransactionBuilt(crate::chain::UnsignedTransaction),

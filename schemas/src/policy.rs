@@ -65,6 +65,23 @@ pub struct ApprovalRequirement {
     /// Whether the initiator's own approval counts (false unless the rule says so).
     #[serde(default)]
     pub initiator_may_approve: bool,
+    /// A second group that also counts toward this requirement once it has
+    /// gone unmet for a while after the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
+}
+
+/// Escalation of an approval requirement: from `afterMs` after the decision,
+/// approvals from `group` count toward it too (each fills any of its slots),
+/// and its members are asked. Written as `escalate_to` / `escalate_after` in a
+/// rule's `approvals`.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Escalation {
+    pub group: String,
+    pub after_ms: u64,
 }
 
 /// An amount in fiat money, as a decimal string (never a float), e.g. `"1500.00"`.
@@ -147,6 +164,7 @@ mod tests {
                     count: 4,
                 }],
                 initiator_may_approve: false,
+                escalation: None,
             }],
             expires_at: Some(1_700_086_400_000),
             delay_ms: 0,

@@ -18,11 +18,12 @@ use custos_schemas::{
 use custos_tests::*;
 use custos_workers::approvals::ballot_box::TrailBallotBox;
 use custos_workers::approvals::step::expired;
-use custos_workers::approvals::{Ballot, BallotBox, BallotError, Receipt};
+use custos_workers::approvals::{Ballot, BallotBox, BallotError, Notifier, NotifyError, Receipt};
 use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::remote::{Appender, RemoteLedger};
 use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
+use futures::future::BoxFuture;
 use serde_json::json;
 
 /// Up to EUR 1,000 allowed; above, 4 treasury managers; above EUR 100,000, 20
@@ -133,6 +134,11 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Setup {
+        Setup::start_with(POLICY).await
+    }
+
+    /// [`Setup::start`] under another policy.
+    async fn start_with(policy: &str) -> Setup {
         let nats = Nats::start(Durability::Default).await;
         let engine = Engine::start(&nats).await;
         append_ok(
@@ -161,7 +167,7 @@ impl Setup {
             .entry("LTC".into())
             .or_default()
             .insert("EUR".into(), "80".into());
-        let policy = Policy::parse(POLICY).expect("the test policy parses");
+        let policy = Policy::parse(policy).expect("the test policy parses");
         let step = PolicyStep::new(nats.js().await, policy, prices)
             .await
             .expect("policy step");
@@ -257,6 +263,15 @@ impl Setup {
             .await
             .into_iter()
             .filter(|e| e.event_type == EventType::ApprovalRefused && e.target.id == id)
+            .collect()
+    }
+
+    /// `APPROVAL_ESCALATED` events about workflow `id`.
+    async fn escalations(&self, id: &str) -> Vec<Event> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|e| e.event_type == EventType::ApprovalEscalated && e.target.id == id)
             .collect()
     }
 
@@ -891,5 +906,157 @@ async fn reminders_go_to_the_approvers_who_have_not_answered_scenario() {
         due(1, asked).await.iter().all(|(w, _)| *w != id),
         "not due right after a reminder"
     );
+    s.finish().await;
+}
+
+/// Who was asked about which workflow, by a channel that only records.
+#[derive(Clone, Default)]
+struct Recorder(Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+impl Recorder {
+    fn asked(&self) -> Vec<(String, String)> {
+        self.0.lock().expect("recorder").clone()
+    }
+}
+
+impl Notifier for Recorder {
+    fn channel(&self) -> ApprovalChannel {
+        ApprovalChannel::Email
+    }
+
+    fn ask<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        notice: &'a ApprovalNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        self.0
+            .lock()
+            .expect("recorder")
+            .push((to.id.clone(), notice.workflow_id.clone()));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn conclude<'a>(
+        &'a self,
+        _: &'a UserRecord,
+        _: &'a ApprovalNotice,
+        _: &'a str,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[test]
+fn an_unmet_requirement_escalates_to_its_second_group_after_the_delay() {
+    bounded(an_unmet_requirement_escalates_to_its_second_group_after_the_delay_scenario);
+}
+
+async fn an_unmet_requirement_escalates_to_its_second_group_after_the_delay_scenario() {
+    use custos_schemas::approval::ApprovalEscalation;
+    use custos_workers::approvals::step::escalate;
+    // Above EUR 1,000: two approvers (only `outsider` is one), escalated to the
+    // treasury managers 3 s after the decision.
+    let policy = POLICY.replace(
+        r#"approvals = { groups = [{ group = "treasury-managers", count = 4 }] }"#,
+        r#"approvals = { groups = [{ group = "approvers", count = 2 }], escalate_to = "treasury-managers", escalate_after = "3s" }"#,
+    );
+    let s = Setup::start_with(&policy).await;
+    let id = s.transfer_awaiting_approvals("escalate", "200").await;
+    let notice = s.notice(&id).await;
+    let decided_at = s
+        .transfer(&id)
+        .await
+        .and_then(|t| t.decision)
+        .map(|d| d.evaluated_at)
+        .expect("decided");
+    assert_eq!(
+        s.ballot_box.cast(approve(&notice, "outsider")).await,
+        Ok(Receipt::Recorded {
+            quorum_reached: false
+        })
+    );
+    refused(
+        s.ballot_box.cast(approve(&notice, "tm1")).await,
+        "tm1 counts for rule large only once it escalates to treasury-managers",
+        "a treasury manager before the escalation",
+    );
+    assert_eq!(s.refusals(&id).await.len(), 1, "the early vote is audited");
+
+    let recorder = Recorder::default();
+    let (stop, shutdown) = Shutdown::new();
+    let sweep = tokio::spawn(escalate(
+        s.trail.clone(),
+        s.remote.clone(),
+        vec![Arc::new(recorder.clone()) as Arc<dyn Notifier>],
+        Duration::from_millis(100),
+        shutdown,
+    ));
+    assert!(
+        eventually(WAIT, || async { !s.escalations(&id).await.is_empty() }).await,
+        "the escalation is recorded once the delay passed"
+    );
+    let managers: Vec<String> = (1..=6).map(|i| format!("tm{i}")).collect();
+    let escalations = s.escalations(&id).await;
+    assert_eq!(escalations.len(), 1, "{escalations:#?}");
+    let e = &escalations[0];
+    assert_eq!(
+        (
+            e.aggregate_kind,
+            e.workflow_id.as_str(),
+            e.version,
+            e.actor.user_id.as_str(),
+            e.result
+        ),
+        (
+            AggregateKind::System,
+            ApprovalEscalation::aggregate_id(&id, 0).as_str(),
+            1,
+            "system:approvals",
+            Outcome::Success
+        )
+    );
+    assert_eq!(
+        e.payload,
+        Payload::ApprovalEscalated(ApprovalEscalation {
+            workflow_id: id.clone(),
+            requirement: 0,
+            rule: "large".into(),
+            group: "treasury-managers".into(),
+            counts_from: decided_at + 3_000,
+            notified: managers.clone(),
+        })
+    );
+    assert!(
+        e.timestamp >= decided_at + 3_000,
+        "not recorded before it was due"
+    );
+    // Asked after it was recorded: every treasury manager, once, and nobody else.
+    assert!(
+        eventually(WAIT, || async { recorder.asked().len() >= managers.len() }).await,
+        "the treasury managers are asked: {:?}",
+        recorder.asked()
+    );
+    // Deliberate: let a few more sweeps (every 100 ms) pass; none may record
+    // or ask again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked: Vec<(String, String)> = managers.iter().map(|m| (m.clone(), id.clone())).collect();
+    assert_eq!(recorder.asked(), asked);
+    assert_eq!(s.escalations(&id).await.len(), 1, "escalated once");
+    let notice = s.notice(&id).await;
+    assert_eq!(
+        notice.missing,
+        vec!["approvers: 1 of 2 (rule large; escalated to treasury-managers)".to_string()]
+    );
+
+    // From now on a treasury manager's approval counts and completes.
+    assert_eq!(
+        s.ballot_box.cast(approve(&notice, "tm1")).await,
+        Ok(Receipt::Recorded {
+            quorum_reached: true
+        })
+    );
+    assert_eq!(s.stage(&id).await, Some(Stage::ReadyToSign));
+    stop.trigger();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sweep).await;
     s.finish().await;
 }

@@ -34,10 +34,12 @@ pub enum ApprovalStatus {
 
 /// Checks `approvals` against `decision` at `now`. Counted: one approval per
 /// distinct user, given between the decision and `now` and not after the expiry,
-/// by an active user holding the approver role who is (now) a member of the group,
-/// and never by the initiator unless the requirement allows it. `All` requires a
-/// distinct approver for every slot of every group (one person fills one slot);
-/// `Any` requires one group to reach its count. Every requirement must be met.
+/// by an active user holding the approver role who is (now) a member of the group
+/// (or of the requirement's escalation group, for an approval given once the
+/// escalation was due), and never by the initiator unless the requirement allows
+/// it. `All` requires a distinct approver for every slot of every group (one
+/// person fills one slot); `Any` requires one group to reach its count. Every
+/// requirement must be met.
 pub fn approvals_satisfied(
     decision: &PolicyDecision,
     approvals: &[Approval],
@@ -60,27 +62,14 @@ pub fn approvals_satisfied(
             missing: vec!["the decision names no approval requirement".into()],
         };
     }
-    // The earliest valid approval of each user, in time order.
-    let mut seen = BTreeSet::new();
-    let mut valid: Vec<&Approval> = approvals
-        .iter()
-        .filter(|a| {
-            a.at >= decision.evaluated_at
-                && a.at <= now
-                && decision.expires_at.is_none_or(|e| a.at <= e)
-                && directory.user(&a.user).is_some_and(|u| u.active)
-        })
-        .collect();
-    valid.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
-    valid.retain(|a| seen.insert(a.user.as_str()));
-
-    let mut approvers: Vec<&str> = Vec::with_capacity(valid.len());
+    let valid = counted(decision, approvals, directory, now);
+    let mut approvers: Vec<&Approval> = Vec::with_capacity(valid.len());
     for a in &valid {
-        approvers.push(&a.user);
+        approvers.push(a);
         if decision
             .approvals
             .iter()
-            .all(|r| shortfall(r, &approvers, &decision.initiator, directory).is_none())
+            .all(|r| shortfall(decision, r, &approvers, directory, now).is_none())
         {
             return ApprovalStatus::Satisfied {
                 completed_at: a.at,
@@ -96,43 +85,163 @@ pub fn approvals_satisfied(
     let missing = decision
         .approvals
         .iter()
-        .filter_map(|r| shortfall(r, &approvers, &decision.initiator, directory))
+        .filter_map(|r| shortfall(decision, r, &approvers, directory, now))
         .collect();
     ApprovalStatus::Pending { missing }
+}
+
+/// The earliest valid approval of each user, in time order: given between the
+/// decision and `now`, not after the expiry, by an active user.
+fn counted<'a>(
+    decision: &PolicyDecision,
+    approvals: &'a [Approval],
+    directory: &Directory,
+    now: i64,
+) -> Vec<&'a Approval> {
+    let mut seen = BTreeSet::new();
+    let mut valid: Vec<&Approval> = approvals
+        .iter()
+        .filter(|a| {
+            a.at >= decision.evaluated_at
+                && a.at <= now
+                && decision.expires_at.is_none_or(|e| a.at <= e)
+                && directory.user(&a.user).is_some_and(|u| u.active)
+        })
+        .collect();
+    valid.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
+    valid.retain(|a| seen.insert(a.user.as_str()));
+    valid
 }
 
 fn sign_after(decision: &PolicyDecision, completed_at: i64) -> i64 {
     completed_at.saturating_add(i64::try_from(decision.delay_ms).unwrap_or(i64::MAX))
 }
 
+/// When `req`'s escalation group starts to count: the decision's time plus the
+/// escalation's delay (`None` without one). It depends on the recorded
+/// decision alone, so every replica and every guardian agrees on it.
+pub fn escalates_at(decision: &PolicyDecision, req: &ApprovalRequirement) -> Option<i64> {
+    let e = req.escalation.as_ref()?;
+    Some(
+        decision
+            .evaluated_at
+            .saturating_add(i64::try_from(e.after_ms).unwrap_or(i64::MAX)),
+    )
+}
+
+/// Whether `user`'s approval given at `at` may fill a slot of `group` in `req`:
+/// a member of the group, or of the escalation group once the escalation is
+/// due; never the initiator unless the requirement allows it.
+fn fills(
+    decision: &PolicyDecision,
+    req: &ApprovalRequirement,
+    directory: &Directory,
+    user: &str,
+    at: i64,
+    group: &str,
+) -> bool {
+    (req.initiator_may_approve || user != decision.initiator)
+        && (directory.may_approve_for(user, group)
+            || escalated_member(decision, req, directory, user).is_some_and(|from| at >= from))
+}
+
+/// When `user` starts to count for `req` as a member of its escalation group.
+fn escalated_member(
+    decision: &PolicyDecision,
+    req: &ApprovalRequirement,
+    directory: &Directory,
+    user: &str,
+) -> Option<i64> {
+    let e = req.escalation.as_ref()?;
+    directory
+        .may_approve_for(user, &e.group)
+        .then(|| escalates_at(decision, req))
+        .flatten()
+}
+
+/// Whether an approval by `user` given at `at` would count toward one of the
+/// decision's requirements (an active user is assumed; see [`judge_vote`]).
+pub fn may_approve(decision: &PolicyDecision, directory: &Directory, user: &str, at: i64) -> bool {
+    decision.approvals.iter().any(|r| {
+        r.groups
+            .iter()
+            .any(|q| fills(decision, r, directory, user, at, &q.group))
+    })
+}
+
+/// A requirement whose escalation is due (see [`escalations_due`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueEscalation {
+    /// Index of the requirement in the decision's `approvals`.
+    pub requirement: usize,
+    pub rule: String,
+    /// The group asked now.
+    pub group: String,
+    /// From when its approvals count (ms since the epoch).
+    pub counts_from: i64,
+}
+
+/// The requirements to escalate at `now`: those with an escalation whose delay
+/// has passed and that the approvals given so far do not meet, while the
+/// decision still collects approvals (not once complete, blocked or expired).
+pub fn escalations_due(
+    decision: &PolicyDecision,
+    approvals: &[Approval],
+    directory: &Directory,
+    now: i64,
+) -> Vec<DueEscalation> {
+    if !matches!(
+        approvals_satisfied(decision, approvals, directory, now),
+        ApprovalStatus::Pending { .. }
+    ) {
+        return Vec::new();
+    }
+    let valid = counted(decision, approvals, directory, now);
+    decision
+        .approvals
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let counts_from = escalates_at(decision, r).filter(|t| *t <= now)?;
+            shortfall(decision, r, &valid, directory, now)?;
+            Some(DueEscalation {
+                requirement: i,
+                rule: r.rule.clone(),
+                group: r.escalation.as_ref()?.group.clone(),
+                counts_from,
+            })
+        })
+        .collect()
+}
+
 /// What a requirement still lacks with these approvers, or `None` when met.
 fn shortfall(
+    decision: &PolicyDecision,
     req: &ApprovalRequirement,
-    approvers: &[&str],
-    initiator: &str,
+    approvers: &[&Approval],
     directory: &Directory,
+    now: i64,
 ) -> Option<String> {
-    let counts = |group: &str| -> Vec<&str> {
-        approvers
-            .iter()
-            .copied()
-            .filter(|u| {
-                (req.initiator_may_approve || *u != initiator)
-                    && directory.may_approve_for(u, group)
-            })
-            .collect()
+    let fits = |a: &Approval, group: &str| fills(decision, req, directory, &a.user, a.at, group);
+    let escalated = match (&req.escalation, escalates_at(decision, req)) {
+        (Some(e), Some(t)) if t <= now => format!("; escalated to {}", e.group),
+        _ => String::new(),
     };
     match req.combine {
         Combine::Any => {
             let mut parts = Vec::new();
             for q in &req.groups {
-                let n = counts(&q.group).len();
+                let n = approvers.iter().filter(|a| fits(a, &q.group)).count();
                 if n >= q.count as usize {
                     return None;
                 }
                 parts.push(format!("{}: {n} of {}", q.group, q.count));
             }
-            Some(format!("one of {} (rule {})", parts.join(" or "), req.rule))
+            Some(format!(
+                "one of {} (rule {}{escalated})",
+                parts.join(" or "),
+                req.rule
+            ))
         }
         Combine::All => {
             // Slots: `count` per group; each approver fills at most one slot.
@@ -141,9 +250,7 @@ fn shortfall(
                 .iter()
                 .flat_map(|q| std::iter::repeat_n(q.group.as_str(), q.count as usize))
                 .collect();
-            let filled = max_assignment(&slots, approvers, |u, g| {
-                (req.initiator_may_approve || u != initiator) && directory.may_approve_for(u, g)
-            });
+            let filled = max_assignment(&slots, approvers, |a, g| fits(a, g));
             if filled.iter().all(Option::is_some) {
                 return None;
             }
@@ -159,7 +266,11 @@ fn shortfall(
                     format!("{}: {n} of {}", q.group, q.count)
                 })
                 .collect();
-            Some(format!("{} (rule {})", parts.join(", "), req.rule))
+            Some(format!(
+                "{} (rule {}{escalated})",
+                parts.join(", "),
+                req.rule
+            ))
         }
     }
 }
@@ -168,15 +279,15 @@ fn shortfall(
 /// for each slot, the index of the approver filling it.
 fn max_assignment(
     slots: &[&str],
-    approvers: &[&str],
-    eligible: impl Fn(&str, &str) -> bool,
+    approvers: &[&Approval],
+    eligible: impl Fn(&Approval, &str) -> bool,
 ) -> Vec<Option<usize>> {
     let mut filled: Vec<Option<usize>> = vec![None; slots.len()];
     fn augment(
         u: usize,
         slots: &[&str],
-        approvers: &[&str],
-        eligible: &dyn Fn(&str, &str) -> bool,
+        approvers: &[&Approval],
+        eligible: &dyn Fn(&Approval, &str) -> bool,
         visited: &mut [bool],
         filled: &mut [Option<usize>],
     ) -> bool {
@@ -333,16 +444,24 @@ pub fn judge_vote(
         Some(u) if !u.active => return Err(format!("{user} is deactivated")),
         Some(_) => {}
     }
-    let eligible = decision.approvals.iter().any(|r| {
-        (r.initiator_may_approve || user != decision.initiator)
-            && r.groups
-                .iter()
-                .any(|q| directory.may_approve_for(user, &q.group))
-    });
-    if !eligible {
+    // Recorded votes happened: a clock behind the ledger's must not drop them.
+    let at = workflow.votes().iter().map(|v| v.at).fold(now, i64::max);
+    if !may_approve(decision, directory, user, at) {
         if user == decision.initiator {
             return Err(format!(
                 "{user} initiated this request and may not approve it"
+            ));
+        }
+        if let Some((r, from)) = decision
+            .approvals
+            .iter()
+            .find_map(|r| Some((r, escalated_member(decision, r, directory, user)?)))
+        {
+            return Err(format!(
+                "{user} counts for rule {} only once it escalates to {}, at {}",
+                r.rule,
+                r.escalation.as_ref().map_or("", |e| e.group.as_str()),
+                format_utc(from)
             ));
         }
         let groups: Vec<&str> = decision
@@ -358,15 +477,13 @@ pub fn judge_vote(
     if vote.vote == Vote::Reject {
         return Ok(VoteVerdict::Reject);
     }
-    // Recorded votes happened: a clock behind the ledger's must not drop them.
-    let now = workflow.votes().iter().map(|v| v.at).fold(now, i64::max);
     let mut approvals = approvals_of(workflow);
     approvals.push(Approval {
         user: user.to_string(),
-        at: now,
+        at,
     });
     let completes = matches!(
-        approvals_satisfied(decision, &approvals, directory, now),
+        approvals_satisfied(decision, &approvals, directory, at),
         ApprovalStatus::Satisfied { .. }
     );
     Ok(VoteVerdict::Approve { completes })

@@ -155,6 +155,7 @@ pub fn evaluate(policy: &Policy, request: &Request, inputs: &Inputs<'_>) -> Poli
                     a.combine == spec.combine
                         && a.groups == groups
                         && a.initiator_may_approve == spec.initiator_may_approve
+                        && a.escalation == spec.escalation
                 }) {
                     // The union: the same demand from two rules is one demand.
                     Some(same) => {
@@ -166,6 +167,7 @@ pub fn evaluate(policy: &Policy, request: &Request, inputs: &Inputs<'_>) -> Poli
                         combine: spec.combine,
                         groups,
                         initiator_may_approve: spec.initiator_may_approve,
+                        escalation: spec.escalation.clone(),
                     }),
                 }
             }
@@ -522,7 +524,7 @@ fn reasons(
                 .map(|(g, n)| format!("{n} from {g}"))
                 .collect();
             out.push(format!(
-                "requires {} ({})",
+                "requires {} ({}){}",
                 groups.join(match spec.combine {
                     custos_schemas::policy::Combine::All => " and ",
                     custos_schemas::policy::Combine::Any => " or ",
@@ -531,7 +533,11 @@ fn reasons(
                     "the initiator may count"
                 } else {
                     "the initiator excluded"
-                }
+                },
+                spec.escalation
+                    .as_ref()
+                    .map(describe_escalation)
+                    .unwrap_or_default()
             ));
         }
         RuleOutcome::Allow => out.push("allows".into()),
@@ -560,7 +566,22 @@ fn describe_requirement(a: &ApprovalRequirement) -> String {
         custos_schemas::policy::Combine::All => groups.join(" and "),
         custos_schemas::policy::Combine::Any => groups.join(" or "),
     };
-    format!("{joined} (rule {})", a.rule)
+    format!(
+        "{joined} (rule {}){}",
+        a.rule,
+        a.escalation
+            .as_ref()
+            .map(describe_escalation)
+            .unwrap_or_default()
+    )
+}
+
+fn describe_escalation(e: &custos_schemas::policy::Escalation) -> String {
+    format!(
+        ", escalated to {} if not met {} after the decision",
+        e.group,
+        format_duration(e.after_ms)
+    )
 }
 
 fn explanation(

@@ -14,7 +14,9 @@
 //!   signing; a missing or stale price fails closed.
 //! - [`approvals_satisfied`] tells whether the approvals given so far meet a
 //!   decision: distinct, active, eligible approvers, never the initiator unless
-//!   the rule allows it, AND/OR per rule, within the expiry.
+//!   the rule allows it, AND/OR per rule, within the expiry; a requirement's
+//!   escalation group counts from its decision's time plus the escalation delay
+//!   ([`escalations_due`] tells the approval worker whom to ask and when).
 //!
 //! The approval count is independent of the wallet's cryptographic threshold: a
 //! FROST 2-of-3 wallet under "4 approvals from treasury-managers" needs 4
@@ -30,8 +32,8 @@ mod parse;
 pub mod state;
 
 pub use approvals::{
-    Approval, ApprovalStatus, AwaitsApprovals, VoteVerdict, approvals_of, approvals_satisfied,
-    awaiting, judge_vote,
+    Approval, ApprovalStatus, AwaitsApprovals, DueEscalation, VoteVerdict, approvals_of,
+    approvals_satisfied, awaiting, escalates_at, escalations_due, judge_vote, may_approve,
 };
 pub use directory::{Directory, Duty, NewUser, Role, User};
 pub use evaluate::{Inputs, evaluate};

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use custos_schemas::codec;
-use custos_schemas::policy::Combine;
+use custos_schemas::policy::{Combine, Escalation};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -141,6 +141,10 @@ pub struct ApprovalSpec {
     /// (group, count), in the order written.
     pub groups: Vec<(String, u32)>,
     pub initiator_may_approve: bool,
+    /// Left out of the canonical form when absent, so policies without one
+    /// keep their versions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalation: Option<Escalation>,
 }
 
 /// What a matching rule decides.
@@ -299,6 +303,21 @@ impl Policy {
                             ),
                         ));
                     }
+                }
+                if let Some(e) = &spec.escalation
+                    && directory.group(&e.group).is_some()
+                    && !directory
+                        .active_members(&e.group)
+                        .any(|u| directory.may(&u.id, Duty::Approve))
+                {
+                    errors.push(PolicyError::semantic(
+                        Some(rule.line),
+                        format!("rule[{i}].approvals.escalate_to"),
+                        format!(
+                            "rule {:?} escalates to {}, which has no active member with the approver role",
+                            rule.name, e.group
+                        ),
+                    ));
                 }
             }
         }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use custos_schemas::policy::Combine;
+use custos_schemas::policy::{Combine, Escalation};
 use custos_schemas::validate_token;
 use serde::Deserialize;
 use toml::Spanned;
@@ -141,6 +141,8 @@ struct RawApprovals {
     groups: Spanned<Vec<Spanned<RawQuorum>>>,
     #[serde(default)]
     initiator_may_approve: bool,
+    escalate_to: Option<Spanned<String>>,
+    escalate_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,7 +321,7 @@ impl Policy {
         let mut rules = Vec::new();
         let mut names: BTreeMap<String, usize> = BTreeMap::new();
         for (i, raw_rule) in raw.rule.iter().enumerate() {
-            if let Some(rule) = check_rule(&mut c, i, raw_rule, &groups) {
+            if let Some(rule) = check_rule(&mut c, i, raw_rule, &groups, approval_expiry_ms) {
                 if let Some(first) = names.get(&rule.name) {
                     c.error(
                         raw_rule.get_ref().name.span(),
@@ -408,6 +410,7 @@ fn check_rule(
     i: usize,
     spanned: &Spanned<RawRule>,
     groups: &BTreeMap<String, String>,
+    approval_expiry_ms: Option<u64>,
 ) -> Option<Rule> {
     let raw = spanned.get_ref();
     let f = |name: &str| format!("rule[{i}].{name}");
@@ -691,6 +694,22 @@ fn check_rule(
         }
         c.duration(e, &f("expires_after"), 60_000, MAX_EXPIRY_MS)
     });
+    // An escalation due only after the approvals expired would never happen.
+    if let (Some(RuleOutcome::RequireApprovals(spec)), Some(a)) = (&outcome, &raw.approvals)
+        && let (Some(e), Some(after)) = (&spec.escalation, &a.get_ref().escalate_after)
+        && let Some(expiry) = expires_after_ms.or(approval_expiry_ms)
+        && e.after_ms >= expiry
+    {
+        c.error(
+            after.span(),
+            f("approvals.escalate_after"),
+            format!(
+                "{} is not before the approvals expire ({}): the escalation would never happen",
+                after.get_ref(),
+                super::fiat::format_duration(expiry)
+            ),
+        );
+    }
     let delay_ms = match &raw.delay {
         Some(d) => {
             if raw.outcome.get_ref() == "block" {
@@ -794,11 +813,79 @@ fn approvals(
         }
         out.push((group.clone(), count));
     }
+    let escalation = escalation(c, field, a, &out, groups);
     Some(ApprovalSpec {
         combine,
         groups: out,
         initiator_may_approve: r.initiator_may_approve,
+        escalation,
     })
+}
+
+/// `escalate_to` and `escalate_after`: both or neither; a declared group that
+/// is not already one of the requirement's own.
+fn escalation(
+    c: &mut Checker<'_>,
+    field: &str,
+    a: &Spanned<RawApprovals>,
+    own: &[(String, u32)],
+    groups: &BTreeMap<String, String>,
+) -> Option<Escalation> {
+    let r = a.get_ref();
+    match (&r.escalate_to, &r.escalate_after) {
+        (None, None) => None,
+        (Some(to), None) => {
+            c.error(
+                to.span(),
+                format!("{field}.escalate_after"),
+                "escalate_to needs escalate_after: how long after the decision the group is asked",
+            );
+            None
+        }
+        (None, Some(after)) => {
+            c.error(
+                after.span(),
+                format!("{field}.escalate_to"),
+                "escalate_after needs escalate_to: the group asked once it passes",
+            );
+            None
+        }
+        (Some(to), Some(after)) => {
+            let group = to.get_ref();
+            let mut ok = true;
+            if !groups.contains_key(group) {
+                c.error(
+                    to.span(),
+                    format!("{field}.escalate_to"),
+                    format!(
+                        "escalation to group {group:?}, which is not declared in [groups] (declared: {})",
+                        groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+                ok = false;
+            }
+            if own.iter().any(|(g, _)| g == group) {
+                c.error(
+                    to.span(),
+                    format!("{field}.escalate_to"),
+                    format!(
+                        "{group:?} already approves for this requirement: escalate to another group"
+                    ),
+                );
+                ok = false;
+            }
+            let after_ms = c.duration(
+                after,
+                &format!("{field}.escalate_after"),
+                1_000,
+                MAX_EXPIRY_MS,
+            );
+            Some(Escalation {
+                group: group.clone(),
+                after_ms: after_ms.filter(|_| ok)?,
+            })
+        }
+    }
 }
 
 /// Rules with the same actions and conditions: one would shadow the other.

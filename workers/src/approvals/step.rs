@@ -1,17 +1,19 @@
 //! The approval step: when a decision needs approvals, asks every eligible
 //! approver on every configured channel; rejects requests whose approvals did not
-//! come in before the expiry.
+//! come in before the expiry; reminds those who have not answered; escalates
+//! requirements still unmet after their escalation delay to a second group.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use custos_adapters::jetstream::{StepConsumer, workflow_consumer};
-use custos_engine::policy::AwaitsApprovals;
+use custos_engine::policy::{AwaitsApprovals, approvals_of, escalations_due, may_approve};
 use custos_engine::transfer::Stage;
-use custos_schemas::approval::ApprovalNotice;
+use custos_schemas::approval::{ApprovalEscalation, ApprovalNotice};
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, UserRecord,
+    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
+    UserRecord,
 };
 
 use super::Notifier;
@@ -70,9 +72,10 @@ impl ApprovalStep {
     }
 }
 
-/// Active users who may approve for one of the decision's groups; the initiator
-/// only where a rule allows it.
-pub fn eligible_approvers(view: &TrailView, workflow_id: &str) -> Vec<UserRecord> {
+/// Active users whose approval would count at `now`: of one of the decision's
+/// groups, or of an escalation group once due; the initiator only where a rule
+/// allows it.
+pub fn eligible_approvers(view: &TrailView, workflow_id: &str, now: i64) -> Vec<UserRecord> {
     let Some(decision) = view
         .awaiting(workflow_id)
         .and_then(|(_, w, _)| w.decision())
@@ -81,15 +84,7 @@ pub fn eligible_approvers(view: &TrailView, workflow_id: &str) -> Vec<UserRecord
     };
     view.directory
         .users()
-        .filter(|u| u.active)
-        .filter(|u| {
-            decision.approvals.iter().any(|r| {
-                (r.initiator_may_approve || u.id != decision.initiator)
-                    && r.groups
-                        .iter()
-                        .any(|q| view.directory.may_approve_for(&u.id, &q.group))
-            })
-        })
+        .filter(|u| u.active && may_approve(decision, &view.directory, &u.id, now))
         .map(super::ballot_box::user_record)
         .collect()
 }
@@ -118,7 +113,10 @@ impl Step for ApprovalStep {
         };
         let (notice, approvers) = self
             .trail
-            .read(|view| (notice(view, &id, now_ms()), eligible_approvers(view, &id)))
+            .read(|view| {
+                let now = now_ms();
+                (notice(view, &id, now), eligible_approvers(view, &id, now))
+            })
             .await
             .map_err(StepError::Transient)?;
         let Some(notice) = notice else {
@@ -219,7 +217,7 @@ pub fn reminders_due(
             }
             let notice = notice(view, id, now)?;
             let voted: Vec<&str> = w.votes().iter().map(|v| v.user.as_str()).collect();
-            let waiting: Vec<UserRecord> = eligible_approvers(view, id)
+            let waiting: Vec<UserRecord> = eligible_approvers(view, id, now)
                 .into_iter()
                 .filter(|u| !voted.contains(&u.id.as_str()))
                 .collect();
@@ -293,4 +291,115 @@ pub fn expired(view: &TrailView, now: i64) -> Vec<Proposal> {
             })
         })
         .collect()
+}
+
+/// An escalation to record, the notice to send and whom to ask once recorded.
+pub type DueEscalation = (Proposal, ApprovalNotice, Vec<UserRecord>);
+
+/// `APPROVAL_ESCALATED` for every requirement (of a transfer or change awaiting
+/// approvals) whose escalation the engine finds due at `now` and that is not
+/// recorded yet, with the escalation group's members it newly lets approve and
+/// who have not answered.
+pub fn escalations(view: &TrailView, now: i64) -> Vec<DueEscalation> {
+    let mut due = Vec::new();
+    for (_, id, w, _) in awaiting_approvals(view) {
+        let Some(decision) = w.decision() else {
+            continue;
+        };
+        for e in escalations_due(decision, &approvals_of(w), &view.directory, now) {
+            let requirement = u32::try_from(e.requirement).unwrap_or(u32::MAX);
+            let aggregate = ApprovalEscalation::aggregate_id(id, requirement);
+            if view.ledger.version(AggregateKind::System, &aggregate) > 0 {
+                continue;
+            }
+            let Some(notice) = notice(view, id, now) else {
+                continue;
+            };
+            let voted: Vec<&str> = w.votes().iter().map(|v| v.user.as_str()).collect();
+            // Members who count now but did not at the decision: those this
+            // escalation adds (others were asked from the start).
+            let asked: Vec<UserRecord> = view
+                .directory
+                .users()
+                .filter(|u| {
+                    u.active
+                        && view.directory.may_approve_for(&u.id, &e.group)
+                        && may_approve(decision, &view.directory, &u.id, now)
+                        && !may_approve(decision, &view.directory, &u.id, decision.evaluated_at)
+                        && !voted.contains(&u.id.as_str())
+                })
+                .map(super::ballot_box::user_record)
+                .collect();
+            let proposal = Proposal {
+                aggregate_kind: AggregateKind::System,
+                workflow_id: aggregate,
+                expected_version: 0,
+                event_type: EventType::ApprovalEscalated,
+                causation_id: None,
+                actor: Actor::system("approvals"),
+                target: Target {
+                    kind: "transaction".into(),
+                    id: id.to_string(),
+                    amount: None,
+                    currency: None,
+                },
+                context: Default::default(),
+                result: Outcome::Success,
+                metadata: Default::default(),
+                payload: Payload::ApprovalEscalated(ApprovalEscalation {
+                    workflow_id: id.to_string(),
+                    requirement,
+                    rule: e.rule,
+                    group: e.group,
+                    counts_from: e.counts_from,
+                    notified: asked.iter().map(|u| u.id.clone()).collect(),
+                }),
+            };
+            due.push((proposal, notice, asked));
+        }
+    }
+    due
+}
+
+/// Every `every`, records the escalations that are due and then asks the
+/// escalation groups on every channel, until `shutdown`. An escalation another
+/// sweep recorded first conflicts and is not asked again.
+pub async fn escalate<A: Appender>(
+    trail: Trail,
+    appender: A,
+    notifiers: Vec<Arc<dyn Notifier>>,
+    every: Duration,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => break,
+            _ = tick.tick() => {}
+        }
+        let due = match trail.read(|view| escalations(view, now_ms())).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "approval escalations skipped");
+                continue;
+            }
+        };
+        for (proposal, notice, asked) in due {
+            match appender.append(vec![proposal]).await {
+                AppendReply::Appended { .. } => {}
+                AppendReply::Conflict { .. } => continue,
+                AppendReply::Refused { reason } | AppendReply::Unavailable { reason } => {
+                    tracing::warn!(%reason, "could not record an escalation");
+                    continue;
+                }
+            }
+            for user in &asked {
+                for n in &notifiers {
+                    if let Err(e) = n.ask(user, &notice).await {
+                        tracing::warn!(error = %e, "escalation notice not delivered");
+                    }
+                }
+            }
+        }
+    }
 }
