@@ -237,6 +237,26 @@ pub async fn request(
     requester: Requester,
     change: Change,
 ) -> anyhow::Result<ExitCode> {
+    let client = crate::connect(nats_url).await?;
+    let Some(workflow) = submit(&client, requester, change, false).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    workflow.print_next();
+    Ok(match workflow.state.stage {
+        Stage::Rejected | Stage::Failed => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// Sends `change` as `requester` and prints the workflow id and the change
+/// (on stderr when stdout is for `json`); the workflow as the trail has it
+/// once recorded, or `None` after printing the refusal (field and reason).
+pub async fn submit(
+    client: &async_nats::Client,
+    requester: Requester,
+    change: Change,
+    json: bool,
+) -> anyhow::Result<Option<Workflow>> {
     let request = ChangeRequest {
         request_id: requester.request_id.unwrap_or_else(|| {
             let mut bytes = [0u8; 12];
@@ -249,9 +269,8 @@ pub async fn request(
     // The service checks the same; refusing here sends nothing for a typo.
     if let Err(e) = request.validate_shape() {
         eprintln!("refused: {}: {}", e.field, e.reason);
-        return Ok(ExitCode::FAILURE);
+        return Ok(None);
     }
-    let client = crate::connect(nats_url).await?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(subjects::headers::CONTENT_TYPE, ContentType::JSON);
     let reply = tokio::time::timeout(
@@ -280,33 +299,33 @@ pub async fn request(
                 "refused: {}{reason}",
                 field.map(|f| format!("{f}: ")).unwrap_or_default()
             );
-            return Ok(ExitCode::FAILURE);
+            return Ok(None);
         }
     };
-    println!("{workflow_id}");
+    for line in [workflow_id.clone(), request.change.describe()] {
+        match json {
+            true => eprintln!("{line}"),
+            false => println!("{line}"),
+        }
+    }
     // The service records a request's first events in one append before it
     // answers, so the trail already says what comes next.
-    let Some(workflow) = Workflow::read(&client, &workflow_id).await? else {
-        anyhow::bail!("{workflow_id} was accepted but is not in the trail");
-    };
-    println!("{}", request.change.describe());
-    workflow.print_next();
-    Ok(match workflow.state.stage {
-        Stage::Rejected => ExitCode::FAILURE,
-        _ => ExitCode::SUCCESS,
-    })
+    let workflow = Workflow::read(client, &workflow_id)
+        .await?
+        .with_context(|| format!("{workflow_id} was accepted but is not in the trail"))?;
+    Ok(Some(workflow))
 }
 
 /// A change workflow folded from the trail, with the directory as it stands.
-struct Workflow {
-    id: String,
-    state: ChangeState,
+pub struct Workflow {
+    pub id: String,
+    pub state: ChangeState,
     events: Vec<Event>,
     directory: Directory,
 }
 
 impl Workflow {
-    async fn read(client: &async_nats::Client, id: &str) -> anyhow::Result<Option<Workflow>> {
+    pub async fn read(client: &async_nats::Client, id: &str) -> anyhow::Result<Option<Workflow>> {
         let js = async_nats::jetstream::new(client.clone());
         let mut directory = Directory::new();
         let mut events = Vec::new();
@@ -368,7 +387,33 @@ impl Workflow {
             .collect()
     }
 
-    fn print_next(&self) {
+    /// Waits while the change is approved and its key ceremony runs.
+    pub async fn settled(self, client: &async_nats::Client) -> anyhow::Result<Workflow> {
+        let started = std::time::Instant::now();
+        let mut workflow = self;
+        while workflow.state.stage == Stage::Approved
+            && workflow
+                .state
+                .request
+                .as_ref()
+                .is_some_and(|r| r.change.is_ceremony())
+        {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(180),
+                "change {} is approved but its key ceremony has not ended within 180 s; follow it with `custos change show {}`",
+                workflow.id,
+                workflow.id
+            );
+            // Poll the trail: the ceremony's outcome is recorded there.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            workflow = Workflow::read(client, &workflow.id)
+                .await?
+                .with_context(|| format!("{} left the trail", workflow.id))?;
+        }
+        Ok(workflow)
+    }
+
+    pub fn print_next(&self) {
         match self.state.stage {
             Stage::AwaitingApprovals => {
                 println!("awaiting approvals: {}", self.missing().join("; "));
@@ -380,6 +425,11 @@ impl Workflow {
                 println!("follow it with `custos change show {}`", self.id);
             }
             Stage::Applied => println!("applied"),
+            Stage::Approved => println!("approved: the key ceremony runs now"),
+            Stage::Failed => println!(
+                "failed: {}",
+                self.state.reason.as_deref().unwrap_or("no reason recorded")
+            ),
             Stage::Rejected => println!(
                 "rejected: {}",
                 self.state.reason.as_deref().unwrap_or("no reason recorded")

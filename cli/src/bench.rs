@@ -510,8 +510,9 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
         "custos bench dkg ({ceremonies} ceremonies per configuration, guardians as separate processes)"
     );
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
-    let (client, ledger) = (&bench.client, &bench.ledger);
+    let (js, ledger) = (&bench.js, &bench.ledger);
     let guardians = start_guardians(&bench, 5).await?;
+    let made = Ceremonies::start(js, ledger).await?;
     for (t, n) in [(2u16, 3u16), (3, 5)] {
         let mut compute = Vec::new();
         for c in 0..ceremonies {
@@ -522,24 +523,10 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
         }
         let mut over_nats = Vec::new();
         for c in 0..ceremonies {
-            let request = custos_workers::wallets::CreateWallet {
-                name: format!("bench-{t}of{n}-{c}"),
-                model: "frost".into(),
-                threshold: t,
-                guardians: (1..=n).map(|i| format!("g{i}")).collect(),
-                chain: "ltc-regtest".into(),
-                initiator: "bench".into(),
-            };
             let t0 = Instant::now();
-            let reply = custos_workers::wallets::create(client, ledger, request).await;
+            made.frost_wallet(ledger, &format!("bench-{t}of{n}-{c}"), t, n)
+                .await?;
             over_nats.push(t0.elapsed());
-            anyhow::ensure!(
-                matches!(
-                    reply,
-                    custos_workers::wallets::CreateWalletReply::Created { .. }
-                ),
-                "ceremony failed: {reply:?}"
-            );
         }
         compute.sort();
         over_nats.sort();
@@ -624,6 +611,16 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
     let guardians = start_guardians(&bench, 5).await?;
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+    let made = Ceremonies::start(js, ledger).await?;
+    let mut wallets = Vec::new();
+    for (t, n) in [(2u16, 3u16), (3, 5)] {
+        wallets.push((
+            t,
+            n,
+            made.frost_wallet(ledger, &format!("bench-{t}of{n}"), t, n)
+                .await?,
+        ));
+    }
     let (trigger, shutdown) = Shutdown::new();
     workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
     let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
@@ -633,9 +630,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
         custos_workers::signing::SignStep::new(client.clone(), trail)
             .map_err(anyhow::Error::msg)?,
     );
-    for (t, n) in [(2u16, 3u16), (3, 5)] {
-        let name = format!("bench-{t}of{n}");
-        let wallet = frost_wallet(client, ledger, &name, t, n).await?;
+    for (t, n, wallet) in wallets {
         // One ceremony first: each guardian decrypts its share once (argon2id).
         let warm = built_transfers(client, js, ledger, &wallet, "warm", 1).await?;
         ceremony(&step, &warm[0]).await?;
@@ -1001,9 +996,12 @@ async fn e2e(count: usize) -> anyhow::Result<std::process::ExitCode> {
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
     let node =
         custos_adapters::regtest::RegtestNode::start(&bench.dir.join("litecoind"), 0).await?;
+    let wallet = Ceremonies::start(js, ledger)
+        .await?
+        .frost_wallet(ledger, "bench", 2, 3)
+        .await?;
     let (trigger, shutdown) = Shutdown::new();
     workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
-    let wallet = frost_wallet(client, ledger, "bench", 2, 3).await?;
     // One coin per transfer: transfers in flight never share coins.
     for _ in 0..count {
         node.fund(&wallet.address, 20_000_000).await?;
@@ -1222,24 +1220,119 @@ fn bench_user(id: String, role: &str, groups: Vec<String>) -> Proposal {
     )
 }
 
-/// A FROST `threshold`-of-`n` wallet of guardians g1..gN on ltc-regtest.
-async fn frost_wallet(
-    client: &async_nats::Client,
-    ledger: &LedgerHandle,
-    name: &str,
-    threshold: u16,
-    n: u16,
-) -> anyhow::Result<WalletDescriptor> {
-    let request = custos_workers::wallets::CreateWallet {
-        name: name.into(),
-        model: "frost".into(),
-        threshold,
-        guardians: (1..=n).map(|i| format!("g{i}")).collect(),
-        chain: "ltc-regtest".into(),
-        initiator: "bench".into(),
-    };
-    match custos_workers::wallets::create(client, ledger, request).await {
-        custos_workers::wallets::CreateWalletReply::Created { wallet } => Ok(wallet),
-        other => anyhow::bail!("wallet creation failed: {other:?}"),
+/// Benches make their wallets as an operator would: a change request to the
+/// change service's code, under a policy of their own that allows wallet
+/// creation outright (active until a bench activates its transfer policy),
+/// run by the engine's key ceremony step among the guardian processes.
+const CEREMONY_POLICY: &str = r#"
+version = 1
+name = "bench-ceremonies"
+description = "Benchmarks: wallet creation needs no approval."
+currency = "EUR"
+max_price_age = "5m"
+approval_expiry = "24h"
+
+[groups]
+administrators = "Nothing here needs approvals."
+
+[[rule]]
+name = "wallet-creation"
+description = "Wallets are created at once."
+actions = ["wallet-create"]
+outcome = "allow"
+"#;
+
+/// Where benches ask for wallets.
+struct Ceremonies {
+    trail: custos_workers::trail::Trail,
+    policy: custos_workers::change::ActivePolicy,
+    _stop: custos_workers::ShutdownTrigger,
+}
+
+impl Ceremonies {
+    /// Activates the ceremony policy and records the operator.
+    async fn start(js: &jetstream::Context, ledger: &LedgerHandle) -> anyhow::Result<Self> {
+        let policy = custos_engine::policy::Policy::parse(CEREMONY_POLICY)
+            .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
+        let reply = ledger
+            .append(vec![
+                record(
+                    AggregateKind::Policy,
+                    "bench-ceremonies",
+                    EventType::PolicyCreated,
+                    Payload::PolicyActivated {
+                        name: policy.name.clone(),
+                        version: policy.version().to_string(),
+                    },
+                ),
+                bench_user("operator".into(), "initiator", Vec::new()),
+            ])
+            .await;
+        anyhow::ensure!(
+            matches!(reply, AppendReply::Appended { .. }),
+            "ceremony policy: {reply:?}"
+        );
+        let (stop, shutdown) = Shutdown::new();
+        let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Ceremonies {
+            trail,
+            policy: custos_workers::change::ActivePolicy::new(policy),
+            _stop: stop,
+        })
+    }
+
+    /// A FROST `threshold`-of-`n` wallet of guardians g1..gN on ltc-regtest.
+    async fn frost_wallet(
+        &self,
+        ledger: &LedgerHandle,
+        name: &str,
+        threshold: u16,
+        n: u16,
+    ) -> anyhow::Result<WalletDescriptor> {
+        let request = custos_schemas::change::ChangeRequest {
+            request_id: format!("bench-{name}"),
+            initiator: "operator".into(),
+            change: custos_schemas::change::Change::WalletCreate {
+                name: name.into(),
+                model: "frost".into(),
+                chain: "ltc-regtest".into(),
+                threshold,
+                guardians: (1..=n).map(|i| format!("g{i}")).collect(),
+            },
+        };
+        let workflow_id =
+            match custos_workers::change::submit(&self.trail, ledger, &self.policy, &request).await
+            {
+                custos_schemas::change::ChangeReply::Accepted { workflow_id } => workflow_id,
+                other => anyhow::bail!("wallet request refused: {other:?}"),
+            };
+        let started = Instant::now();
+        loop {
+            let (wallet, failed) = self
+                .trail
+                .read(|v| {
+                    let failed = v
+                        .change(&workflow_id)
+                        .filter(|c| c.stage.is_terminal())
+                        .and_then(|c| c.reason.clone());
+                    (v.ledger.wallet(name).cloned(), failed)
+                })
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if let Some(w) = wallet {
+                return Ok(w);
+            }
+            if let Some(reason) = failed {
+                anyhow::bail!("wallet creation failed: {reason}");
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "wallet {name} not created within 120 s"
+            );
+            // Poll the replica: the ceremony step records the wallet there.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `custos up --demo`: the quick start's walk-through on the local regtest chain.
-//! It plays the people, never the system: an operator creates a FROST 2-of-3
-//! wallet (DKG among the guardian processes), the node's wallet funds it, the
+//! It plays the people, never the system: an operator asks for a FROST 2-of-3
+//! wallet, two administrators approve it on their links, the guardian
+//! processes check that approval and run the DKG, the node's wallet funds it, the
 //! ERP system requests a transfer that the default policy sends for two
 //! approvals, two approvers answer on their one-time web links with their
 //! authenticator codes (real HTTP to the real pages), the guardians check the
@@ -12,16 +13,19 @@ use anyhow::Context;
 use async_nats::jetstream;
 use custos_adapters::regtest::RegtestNode;
 use custos_engine::transfer::Stage;
-use custos_schemas::{Actor, ContentType, IntakeReply, TransferRequest, subjects};
+use custos_schemas::change::{Change, ChangeReply, ChangeRequest};
+use custos_schemas::{
+    Actor, ContentType, IntakeReply, TransferRequest, WalletDescriptor, subjects,
+};
 use custos_workers::approvals::ApprovalLinks;
 use custos_workers::approvals::links::LinkIssuer;
 use custos_workers::ceremony::Announcement;
 use custos_workers::ledger::LedgerHandle;
 use custos_workers::trail::Trail;
-use custos_workers::wallets::{CreateWallet, CreateWalletReply};
 
 const WALLET: &str = "treasury";
 const APPROVERS: [&str; 2] = ["alice", "bob"];
+const ADMINISTRATORS: [&str; 2] = ["erin", "frank"];
 
 fn step(what: &str) {
     println!("demo       {what}");
@@ -32,12 +36,14 @@ fn step(what: &str) {
 pub async fn run(
     client: &async_nats::Client,
     js: &jetstream::Context,
-    ledger: &LedgerHandle,
     trail: &Trail,
     issuer: &LinkIssuer<LedgerHandle>,
     node: &RegtestNode,
 ) -> anyhow::Result<()> {
     wait_for_guardians(js).await?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
     let wallet = match trail
         .read(|v| v.ledger.wallet(WALLET).cloned())
         .await
@@ -45,26 +51,8 @@ pub async fn run(
     {
         Some(w) => w,
         None => {
-            step(
-                "an operator creates wallet treasury: FROST 2-of-3, DKG among guardians g1, g2, g3",
-            );
-            let reply = custos_workers::wallets::create(
-                client,
-                ledger,
-                CreateWallet {
-                    name: WALLET.into(),
-                    model: "frost".into(),
-                    threshold: 2,
-                    guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-                    chain: "ltc-regtest".into(),
-                    initiator: "cli".into(),
-                },
-            )
-            .await;
-            match reply {
-                CreateWalletReply::Created { wallet } => wallet,
-                CreateWalletReply::Failed { reason } => anyhow::bail!("wallet creation: {reason}"),
-            }
+            create_wallet(client, trail, issuer, &http).await?;
+            wait_wallet(trail).await?
         }
     };
     step(&format!("wallet treasury receives at {}", wallet.address));
@@ -73,37 +61,7 @@ pub async fn run(
     step("the node's wallet paid 40 LTC to it; one block mined");
 
     // Each approver enrols an authenticator (their phone, in real life).
-    let mut secrets = Vec::new();
-    for id in APPROVERS {
-        let user = trail
-            .read(|v| v.directory.user(id).map(|u| u.email.clone()))
-            .await
-            .map_err(anyhow::Error::msg)?
-            .with_context(|| format!("the demo directory has no {id}"))?;
-        let record = custos_schemas::UserRecord {
-            id: id.into(),
-            name: id.into(),
-            email: user,
-            slack_user_id: None,
-            roles: vec!["approver".into()],
-            groups: Vec::new(),
-            mfa_enrolled: true,
-        };
-        let uri = issuer
-            .enrol_totp(&record, Actor::system("demo"))
-            .await
-            .map_err(|e| anyhow::anyhow!("enrolling {id}: {e}"))?;
-        let secret = uri
-            .split("secret=")
-            .nth(1)
-            .and_then(|s| s.split('&').next())
-            .context("the enrolment URI has no secret")?;
-        secrets.push((
-            record,
-            custos_engine::mfa::TotpSecret::from_base32(secret)
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-        ));
-    }
+    let secrets = enrol(trail, issuer, &APPROVERS, "approver").await?;
     step("alice and bob enrolled their authenticators (MFA_CONFIGURED)");
 
     let destination = node.rpc.get_new_address(Some("bech32")).await?;
@@ -137,9 +95,6 @@ pub async fn run(
         .context("no approval notice")?;
     step(&format!("policy: {}", notice.explanation));
 
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()?;
     for (user, secret) in &secrets {
         let link = issuer.link_for(user, &notice).await?;
         approve_on_page(&http, &link, secret).await?;
@@ -164,6 +119,119 @@ pub async fn run(
         "see it: custos tx show {workflow_id}; custos audit verify"
     ));
     Ok(())
+}
+
+/// The operator at the command line (`cli`) asks for wallet treasury; the
+/// default policy sends it to two administrators, who approve on their links.
+async fn create_wallet(
+    client: &async_nats::Client,
+    trail: &Trail,
+    issuer: &LinkIssuer<LedgerHandle>,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
+    let request = ChangeRequest {
+        request_id: format!("demo-wallet-{}", now_ms()),
+        initiator: "cli".into(),
+        change: Change::WalletCreate {
+            name: WALLET.into(),
+            model: "frost".into(),
+            chain: "ltc-regtest".into(),
+            threshold: 2,
+            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
+        },
+    };
+    step("an operator asks for wallet treasury: FROST 2-of-3 among guardians g1, g2, g3");
+    let reply = client
+        .request(
+            subjects::REQ_CHANGE,
+            ContentType::Json.encode(&request).into(),
+        )
+        .await?;
+    let workflow_id = match ContentType::Json.decode::<ChangeReply>(&reply.payload)? {
+        ChangeReply::Accepted { workflow_id } => workflow_id,
+        ChangeReply::Refused { field, reason } => {
+            anyhow::bail!("the wallet request was refused: {field:?} {reason}")
+        }
+    };
+    let notice = trail
+        .read(|v| custos_workers::approvals::ballot_box::notice(v, &workflow_id, now_ms()))
+        .await
+        .map_err(anyhow::Error::msg)?
+        .context("no approval notice for the wallet request")?;
+    step(&format!("policy: {}", notice.explanation));
+    for (user, secret) in enrol(trail, issuer, &ADMINISTRATORS, "administrator").await? {
+        let link = issuer.link_for(&user, &notice).await?;
+        approve_on_page(http, &link, &secret).await?;
+        step(&format!("{} approved the wallet on their link", user.id));
+    }
+    step("approved: the guardians check the approval on their own replicas and run the DKG");
+    Ok(())
+}
+
+/// Waits until the trail records wallet treasury (or its change failed).
+async fn wait_wallet(trail: &Trail) -> anyhow::Result<WalletDescriptor> {
+    let started = Instant::now();
+    loop {
+        let wallet = trail
+            .read(|v| v.ledger.wallet(WALLET).cloned())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if let Some(w) = wallet {
+            step(&format!(
+                "WALLET_CREATED: every guardian signed the same group key and transcript {}",
+                w.transcript.as_deref().unwrap_or_default()
+            ));
+            return Ok(w);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "wallet treasury was not created within 120 s (see `custos change list` and the alerts)"
+        );
+        // Poll the replica; the trail is the only source of truth here.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each user enrols an authenticator (their phone, in real life): their
+/// directory record and TOTP secret.
+async fn enrol(
+    trail: &Trail,
+    issuer: &LinkIssuer<LedgerHandle>,
+    ids: &[&str],
+    role: &str,
+) -> anyhow::Result<Vec<(custos_schemas::UserRecord, custos_engine::mfa::TotpSecret)>> {
+    let mut secrets = Vec::new();
+    for id in ids {
+        let email = trail
+            .read(|v| v.directory.user(id).map(|u| u.email.clone()))
+            .await
+            .map_err(anyhow::Error::msg)?
+            .with_context(|| format!("the demo directory has no {id}"))?;
+        let record = custos_schemas::UserRecord {
+            id: id.to_string(),
+            name: id.to_string(),
+            email,
+            slack_user_id: None,
+            roles: vec![role.into()],
+            groups: Vec::new(),
+            mfa_enrolled: true,
+        };
+        let uri = issuer
+            .enrol_totp(&record, Actor::system("demo"))
+            .await
+            .map_err(|e| anyhow::anyhow!("enrolling {id}: {e}"))?;
+        let secret = uri
+            .split("secret=")
+            .nth(1)
+            .and_then(|s| s.split('&').next())
+            .context("the enrolment URI has no secret")?;
+        secrets.push((
+            record,
+            custos_engine::mfa::TotpSecret::from_base32(secret)
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        ));
+    }
+    Ok(secrets)
 }
 
 fn now_ms() -> i64 {

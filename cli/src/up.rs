@@ -344,7 +344,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         match &node {
             Some(services::BitcoinNode::Local(local)) if args.local_guardians >= 3 => {
                 if let Err(e) =
-                    crate::demo::run(&client, &js, &ledger, &trail, &approvals.issuer, local).await
+                    crate::demo::run(&client, &js, &trail, &approvals.issuer, local).await
                 {
                     eprintln!("demo: {e:#}");
                 }

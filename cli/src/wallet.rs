@@ -1,18 +1,22 @@
-//! `custos wallet`: create (a key ceremony among guardians), rotate, remove or
-//! add a guardian, set the threshold (key ceremonies on the same key), show,
-//! list.
+//! `custos wallet`: create (a key ceremony among guardians), rotate, remove,
+//! add or repair a guardian, set the threshold (key ceremonies on the same
+//! key), each asked for as a change the policy decides; show, balance, list.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use custos_schemas::{AggregateKind, ContentType, Payload, WalletDescriptor, subjects};
-use custos_workers::wallets::{CreateWallet, CreateWalletReply, GuardianChange, RotateWallet};
+use custos_engine::change::Stage;
+use custos_schemas::change::Change;
+use custos_schemas::{AggregateKind, Payload, WalletDescriptor, subjects};
+
+use crate::admin::Requester;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum WalletCommand {
-    /// Create a wallet: for `frost`, a DKG among the guardians; the key never exists anywhere.
+    /// Ask to create a wallet: for `frost`, a DKG among the guardians once the
+    /// policy allows it (the key never exists anywhere).
     Create {
         #[arg(long, default_value = "frost")]
         model: String,
@@ -26,30 +30,30 @@ pub enum WalletCommand {
         chain: String,
         #[arg(long)]
         name: String,
-        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
-        initiator: String,
+        #[command(flatten)]
+        requester: Requester,
         #[arg(long)]
         json: bool,
     },
-    /// Rotate a FROST wallet's key shares: same key and address, new shares.
+    /// Ask to rotate a FROST wallet's key shares: same key and address, new shares.
     Rotate {
         name: String,
-        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
-        initiator: String,
+        #[command(flatten)]
+        requester: Requester,
     },
-    /// Remove a guardian of a FROST wallet: the others refresh their shares among
-    /// themselves (same key and address, same threshold); its share no longer
-    /// combines with theirs.
+    /// Ask to remove a guardian of a FROST wallet: the others refresh their
+    /// shares among themselves (same key and address, same threshold); its
+    /// share no longer combines with theirs.
     RemoveGuardian {
         name: String,
         #[arg(long)]
         guardian: String,
-        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
-        initiator: String,
+        #[command(flatten)]
+        requester: Requester,
     },
-    /// Add a guardian to a FROST wallet (also to replace one, then remove the
-    /// old): threshold-many helpers compute its share without the key ever
-    /// existing; same key, address and threshold.
+    /// Ask to add a guardian to a FROST wallet (also to replace one, then
+    /// remove the old): threshold-many helpers compute its share without the
+    /// key ever existing; same key, address and threshold.
     AddGuardian {
         name: String,
         #[arg(long)]
@@ -57,18 +61,31 @@ pub enum WalletCommand {
         /// Comma-separated helpers (default: the first threshold-many guardians).
         #[arg(long, value_delimiter = ',')]
         helpers: Vec<String>,
-        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
-        initiator: String,
+        #[command(flatten)]
+        requester: Requester,
     },
-    /// Change a FROST wallet's threshold: the guardians redistribute their
-    /// shares verifiably under the new threshold (same key, address and
+    /// Ask to repair the share a guardian lost (its data is gone, its
+    /// identity is not): threshold-many helpers rebuild it under its own
+    /// index, checked against the wallet's recorded public shares.
+    RepairShare {
+        name: String,
+        #[arg(long)]
+        guardian: String,
+        /// Comma-separated helpers (default: the first threshold-many others).
+        #[arg(long, value_delimiter = ',')]
+        helpers: Vec<String>,
+        #[command(flatten)]
+        requester: Requester,
+    },
+    /// Ask to change a FROST wallet's threshold: the guardians redistribute
+    /// their shares verifiably under the new threshold (same key, address and
     /// guardians; 2 <= threshold <= guardians).
     SetThreshold {
         name: String,
         #[arg(long)]
         threshold: u16,
-        #[arg(long, env = "CUSTOS_USER", default_value = "cli")]
-        initiator: String,
+        #[command(flatten)]
+        requester: Requester,
     },
     /// Show a wallet: model, threshold, guardians, receive address.
     Show {
@@ -95,61 +112,74 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
             guardians,
             chain,
             name,
-            initiator,
+            requester,
             json,
         } => {
-            let request = CreateWallet {
+            let change = Change::WalletCreate {
                 name,
                 model,
+                chain,
                 threshold,
                 guardians,
-                chain,
-                initiator,
             };
-            let reply = ask(
-                &client,
-                subjects::REQ_WALLET_CREATE,
-                ContentType::Json.encode(&request),
-            )
-            .await?;
-            Ok(match reply {
-                CreateWalletReply::Created { wallet } => {
-                    print_wallet(&wallet, json)?;
-                    ExitCode::SUCCESS
-                }
-                CreateWalletReply::Failed { reason } => {
-                    eprintln!("wallet not created: {reason}");
-                    ExitCode::FAILURE
-                }
-            })
+            ceremony(&client, requester, change, json).await
         }
-        WalletCommand::Rotate { name, initiator } => {
-            lifecycle(&client, name, initiator, None).await
+        WalletCommand::Rotate { name, requester } => {
+            ceremony(
+                &client,
+                requester,
+                Change::KeyRotation { wallet: name },
+                false,
+            )
+            .await
         }
         WalletCommand::RemoveGuardian {
             name,
             guardian,
-            initiator,
+            requester,
         } => {
-            let change = GuardianChange::Remove { guardian };
-            lifecycle(&client, name, initiator, Some(change)).await
+            let change = Change::GuardianRemove {
+                wallet: name,
+                guardian,
+            };
+            ceremony(&client, requester, change, false).await
         }
         WalletCommand::AddGuardian {
             name,
             guardian,
             helpers,
-            initiator,
+            requester,
         } => {
-            let change = GuardianChange::Add { guardian, helpers };
-            lifecycle(&client, name, initiator, Some(change)).await
+            let change = Change::GuardianAdd {
+                wallet: name,
+                guardian,
+                helpers,
+            };
+            ceremony(&client, requester, change, false).await
+        }
+        WalletCommand::RepairShare {
+            name,
+            guardian,
+            helpers,
+            requester,
+        } => {
+            let change = Change::ShareRepair {
+                wallet: name,
+                guardian,
+                helpers,
+            };
+            ceremony(&client, requester, change, false).await
         }
         WalletCommand::SetThreshold {
             name,
             threshold,
-            initiator,
+            requester,
         } => {
-            let change = GuardianChange::Threshold { threshold };
-            lifecycle(&client, name, initiator, Some(change)).await
+            let change = Change::ThresholdChange {
+                wallet: name,
+                threshold,
+            };
+            ceremony(&client, requester, change, false).await
         }
         WalletCommand::Show { name, json } => {
             custos_schemas::validate_token("name", &name)?;
@@ -213,72 +243,39 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
     }
 }
 
-/// Runs a key ceremony on an existing wallet (rotation or a guardian change).
-async fn lifecycle(
+/// Asks for a key ceremony through the change workflow. Allowed outright, it
+/// runs at once and the wallet is printed as recorded after it; awaiting
+/// approvals, it runs once they are given (`custos change show ID`).
+async fn ceremony(
     client: &async_nats::Client,
-    name: String,
-    initiator: String,
-    change: Option<GuardianChange>,
+    requester: Requester,
+    change: Change,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let done = match &change {
-        None => "rotated the key shares of".to_string(),
-        Some(GuardianChange::Remove { guardian }) => format!("removed guardian {guardian} from"),
-        Some(GuardianChange::Add { guardian, .. }) => format!("added guardian {guardian} to"),
-        Some(GuardianChange::Threshold { threshold }) => {
-            format!("set threshold {threshold} on")
-        }
+    let name = change.wallet().unwrap_or_default().to_string();
+    let Some(workflow) = crate::admin::submit(client, requester, change, json).await? else {
+        return Ok(ExitCode::FAILURE);
     };
-    let request = RotateWallet {
-        name,
-        initiator,
-        change,
-    };
-    let reply = ask(
-        client,
-        subjects::REQ_WALLET_ROTATE,
-        ContentType::Json.encode(&request),
-    )
-    .await?;
-    Ok(match reply {
-        CreateWalletReply::Created { wallet } => {
-            println!(
-                "{done} {} ({}-of-{}: {}; address unchanged: {})",
-                wallet.name,
-                wallet.threshold.unwrap_or(0),
-                wallet.guardians.len(),
-                wallet
-                    .guardians
-                    .iter()
-                    .map(|g| g.id.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                wallet.address
-            );
-            ExitCode::SUCCESS
+    let workflow = workflow.settled(client).await?;
+    if workflow.state.stage != Stage::Applied {
+        match json {
+            true => eprintln!("change {} is {:?}", workflow.id, workflow.state.stage),
+            false => workflow.print_next(),
         }
-        CreateWalletReply::Failed { reason } => {
-            eprintln!("{reason}");
-            ExitCode::FAILURE
-        }
-    })
-}
-
-/// Sends a request to the wallet service and reads its answer.
-async fn ask(
-    client: &async_nats::Client,
-    subject: &'static str,
-    body: Vec<u8>,
-) -> anyhow::Result<CreateWalletReply> {
-    let reply = tokio::time::timeout(
-        Duration::from_secs(120),
-        client.request(subject, body.into()),
-    )
-    .await
-    .context("no answer from the wallet service within 120 s")?
-    .map_err(|e| anyhow::anyhow!("wallet request failed: {e} (is `custos up` running?)"))?;
-    ContentType::Json
-        .decode(&reply.payload)
-        .map_err(|e| anyhow::anyhow!("unreadable reply: {e}"))
+        return Ok(match workflow.state.stage {
+            Stage::AwaitingApprovals => ExitCode::SUCCESS,
+            _ => ExitCode::FAILURE,
+        });
+    }
+    let wallets = wallets(client, Some(&name)).await?;
+    let wallet = wallets.get(&name).with_context(|| {
+        format!(
+            "change {} is applied but no wallet {name} is recorded",
+            workflow.id
+        )
+    })?;
+    print_wallet(wallet, json)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Wallets recorded in the trail (one, or all), by name, as their last

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use custos_adapters::nats_server::Durability;
 use custos_schemas::{EventType, IntakeReply, Payload, WalletDescriptor, codec, subjects};
+use custos_tests::ceremonies::{CEREMONIES_ALLOWED, OPERATOR, change_service};
 use custos_tests::*;
 use custos_workers::ceremony::{GuardianReply, GuardianRequest};
 use serde_json::json;
@@ -45,20 +46,24 @@ impl Drop for Guardian {
     }
 }
 
-fn custos(url: &str, args: &[&str]) -> (bool, String) {
+/// Runs `custos` as the operator: success, stdout, stderr.
+fn custos_out(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_custos"))
         .args(args)
         .env("CUSTOS_NATS_URL", url)
+        .env("CUSTOS_USER", OPERATOR)
         .output()
         .expect("custos runs");
     (
         out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn custos(url: &str, args: &[&str]) -> (bool, String) {
+    let (ok, stdout, stderr) = custos_out(url, args);
+    (ok, format!("{stdout}{stderr}"))
 }
 
 async fn announced(nats: &Nats, ids: &[&str]) -> bool {
@@ -103,8 +108,9 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
         .await,
         "guardians announce themselves"
     );
+    let _changes = change_service(&nats, &engine, CEREMONIES_ALLOWED).await;
 
-    let (ok, out) = custos(
+    let (ok, out, err) = custos_out(
         &url,
         &[
             "wallet",
@@ -120,8 +126,12 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
             "--json",
         ],
     );
-    assert!(ok, "{out}");
+    assert!(ok, "{out}{err}");
     let wallet: WalletDescriptor = serde_json::from_str(&out).expect("wallet json");
+    assert!(
+        err.contains("create frost wallet treasury on ltc-regtest: 2-of-3"),
+        "the change is named: {err}"
+    );
     assert!(
         wallet.address.starts_with("rltc1p"),
         "a Taproot address: {}",
@@ -346,14 +356,15 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
         "{alert:?}"
     );
 
-    // Guardians refuse a replayed ceremony and garbage, and keep working.
+    // Guardians refuse a replayed ceremony (its change is applied), one no
+    // change asked for, and garbage, and keep working.
     let ceremony_id = created[0]
         .1
         .metadata
         .get("ceremonyId")
         .cloned()
         .expect("ceremony id recorded");
-    let roster = wallet
+    let roster: Vec<custos_workers::ceremony::RosterEntry> = wallet
         .guardians
         .iter()
         .map(|g| custos_workers::ceremony::RosterEntry {
@@ -371,14 +382,32 @@ async fn frost_wallet_from_a_dkg_among_three_guardian_processes() {
             },
         })
         .collect();
+    let change = created[0]
+        .1
+        .metadata
+        .get("change")
+        .cloned()
+        .expect("the approving change recorded");
+    let unasked = GuardianRequest::DkgStart {
+        ceremony_id: "dkg-unasked".into(),
+        change: "change-nobody-asked".into(),
+        min_signers: 2,
+        roster: roster.clone(),
+    };
+    let answer = ask(&engine.client, "g1", codec::to_msgpack(&unasked)).await;
+    assert!(
+        matches!(&answer, GuardianReply::Refused { reason } if reason.contains("change-nobody-asked is not in the trail")),
+        "{answer:?}"
+    );
     let replay = GuardianRequest::DkgStart {
         ceremony_id,
+        change,
         min_signers: 2,
         roster,
     };
     let answer = ask(&engine.client, "g1", codec::to_msgpack(&replay)).await;
     assert!(
-        matches!(&answer, GuardianReply::Refused { reason } if reason.contains("replay")),
+        matches!(&answer, GuardianReply::Refused { reason } if reason.contains("Applied, not approved")),
         "{answer:?}"
     );
     assert!(

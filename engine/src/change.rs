@@ -29,11 +29,14 @@ pub enum Stage {
     Applied,
     /// Blocked by policy, rejected by an approver, or expired.
     Rejected,
+    /// Approved, but its key ceremony failed (the reason says why); nothing
+    /// changed. A new request may try again.
+    Failed,
 }
 
 impl Stage {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Stage::Applied | Stage::Rejected)
+        matches!(self, Stage::Applied | Stage::Rejected | Stage::Failed)
     }
 }
 
@@ -76,6 +79,13 @@ pub fn action(change: &Change) -> ActionKind {
         Change::RoleCreate { .. } | Change::RoleAssign { .. } | Change::RoleRevoke { .. } => {
             ActionKind::RoleAdmin
         }
+        Change::WalletCreate { .. } => ActionKind::WalletCreate,
+        Change::KeyRotation { .. } => ActionKind::KeyRotation,
+        // Repairing a share gives a guardian its key material back: decided
+        // as adding one.
+        Change::GuardianAdd { .. } | Change::ShareRepair { .. } => ActionKind::GuardianAdd,
+        Change::GuardianRemove { .. } => ActionKind::GuardianRemove,
+        Change::ThresholdChange { .. } => ActionKind::ThresholdChange,
     }
 }
 
@@ -92,6 +102,13 @@ pub fn effect(change: &Change) -> EventType {
         Change::RoleCreate { .. } => EventType::RoleCreated,
         Change::RoleAssign { .. } => EventType::RoleAssigned,
         Change::RoleRevoke { .. } => EventType::PermissionChanged,
+        // The ceremony's own event is the wallet's; the change only ends.
+        Change::WalletCreate { .. }
+        | Change::KeyRotation { .. }
+        | Change::GuardianAdd { .. }
+        | Change::GuardianRemove { .. }
+        | Change::ThresholdChange { .. }
+        | Change::ShareRepair { .. } => EventType::ChangeApplied,
     }
 }
 
@@ -120,6 +137,12 @@ pub fn directory_after(
         | Change::WhitelistRemove { .. }
         | Change::Freeze { .. }
         | Change::Unfreeze { .. } => Ok(None),
+        Change::WalletCreate { .. }
+        | Change::KeyRotation { .. }
+        | Change::GuardianAdd { .. }
+        | Change::GuardianRemove { .. }
+        | Change::ThresholdChange { .. }
+        | Change::ShareRepair { .. } => Ok(None),
         Change::UserAdd(record) => edit(&|d| d.add_record(record))
             .map_err(rename("role", "roles"))
             .map_err(rename("group", "groups")),
@@ -235,6 +258,17 @@ pub fn apply(state: &ChangeState, event: &Event) -> Result<ChangeState, Transiti
             }
             next.stage = S::Applied;
         }
+        // A key ceremony that failed: its alert ends the workflow.
+        (S::Approved, E::AlertRaised, Payload::Alert { summary, .. })
+            if event.result == Outcome::Failure
+                && state
+                    .request
+                    .as_ref()
+                    .is_some_and(|r| r.change.is_ceremony()) =>
+        {
+            next.reason = Some(summary.clone());
+            next.stage = S::Failed;
+        }
         _ => return Err(refuse("")),
     }
     Ok(next)
@@ -327,6 +361,13 @@ impl Admin {
             | Change::RoleCreate { .. }
             | Change::RoleAssign { .. }
             | Change::RoleRevoke { .. } => {}
+            // The ledger folds the wallet events the ceremonies record.
+            Change::WalletCreate { .. }
+            | Change::KeyRotation { .. }
+            | Change::GuardianAdd { .. }
+            | Change::GuardianRemove { .. }
+            | Change::ThresholdChange { .. }
+            | Change::ShareRepair { .. } => {}
         }
     }
 }

@@ -288,13 +288,24 @@ impl Ledger {
             Payload::GuardianChanged { wallet: w, .. } => {
                 if !matches!(
                     event.event_type,
-                    EventType::GuardianAdded | EventType::GuardianRemoved
+                    EventType::GuardianAdded
+                        | EventType::GuardianRemoved
+                        | EventType::ShareRepaired
                 ) || event.aggregate_kind != AggregateKind::Wallet
                     || w.name != event.workflow_id
                 {
                     return Err(format!(
-                        "a guardian change of wallet {} belongs to aggregate wallet.{} as GUARDIAN_ADDED or GUARDIAN_REMOVED",
+                        "a guardian change of wallet {} belongs to aggregate wallet.{} as GUARDIAN_ADDED, GUARDIAN_REMOVED or SHARE_REPAIRED",
                         w.name, w.name
+                    ));
+                }
+                // A repaired share is the guardian's own again: nothing else changes.
+                if event.event_type == EventType::ShareRepaired
+                    && self.wallets.get(&w.name).is_some_and(|old| old != w)
+                {
+                    return Err(format!(
+                        "a share repair keeps wallet {} exactly as recorded",
+                        w.name
                     ));
                 }
                 w

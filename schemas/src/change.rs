@@ -1,8 +1,11 @@
 //! Administrative change requests: applying a policy, editing a wallet's
 //! destination whitelist, freezing and unfreezing, administering the directory's
-//! users and roles. Each is a workflow decided by
-//! the active policy (the meta-policy) and approved through the same ballot box
-//! as transfers; a freeze alone takes effect at once (an emergency).
+//! users and roles, and the key ceremonies (creating a wallet, rotating its
+//! shares, changing its guardians or threshold, repairing a lost share). Each is
+//! a workflow decided by the active policy (the meta-policy) and approved
+//! through the same ballot box as transfers; a freeze alone takes effect at
+//! once (an emergency). A key ceremony runs only once its change is approved,
+//! and every guardian checks that approval on its own replica of the trail.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -74,6 +77,48 @@ pub enum Change {
         user: String,
         role: String,
     },
+    /// Create wallet `name` by a key ceremony among `guardians` (FROST DKG,
+    /// `threshold` of them sign) on `chain` (`WALLET_CREATED`).
+    WalletCreate {
+        name: String,
+        model: String,
+        chain: String,
+        threshold: u16,
+        guardians: Vec<String>,
+    },
+    /// Refresh every guardian's share of `wallet`: same key and address, old
+    /// shares no longer combine with new ones (`KEY_ROTATION_CEREMONY`).
+    KeyRotation {
+        wallet: String,
+    },
+    /// Add `guardian` to `wallet`: `helpers` (by default the first
+    /// threshold-many guardians) compute its share (`GUARDIAN_ADDED`).
+    GuardianAdd {
+        wallet: String,
+        guardian: String,
+        #[serde(default)]
+        helpers: Vec<String>,
+    },
+    /// Remove `guardian` from `wallet`: the others refresh among themselves
+    /// (`GUARDIAN_REMOVED`).
+    GuardianRemove {
+        wallet: String,
+        guardian: String,
+    },
+    /// Redistribute `wallet`'s shares among the same guardians under a new
+    /// threshold, same key and address (`THRESHOLD_MODIFIED`).
+    ThresholdChange {
+        wallet: String,
+        threshold: u16,
+    },
+    /// Rebuild the share `guardian` lost, under its own index, from
+    /// threshold-many `helpers` without the key ever existing (`SHARE_REPAIRED`).
+    ShareRepair {
+        wallet: String,
+        guardian: String,
+        #[serde(default)]
+        helpers: Vec<String>,
+    },
 }
 
 impl Change {
@@ -86,11 +131,30 @@ impl Change {
             | Change::RoleCreate { .. }
             | Change::RoleAssign { .. }
             | Change::RoleRevoke { .. } => None,
-            Change::WhitelistAdd { wallet, .. } | Change::WhitelistRemove { wallet, .. } => {
-                Some(wallet)
-            }
+            Change::WhitelistAdd { wallet, .. }
+            | Change::WhitelistRemove { wallet, .. }
+            | Change::KeyRotation { wallet }
+            | Change::GuardianAdd { wallet, .. }
+            | Change::GuardianRemove { wallet, .. }
+            | Change::ThresholdChange { wallet, .. }
+            | Change::ShareRepair { wallet, .. }
+            | Change::WalletCreate { name: wallet, .. } => Some(wallet),
             Change::Freeze { wallet, .. } | Change::Unfreeze { wallet } => wallet.as_deref(),
         }
+    }
+
+    /// Whether applying it is a key ceremony among guardians (run once the
+    /// change is approved, recorded with the wallet event it makes).
+    pub fn is_ceremony(&self) -> bool {
+        matches!(
+            self,
+            Change::WalletCreate { .. }
+                | Change::KeyRotation { .. }
+                | Change::GuardianAdd { .. }
+                | Change::GuardianRemove { .. }
+                | Change::ThresholdChange { .. }
+                | Change::ShareRepair { .. }
+        )
     }
 
     /// A line for approvers and the audit trail.
@@ -131,6 +195,30 @@ impl Change {
             }
             Change::RoleAssign { user, role } => format!("assign role {role} to {user}"),
             Change::RoleRevoke { user, role } => format!("revoke role {role} from {user}"),
+            Change::WalletCreate {
+                name,
+                model,
+                chain,
+                threshold,
+                guardians,
+            } => format!(
+                "create {model} wallet {name} on {chain}: {threshold}-of-{} among {}",
+                guardians.len(),
+                guardians.join(", ")
+            ),
+            Change::KeyRotation { wallet } => format!("rotate the key shares of wallet {wallet}"),
+            Change::GuardianAdd {
+                wallet, guardian, ..
+            } => format!("add guardian {guardian} to wallet {wallet}"),
+            Change::GuardianRemove { wallet, guardian } => {
+                format!("remove guardian {guardian} from wallet {wallet}")
+            }
+            Change::ThresholdChange { wallet, threshold } => {
+                format!("change the threshold of wallet {wallet} to {threshold}")
+            }
+            Change::ShareRepair {
+                wallet, guardian, ..
+            } => format!("repair the lost share of guardian {guardian} of wallet {wallet}"),
         }
     }
 }
@@ -219,6 +307,39 @@ impl ChangeRequest {
             Change::RoleAssign { user, role } | Change::RoleRevoke { user, role } => {
                 validate_token("change.user", user)?;
                 validate_token("change.role", role)?;
+            }
+            Change::WalletCreate {
+                name,
+                model,
+                chain,
+                guardians,
+                ..
+            } => {
+                validate_token("change.name", name)?;
+                validate_token("change.model", model)?;
+                validate_token("change.chain", chain)?;
+                tokens("change.guardians", guardians, true)?;
+            }
+            Change::KeyRotation { wallet } | Change::ThresholdChange { wallet, .. } => {
+                validate_token("change.wallet", wallet)?;
+            }
+            Change::GuardianRemove { wallet, guardian } => {
+                validate_token("change.wallet", wallet)?;
+                validate_token("change.guardian", guardian)?;
+            }
+            Change::GuardianAdd {
+                wallet,
+                guardian,
+                helpers,
+            }
+            | Change::ShareRepair {
+                wallet,
+                guardian,
+                helpers,
+            } => {
+                validate_token("change.wallet", wallet)?;
+                validate_token("change.guardian", guardian)?;
+                tokens("change.helpers", helpers, false)?;
             }
         }
         Ok(())

@@ -141,6 +141,8 @@ event_types! {
     GuardianRemoved = "GUARDIAN_REMOVED",
     KeyRotationCeremony = "KEY_ROTATION_CEREMONY",
     ThresholdModified = "THRESHOLD_MODIFIED",
+    /// A guardian's lost share rebuilt under its own index by its co-guardians.
+    ShareRepaired = "SHARE_REPAIRED",
     // Transactions.
     TransactionCreated = "TRANSACTION_CREATED",
     /// The policy engine's decision on a transaction (allow, block or approvals needed).
@@ -166,6 +168,9 @@ event_types! {
     RoleAssigned = "ROLE_ASSIGNED",
     /// An administrative change was asked for (decided by the active policy next).
     ChangeRequested = "CHANGE_REQUESTED",
+    /// An approved key-ceremony change took effect: the wallet event recorded
+    /// with it in the same append says what the ceremony made.
+    ChangeApplied = "CHANGE_APPLIED",
     WhitelistEntryAdded = "WHITELIST_ENTRY_ADDED",
     WhitelistEntryRemoved = "WHITELIST_ENTRY_REMOVED",
     /// An emergency freeze: signing stops for a wallet or for every wallet.

@@ -3,6 +3,7 @@
 
 pub mod anvil;
 pub mod browser;
+pub mod ceremonies;
 pub mod litecoind;
 pub mod slack_emulator;
 pub mod smtp;

@@ -22,10 +22,12 @@ use custos_custody::spend::script_pubkey_for_address;
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::chain::{SignedTransaction, UnsignedTransaction};
+use custos_schemas::change::Change;
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
     RequestContext, Target, UserRecord, subjects,
 };
+use custos_tests::ceremonies::approved_ceremony;
 use custos_tests::litecoind::Litecoind;
 use custos_tests::{Engine, Nats, all_events, append_ok, eventually, submit_json, wallet_created};
 use custos_workers::chain_steps::{
@@ -36,7 +38,6 @@ use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::runtime::{Step, StepError};
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
-use custos_workers::wallets::{CreateWallet, CreateWalletReply};
 use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -493,23 +494,19 @@ async fn transfer_is_built_signed_broadcast_and_confirmed() {
         .await,
         "guardians announce themselves"
     );
-    let wallet = match custos_workers::wallets::create(
-        &client,
-        &engine.ledger,
-        CreateWallet {
+    let wallet = approved_ceremony(
+        &nats,
+        &engine,
+        Change::WalletCreate {
             name: "vault".into(),
             model: "frost".into(),
+            chain: CHAIN.into(),
             threshold: 2,
             guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-            chain: CHAIN.into(),
-            initiator: "ops".into(),
         },
     )
     .await
-    {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    .expect("wallet created");
     let (_stop, shutdown) = Shutdown::new();
     policy_and_initiator(&engine, &nats, shutdown.clone()).await;
     node.fund(&wallet.address, 1.0).await;

@@ -17,18 +17,17 @@ use custos_custody::{sim, store};
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
 use custos_schemas::chain::SpentOutput;
+use custos_schemas::change::Change;
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
     RequestContext, Target, UserRecord, WalletDescriptor, subjects,
 };
+use custos_tests::ceremonies::{approved_ceremony, refused_change};
 use custos_tests::*;
 use custos_workers::guardian::GuardianConfig;
 use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::signing::{Ceremony, SignStep, wallet_script};
 use custos_workers::trail::Trail;
-use custos_workers::wallets::{
-    CreateWallet, CreateWalletReply, GuardianChange, RotateWallet, rotate,
-};
 use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -59,7 +58,11 @@ fn passphrase(id: &str) -> String {
 }
 
 fn start_guardian(client: async_nats::Client, id: &str) -> Guardian {
-    let dir = tempfile::tempdir().expect("tempdir");
+    restart_guardian(client, id, tempfile::tempdir().expect("tempdir"))
+}
+
+/// A guardian process on `dir` (its identity and shares, if any).
+fn restart_guardian(client: async_nats::Client, id: &str, dir: tempfile::TempDir) -> Guardian {
     let config = GuardianConfig {
         id: id.into(),
         data_dir: PathBuf::from(dir.path()),
@@ -84,34 +87,42 @@ fn share_on_disk(dir: &Path, id: &str, wallet: &str) -> Option<(KeyPackage, Publ
     ))
 }
 
-async fn change(
-    client: &async_nats::Client,
-    engine: &Engine,
-    change: Option<GuardianChange>,
-) -> CreateWalletReply {
-    rotate(
-        client,
-        &engine.ledger,
-        RotateWallet {
-            name: "vault".into(),
-            initiator: "ops".into(),
-            change,
-        },
-    )
-    .await
-}
-
-fn remove(guardian: &str) -> Option<GuardianChange> {
-    Some(GuardianChange::Remove {
+fn remove(guardian: &str) -> Change {
+    Change::GuardianRemove {
+        wallet: "vault".into(),
         guardian: guardian.into(),
-    })
+    }
 }
 
-fn add(guardian: &str, helpers: &[&str]) -> Option<GuardianChange> {
-    Some(GuardianChange::Add {
+fn add(guardian: &str, helpers: &[&str]) -> Change {
+    Change::GuardianAdd {
+        wallet: "vault".into(),
         guardian: guardian.into(),
         helpers: helpers.iter().map(|h| h.to_string()).collect(),
-    })
+    }
+}
+
+fn create_vault(guardians: &[&str]) -> Change {
+    Change::WalletCreate {
+        name: "vault".into(),
+        model: "frost".into(),
+        chain: "ltc-regtest".into(),
+        threshold: 2,
+        guardians: guardians.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+/// A guardian's share of `wallet` once it committed one (guardians commit
+/// when the coordinator tells them the outcome is recorded).
+async fn committed_share(dir: &Path, id: &str, wallet: &str) -> (KeyPackage, PublicKeyPackage) {
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            share_on_disk(dir, id, wallet).is_some()
+        })
+        .await,
+        "{id} committed a share of {wallet}"
+    );
+    share_on_disk(dir, id, wallet).expect("a share")
 }
 
 async fn events(nats: &Nats) -> Vec<Event> {
@@ -201,47 +212,46 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
         .await,
         "guardians announce themselves"
     );
-    let created = match custos_workers::wallets::create(
-        &client,
-        &engine.ledger,
-        CreateWallet {
-            name: "vault".into(),
-            model: "frost".into(),
-            threshold: 2,
-            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-            chain: "ltc-regtest".into(),
-            initiator: "ops".into(),
-        },
-    )
-    .await
-    {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
-    let (old_g3, _) = share_on_disk(guardians[2].dir.path(), "g3", "vault").expect("g3's share");
+    let created = approved_ceremony(&nats, &engine, create_vault(&["g1", "g2", "g3"]))
+        .await
+        .expect("created");
+    let (old_g3, _) = committed_share(guardians[2].dir.path(), "g3", "vault").await;
 
-    // Wrong inputs: refused with the reason, nothing recorded.
+    // Wrong inputs: refused with the field and reason, nothing recorded.
     let before = events(&nats).await.len();
     for (request, why) in [
-        (remove("g9"), "g9 is not a guardian of wallet vault"),
-        (add("g2", &[]), "g2 already guards wallet vault"),
-        (add("g5", &[]), "g5 has never announced itself"),
-        (add("g4", &["g1", "g9"]), "helpers: g9 is not a guardian"),
-        (add("g4", &["g1"]), "helpers: 1 helpers, the threshold is 2"),
+        (
+            remove("g9"),
+            "change.guardian: g9 is not a guardian of wallet vault",
+        ),
+        (
+            add("g2", &[]),
+            "change.guardian: g2 already guards wallet vault",
+        ),
+        (
+            add("g4", &["g1", "g9"]),
+            "change.helpers: g9 is not a guardian of wallet vault",
+        ),
+        (
+            add("g4", &["g1"]),
+            "change.helpers: 1 helpers, the threshold is 2",
+        ),
     ] {
-        let reply = change(&client, &engine, request).await;
-        assert!(
-            matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains(why)),
-            "{why}: {reply:?}"
-        );
+        let reason = refused_change(&nats, &engine, request).await;
+        assert!(reason.contains(why), "{why}: {reason}");
     }
     assert_eq!(events(&nats).await.len(), before, "nothing recorded");
+    // An approved addition of a guardian that never ran ends the change with
+    // the reason; the wallet stays as it was.
+    let reason = approved_ceremony(&nats, &engine, add("g5", &[]))
+        .await
+        .expect_err("g5 is not running");
+    assert!(reason.contains("g5 has never announced itself"), "{reason}");
 
     // Remove g3: 2-of-2 with the same key and address, recorded with the roster.
-    let removed = match change(&client, &engine, remove("g3")).await {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    let removed = approved_ceremony(&nats, &engine, remove("g3"))
+        .await
+        .expect("removed");
     let roster = |w: &WalletDescriptor| -> Vec<(String, u16)> {
         w.guardians
             .iter()
@@ -257,8 +267,15 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
         (&created.address, &created.group_key, Some(2))
     );
     let recorded = events(&nats).await;
-    let last = recorded.last().expect("an event");
+    let last = recorded
+        .iter()
+        .rfind(|e| e.aggregate_kind == AggregateKind::Wallet)
+        .expect("a wallet event");
     assert_eq!(last.event_type, EventType::GuardianRemoved);
+    assert!(
+        last.metadata.get("change").is_some(),
+        "the wallet event names the approved change"
+    );
     assert!(
         matches!(&last.payload, Payload::GuardianChanged { guardian, wallet, public_digest, .. }
             if guardian == "g3" && *wallet == removed && public_digest.len() == 64),
@@ -266,7 +283,18 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
         last.payload
     );
     // g3 forgot its share; its old share does not combine with g1's new one.
-    assert!(share_on_disk(guardians[2].dir.path(), "g3", "vault").is_none());
+    // (Guardians commit once the outcome is recorded: wait for their disks.)
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            share_on_disk(guardians[2].dir.path(), "g3", "vault").is_none()
+                && share_on_disk(guardians[0].dir.path(), "g1", "vault")
+                    .is_some_and(|(_, p)| p.verifying_shares().len() == 2)
+                && share_on_disk(guardians[1].dir.path(), "g2", "vault")
+                    .is_some_and(|(_, p)| p.verifying_shares().len() == 2)
+        })
+        .await,
+        "the remaining guardians committed, g3 forgot"
+    );
     let (new_g1, public) = share_on_disk(guardians[0].dir.path(), "g1", "vault").expect("g1");
     assert_eq!(public.verifying_shares().len(), 2);
     let sighash = Sighash::from_recomputed([5; 32]);
@@ -293,11 +321,10 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
 
     // Below the threshold: refused, nothing recorded.
     let before = events(&nats).await.len();
-    let reply = change(&client, &engine, remove("g2")).await;
+    let reason = refused_change(&nats, &engine, remove("g2")).await;
     assert!(
-        matches!(&reply, CreateWalletReply::Failed { reason }
-            if reason.contains("would leave 1 guardians for a threshold of 2")),
-        "{reply:?}"
+        reason.contains("would leave 1 guardians for a threshold of 2"),
+        "{reason}"
     );
     assert_eq!(events(&nats).await.len(), before);
 
@@ -375,10 +402,9 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     assert_eq!(signers(&step, &transfers[0]).await, ["g1", "g2"]);
 
     // Add g4, repaired by g1 and g2: 2-of-3, same address, a fresh identifier.
-    let added = match change(&client, &engine, add("g4", &[])).await {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    let added = approved_ceremony(&nats, &engine, add("g4", &[]))
+        .await
+        .expect("added");
     assert_eq!(
         roster(&added),
         [
@@ -391,17 +417,18 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
         (&added.address, &added.group_key, added.threshold),
         (&created.address, &created.group_key, Some(2))
     );
-    let last = events(&nats).await.pop().expect("an event");
+    let last = events(&nats)
+        .await
+        .into_iter()
+        .rfind(|e| e.aggregate_kind == AggregateKind::Wallet)
+        .expect("a wallet event");
     assert_eq!(last.event_type, EventType::GuardianAdded);
     assert!(
         matches!(&last.payload, Payload::GuardianChanged { guardian, wallet, .. } if guardian == "g4" && *wallet == added)
     );
     // Adding an existing guardian is refused.
-    let reply = change(&client, &engine, add("g1", &[])).await;
-    assert!(
-        matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains("g1 already guards")),
-        "{reply:?}"
-    );
+    let reason = refused_change(&nats, &engine, add("g1", &[])).await;
+    assert!(reason.contains("g1 already guards"), "{reason}");
 
     // g2 goes down: g4 signs with g1.
     guardians[1].trigger.trigger();
@@ -409,20 +436,20 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     build(&engine, &nats, &added, &transfers[1], &destination).await;
     assert_eq!(signers(&step, &transfers[1]).await, ["g1", "g4"]);
 
-    // A ceremony that fails (g2 does not answer) leaves the wallet as it was,
-    // recorded only as an alert with the reason.
-    let before = events(&nats).await.len();
-    let reply = change(&client, &engine, remove("g4")).await;
+    // A ceremony that fails (g2 does not answer) leaves the wallet as it was;
+    // its change ends with an alert giving the reason.
+    let reason = approved_ceremony(&nats, &engine, remove("g4"))
+        .await
+        .expect_err("g2 is down");
     assert!(
-        matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains("guardian removal failed") && reason.contains("g2")),
-        "{reply:?}"
+        reason.contains("guardian removal failed") && reason.contains("g2"),
+        "{reason}"
     );
-    let after = events(&nats).await;
-    assert_eq!(after.len(), before + 1);
+    let last = events(&nats).await.pop().expect("an event");
     assert!(
-        matches!(&after[before].payload, Payload::Alert { summary, .. } if summary.contains("g2")),
-        "{:?}",
-        after[before]
+        last.aggregate_kind == AggregateKind::Change
+            && matches!(&last.payload, Payload::Alert { summary, .. } if summary.contains("g2")),
+        "{last:?}"
     );
     let shown = share_on_disk(guardians[3].dir.path(), "g4", "vault").expect("g4 keeps its share");
     assert_eq!(shown.1.verifying_shares().len(), 3);
@@ -432,8 +459,11 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     verify_stream(&js).await.expect("the trail verifies");
 }
 
-fn threshold(t: u16) -> Option<GuardianChange> {
-    Some(GuardianChange::Threshold { threshold: t })
+fn threshold(t: u16) -> Change {
+    Change::ThresholdChange {
+        wallet: "vault".into(),
+        threshold: t,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -461,56 +491,42 @@ async fn the_threshold_changes_on_the_same_address() {
         .await,
         "guardians announce themselves"
     );
-    let created = match custos_workers::wallets::create(
-        &client,
-        &engine.ledger,
-        CreateWallet {
-            name: "vault".into(),
-            model: "frost".into(),
-            threshold: 2,
-            guardians: ids.iter().map(|g| g.to_string()).collect(),
-            chain: "ltc-regtest".into(),
-            initiator: "ops".into(),
-        },
-    )
-    .await
-    {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    let created = approved_ceremony(&nats, &engine, create_vault(&ids))
+        .await
+        .expect("created");
 
     // Thresholds out of range (or unchanged): refused, nothing recorded.
     let before = events(&nats).await.len();
     for (t, why) in [
         (
             1,
-            "threshold: 1 of 3 guardians (needs 2 <= threshold <= guardians)",
+            "change.threshold: 1 of 3 guardians (needs 2 <= threshold <= guardians)",
         ),
         (
             4,
-            "threshold: 4 of 3 guardians (needs 2 <= threshold <= guardians)",
+            "change.threshold: 4 of 3 guardians (needs 2 <= threshold <= guardians)",
         ),
-        (2, "wallet vault already has threshold 2"),
+        (2, "change.threshold: wallet vault already has threshold 2"),
     ] {
-        let reply = change(&client, &engine, threshold(t)).await;
-        assert!(
-            matches!(&reply, CreateWalletReply::Failed { reason } if reason.contains(why)),
-            "{why}: {reply:?}"
-        );
+        let reason = refused_change(&nats, &engine, threshold(t)).await;
+        assert!(reason.contains(why), "{why}: {reason}");
     }
     assert_eq!(events(&nats).await.len(), before, "nothing recorded");
 
     // 2-of-3 becomes 3-of-3: same guardians, group key and address.
-    let changed = match change(&client, &engine, threshold(3)).await {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    let changed = approved_ceremony(&nats, &engine, threshold(3))
+        .await
+        .expect("changed");
     assert_eq!(changed.threshold, Some(3));
     assert_eq!(
         (&changed.address, &changed.group_key, &changed.guardians),
         (&created.address, &created.group_key, &created.guardians)
     );
-    let last = events(&nats).await.pop().expect("an event");
+    let last = events(&nats)
+        .await
+        .into_iter()
+        .rfind(|e| e.aggregate_kind == AggregateKind::Wallet)
+        .expect("a wallet event");
     assert_eq!(last.event_type, EventType::ThresholdModified);
     assert!(
         matches!(&last.payload, Payload::ThresholdChanged { threshold: 3, wallet, transcript, .. }
@@ -521,6 +537,16 @@ async fn the_threshold_changes_on_the_same_address() {
 
     // The guardians' new shares: any two no longer sign, all three do, under
     // the unchanged group key.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            guardians.iter().zip(ids).all(|(g, id)| {
+                share_on_disk(g.dir.path(), id, "vault")
+                    .is_some_and(|(_, p)| p.min_signers() == Some(3))
+            })
+        })
+        .await,
+        "every guardian committed its new share"
+    );
     let shares: Vec<(KeyPackage, PublicKeyPackage)> = guardians
         .iter()
         .zip(ids)
@@ -639,6 +665,108 @@ async fn the_threshold_changes_on_the_same_address() {
     assert_ne!(stage_of(&nats, &transfers[1]).await, Stage::Signed);
 
     trigger.trigger();
+    drop(guardians);
+    verify_stream(&js).await.expect("the trail verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_share_is_repaired_under_its_own_index() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let ids = ["g1", "g2", "g3"];
+    let mut guardians: Vec<Guardian> = ids
+        .iter()
+        .map(|id| start_guardian(client.clone(), id))
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+                return false;
+            };
+            let mut n = 0;
+            for id in ids {
+                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
+            }
+            n == ids.len()
+        })
+        .await,
+        "guardians announce themselves"
+    );
+    let created = approved_ceremony(&nats, &engine, create_vault(&ids))
+        .await
+        .expect("created");
+    let (g1_share, _) = committed_share(guardians[0].dir.path(), "g1", "vault").await;
+
+    // g3 loses its disk's shares (its identity survives) and comes back.
+    let g3 = guardians.pop().expect("g3");
+    g3.trigger.trigger();
+    let shares = g3.dir.path().join("shares");
+    for entry in std::fs::read_dir(&shares).expect("shares dir") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("removed");
+    }
+    assert!(share_on_disk(g3.dir.path(), "g3", "vault").is_none());
+    guardians.push(restart_guardian(client.clone(), "g3", g3.dir));
+
+    // A repair that names g3 as its own helper is refused before anything runs.
+    let reason = refused_change(
+        &nats,
+        &engine,
+        Change::ShareRepair {
+            wallet: "vault".into(),
+            guardian: "g3".into(),
+            helpers: vec!["g1".into(), "g3".into()],
+        },
+    )
+    .await;
+    assert!(reason.contains("change.helpers: g3"), "{reason}");
+
+    let repaired = approved_ceremony(
+        &nats,
+        &engine,
+        Change::ShareRepair {
+            wallet: "vault".into(),
+            guardian: "g3".into(),
+            helpers: Vec::new(),
+        },
+    )
+    .await
+    .expect("repaired");
+    assert_eq!(repaired, created, "the wallet is exactly as it was");
+    let last = events(&nats)
+        .await
+        .into_iter()
+        .rfind(|e| e.aggregate_kind == AggregateKind::Wallet)
+        .expect("a wallet event");
+    assert_eq!(last.event_type, EventType::ShareRepaired);
+
+    // g3's rebuilt share is the one the wallet recorded, and signs with g1's.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            share_on_disk(guardians[2].dir.path(), "g3", "vault").is_some()
+        })
+        .await,
+        "g3 committed its repaired share"
+    );
+    let (g3_share, public) = share_on_disk(guardians[2].dir.path(), "g3", "vault").expect("g3");
+    assert_eq!(
+        public.verifying_shares().get(g3_share.identifier()),
+        Some(g3_share.verifying_share())
+    );
+    assert_eq!(
+        hex::encode(public.verifying_key().serialize().expect("key")),
+        created.group_key.clone().expect("group key")
+    );
+    assert!(
+        sim::run_signing(
+            &[&g1_share, &g3_share],
+            &public,
+            &Sighash::from_recomputed([3; 32]),
+            &mut rand::rngs::OsRng
+        )
+        .is_ok()
+    );
     drop(guardians);
     verify_stream(&js).await.expect("the trail verifies");
 }

@@ -22,7 +22,6 @@ use custos_workers::guardian::GuardianConfig;
 use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::signing::{SignReply, SignRequest, SignStep, wallet_script};
 use custos_workers::trail::Trail;
-use custos_workers::wallets::{CreateWallet, CreateWalletReply};
 use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -159,23 +158,19 @@ async fn frost_setup(nats: &Nats, engine: &Engine, name: &str, policy: policy::P
         .await,
         "guardians announce themselves"
     );
-    let wallet = match custos_workers::wallets::create(
-        &client,
-        &engine.ledger,
-        CreateWallet {
+    let wallet = custos_tests::ceremonies::approved_ceremony(
+        nats,
+        engine,
+        custos_schemas::change::Change::WalletCreate {
             name: name.into(),
             model: "frost".into(),
+            chain: "ltc-regtest".into(),
             threshold: 2,
             guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-            chain: "ltc-regtest".into(),
-            initiator: "ops".into(),
         },
     )
     .await
-    {
-        CreateWalletReply::Created { wallet } => wallet,
-        other => panic!("{other:?}"),
-    };
+    .expect("wallet created");
     append_ok(
         &engine.ledger,
         vec![

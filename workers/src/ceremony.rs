@@ -30,12 +30,17 @@ pub struct RosterEntry {
     pub guardian: GuardianPublic,
 }
 
-/// The coordinator's requests.
+/// The coordinator's requests. A guardian's first message of a ceremony names
+/// the approved change workflow that asks for it (`change`); the guardian
+/// takes part only if its own replica of the trail shows that change approved
+/// and asking for exactly this ceremony.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum GuardianRequest {
     /// Start a DKG: draw a polynomial, answer with the signed round-1 package.
     DkgStart {
         ceremony_id: String,
+        /// The approved change workflow that asks for it.
+        change: String,
         min_signers: u16,
         roster: Vec<RosterEntry>,
     },
@@ -56,6 +61,7 @@ pub enum GuardianRequest {
     /// answer with the signed round-1 package.
     RefreshStart {
         ceremony_id: String,
+        change: String,
         wallet: String,
         roster: Vec<RosterEntry>,
     },
@@ -76,6 +82,7 @@ pub enum GuardianRequest {
     /// admit the newcomer.
     RepairStart {
         ceremony_id: String,
+        change: String,
         wallet: String,
         joining: Joining,
     },
@@ -89,6 +96,8 @@ pub enum GuardianRequest {
     /// answers with its signed result: group key, digest, its verifying share.
     RepairFinish {
         ceremony_id: String,
+        change: String,
+        wallet: String,
         joining: Joining,
         sigmas: Vec<SignedMessage>,
     },
@@ -105,6 +114,7 @@ pub enum GuardianRequest {
     /// (public commitments) and the sub-shares sealed to each other member.
     ReshareStart {
         ceremony_id: String,
+        change: String,
         wallet: String,
         min_signers: u16,
         roster: Vec<RosterEntry>,

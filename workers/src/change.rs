@@ -3,7 +3,8 @@
 //! freezes, the directory), decides them under the active policy (the
 //! meta-policy) and records them. A freeze is recorded as applied at once;
 //! anything else waits for the ballot box, where the approval completing the
-//! quorum applies it.
+//! quorum applies it; a key ceremony, once approved, is applied by the
+//! ceremony step ([`crate::wallets::CeremonyStep`]) when it succeeded.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -213,6 +214,18 @@ pub fn prepare(
             machine::directory_after(&view.directory, change)
                 .map_err(|e| refused(&format!("change.{}", e.field), e.reason))?;
         }
+        // Names, guardians and thresholds against the wallet as recorded; the
+        // coordinator checks again when the ceremony starts.
+        change @ (Change::WalletCreate { .. }
+        | Change::KeyRotation { .. }
+        | Change::GuardianAdd { .. }
+        | Change::GuardianRemove { .. }
+        | Change::ThresholdChange { .. }
+        | Change::ShareRepair { .. }) => {
+            let wallet = change.wallet().and_then(|w| view.ledger.wallet(w));
+            crate::wallets::check_ceremony(wallet, change)
+                .map_err(|e| (Some(e.field), e.reason))?;
+        }
     }
     let mut proposals = vec![Proposal {
         aggregate_kind: AggregateKind::Change,
@@ -278,7 +291,8 @@ pub fn prepare(
             allowed
         }
     };
-    if allowed {
+    // An allowed key ceremony is applied by the ceremony step once it ran.
+    if allowed && !request.change.is_ceremony() {
         let actor = match request.change {
             Change::Freeze { .. } => proposals[0].actor.clone(),
             _ => Actor::system("change"),

@@ -3,10 +3,11 @@
 use async_nats::Client;
 
 use crate::ledger::{self, LedgerConfig, LedgerError, LedgerHandle};
-use crate::{Shutdown, intake, remote, wallets};
+use crate::trail::Trail;
+use crate::{Shutdown, intake, remote, runtime, wallets};
 
-/// Runs the ledger writer, intake, the remote append service and the wallet
-/// (key ceremony) service until `shutdown`
+/// Runs the ledger writer, intake, the remote append service and the key
+/// ceremony step (approved wallet changes) until `shutdown`
 /// or until the ledger writer stops (a broken trail stops everything: fail closed).
 /// `ready` receives the in-process ledger handle once the tasks run.
 pub async fn run(
@@ -27,7 +28,24 @@ pub async fn run(
         handle.clone(),
         shutdown.clone(),
     ));
-    let wallets = tokio::spawn(wallets::serve(client, handle.clone(), shutdown));
+    let ceremonies = {
+        let (client, ledger, shutdown) = (client.clone(), handle.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let js = async_nats::jetstream::new(client.clone());
+            let ran = match Trail::follow(js.clone(), shutdown.clone()).await {
+                Ok(trail) => {
+                    let step = wallets::CeremonyStep::new(client, trail, ledger.clone());
+                    runtime::run(js, ledger, step, shutdown)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = ran {
+                tracing::error!(error = %e, "the key ceremony step stopped");
+            }
+        })
+    };
     if let Some(ready) = ready {
         let _ = ready.send(handle);
     }
@@ -39,6 +57,6 @@ pub async fn run(
     };
     intake.abort();
     appends.abort();
-    wallets.abort();
+    ceremonies.abort();
     result
 }

@@ -29,6 +29,7 @@ use crate::Shutdown;
 use crate::ceremony::{
     Announcement, GuardianReply, GuardianRequest, Joining, RepairSigma, RosterEntry, rounds,
 };
+use crate::guardian_gate;
 use crate::guardian_sign::SignService;
 use crate::signing::{SignReply, SignRequest};
 use crate::trail::Trail;
@@ -135,6 +136,7 @@ pub async fn run(
             reason,
         })?,
     );
+    finish_missed_commits(&trail, &config).await;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut sessions: HashMap<String, Session> = HashMap::new();
     tracing::info!(guardian = %config.id, "guardian up");
@@ -172,14 +174,17 @@ pub async fn run(
                 let reply = match codec::from_msgpack::<GuardianRequest>(&msg.payload) {
                     // Ceremony steps hash passphrases (argon2id) and do curve arithmetic:
                     // off the async threads, so heartbeats keep going.
-                    Ok(request) => {
-                        let mut unlisted = false;
-                        if let GuardianRequest::Commit { wallet, .. } = &request {
-                            signing.forget_share(wallet);
-                            unlisted = not_a_guardian(&trail, wallet, &config.id).await;
+                    Ok(request) => match gate(&trail, &request, &config.id).await {
+                        Err(reason) => refused(reason),
+                        Ok(()) => {
+                            let mut unlisted = false;
+                            if let GuardianRequest::Commit { wallet, .. } = &request {
+                                signing.forget_share(wallet);
+                                unlisted = not_a_guardian(&trail, wallet, &config.id).await;
+                            }
+                            tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request, unlisted))
                         }
-                        tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request, unlisted))
-                    }
+                    },
                     Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },
                 };
                 if let GuardianReply::Refused { reason } = &reply {
@@ -192,6 +197,59 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Whether the trail lets guardian `me` act on `request` now: a ceremony's
+/// first message needs its approved change, a commit a recorded ceremony, and
+/// an abort one that is not recorded (see [`guardian_gate`]).
+async fn gate(trail: &Trail, request: &GuardianRequest, me: &str) -> Result<(), String> {
+    trail
+        .read(|view| match request {
+            GuardianRequest::Commit {
+                ceremony_id,
+                wallet,
+            } => guardian_gate::check_commit(view, ceremony_id, wallet),
+            GuardianRequest::Abort { ceremony_id } => guardian_gate::check_abort(view, ceremony_id),
+            _ => guardian_gate::check_ceremony_request(view, request, me, now_ms()),
+        })
+        .await?
+}
+
+/// Commits the shares of ceremonies the trail records but whose commit this
+/// guardian never received (it was down when the coordinator sent it).
+async fn finish_missed_commits(trail: &Trail, config: &GuardianConfig) {
+    let Ok(entries) = std::fs::read_dir(config.data_dir.join("shares")) else {
+        return;
+    };
+    let pending: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            Some(
+                name.strip_prefix("pending-")?
+                    .strip_suffix(".share")?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let recorded = trail
+        .read(|view| {
+            pending
+                .iter()
+                .filter_map(|id| view.ceremonies.get(id).map(|w| (id.clone(), w.clone())))
+                .collect::<Vec<_>>()
+        })
+        .await;
+    for (ceremony_id, wallet) in recorded.unwrap_or_default() {
+        match commit_share(config, &ceremony_id, &wallet) {
+            Ok(()) => {
+                tracing::info!(guardian = %config.id, ceremony = %ceremony_id, wallet = %wallet, "committed a recorded ceremony missed while down")
+            }
+            Err(e) => {
+                tracing::warn!(guardian = %config.id, ceremony = %ceremony_id, error = %e, "could not commit a recorded ceremony")
+            }
+        }
+    }
 }
 
 /// Whether the trail records wallet `wallet` without guardian `me`: only then
@@ -714,9 +772,12 @@ fn repair_start(
             share.public.verifying_shares().keys().copied().collect();
         let newcomer = Identifier::try_from(newcomer).map_err(|e| e.to_string())?;
         let helpers = identifiers(&helpers)?;
+        // A member's own identifier: its lost share is repaired (the gate
+        // checked that the approved change asks for exactly that).
         let mut expected = members.clone();
-        if !expected.insert(newcomer) {
-            return Err("the newcomer's identifier is already a member's".to_string());
+        expected.insert(newcomer);
+        if helpers.contains(&newcomer) {
+            return Err("the guardian given a share cannot help compute it".to_string());
         }
         let roster_ids = identifiers(&roster.iter().map(|e| e.index).collect::<Vec<_>>())?;
         if roster_ids != expected {
@@ -975,6 +1036,15 @@ fn repair_admit(
             return Err("the newcomer computed another group key".into());
         }
         let verifying = VerifyingShare::deserialize(verifying).map_err(|e| e.to_string())?;
+        // A repaired share must be the very one the wallet recorded.
+        if share
+            .public
+            .verifying_shares()
+            .get(&newcomer)
+            .is_some_and(|recorded| *recorded != verifying)
+        {
+            return Err("the repaired share is not the one the wallet recorded".into());
+        }
         let public = lifecycle::with_member(&share.public, newcomer, verifying);
         let own = lifecycle::public_digest(&public).map_err(|e| e.to_string())?;
         if digest != own.as_slice() {

@@ -8,6 +8,7 @@ pub mod change;
 pub mod engine;
 pub mod evm_steps;
 pub mod guardian;
+pub mod guardian_gate;
 mod guardian_sign;
 pub mod hd_signer;
 pub mod intake;

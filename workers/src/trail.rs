@@ -11,9 +11,12 @@ use custos_adapters::jetstream::{StoredEvent, TrailStart, trail_start};
 use custos_engine::chain::ChainHash;
 use custos_engine::change::{Admin, ChangeState};
 use custos_engine::ledger::Ledger;
-use custos_engine::policy::{AwaitsApprovals, Directory};
+use custos_engine::policy::{
+    ApprovalStatus, AwaitsApprovals, Directory, approvals_of, approvals_satisfied,
+};
 use custos_engine::transfer::Transfer;
 use custos_schemas::change::Change;
+use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{AggregateKind, Event, EventType, Payload, codec, subjects};
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -29,6 +32,9 @@ pub struct TrailView {
     pub active_policy: Option<(String, u64)>,
     /// Applied administrative changes: whitelists, freezes, policy documents.
     pub admin: Admin,
+    /// Key ceremonies the trail records (their wallet events' causation), by
+    /// ceremony id, with the wallet: what a guardian may commit.
+    pub ceremonies: std::collections::BTreeMap<String, String>,
     /// Set when the trail failed verification: nothing is decided from it after.
     pub broken: Option<String>,
 }
@@ -53,6 +59,12 @@ impl TrailView {
                 Payload::ChangeApplied(Change::PolicyApply { version, .. }),
             ) => self.active_policy = Some((version.clone(), stored.seq)),
             _ => {}
+        }
+        if event.aggregate_kind == AggregateKind::Wallet
+            && let Some(ceremony) = &event.causation_id
+        {
+            self.ceremonies
+                .insert(ceremony.clone(), event.workflow_id.clone());
         }
         let ledger = &self.ledger;
         self.admin
@@ -79,6 +91,48 @@ impl TrailView {
         }
         self.change(workflow_id)
             .map(|c| (AggregateKind::Change, c as &dyn AwaitsApprovals, c.version))
+    }
+
+    /// Whether a workflow's decision and recorded approvals let it proceed at
+    /// `now`, as a guardian checks before it takes part: decided by the policy
+    /// active now, initiated by an active user, approvals that satisfy the
+    /// decision and any time delay passed. The error says what is missing.
+    pub fn cleared(
+        &self,
+        workflow: &dyn AwaitsApprovals,
+        initiator: &str,
+        now: i64,
+    ) -> Result<(), String> {
+        let decision = workflow
+            .decision()
+            .ok_or("the workflow has no policy decision")?;
+        if decision.outcome == PolicyOutcome::Block || decision.initiator != initiator {
+            return Err("the policy decision does not allow it".into());
+        }
+        match &self.active_policy {
+            Some((version, _)) if *version == decision.policy_version => {}
+            _ => {
+                return Err(
+                    "the policy changed since the decision: the request must be evaluated again"
+                        .into(),
+                );
+            }
+        }
+        if !self.directory.user(initiator).is_some_and(|u| u.active) {
+            return Err(format!("the initiator {initiator} is not an active user"));
+        }
+        match approvals_satisfied(decision, &approvals_of(workflow), &self.directory, now) {
+            ApprovalStatus::Satisfied { sign_after, .. } if now >= sign_after => Ok(()),
+            ApprovalStatus::Satisfied { sign_after, .. } => Err(format!(
+                "the policy's time delay runs until {sign_after} (ms since the epoch)"
+            )),
+            ApprovalStatus::Pending { missing } => Err(format!(
+                "the recorded approvals do not satisfy the policy: {}",
+                missing.join("; ")
+            )),
+            ApprovalStatus::Expired { .. } => Err("the approvals expired".into()),
+            ApprovalStatus::Blocked => Err("the policy blocks it".into()),
+        }
     }
 
     /// A transfer workflow's state, if the trail has it whole.

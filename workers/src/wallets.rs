@@ -1,474 +1,650 @@
-//! Wallet creation: the coordinator side of the FROST DKG ceremony. It picks the
-//! guardians' registered keys, relays the signed rounds between them, checks that
-//! every guardian computed the same group key and transcript, and only then
-//! records `WALLET_CREATED` with the Taproot address. A ceremony that fails
-//! leaves no wallet: guardians drop their pending shares, and the failure is
-//! recorded as an alert naming the reason.
+//! Key ceremonies, coordinator side: creating a FROST wallet (DKG), rotating
+//! its shares, adding, removing or repairing a guardian, changing its
+//! threshold. Each runs only for an approved change workflow
+//! ([`custos_schemas::change::Change`]), and every guardian checks that
+//! approval on its own replica of the trail before it takes part. The
+//! coordinator picks the guardians' registered keys, relays the signed rounds
+//! between them, checks that every guardian computed the same result, and only
+//! then records the wallet event together with the applied change, in one
+//! atomic append. A ceremony that fails leaves nothing half-made: guardians
+//! drop their pending shares, and the change workflow ends with an alert
+//! naming the reason.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
+use custos_adapters::jetstream::StepConsumer;
 use custos_custody::identity::{Inbox, SignedMessage};
 use custos_custody::{address, frost};
+use custos_engine::change::Stage as ChangeStage;
+use custos_schemas::change::Change;
 use custos_schemas::{
-    Actor, AggregateKind, AppendReply, ContentType, EventType, Outcome, Payload, Proposal,
-    RequestContext, Target, WalletDescriptor, WalletGuardian, codec, subjects, validate_token,
+    Actor, AggregateKind, AppendReply, Event, EventType, FieldError, Outcome, Payload, Proposal,
+    RequestContext, Target, WalletDescriptor, WalletGuardian, codec, subjects,
 };
-use futures::StreamExt;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::Shutdown;
 use crate::ceremony::{Announcement, GuardianReply, GuardianRequest, Joining, RosterEntry, rounds};
 use crate::remote::Appender;
+use crate::runtime::{Step, StepError};
+use crate::trail::{Trail, TrailView};
 
 /// A guardian whose last heartbeat is older than this is not live.
 pub const LIVENESS: Duration = Duration::from_secs(10);
 /// How long one ceremony round may take per guardian.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A request to create a wallet, sent to [`subjects::REQ_WALLET_CREATE`] (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CreateWallet {
-    pub name: String,
-    /// Only `frost` for now.
-    pub model: String,
-    pub threshold: u16,
-    pub guardians: Vec<String>,
-    pub chain: String,
-    /// Directory user id of the operator.
+/// An approved change that asks for a key ceremony which has not run yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approved {
+    pub workflow_id: String,
+    /// The change workflow's version: what its outcome is recorded after.
+    pub version: u64,
     pub initiator: String,
+    pub change: Change,
 }
 
-/// The answer: the wallet, or why there is none.
+impl Approved {
+    /// The change workflow `workflow_id` on the trail, if it is an approved
+    /// key ceremony still to run.
+    pub fn find(view: &TrailView, workflow_id: &str) -> Option<Approved> {
+        let state = view.change(workflow_id)?;
+        let request = state.request.as_ref()?;
+        (state.stage == ChangeStage::Approved && request.change.is_ceremony()).then(|| Approved {
+            workflow_id: workflow_id.to_string(),
+            version: state.version,
+            initiator: request.initiator.clone(),
+            change: request.change.clone(),
+        })
+    }
+}
+
+/// How a key ceremony ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "camelCase")]
-pub enum CreateWalletReply {
+pub enum CeremonyOutcome {
+    /// Recorded: the wallet as it now is.
     #[serde(rename_all = "camelCase")]
-    Created { wallet: WalletDescriptor },
+    Recorded { wallet: WalletDescriptor },
     #[serde(rename_all = "camelCase")]
     Failed { reason: String },
 }
 
-/// Serves wallet creation requests until `shutdown`.
-pub async fn serve<A: Appender>(
-    client: Client,
-    ledger: A,
-    mut shutdown: Shutdown,
-) -> Result<(), async_nats::Error> {
-    let queue = subjects::WALLET_QUEUE.to_string();
-    let mut creates = client
-        .queue_subscribe(subjects::REQ_WALLET_CREATE, queue.clone())
-        .await?;
-    let mut rotations = client
-        .queue_subscribe(subjects::REQ_WALLET_ROTATE, queue)
-        .await?;
-    loop {
-        let (msg, rotation) = tokio::select! {
-            _ = shutdown.wait() => break,
-            msg = creates.next() => match msg { Some(m) => (m, false), None => break },
-            msg = rotations.next() => match msg { Some(m) => (m, true), None => break },
-        };
-        let Some(reply_to) = msg.reply.clone() else {
-            continue;
-        };
-        let (client, ledger) = (client.clone(), ledger.clone());
-        tokio::spawn(async move {
-            let reply = if rotation {
-                match ContentType::Json.decode::<RotateWallet>(&msg.payload) {
-                    Ok(request) => rotate(&client, &ledger, request).await,
-                    Err(e) => CreateWalletReply::Failed {
-                        reason: e.to_string(),
-                    },
-                }
-            } else {
-                match ContentType::Json.decode::<CreateWallet>(&msg.payload) {
-                    Ok(request) => create(&client, &ledger, request).await,
-                    Err(e) => CreateWalletReply::Failed {
-                        reason: e.to_string(),
-                    },
-                }
-            };
-            if let Err(e) = client
-                .publish(reply_to, ContentType::Json.encode(&reply).into())
-                .await
-            {
-                tracing::warn!(error = %e, "could not answer a wallet request");
+/// Whether `change` makes sense for the wallet as recorded (`None`: no wallet
+/// of that name): names, model, chain, guardians, what remains of the
+/// threshold. What the change service checks before recording a request and
+/// the coordinator again before the ceremony starts; the error names the
+/// request's field at fault.
+pub fn check_ceremony(
+    recorded: Option<&WalletDescriptor>,
+    change: &Change,
+) -> Result<(), FieldError> {
+    let bad = |field: &str, reason: String| Err(FieldError::new(field, reason));
+    let unique = |items: &[String]| {
+        let mut sorted = items.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        sorted.len() == items.len()
+    };
+    if let Change::WalletCreate {
+        name,
+        model,
+        chain,
+        threshold,
+        guardians,
+    } = change
+    {
+        if recorded.is_some() {
+            return bad(
+                "change.name",
+                format!("a wallet named {name} already exists"),
+            );
+        }
+        if model != "frost" {
+            return bad(
+                "change.model",
+                format!("{model:?} is not available yet; use frost"),
+            );
+        }
+        address::hrp_for(chain).map_err(|e| FieldError::new("change.chain", e.to_string()))?;
+        if !unique(guardians) {
+            return bad("change.guardians", "a guardian is listed twice".into());
+        }
+        let n = guardians.len();
+        if *threshold < 2 || usize::from(*threshold) > n {
+            return bad(
+                "change.threshold",
+                format!("{threshold} of {n} guardians (needs 2 <= threshold <= guardians)"),
+            );
+        }
+        return Ok(());
+    }
+    let name = change.wallet().unwrap_or_default();
+    let Some(wallet) = recorded else {
+        return bad("change.wallet", format!("no wallet {name}"));
+    };
+    if wallet.model != "frost" {
+        return bad(
+            "change.wallet",
+            format!("wallet {name} is not a FROST wallet"),
+        );
+    }
+    let guards = |g: &str| wallet.guardians.iter().any(|w| w.id == g);
+    let threshold = wallet.threshold.unwrap_or(0);
+    let n = wallet.guardians.len();
+    let helpers_ok = |helpers: &[String], except: Option<&str>| {
+        if let Some(h) = helpers
+            .iter()
+            .find(|h| !guards(h) || Some(h.as_str()) == except)
+        {
+            return bad(
+                "change.helpers",
+                format!("{h} is not a guardian of wallet {name} that may help"),
+            );
+        }
+        if !unique(helpers) {
+            return bad("change.helpers", "a guardian is listed twice".into());
+        }
+        if !helpers.is_empty() && helpers.len() < usize::from(threshold) {
+            return bad(
+                "change.helpers",
+                format!("{} helpers, the threshold is {threshold}", helpers.len()),
+            );
+        }
+        Ok(())
+    };
+    match change {
+        Change::GuardianRemove { guardian, .. } => {
+            if !guards(guardian) {
+                return bad(
+                    "change.guardian",
+                    format!("{guardian} is not a guardian of wallet {name}"),
+                );
             }
-        });
+            if threshold < 2 || usize::from(threshold) > n - 1 {
+                return bad(
+                    "change.guardian",
+                    format!(
+                        "removing {guardian} would leave {} guardians for a threshold of {threshold} (needs 2 <= threshold <= guardians)",
+                        n - 1
+                    ),
+                );
+            }
+        }
+        Change::GuardianAdd {
+            guardian, helpers, ..
+        } => {
+            if guards(guardian) {
+                return bad(
+                    "change.guardian",
+                    format!("{guardian} already guards wallet {name}"),
+                );
+            }
+            helpers_ok(helpers, None)?;
+        }
+        Change::ShareRepair {
+            guardian, helpers, ..
+        } => {
+            if !guards(guardian) {
+                return bad(
+                    "change.guardian",
+                    format!("{guardian} is not a guardian of wallet {name}"),
+                );
+            }
+            if n - 1 < usize::from(threshold) {
+                return bad(
+                    "change.guardian",
+                    format!(
+                        "the other {} guardians are fewer than the threshold {threshold}",
+                        n - 1
+                    ),
+                );
+            }
+            helpers_ok(helpers, Some(guardian))?;
+        }
+        Change::ThresholdChange { threshold: t, .. } => {
+            if *t < 2 || usize::from(*t) > n {
+                return bad(
+                    "change.threshold",
+                    format!("{t} of {n} guardians (needs 2 <= threshold <= guardians)"),
+                );
+            }
+            if *t == threshold {
+                return bad(
+                    "change.threshold",
+                    format!("wallet {name} already has threshold {t}"),
+                );
+            }
+        }
+        _ => {}
     }
     Ok(())
 }
 
-/// A request to rotate a wallet's key shares or change its guardians, sent to
-/// [`subjects::REQ_WALLET_ROTATE`]: every one is a refresh or repair on the
-/// same group key, among the guardian processes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RotateWallet {
-    pub name: String,
-    pub initiator: String,
-    /// A guardian change instead of a plain rotation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub change: Option<GuardianChange>,
+/// The step that runs key ceremonies: it takes the change events that may
+/// approve a change (an outright decision, the approval completing a quorum)
+/// and runs the ceremony of an approved one. Its outcome is appended by the
+/// ceremony itself, as the guardians' commit must follow the record.
+#[derive(Debug)]
+pub struct CeremonyStep<A> {
+    client: Client,
+    trail: Trail,
+    ledger: A,
+    /// Changes whose ceremony runs here now (a redelivery waits for it).
+    running: Arc<Mutex<HashSet<String>>>,
 }
 
-/// A change of a FROST wallet's guardians (the threshold stays) or of its
-/// threshold (the guardians stay).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(
-    tag = "kind",
-    rename_all = "camelCase",
-    rename_all_fields = "camelCase",
-    deny_unknown_fields
-)]
-pub enum GuardianChange {
-    /// A refresh among the others: its share no longer combines with theirs.
-    Remove { guardian: String },
-    /// A repair with a new identifier by `helpers` (by default the first
-    /// threshold-many guardians).
-    Add {
-        guardian: String,
-        #[serde(default)]
-        helpers: Vec<String>,
-    },
-    /// A verifiable redistribution of the shares among the same guardians
-    /// under a new threshold (`2 <= threshold <= guardians`).
-    Threshold { threshold: u16 },
+impl<A: Appender> CeremonyStep<A> {
+    pub fn new(client: Client, trail: Trail, ledger: A) -> Self {
+        CeremonyStep {
+            client,
+            trail,
+            ledger,
+            running: Arc::default(),
+        }
+    }
+}
+
+impl<A: Appender> Step for CeremonyStep<A> {
+    fn consumer(&self) -> StepConsumer {
+        StepConsumer {
+            name: "key-ceremonies",
+            filters: [EventType::PolicyEvaluated, EventType::TransactionApproved]
+                .iter()
+                .map(|e| subjects::event_type_filter(AggregateKind::Change, e.as_str()))
+                .collect(),
+            max_deliver: 5,
+            // A ceremony's rounds may each take ROUND_TIMEOUT.
+            ack_wait: Duration::from_secs(120),
+        }
+    }
+
+    async fn handle(&self, event: &Event) -> Result<Vec<Proposal>, StepError> {
+        if event.result != Outcome::Success {
+            return Ok(Vec::new());
+        }
+        let id = &event.workflow_id;
+        let approved = self
+            .trail
+            .read(|view| Approved::find(view, id))
+            .await
+            .map_err(StepError::Transient)?;
+        let Some(approved) = approved else {
+            return Ok(Vec::new());
+        };
+        let fresh = self
+            .running
+            .lock()
+            .map_err(|_| StepError::Transient("ceremony registry poisoned".into()))?
+            .insert(id.clone());
+        if !fresh {
+            return Err(StepError::Transient(format!(
+                "the ceremony of {id} is running"
+            )));
+        }
+        let outcome = run(&self.client, &self.ledger, &self.trail, &approved).await;
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(id);
+        }
+        if let CeremonyOutcome::Failed { reason } = outcome {
+            tracing::warn!(change = %id, reason, "key ceremony failed");
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Runs the key ceremony `approved` asks for and records its outcome: the
+/// wallet event with the applied change, or an alert ending the change.
+pub async fn run<A: Appender>(
+    client: &Client,
+    ledger: &A,
+    trail: &Trail,
+    approved: &Approved,
+) -> CeremonyOutcome {
+    let name = approved.change.wallet().unwrap_or_default().to_string();
+    let (prefix, what) = match &approved.change {
+        Change::WalletCreate { .. } => ("dkg", "key ceremony"),
+        Change::KeyRotation { .. } => ("rot", "key rotation"),
+        Change::GuardianRemove { .. } => ("rm", "guardian removal"),
+        Change::GuardianAdd { .. } => ("add", "guardian addition"),
+        Change::ThresholdChange { .. } => ("thr", "threshold change"),
+        _ => ("rep", "share repair"),
+    };
+    let mut nonce = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ceremony_id = format!("{prefix}-{name}-{}", hex::encode(nonce));
+    let ceremony = Ceremony {
+        client,
+        id: &ceremony_id,
+        change: &approved.workflow_id,
+        wallet: &name,
+    };
+    let result = async {
+        let (recorded, version) = trail
+            .read(|v| {
+                (
+                    v.ledger.wallet(&name).cloned(),
+                    v.ledger.version(AggregateKind::Wallet, &name),
+                )
+            })
+            .await?;
+        check_ceremony(recorded.as_ref(), &approved.change).map_err(|e| e.to_string())?;
+        let (told, wallet, event_type, payload) = match (&approved.change, recorded) {
+            (Change::WalletCreate { .. }, _) => {
+                let (told, wallet) = ceremony.create(&approved.change).await?;
+                let payload = Payload::WalletCreated(wallet.clone());
+                (told, wallet, EventType::WalletCreated, payload)
+            }
+            (_, Some(wallet)) => ceremony.lifecycle(&approved.change, &wallet).await?,
+            (_, None) => return Err(format!("no wallet {name}")),
+        };
+        let recorded = record(
+            ledger, trail, &ceremony, approved, version, event_type, payload,
+        )
+        .await;
+        ceremony.finish(&told, recorded.is_ok()).await;
+        recorded.map(|()| wallet)
+    }
+    .await;
+    match result {
+        Ok(wallet) => CeremonyOutcome::Recorded { wallet },
+        Err(reason) => {
+            let reason = format!("{what} failed: {reason}");
+            let alert = ceremony_failed(approved, &name, &reason);
+            if let AppendReply::Refused { reason: why } | AppendReply::Unavailable { reason: why } =
+                ledger.append(vec![alert]).await
+            {
+                tracing::warn!(reason = why, "could not record a failed key ceremony");
+            }
+            CeremonyOutcome::Failed { reason }
+        }
+    }
+}
+
+/// Appends the wallet event and the applied change in one atomic append. An
+/// answer that is not final may hide a stored event: the trail decides, so
+/// that guardians never drop the shares of a recorded wallet.
+async fn record<A: Appender>(
+    ledger: &A,
+    trail: &Trail,
+    ceremony: &Ceremony<'_>,
+    approved: &Approved,
+    wallet_version: u64,
+    event_type: EventType,
+    payload: Payload,
+) -> Result<(), String> {
+    let event = wallet_event(
+        ceremony,
+        &approved.initiator,
+        wallet_version,
+        event_type,
+        payload,
+    );
+    let applied = crate::change::applied(
+        &approved.workflow_id,
+        approved.version,
+        Actor::system("key-ceremonies"),
+        approved.change.clone(),
+    );
+    match ledger.append(vec![event, applied]).await {
+        AppendReply::Appended { .. } => Ok(()),
+        other => match trail.read(|v| v.ceremonies.contains_key(ceremony.id)).await {
+            Ok(true) => Ok(()),
+            _ => Err(format!("the outcome could not be recorded: {other:?}")),
+        },
+    }
+}
+
+/// The alert that ends a change whose ceremony failed.
+fn ceremony_failed(approved: &Approved, wallet: &str, reason: &str) -> Proposal {
+    Proposal {
+        aggregate_kind: AggregateKind::Change,
+        workflow_id: approved.workflow_id.clone(),
+        expected_version: approved.version,
+        event_type: EventType::AlertRaised,
+        causation_id: None,
+        actor: Actor::system("key-ceremonies"),
+        target: Target {
+            kind: "wallet".into(),
+            id: wallet.to_string(),
+            amount: None,
+            currency: None,
+        },
+        context: RequestContext::default(),
+        result: Outcome::Failure,
+        metadata: Default::default(),
+        payload: Payload::Alert {
+            severity: "warning".into(),
+            summary: format!("wallet {wallet}: {reason}"),
+        },
+    }
+}
+
+/// One ceremony's identity: what every guardian request names.
+struct Ceremony<'a> {
+    client: &'a Client,
+    id: &'a str,
+    /// The approved change workflow.
+    change: &'a str,
+    wallet: &'a str,
+}
+
+/// What a ceremony made: who is told the outcome, the wallet as recorded
+/// after, and the wallet event.
+type Made = (Vec<String>, WalletDescriptor, EventType, Payload);
+
+impl Ceremony<'_> {
+    /// The DKG among the change's guardians: who took part, and the wallet.
+    async fn create(&self, change: &Change) -> Result<(Vec<String>, WalletDescriptor), String> {
+        let Change::WalletCreate {
+            name,
+            model,
+            chain,
+            threshold,
+            guardians,
+        } = change
+        else {
+            return Err("not a wallet creation".into());
+        };
+        let roster = roster(self.client, guardians).await?;
+        let told = ids(&roster);
+        let result = async {
+            let (group_key, transcript) = self.run_dkg(*threshold, &roster).await?;
+            let taproot = address::wallet(&group_key, chain).map_err(|e| e.to_string())?;
+            let wallet = WalletDescriptor {
+                name: name.clone(),
+                model: model.clone(),
+                chain: chain.clone(),
+                address: taproot.address,
+                threshold: Some(*threshold),
+                guardians: descriptor_guardians(&roster),
+                group_key: Some(hex::encode(
+                    group_key.serialize().map_err(|e| e.to_string())?,
+                )),
+                transcript: Some(hex::encode(transcript)),
+            };
+            Ok(wallet)
+        }
+        .await;
+        match result {
+            Ok(wallet) => Ok((told, wallet)),
+            Err(reason) => {
+                self.finish(&told, false).await;
+                Err(reason)
+            }
+        }
+    }
+
+    /// A ceremony on a recorded wallet; guardians are told to abort on failure.
+    async fn lifecycle(&self, change: &Change, wallet: &WalletDescriptor) -> Result<Made, String> {
+        let plan = self.plan(change, wallet).await?;
+        let result = async {
+            let digest = match change {
+                Change::GuardianAdd { .. } | Change::ShareRepair { .. } => {
+                    self.run_repair(&plan).await?
+                }
+                Change::ThresholdChange { .. } => self.run_reshare(&plan).await?,
+                _ => self.run_refresh(&plan.roster, wallet).await?,
+            };
+            let public_digest = hex::encode(digest);
+            let ceremony_id = self.id.to_string();
+            let payload = match change {
+                Change::KeyRotation { .. } => Payload::KeyCeremony {
+                    wallet: self.wallet.to_string(),
+                    ceremony_id,
+                    public_digest,
+                },
+                Change::GuardianRemove { guardian, .. }
+                | Change::GuardianAdd { guardian, .. }
+                | Change::ShareRepair { guardian, .. } => Payload::GuardianChanged {
+                    guardian: guardian.clone(),
+                    ceremony_id,
+                    public_digest,
+                    wallet: plan.wallet.clone(),
+                },
+                Change::ThresholdChange { threshold, .. } => Payload::ThresholdChanged {
+                    threshold: *threshold,
+                    ceremony_id,
+                    transcript: public_digest,
+                    wallet: plan.wallet.clone(),
+                },
+                _ => return Err("not a key ceremony on a wallet".into()),
+            };
+            Ok(payload)
+        }
+        .await;
+        match result {
+            Ok(payload) => Ok((plan.told, plan.wallet, plan.event_type, payload)),
+            Err(reason) => {
+                self.finish(&plan.told, false).await;
+                Err(reason)
+            }
+        }
+    }
+
+    /// Who runs the ceremony with which keys, and the wallet it leaves.
+    async fn plan(&self, change: &Change, wallet: &WalletDescriptor) -> Result<Plan, String> {
+        let mut next = wallet.clone();
+        let all = |roster: Vec<RosterEntry>, next: WalletDescriptor, event_type| Plan {
+            told: ids(&roster),
+            roster,
+            wallet: next,
+            event_type,
+            helpers: Vec::new(),
+        };
+        let threshold = usize::from(wallet.threshold.unwrap_or(0));
+        let helper_indices = |roster: &[RosterEntry], helpers: &[String], except: &str| {
+            let eligible = roster.iter().filter(|e| e.guardian.id != except);
+            match helpers.is_empty() {
+                true => eligible.take(threshold).map(|e| e.index).collect(),
+                false => eligible
+                    .filter(|e| helpers.contains(&e.guardian.id))
+                    .map(|e| e.index)
+                    .collect(),
+            }
+        };
+        match change {
+            Change::KeyRotation { .. } => {
+                let roster = pinned_roster(self.client, &wallet.guardians).await?;
+                Ok(all(roster, next, EventType::KeyRotationCeremony))
+            }
+            Change::GuardianRemove { guardian, .. } => {
+                // The removed guardian need not be live: it takes no part.
+                next.guardians.retain(|g| g.id != *guardian);
+                let roster = pinned_roster(self.client, &next.guardians).await?;
+                let mut plan = all(roster, next, EventType::GuardianRemoved);
+                plan.told.push(guardian.clone());
+                Ok(plan)
+            }
+            Change::GuardianAdd {
+                guardian, helpers, ..
+            } => {
+                let mut roster = pinned_roster(self.client, &wallet.guardians).await?;
+                let index = roster
+                    .iter()
+                    .map(|e| e.index)
+                    .max()
+                    .unwrap_or(0)
+                    .checked_add(1)
+                    .ok_or("too many guardians")?;
+                let mut newcomer = self::roster(self.client, std::slice::from_ref(guardian))
+                    .await?
+                    .pop()
+                    .ok_or(format!("guardian {guardian} is unknown"))?;
+                newcomer.index = index;
+                let helpers = helper_indices(&roster, helpers, guardian);
+                next.guardians
+                    .extend(descriptor_guardians(std::slice::from_ref(&newcomer)));
+                roster.push(newcomer);
+                let mut plan = all(roster, next, EventType::GuardianAdded);
+                plan.helpers = helpers;
+                Ok(plan)
+            }
+            Change::ShareRepair {
+                guardian, helpers, ..
+            } => {
+                // The guardian whose share is repaired goes last, as a newcomer
+                // does, under its own index and recorded keys.
+                let mut guardians = wallet.guardians.clone();
+                let at = guardians
+                    .iter()
+                    .position(|g| g.id == *guardian)
+                    .ok_or(format!("{guardian} is not a guardian of the wallet"))?;
+                let lost = guardians.remove(at);
+                guardians.push(lost);
+                let roster = pinned_roster(self.client, &guardians).await?;
+                let helpers = helper_indices(&roster, helpers, guardian);
+                let mut plan = all(roster, next, EventType::ShareRepaired);
+                plan.helpers = helpers;
+                Ok(plan)
+            }
+            Change::ThresholdChange { threshold, .. } => {
+                let roster = pinned_roster(self.client, &wallet.guardians).await?;
+                next.threshold = Some(*threshold);
+                Ok(all(roster, next, EventType::ThresholdModified))
+            }
+            _ => Err("not a key ceremony on a wallet".into()),
+        }
+    }
+
+    /// Tells the guardians to keep (commit) or drop (abort) what the ceremony made.
+    async fn finish(&self, guardians: &[String], commit: bool) {
+        for guardian in guardians {
+            let request = match commit {
+                true => GuardianRequest::Commit {
+                    ceremony_id: self.id.into(),
+                    wallet: self.wallet.into(),
+                },
+                false => GuardianRequest::Abort {
+                    ceremony_id: self.id.into(),
+                },
+            };
+            if let Err(err) = ask(self.client, guardian, &request).await {
+                tracing::warn!(guardian = %guardian, error = %err, commit, "guardian did not confirm the end of a ceremony");
+            }
+        }
+    }
 }
 
 /// What a lifecycle ceremony will do, checked before it starts.
 struct Plan {
-    /// Guardians that run the ceremony (the newcomer of an addition last).
+    /// Guardians that run the ceremony (the newcomer of an addition, or the
+    /// guardian whose share is repaired, last).
     roster: Vec<RosterEntry>,
     /// Guardians told to commit or abort: the roster and a removed guardian.
     told: Vec<String>,
     /// The wallet as recorded when the ceremony succeeds.
     wallet: WalletDescriptor,
     event_type: EventType,
-    /// Indices of the helpers, for an addition.
+    /// Indices of the helpers, for an addition or a repair.
     helpers: Vec<u16>,
-}
-
-/// Rotates every guardian's share of a FROST wallet (refresh: same group key and
-/// address, old shares no longer combine with new ones) or changes its
-/// guardians or its threshold. Recorded (`KEY_ROTATION_CEREMONY`,
-/// `GUARDIAN_REMOVED`, `GUARDIAN_ADDED`, `THRESHOLD_MODIFIED`) once every guardian signed the same result; only then do
-/// guardians commit. Bad input is refused without recording anything.
-pub async fn rotate<A: Appender>(
-    client: &Client,
-    ledger: &A,
-    request: RotateWallet,
-) -> CreateWalletReply {
-    let (what, prefix) = match &request.change {
-        None => ("key rotation", "rot"),
-        Some(GuardianChange::Remove { .. }) => ("guardian removal", "rm"),
-        Some(GuardianChange::Add { .. }) => ("guardian addition", "add"),
-        Some(GuardianChange::Threshold { .. }) => ("threshold change", "thr"),
-    };
-    let (wallet, version, newcomer) = match checked_wallet(client, &request).await {
-        Ok(w) => w,
-        Err(reason) => return CreateWalletReply::Failed { reason },
-    };
-    let mut nonce = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ceremony_id = format!("{prefix}-{}-{}", request.name, hex::encode(nonce));
-    let result = async {
-        let plan = plan(client, &request, &wallet, newcomer).await?;
-        let outcome = async {
-            let digest = match &request.change {
-                Some(GuardianChange::Add { .. }) => {
-                    run_repair(client, &ceremony_id, &request.name, &plan).await?
-                }
-                Some(GuardianChange::Threshold { .. }) => {
-                    run_reshare(client, &ceremony_id, &request.name, &plan).await?
-                }
-                _ => {
-                    run_refresh(client, &ceremony_id, &request.name, &plan.roster, &wallet).await?
-                }
-            };
-            let public_digest = hex::encode(digest);
-            let payload = match &request.change {
-                None => Payload::KeyCeremony {
-                    wallet: request.name.clone(),
-                    ceremony_id: ceremony_id.clone(),
-                    public_digest,
-                },
-                Some(
-                    GuardianChange::Remove { guardian } | GuardianChange::Add { guardian, .. },
-                ) => Payload::GuardianChanged {
-                    guardian: guardian.clone(),
-                    ceremony_id: ceremony_id.clone(),
-                    public_digest,
-                    wallet: plan.wallet.clone(),
-                },
-                Some(GuardianChange::Threshold { threshold }) => Payload::ThresholdChanged {
-                    threshold: *threshold,
-                    ceremony_id: ceremony_id.clone(),
-                    transcript: public_digest,
-                    wallet: plan.wallet.clone(),
-                },
-            };
-            let event = wallet_event(
-                &request.name,
-                &request.initiator,
-                &ceremony_id,
-                version,
-                plan.event_type,
-                payload,
-            );
-            match ledger.append(vec![event]).await {
-                AppendReply::Appended { .. } => Ok(()),
-                _ if recorded(client, &request.name, &ceremony_id).await => Ok(()),
-                other => Err(format!("the {what} could not be recorded: {other:?}")),
-            }
-        }
-        .await;
-        finish(
-            client,
-            &plan.told,
-            &ceremony_id,
-            &request.name,
-            outcome.is_ok(),
-        )
-        .await;
-        outcome.map(|()| plan.wallet)
-    }
-    .await;
-    match result {
-        Ok(wallet) => CreateWalletReply::Created { wallet },
-        Err(reason) => {
-            failed(
-                ledger,
-                &request.name,
-                &request.initiator,
-                &ceremony_id,
-                what,
-                reason,
-            )
-            .await
-        }
-    }
-}
-
-/// The recorded wallet, its version and the guardian to add (as registered),
-/// once the request is known to make sense for it (names, guardians, what
-/// remains of the threshold).
-async fn checked_wallet(
-    client: &Client,
-    request: &RotateWallet,
-) -> Result<(WalletDescriptor, u64, Option<RosterEntry>), String> {
-    validate_token("name", &request.name).map_err(|e| e.to_string())?;
-    validate_token("initiator", &request.initiator).map_err(|e| e.to_string())?;
-    let (wallet, version) = recorded_wallet(client, &request.name).await?;
-    let guards = |g: &str| wallet.guardians.iter().any(|w| w.id == g);
-    let threshold = wallet.threshold.unwrap_or(0);
-    let mut newcomer = None;
-    match &request.change {
-        None => {}
-        Some(GuardianChange::Remove { guardian }) => {
-            validate_token("guardian", guardian).map_err(|e| e.to_string())?;
-            if !guards(guardian) {
-                return Err(format!(
-                    "guardian: {guardian} is not a guardian of wallet {}",
-                    wallet.name
-                ));
-            }
-            let left = wallet.guardians.len() - 1;
-            if threshold < 2 || usize::from(threshold) > left {
-                return Err(format!(
-                    "guardian: removing {guardian} would leave {left} guardians for a threshold of {threshold} (needs 2 <= threshold <= guardians)"
-                ));
-            }
-        }
-        Some(GuardianChange::Add { guardian, helpers }) => {
-            validate_token("guardian", guardian).map_err(|e| e.to_string())?;
-            if guards(guardian) {
-                return Err(format!(
-                    "guardian: {guardian} already guards wallet {}",
-                    wallet.name
-                ));
-            }
-            let mut unique = helpers.clone();
-            unique.sort();
-            unique.dedup();
-            if let Some(h) = helpers.iter().find(|h| !guards(h)) {
-                return Err(format!(
-                    "helpers: {h} is not a guardian of wallet {}",
-                    wallet.name
-                ));
-            }
-            if unique.len() != helpers.len() {
-                return Err("helpers: a guardian is listed twice".into());
-            }
-            if !helpers.is_empty() && helpers.len() < usize::from(threshold) {
-                return Err(format!(
-                    "helpers: {} helpers, the threshold is {threshold}",
-                    helpers.len()
-                ));
-            }
-            newcomer = roster(client, std::slice::from_ref(guardian))
-                .await
-                .map_err(|e| format!("guardian: {e}"))?
-                .pop();
-        }
-        Some(GuardianChange::Threshold { threshold: t }) => {
-            let n = wallet.guardians.len();
-            if *t < 2 || usize::from(*t) > n {
-                return Err(format!(
-                    "threshold: {t} of {n} guardians (needs 2 <= threshold <= guardians)"
-                ));
-            }
-            if *t == threshold {
-                return Err(format!(
-                    "threshold: wallet {} already has threshold {t}",
-                    wallet.name
-                ));
-            }
-        }
-    }
-    Ok((wallet, version, newcomer))
-}
-
-/// Who runs the ceremony with which keys, and the wallet it leaves.
-async fn plan(
-    client: &Client,
-    request: &RotateWallet,
-    wallet: &WalletDescriptor,
-    newcomer: Option<RosterEntry>,
-) -> Result<Plan, String> {
-    let mut next = wallet.clone();
-    match &request.change {
-        None => {
-            let roster = pinned_roster(client, &wallet.guardians).await?;
-            Ok(Plan {
-                told: ids(&roster),
-                roster,
-                wallet: next,
-                event_type: EventType::KeyRotationCeremony,
-                helpers: Vec::new(),
-            })
-        }
-        Some(GuardianChange::Remove { guardian }) => {
-            // The removed guardian need not be live: it takes no part.
-            next.guardians.retain(|g| g.id != *guardian);
-            let roster = pinned_roster(client, &next.guardians).await?;
-            let mut told = ids(&roster);
-            told.push(guardian.clone());
-            Ok(Plan {
-                roster,
-                told,
-                wallet: next,
-                event_type: EventType::GuardianRemoved,
-                helpers: Vec::new(),
-            })
-        }
-        Some(GuardianChange::Add { guardian, helpers }) => {
-            let mut roster = pinned_roster(client, &wallet.guardians).await?;
-            let index = roster
-                .iter()
-                .map(|e| e.index)
-                .max()
-                .unwrap_or(0)
-                .checked_add(1)
-                .ok_or("too many guardians")?;
-            let mut newcomer = newcomer.ok_or(format!("guardian {guardian} is unknown"))?;
-            newcomer.index = index;
-            let threshold = usize::from(wallet.threshold.unwrap_or(0));
-            let helpers: Vec<u16> = if helpers.is_empty() {
-                roster.iter().take(threshold).map(|e| e.index).collect()
-            } else {
-                roster
-                    .iter()
-                    .filter(|e| helpers.contains(&e.guardian.id))
-                    .map(|e| e.index)
-                    .collect()
-            };
-            next.guardians
-                .extend(descriptor_guardians(std::slice::from_ref(&newcomer)));
-            roster.push(newcomer);
-            Ok(Plan {
-                told: ids(&roster),
-                roster,
-                wallet: next,
-                event_type: EventType::GuardianAdded,
-                helpers,
-            })
-        }
-        Some(GuardianChange::Threshold { threshold }) => {
-            let roster = pinned_roster(client, &wallet.guardians).await?;
-            next.threshold = Some(*threshold);
-            Ok(Plan {
-                told: ids(&roster),
-                roster,
-                wallet: next,
-                event_type: EventType::ThresholdModified,
-                helpers: Vec::new(),
-            })
-        }
-    }
 }
 
 fn ids(roster: &[RosterEntry]) -> Vec<String> {
     roster.iter().map(|e| e.guardian.id.clone()).collect()
-}
-
-/// Tells the guardians to keep (commit) or drop (abort) what the ceremony made.
-async fn finish(
-    client: &Client,
-    guardians: &[String],
-    ceremony_id: &str,
-    wallet: &str,
-    commit: bool,
-) {
-    for guardian in guardians {
-        let request = if commit {
-            GuardianRequest::Commit {
-                ceremony_id: ceremony_id.into(),
-                wallet: wallet.into(),
-            }
-        } else {
-            GuardianRequest::Abort {
-                ceremony_id: ceremony_id.into(),
-            }
-        };
-        if let Err(err) = ask(client, guardian, &request).await {
-            tracing::warn!(guardian = %guardian, error = %err, commit, "guardian did not confirm the end of a ceremony");
-        }
-    }
-}
-
-/// The wallet as recorded, and its aggregate's version.
-async fn recorded_wallet(client: &Client, name: &str) -> Result<(WalletDescriptor, u64), String> {
-    let js = async_nats::jetstream::new(client.clone());
-    let mut wallet = None;
-    let mut version = 0;
-    custos_adapters::jetstream::read_events(
-        &js,
-        1,
-        Some(subjects::aggregate_filter(AggregateKind::Wallet, name)),
-        |stored| {
-            if let Ok(event) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
-                version = event.version;
-                if let Payload::WalletCreated(w)
-                | Payload::GuardianChanged { wallet: w, .. }
-                | Payload::ThresholdChanged { wallet: w, .. } = event.payload
-                {
-                    wallet = Some(w);
-                }
-            }
-            Ok(())
-        },
-    )
-    .await
-    .map_err(|e| format!("reading the trail: {e}"))?;
-    let wallet = wallet.ok_or_else(|| format!("no wallet {name}"))?;
-    if wallet.model != "frost" {
-        return Err(format!("wallet {name} is not a FROST wallet"));
-    }
-    Ok((wallet, version))
 }
 
 /// Guardians with the keys recorded with the wallet; each must be live and
@@ -495,182 +671,6 @@ async fn pinned_roster(
         });
     }
     Ok(pinned)
-}
-
-/// Runs one DKG ceremony and records the wallet.
-pub async fn create<A: Appender>(
-    client: &Client,
-    ledger: &A,
-    request: CreateWallet,
-) -> CreateWalletReply {
-    if let Err(reason) = check(&request) {
-        return CreateWalletReply::Failed { reason };
-    }
-    let mut nonce = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ceremony_id = format!("dkg-{}-{}", request.name, hex::encode(nonce));
-    match ceremony(client, ledger, &request, &ceremony_id).await {
-        Ok(wallet) => CreateWalletReply::Created { wallet },
-        Err(reason) => {
-            failed(
-                ledger,
-                &request.name,
-                &request.initiator,
-                &ceremony_id,
-                "key ceremony",
-                reason,
-            )
-            .await
-        }
-    }
-}
-
-/// Runs the ceremony and records the wallet; on failure the guardians are told
-/// to drop what they hold of it.
-async fn ceremony<A: Appender>(
-    client: &Client,
-    ledger: &A,
-    request: &CreateWallet,
-    ceremony_id: &str,
-) -> Result<WalletDescriptor, String> {
-    if wallet_exists(client, &request.name).await? {
-        return Err(format!("a wallet named {} already exists", request.name));
-    }
-    let roster = roster(client, &request.guardians).await?;
-    let recorded = async {
-        let (group_key, transcript) =
-            run_dkg(client, ceremony_id, request.threshold, &roster).await?;
-        let wallet = describe(request, &roster, &group_key, &transcript)?;
-        match ledger
-            .append(vec![wallet_created(request, ceremony_id, wallet.clone())])
-            .await
-        {
-            AppendReply::Appended { .. } => Ok(wallet),
-            // An answer that is not final may hide a stored event: the trail decides,
-            // so that guardians never drop the shares of a recorded wallet.
-            _ if recorded(client, &request.name, ceremony_id).await => Ok(wallet),
-            AppendReply::Conflict { .. } => {
-                Err(format!("a wallet named {} already exists", request.name))
-            }
-            other => Err(format!("the wallet could not be recorded: {other:?}")),
-        }
-    }
-    .await;
-    finish(
-        client,
-        &ids(&roster),
-        ceremony_id,
-        &request.name,
-        recorded.is_ok(),
-    )
-    .await;
-    recorded
-}
-
-/// Whether the trail already holds a wallet of this name (checked again, race
-/// free, by the ledger when the wallet is recorded).
-async fn wallet_exists(client: &Client, name: &str) -> Result<bool, String> {
-    let js = async_nats::jetstream::new(client.clone());
-    let filter = subjects::aggregate_filter(AggregateKind::Wallet, name);
-    let found = custos_adapters::jetstream::read_events(&js, 1, Some(filter), |_| Ok(()))
-        .await
-        .map_err(|e| format!("reading the trail: {e}"))?;
-    Ok(found > 0)
-}
-
-/// Whether the trail holds an event of wallet `name` caused by `ceremony_id`.
-async fn recorded(client: &Client, name: &str, ceremony_id: &str) -> bool {
-    let js = async_nats::jetstream::new(client.clone());
-    let mut found = false;
-    let filter = subjects::aggregate_filter(AggregateKind::Wallet, name);
-    let read = custos_adapters::jetstream::read_events(&js, 1, Some(filter), |stored| {
-        if let Ok(e) = codec::from_msgpack::<custos_schemas::Event>(&stored.body) {
-            found |= e.causation_id.as_deref() == Some(ceremony_id);
-        }
-        Ok(())
-    })
-    .await;
-    read.is_ok() && found
-}
-
-/// Records a failed ceremony as an alert and answers with the reason.
-async fn failed<A: Appender>(
-    ledger: &A,
-    wallet: &str,
-    initiator: &str,
-    ceremony_id: &str,
-    what: &str,
-    reason: String,
-) -> CreateWalletReply {
-    let _ = ledger
-        .append(vec![ceremony_failed(
-            wallet,
-            initiator,
-            ceremony_id,
-            &reason,
-        )])
-        .await;
-    CreateWalletReply::Failed {
-        reason: format!("{what} failed: {reason}"),
-    }
-}
-
-/// The alert recorded when a ceremony fails.
-fn ceremony_failed(wallet: &str, initiator: &str, ceremony_id: &str, reason: &str) -> Proposal {
-    Proposal {
-        aggregate_kind: AggregateKind::System,
-        workflow_id: ceremony_id.to_string(),
-        expected_version: 0,
-        event_type: EventType::AlertRaised,
-        causation_id: None,
-        actor: Actor {
-            user_id: initiator.to_string(),
-            email: None,
-            role: Some("administrator".into()),
-        },
-        target: Target {
-            kind: "wallet".into(),
-            id: wallet.to_string(),
-            amount: None,
-            currency: None,
-        },
-        context: RequestContext::default(),
-        result: Outcome::Failure,
-        metadata: Default::default(),
-        payload: Payload::Alert {
-            severity: "warning".into(),
-            summary: format!("key ceremony for wallet {wallet} failed: {reason}"),
-        },
-    }
-}
-
-fn check(r: &CreateWallet) -> Result<(), String> {
-    validate_token("name", &r.name).map_err(|e| e.to_string())?;
-    validate_token("initiator", &r.initiator).map_err(|e| e.to_string())?;
-    if r.model != "frost" {
-        return Err(format!(
-            "model: {:?} is not available yet; use frost",
-            r.model
-        ));
-    }
-    address::hrp_for(&r.chain).map_err(|e| format!("chain: {e}"))?;
-    for g in &r.guardians {
-        validate_token("guardians", g).map_err(|e| e.to_string())?;
-    }
-    let mut unique = r.guardians.clone();
-    unique.sort();
-    unique.dedup();
-    if unique.len() != r.guardians.len() {
-        return Err("guardians: a guardian is listed twice".into());
-    }
-    let n = r.guardians.len();
-    if r.threshold < 2 || usize::from(r.threshold) > n {
-        return Err(format!(
-            "threshold: {} of {n} guardians (needs 2 <= threshold <= guardians)",
-            r.threshold
-        ));
-    }
-    Ok(())
 }
 
 /// The registered keys of live guardians, in the order asked (FROST identifiers 1..n).
@@ -758,50 +758,52 @@ async fn ask_all(
     futures::future::join_all(asks).await.into_iter().collect()
 }
 
-/// The three rounds; returns the group key and transcript every guardian agreed on.
-async fn run_dkg(
-    client: &Client,
-    ceremony_id: &str,
-    threshold: u16,
-    roster: &[RosterEntry],
-) -> Result<(frost::VerifyingKey, [u8; 32]), String> {
-    let id = ceremony_id.to_string();
-    let unexpected = |what: &str| format!("a guardian answered {what} with something else");
-    // Round 1: packages.
-    let replies = ask_all(client, roster, |_| GuardianRequest::DkgStart {
-        ceremony_id: id.clone(),
-        min_signers: threshold,
-        roster: roster.to_vec(),
-    })
-    .await?;
-    let packages = signed_packages(replies, "DkgStart")?;
-    // Round 2: echoes and sealed shares.
-    let replies = ask_all(client, roster, |_| GuardianRequest::DkgShares {
-        ceremony_id: id.clone(),
-        packages: packages.clone(),
-    })
-    .await?;
-    let mut echoes = Vec::new();
-    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
-    for r in replies {
-        let GuardianReply::Shares {
-            echo,
-            shares: sealed,
-        } = r
-        else {
-            return Err(unexpected("DkgShares"));
-        };
-        echoes.push(echo);
-        by_recipient(&mut shares, sealed);
+impl Ceremony<'_> {
+    /// The three rounds; returns the group key and transcript every guardian agreed on.
+    async fn run_dkg(
+        &self,
+        threshold: u16,
+        roster: &[RosterEntry],
+    ) -> Result<(frost::VerifyingKey, [u8; 32]), String> {
+        let (client, ceremony_id, id) = (self.client, self.id, self.id.to_string());
+        let unexpected = |what: &str| format!("a guardian answered {what} with something else");
+        // Round 1: packages.
+        let replies = ask_all(client, roster, |_| GuardianRequest::DkgStart {
+            ceremony_id: id.clone(),
+            change: self.change.to_string(),
+            min_signers: threshold,
+            roster: roster.to_vec(),
+        })
+        .await?;
+        let packages = signed_packages(replies, "DkgStart")?;
+        // Round 2: echoes and sealed shares.
+        let replies = ask_all(client, roster, |_| GuardianRequest::DkgShares {
+            ceremony_id: id.clone(),
+            packages: packages.clone(),
+        })
+        .await?;
+        let mut echoes = Vec::new();
+        let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
+        for r in replies {
+            let GuardianReply::Shares {
+                echo,
+                shares: sealed,
+            } = r
+            else {
+                return Err(unexpected("DkgShares"));
+            };
+            echoes.push(echo);
+            by_recipient(&mut shares, sealed);
+        }
+        // Round 3: finalize; each guardian gets the shares addressed to it.
+        let replies = ask_all(client, roster, |e| GuardianRequest::DkgFinalize {
+            ceremony_id: id.clone(),
+            echoes: echoes.clone(),
+            shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+        })
+        .await?;
+        agreed_result(ceremony_id, roster, replies, "DkgFinalize")
     }
-    // Round 3: finalize; each guardian gets the shares addressed to it.
-    let replies = ask_all(client, roster, |e| GuardianRequest::DkgFinalize {
-        ceremony_id: id.clone(),
-        echoes: echoes.clone(),
-        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
-    })
-    .await?;
-    agreed_result(ceremony_id, roster, replies, "DkgFinalize")
 }
 
 /// The signed round-1 packages of every guardian.
@@ -878,37 +880,38 @@ fn agreed_result(
     Ok((key, digest))
 }
 
-/// The refresh rounds; returns the digest of the new public key package that
-/// every guardian signed, after checking the group key did not change.
-async fn run_refresh(
-    client: &Client,
-    ceremony_id: &str,
-    wallet_name: &str,
-    roster: &[RosterEntry],
-    wallet: &WalletDescriptor,
-) -> Result<[u8; 32], String> {
-    let id = ceremony_id.to_string();
-    let replies = ask_all(client, roster, |_| GuardianRequest::RefreshStart {
-        ceremony_id: id.clone(),
-        wallet: wallet_name.to_string(),
-        roster: roster.to_vec(),
-    })
-    .await?;
-    let packages = signed_packages(replies, "RefreshStart")?;
-    let replies = ask_all(client, roster, |_| GuardianRequest::RefreshShares {
-        ceremony_id: id.clone(),
-        packages: packages.clone(),
-    })
-    .await?;
-    let shares = sealed_by_recipient(replies, "RefreshShares")?;
-    let replies = ask_all(client, roster, |e| GuardianRequest::RefreshFinalize {
-        ceremony_id: id.clone(),
-        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
-    })
-    .await?;
-    let (key, digest) = agreed_result(ceremony_id, roster, replies, "RefreshFinalize")?;
-    same_group_key(&key, wallet)?;
-    Ok(digest)
+impl Ceremony<'_> {
+    /// The refresh rounds; returns the digest of the new public key package that
+    /// every guardian signed, after checking the group key did not change.
+    async fn run_refresh(
+        &self,
+        roster: &[RosterEntry],
+        wallet: &WalletDescriptor,
+    ) -> Result<[u8; 32], String> {
+        let (client, ceremony_id, id) = (self.client, self.id, self.id.to_string());
+        let replies = ask_all(client, roster, |_| GuardianRequest::RefreshStart {
+            ceremony_id: id.clone(),
+            change: self.change.to_string(),
+            wallet: self.wallet.to_string(),
+            roster: roster.to_vec(),
+        })
+        .await?;
+        let packages = signed_packages(replies, "RefreshStart")?;
+        let replies = ask_all(client, roster, |_| GuardianRequest::RefreshShares {
+            ceremony_id: id.clone(),
+            packages: packages.clone(),
+        })
+        .await?;
+        let shares = sealed_by_recipient(replies, "RefreshShares")?;
+        let replies = ask_all(client, roster, |e| GuardianRequest::RefreshFinalize {
+            ceremony_id: id.clone(),
+            shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+        })
+        .await?;
+        let (key, digest) = agreed_result(ceremony_id, roster, replies, "RefreshFinalize")?;
+        same_group_key(&key, wallet)?;
+        Ok(digest)
+    }
 }
 
 fn same_group_key(key: &frost::VerifyingKey, wallet: &WalletDescriptor) -> Result<(), String> {
@@ -919,130 +922,107 @@ fn same_group_key(key: &frost::VerifyingKey, wallet: &WalletDescriptor) -> Resul
     Ok(())
 }
 
-/// The repair rounds that add the plan's newcomer (last in its roster): deltas
-/// among the helpers, their sigmas to the newcomer, then every member admits
-/// the newcomer's verifying share. Returns the digest every member signed.
-async fn run_repair(
-    client: &Client,
-    ceremony_id: &str,
-    wallet_name: &str,
-    plan: &Plan,
-) -> Result<[u8; 32], String> {
-    let id = ceremony_id.to_string();
-    let (newcomer, members) = plan.roster.split_last().ok_or("an empty roster")?;
-    let joining = Joining {
-        roster: plan.roster.clone(),
-        helpers: plan.helpers.clone(),
-        newcomer: newcomer.index,
-    };
-    let replies = ask_all(client, members, |_| GuardianRequest::RepairStart {
-        ceremony_id: id.clone(),
-        wallet: wallet_name.to_string(),
-        joining: joining.clone(),
-    })
-    .await?;
-    let deltas = sealed_by_recipient(replies, "RepairStart")?;
-    let helpers: Vec<RosterEntry> = members
-        .iter()
-        .filter(|e| plan.helpers.contains(&e.index))
-        .cloned()
-        .collect();
-    let replies = ask_all(client, &helpers, |e| GuardianRequest::RepairCombine {
-        ceremony_id: id.clone(),
-        deltas: deltas.get(&e.guardian.id).cloned().unwrap_or_default(),
-    })
-    .await?;
-    let sigmas = sealed_by_recipient(replies, "RepairCombine")?;
-    let reply = ask(
-        client,
-        &newcomer.guardian.id,
-        &GuardianRequest::RepairFinish {
-            ceremony_id: id.clone(),
-            joining,
-            sigmas: sigmas
-                .get(&newcomer.guardian.id)
-                .cloned()
-                .unwrap_or_default(),
-        },
-    )
-    .await?;
-    let GuardianReply::Result { message } = reply else {
-        return Err("the newcomer answered RepairFinish with something else".into());
-    };
-    // Each member checks the newcomer's signed result against its own package.
-    let replies = ask_all(client, members, |_| GuardianRequest::RepairAdmit {
-        ceremony_id: id.clone(),
-        result: message.clone(),
-    })
-    .await?;
-    let (key, digest) = agreed_result(ceremony_id, members, replies, "RepairAdmit")?;
-    same_group_key(&key, &plan.wallet)?;
-    Ok(digest)
-}
-
-/// The redistribution rounds that change the threshold: every member deals
-/// its weighted share (signed public commitments, sub-shares sealed to each
-/// member), then every member verifies what it received, keeps its new share
-/// (pending) and signs the group key and the transcript. Returns the
-/// transcript every member signed, after checking the group key did not change.
-async fn run_reshare(
-    client: &Client,
-    ceremony_id: &str,
-    wallet_name: &str,
-    plan: &Plan,
-) -> Result<[u8; 32], String> {
-    let id = ceremony_id.to_string();
-    let min_signers = plan.wallet.threshold.ok_or("the wallet has no threshold")?;
-    let replies = ask_all(client, &plan.roster, |_| GuardianRequest::ReshareStart {
-        ceremony_id: id.clone(),
-        wallet: wallet_name.to_string(),
-        min_signers,
-        roster: plan.roster.clone(),
-    })
-    .await?;
-    let mut dealings = Vec::new();
-    let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
-    for r in replies {
-        let GuardianReply::Dealt {
-            dealing,
-            shares: sealed,
-        } = r
-        else {
-            return Err("a guardian answered ReshareStart with something else".into());
+impl Ceremony<'_> {
+    /// The repair rounds that give the plan's last guardian its share (a newcomer,
+    /// or a guardian that lost its share, under its own index): deltas among the
+    /// helpers, their sigmas to it, then every member admits its verifying share.
+    /// Returns the digest every member signed.
+    async fn run_repair(&self, plan: &Plan) -> Result<[u8; 32], String> {
+        let (client, ceremony_id, id) = (self.client, self.id, self.id.to_string());
+        let (newcomer, members) = plan.roster.split_last().ok_or("an empty roster")?;
+        let joining = Joining {
+            roster: plan.roster.clone(),
+            helpers: plan.helpers.clone(),
+            newcomer: newcomer.index,
         };
-        dealings.push(dealing);
-        by_recipient(&mut shares, sealed);
+        let replies = ask_all(client, members, |_| GuardianRequest::RepairStart {
+            ceremony_id: id.clone(),
+            change: self.change.to_string(),
+            wallet: self.wallet.to_string(),
+            joining: joining.clone(),
+        })
+        .await?;
+        let deltas = sealed_by_recipient(replies, "RepairStart")?;
+        let helpers: Vec<RosterEntry> = members
+            .iter()
+            .filter(|e| plan.helpers.contains(&e.index))
+            .cloned()
+            .collect();
+        let replies = ask_all(client, &helpers, |e| GuardianRequest::RepairCombine {
+            ceremony_id: id.clone(),
+            deltas: deltas.get(&e.guardian.id).cloned().unwrap_or_default(),
+        })
+        .await?;
+        let sigmas = sealed_by_recipient(replies, "RepairCombine")?;
+        let reply = ask(
+            client,
+            &newcomer.guardian.id,
+            &GuardianRequest::RepairFinish {
+                ceremony_id: id.clone(),
+                change: self.change.to_string(),
+                wallet: self.wallet.to_string(),
+                joining,
+                sigmas: sigmas
+                    .get(&newcomer.guardian.id)
+                    .cloned()
+                    .unwrap_or_default(),
+            },
+        )
+        .await?;
+        let GuardianReply::Result { message } = reply else {
+            return Err("the newcomer answered RepairFinish with something else".into());
+        };
+        // Each member checks the newcomer's signed result against its own package.
+        let replies = ask_all(client, members, |_| GuardianRequest::RepairAdmit {
+            ceremony_id: id.clone(),
+            result: message.clone(),
+        })
+        .await?;
+        let (key, digest) = agreed_result(ceremony_id, members, replies, "RepairAdmit")?;
+        same_group_key(&key, &plan.wallet)?;
+        Ok(digest)
     }
-    let replies = ask_all(client, &plan.roster, |e| GuardianRequest::ReshareFinalize {
-        ceremony_id: id.clone(),
-        dealings: dealings.clone(),
-        shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
-    })
-    .await?;
-    let (key, transcript) = agreed_result(ceremony_id, &plan.roster, replies, "ReshareFinalize")?;
-    same_group_key(&key, &plan.wallet)?;
-    Ok(transcript)
-}
 
-fn describe(
-    r: &CreateWallet,
-    roster: &[RosterEntry],
-    group_key: &frost::VerifyingKey,
-    transcript: &[u8; 32],
-) -> Result<WalletDescriptor, String> {
-    let taproot = address::wallet(group_key, &r.chain).map_err(|e| e.to_string())?;
-    Ok(WalletDescriptor {
-        name: r.name.clone(),
-        model: r.model.clone(),
-        chain: r.chain.clone(),
-        address: taproot.address,
-        threshold: Some(r.threshold),
-        guardians: descriptor_guardians(roster),
-        group_key: Some(hex::encode(
-            group_key.serialize().map_err(|e| e.to_string())?,
-        )),
-        transcript: Some(hex::encode(transcript)),
-    })
+    /// The redistribution rounds that change the threshold: every member deals
+    /// its weighted share (signed public commitments, sub-shares sealed to each
+    /// member), then every member verifies what it received, keeps its new share
+    /// (pending) and signs the group key and the transcript. Returns the
+    /// transcript every member signed, after checking the group key did not change.
+    async fn run_reshare(&self, plan: &Plan) -> Result<[u8; 32], String> {
+        let (client, ceremony_id, id) = (self.client, self.id, self.id.to_string());
+        let min_signers = plan.wallet.threshold.ok_or("the wallet has no threshold")?;
+        let replies = ask_all(client, &plan.roster, |_| GuardianRequest::ReshareStart {
+            ceremony_id: id.clone(),
+            change: self.change.to_string(),
+            wallet: self.wallet.to_string(),
+            min_signers,
+            roster: plan.roster.clone(),
+        })
+        .await?;
+        let mut dealings = Vec::new();
+        let mut shares: BTreeMap<String, Vec<SignedMessage>> = BTreeMap::new();
+        for r in replies {
+            let GuardianReply::Dealt {
+                dealing,
+                shares: sealed,
+            } = r
+            else {
+                return Err("a guardian answered ReshareStart with something else".into());
+            };
+            dealings.push(dealing);
+            by_recipient(&mut shares, sealed);
+        }
+        let replies = ask_all(client, &plan.roster, |e| GuardianRequest::ReshareFinalize {
+            ceremony_id: id.clone(),
+            dealings: dealings.clone(),
+            shares: shares.get(&e.guardian.id).cloned().unwrap_or_default(),
+        })
+        .await?;
+        let (key, transcript) =
+            agreed_result(ceremony_id, &plan.roster, replies, "ReshareFinalize")?;
+        same_group_key(&key, &plan.wallet)?;
+        Ok(transcript)
+    }
 }
 
 /// The roster as the wallet descriptor records it.
@@ -1058,32 +1038,21 @@ fn descriptor_guardians(roster: &[RosterEntry]) -> Vec<WalletGuardian> {
         .collect()
 }
 
-fn wallet_created(r: &CreateWallet, ceremony_id: &str, wallet: WalletDescriptor) -> Proposal {
-    wallet_event(
-        &r.name,
-        &r.initiator,
-        ceremony_id,
-        0,
-        EventType::WalletCreated,
-        Payload::WalletCreated(wallet),
-    )
-}
-
-/// A key ceremony's event on wallet `name`, caused by the ceremony.
+/// A key ceremony's event on its wallet, caused by the ceremony and naming
+/// the change that approved it.
 fn wallet_event(
-    name: &str,
+    ceremony: &Ceremony<'_>,
     initiator: &str,
-    ceremony_id: &str,
     expected_version: u64,
     event_type: EventType,
     payload: Payload,
 ) -> Proposal {
     Proposal {
         aggregate_kind: AggregateKind::Wallet,
-        workflow_id: name.to_string(),
+        workflow_id: ceremony.wallet.to_string(),
         expected_version,
         event_type,
-        causation_id: Some(ceremony_id.to_string()),
+        causation_id: Some(ceremony.id.to_string()),
         actor: Actor {
             user_id: initiator.to_string(),
             email: None,
@@ -1091,13 +1060,17 @@ fn wallet_event(
         },
         target: Target {
             kind: "wallet".into(),
-            id: name.to_string(),
+            id: ceremony.wallet.to_string(),
             amount: None,
             currency: None,
         },
         context: RequestContext::default(),
         result: Outcome::Success,
-        metadata: [("ceremonyId".to_string(), ceremony_id.to_string())].into(),
+        metadata: [
+            ("ceremonyId".to_string(), ceremony.id.to_string()),
+            ("change".to_string(), ceremony.change.to_string()),
+        ]
+        .into(),
         payload,
     }
 }

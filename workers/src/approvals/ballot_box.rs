@@ -224,9 +224,11 @@ fn judge(view: &TrailView, ballot: &Ballot, now: i64) -> Judgement {
         .directory
         .user(&ballot.user_id)
         .map(|u| u.email.clone());
+    // A key ceremony's change is applied by the ceremony step, once it ran.
     let applies = view
         .change(&ballot.workflow_id)
         .and_then(|c| c.request.as_ref())
+        .filter(|r| !r.change.is_ceremony())
         .map(|r| r.change.clone());
     Ok((verdict, kind, version, email, applies))
 }
