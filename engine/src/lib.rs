@@ -10,3 +10,4 @@ pub mod ledger;
 pub mod mfa;
 pub mod policy;
 pub mod transfer;
+pub mod webauthn;
