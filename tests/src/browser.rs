@@ -119,7 +119,18 @@ impl Browser {
     /// still be going away (its body turns stale): read the new one then.
     pub async fn text(&self) -> String {
         for _ in 0..50 {
-            let body = self.element("body").await;
+            // Mid-navigation (a script's form submit) there may be no body yet.
+            let found = self
+                .try_call(
+                    "POST",
+                    &self.at("/element"),
+                    Some(json!({"using": "css selector", "value": "body"})),
+                )
+                .await;
+            let Some(body) = found[ELEMENT].as_str() else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
             let text = self
                 .try_call("GET", &self.at(&format!("/element/{body}/text")), None)
                 .await;
@@ -156,6 +167,41 @@ impl Browser {
             Some(json!({ "text": text })),
         )
         .await;
+    }
+
+    /// Adds a WebDriver virtual authenticator (CTAP2, platform, resident keys,
+    /// user verification that succeeds), so pages create and use passkeys
+    /// without a person. Returns its id.
+    pub async fn add_virtual_authenticator(&self) -> String {
+        let added = self
+            .call(
+                "POST",
+                &self.at("/webauthn/authenticator"),
+                Some(json!({
+                    "protocol": "ctap2",
+                    "transport": "internal",
+                    "hasResidentKey": true,
+                    "hasUserVerification": true,
+                    "isUserVerified": true,
+                })),
+            )
+            .await;
+        added
+            .as_str()
+            .unwrap_or_else(|| panic!("no virtual authenticator: {added}"))
+            .to_string()
+    }
+
+    /// The credentials the virtual authenticator `id` holds.
+    pub async fn authenticator_credentials(&self, id: &str) -> Vec<Value> {
+        let got = self
+            .call(
+                "GET",
+                &self.at(&format!("/webauthn/authenticator/{id}/credentials")),
+                None,
+            )
+            .await;
+        got.as_array().cloned().unwrap_or_default()
     }
 
     pub async fn click(&self, css: &str) {

@@ -13,7 +13,7 @@ use custos_adapters::mail::Mailer;
 use custos_adapters::nats_server::Durability;
 use custos_engine::mfa::{self, TotpSecret};
 use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, MfaMethod, Vote};
-use custos_schemas::{Actor, Event, EventType, TransferRequest, UserRecord};
+use custos_schemas::{Actor, Event, EventType, Outcome, TransferRequest, UserRecord};
 use custos_tests::browser::Browser;
 use custos_tests::smtp::SmtpCapture;
 use custos_tests::webhook::WebhookReceiver;
@@ -160,8 +160,10 @@ impl Setup {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        // `localhost`, not the IP: passkeys need a domain as RP ID (and
+        // http://localhost is a secure context).
         let base_url = format!(
-            "http://127.0.0.1:{}",
+            "http://localhost:{}",
             listener.local_addr().expect("addr").port()
         );
         let mut settings = LinkSettings::new(base_url.clone());
@@ -732,4 +734,106 @@ async fn a_chat_webhook_receives_the_link_and_the_link_answers_as_a_chat_link() 
         err.reason.contains("405") || err.reason.contains("404"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passkey_is_enrolled_on_its_link_and_approves_in_chromium() {
+    let s = Setup::start().await;
+    let browser = Browser::start().await;
+    let authenticator = browser.add_virtual_authenticator().await;
+
+    // Enrolment: the operator's one-time link; the page creates the passkey.
+    let enrol = s
+        .issuer
+        .passkey_enrolment_link(&user("alice"))
+        .await
+        .expect("enrolment link");
+    assert!(
+        enrol.starts_with(&format!("{}/enrol/", s.base_url)),
+        "{enrol}"
+    );
+    browser.goto(&enrol).await;
+    assert!(browser.text().await.contains("create the passkey"));
+    browser.click("#create").await;
+    let text = browser.text_with("Your passkey is enrolled").await;
+    assert!(text.contains("Your passkey is enrolled"), "{text}");
+    assert_eq!(
+        browser
+            .authenticator_credentials(&authenticator)
+            .await
+            .len(),
+        1
+    );
+    let configured: Vec<Event> = s
+        .events(EventType::MfaConfigured)
+        .await
+        .into_iter()
+        .filter(|e| e.metadata.get("method").map(String::as_str) == Some("webauthn"))
+        .collect();
+    assert_eq!(configured.len(), 1, "{configured:#?}");
+    let c = &configured[0];
+    assert_eq!(
+        (c.target.id.as_str(), c.result),
+        ("alice", Outcome::Success)
+    );
+    assert_eq!(
+        c.metadata.get("publicKey").map(String::len),
+        Some(130),
+        "the public key (SEC1, hex) is recorded, nothing secret: {c:#?}"
+    );
+    // The link was single use.
+    browser.goto(&enrol).await;
+    assert!(browser.text().await.contains("already used"));
+
+    // Approval: the page offers the passkey; using it records the vote with
+    // MFA method webauthn.
+    let link = s.link("alice", "tx-1").await;
+    browser.goto(&link).await;
+    assert!(browser.text().await.contains("Approve with passkey"));
+    browser.click("#passkey-approve").await;
+    let text = browser.text_with("Your approval of tx-1 is recorded").await;
+    assert!(text.contains("Your approval of tx-1 is recorded"), "{text}");
+    let ballots = s.ballots.ballots();
+    assert_eq!(ballots.len(), 1, "{ballots:#?}");
+    assert_eq!(
+        (
+            ballots[0].user_id.as_str(),
+            ballots[0].vote.vote,
+            ballots[0].vote.mfa
+        ),
+        ("alice", Vote::Approve, MfaMethod::Webauthn)
+    );
+    let verified: Vec<Event> = s
+        .events(EventType::MfaVerified)
+        .await
+        .into_iter()
+        .filter(|e| e.metadata.get("method").map(String::as_str) == Some("webauthn"))
+        .collect();
+    assert_eq!(verified.len(), 1, "{verified:#?}");
+
+    // An approver without a passkey (bob) is offered only the code.
+    let bob = s.link("bob", "tx-2").await;
+    browser.goto(&bob).await;
+    assert!(!browser.text().await.contains("Approve with passkey"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passkeys_need_a_domain_not_an_ip_address() {
+    let s = Setup::start().await;
+    let nats_js = s.nats.js().await;
+    let issuer = LinkIssuer::new(
+        &nats_js,
+        s.ballots.clone(),
+        s._engine.ledger.clone(),
+        &MfaKey::generate(),
+        LinkSettings::new("http://127.0.0.1:8080"),
+        custos_workers::approvals::links::system_clock(),
+    )
+    .await
+    .expect("issuer");
+    let e = issuer
+        .passkey_enrolment_link(&user("alice"))
+        .await
+        .expect_err("an IP address cannot be an RP ID");
+    assert!(e.to_string().contains("IP address"), "{e}");
 }

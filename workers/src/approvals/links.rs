@@ -11,6 +11,15 @@
 //! ChaCha20-Poly1305 under the engine's key (bucket `CUSTOS_MFA`, with the replay
 //! and lockout state of `custos_engine::mfa`). Every verification is recorded
 //! (`MFA_VERIFIED` or `LOGIN_FAILURE` with the reason) before anything is acted on.
+//!
+//! Passkeys (WebAuthn, `custos_engine::webauthn`) are the stronger option: an
+//! operator issues a one-time enrolment link ([`LinkIssuer::passkey_enrolment_link`],
+//! `/enrol/{token}`), the page creates the credential and the server records
+//! `MFA_CONFIGURED` (method webauthn, credential id and public key) before
+//! storing it. The approval page of a user with a passkey then offers to answer
+//! with it: its challenge is random, kept in the link record (single use) and
+//! bound to the link and the request hash and policy version. The RP ID is the
+//! public URL's host, so passkeys need a domain (locally `http://localhost:PORT`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +37,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload as AeadPayload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use custos_adapters::mail::{Mailer, OutgoingMail};
 use custos_engine::mfa::{self, Lockout, TotpRefusal, TotpSecret, TotpState};
+use custos_engine::webauthn::{self, Assertion, PasskeyCredential, RelyingParty};
 use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote, MfaMethod, Vote};
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, EventType, Outcome, Payload, Proposal, RequestContext,
@@ -140,14 +150,36 @@ struct LinkRecord {
     expires_at: i64,
     #[serde(default)]
     used_at: Option<i64>,
+    /// The random part of the passkey challenge the page last showed; taken
+    /// by the answer that uses it.
+    #[serde(default)]
+    passkey_nonce: Option<String>,
+}
+
+/// A passkey enrolment link, stored under `enrol.<token hash>` in the links bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EnrolRecord {
+    user_id: String,
+    issued_at: i64,
+    expires_at: i64,
+    #[serde(default)]
+    used_at: Option<i64>,
+    #[serde(default)]
+    nonce: Option<String>,
 }
 
 /// What the MFA bucket holds per user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct MfaRecord {
-    /// Base64url of nonce ‖ ChaCha20-Poly1305 ciphertext of the TOTP secret.
+    /// Base64url of nonce ‖ ChaCha20-Poly1305 ciphertext of the TOTP secret
+    /// (empty: no authenticator app, passkeys only).
+    #[serde(default)]
     sealed_secret: String,
+    /// Enrolled passkeys (public keys only).
+    #[serde(default)]
+    passkeys: Vec<PasskeyCredential>,
     #[serde(default)]
     state: TotpState,
     #[serde(default)]
@@ -247,6 +279,12 @@ impl<A: Appender> LinkIssuer<A> {
             sealed_secret: self.seal(&user.id, &secret)?,
             state: TotpState::default(),
             deactivated: false,
+            // Re-enrolling the app keeps the user's passkeys.
+            passkeys: self
+                .mfa_record(&user.id)
+                .await?
+                .map(|(r, _)| r.passkeys)
+                .unwrap_or_default(),
         };
         let mut event = auth_event(
             EventType::MfaConfigured,
@@ -333,6 +371,7 @@ impl<A: Appender> LinkIssuer<A> {
             issued_at: now,
             expires_at,
             used_at: None,
+            passkey_nonce: None,
         };
         self.inner
             .links
@@ -437,6 +476,12 @@ impl<A: Appender> LinkIssuer<A> {
             if record.deactivated {
                 return Err(deactivated());
             }
+            if record.sealed_secret.is_empty() {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "No authenticator app is enrolled for this approver: answer with your passkey.",
+                ));
+            }
             let secret = self
                 .unseal(&user.id, &record.sealed_secret)
                 .map_err(unavailable)?;
@@ -504,6 +549,235 @@ impl<A: Appender> LinkIssuer<A> {
             }
         }
     }
+}
+
+impl<A: Appender> LinkIssuer<A> {
+    /// The relying party passkeys are scoped to: the public URL's host.
+    pub fn relying_party(&self) -> Result<RelyingParty, LinkError> {
+        RelyingParty::from_public_url(&self.inner.settings.base_url)
+            .map_err(|e| LinkError::Invalid(e.to_string()))
+    }
+
+    /// A one-time link (as long-lived as approval links) on which `user`
+    /// creates a passkey. Refused when the public URL cannot host passkeys.
+    pub async fn passkey_enrolment_link(&self, user: &UserRecord) -> Result<String, LinkError> {
+        validate_token("user", &user.id).map_err(|e| LinkError::Invalid(e.to_string()))?;
+        self.relying_party()?;
+        if self
+            .mfa_record(&user.id)
+            .await?
+            .is_some_and(|(r, _)| r.deactivated)
+        {
+            return Err(LinkError::Invalid(format!("{} is deactivated", user.id)));
+        }
+        let now = self.now();
+        let ttl = i64::try_from(self.inner.settings.link_ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut token = Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(token.as_mut());
+        let record = EnrolRecord {
+            user_id: user.id.clone(),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl),
+            used_at: None,
+            nonce: None,
+        };
+        self.inner
+            .links
+            .create(enrol_key(token.as_ref()), encode(&record)?)
+            .await
+            .map_err(store)?;
+        Ok(format!(
+            "{}/enrol/{}",
+            self.inner.settings.base_url,
+            data_encoding::BASE64URL_NOPAD.encode(token.as_ref())
+        ))
+    }
+
+    /// Checks a passkey answer on the link `found` against the challenge its
+    /// page showed, stores the new signature counter and records the outcome
+    /// (`MFA_VERIFIED` or `LOGIN_FAILURE`) in the audit trail.
+    async fn verify_passkey(
+        &self,
+        found: &Found,
+        form: &Answer,
+        context: &RequestContext,
+    ) -> Result<(), Refusal> {
+        let outcome = self.check_passkey(found, form).await?;
+        let (event_type, result) = match &outcome {
+            Ok(()) => (EventType::MfaVerified, Outcome::Success),
+            Err(_) => (EventType::LoginFailure, Outcome::Failure),
+        };
+        let mut event = auth_event(event_type, result, &found.user, context.clone());
+        event.causation_id = Some(found.record.workflow_id.clone());
+        let meta = &mut event.metadata;
+        meta.insert("method".into(), "webauthn".into());
+        meta.insert("channel".into(), found.record.channel.as_str().into());
+        meta.insert("workflowId".into(), found.record.workflow_id.clone());
+        if let Err(e) = &outcome {
+            meta.insert("reason".into(), e.to_string());
+        }
+        let recorded = self.record(event).await;
+        match outcome {
+            Ok(()) => recorded.map_err(unavailable),
+            Err(e) => {
+                if let Err(r) = recorded {
+                    tracing::warn!(user = %found.user.id, error = %r, "a failed passkey attempt was not recorded");
+                }
+                // The challenge is single use: a failed answer spends it too.
+                let cleared = LinkRecord {
+                    passkey_nonce: None,
+                    ..found.record.clone()
+                };
+                if let Ok(value) = encode(&cleared) {
+                    let _ = self
+                        .inner
+                        .links
+                        .update(found.key.as_str(), value, found.revision)
+                        .await;
+                }
+                Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!(
+                        "The passkey was not accepted ({e}). Nothing was recorded as a vote; reload the page to try again."
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The verification itself; `Err` inside is a refusal to audit.
+    async fn check_passkey(
+        &self,
+        found: &Found,
+        form: &Answer,
+    ) -> Result<Result<(), webauthn::WebauthnError>, Refusal> {
+        let Some(nonce) = &found.record.passkey_nonce else {
+            return Err(Refusal::new(
+                StatusCode::CONFLICT,
+                "This page's passkey challenge was already used or replaced: reload the page.",
+            ));
+        };
+        let field = |name: &'static str, value: &str| {
+            data_encoding::BASE64URL_NOPAD
+                .decode(value.trim_end_matches('=').as_bytes())
+                .map_err(|_| {
+                    Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("The passkey answer's {name} is not base64url."),
+                    )
+                })
+        };
+        let id = field("credentialId", &form.credential_id)?;
+        let client_data = field("clientDataJSON", &form.client_data_json)?;
+        let auth_data = field("authenticatorData", &form.authenticator_data)?;
+        let signature = field("signature", &form.signature)?;
+        let rp = self.relying_party().map_err(unavailable)?;
+        let challenge = approval_challenge(nonce, &found.key, &found.record);
+        for _ in 0..3 {
+            let Some((mut record, revision)) =
+                self.mfa_record(&found.user.id).await.map_err(unavailable)?
+            else {
+                return Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    "No second factor is enrolled for this approver.",
+                ));
+            };
+            if record.deactivated {
+                return Err(deactivated());
+            }
+            let Some(passkey) = record.passkeys.iter_mut().find(|p| p.id == id) else {
+                return Ok(Err(webauthn::WebauthnError::UnknownCredential));
+            };
+            let assertion = Assertion {
+                credential_id: &id,
+                client_data_json: &client_data,
+                authenticator_data: &auth_data,
+                signature: &signature,
+            };
+            let count = match webauthn::verify_assertion(&rp, passkey, &challenge, &assertion) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            passkey.sign_count = count;
+            match self
+                .inner
+                .mfa
+                .update(
+                    found.user.id.as_str(),
+                    encode(&record).map_err(unavailable)?,
+                    revision,
+                )
+                .await
+            {
+                Ok(_) => return Ok(Ok(())),
+                // Another sign-in moved the counter: check against it.
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(store(e))),
+            }
+        }
+        Err(unavailable(LinkError::Store(
+            "too many concurrent attempts".into(),
+        )))
+    }
+
+    /// A fresh challenge nonce for the page of link `found`, stored in its
+    /// record; `None` when the user has no passkey (or the link changed).
+    async fn passkey_offer(&self, found: &Found) -> Option<PasskeyOffer> {
+        let rp = self.relying_party().ok()?;
+        let (record, _) = self.mfa_record(&found.user.id).await.ok()??;
+        if record.passkeys.is_empty() {
+            return None;
+        }
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        let nonce = data_encoding::BASE64URL_NOPAD.encode(&nonce);
+        let next = LinkRecord {
+            passkey_nonce: Some(nonce.clone()),
+            ..found.record.clone()
+        };
+        self.inner
+            .links
+            .update(found.key.as_str(), encode(&next).ok()?, found.revision)
+            .await
+            .ok()?;
+        Some(PasskeyOffer {
+            challenge: approval_challenge(&nonce, &found.key, &found.record),
+            rp_id: rp.id().to_string(),
+            credentials: record.passkeys.iter().map(|p| p.id.clone()).collect(),
+        })
+    }
+}
+
+/// What the approval page needs to ask for a passkey.
+struct PasskeyOffer {
+    challenge: [u8; 32],
+    rp_id: String,
+    credentials: Vec<Vec<u8>>,
+}
+
+/// The approval challenge: the stored random nonce, bound to the link (its
+/// token hash) and to the request hash and policy version it answers.
+fn approval_challenge(nonce: &str, link_key: &str, link: &LinkRecord) -> [u8; 32] {
+    hmac_sha256(
+        nonce.as_bytes(),
+        &[
+            b"custos-webauthn-approval-v1",
+            link_key.as_bytes(),
+            link.request_hash.as_bytes(),
+            link.policy_version.as_bytes(),
+        ],
+    )
+}
+
+fn enrol_challenge(nonce: &str, enrol_key: &str) -> [u8; 32] {
+    hmac_sha256(
+        nonce.as_bytes(),
+        &[b"custos-webauthn-enrol-v1", enrol_key.as_bytes()],
+    )
+}
+
+fn enrol_key(token: &[u8]) -> String {
+    format!("enrol.{}", token_key(token))
 }
 
 impl<A: Appender> ApprovalLinks for LinkIssuer<A> {
@@ -594,6 +868,11 @@ fn store(e: impl std::fmt::Display) -> LinkError {
 pub fn links_router<A: Appender>(issuer: LinkIssuer<A>) -> Router {
     Router::new()
         .route("/approve/{token}", get(show::<A>).post(answer::<A>))
+        .route(
+            "/enrol/{token}",
+            get(enrol_page::<A>).post(enrol_answer::<A>),
+        )
+        .route("/passkey.js", get(passkey_script))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(issuer)
@@ -604,7 +883,7 @@ async fn security_headers(mut response: Response) -> Response {
     for (name, value) in [
         (
             header::CONTENT_SECURITY_POLICY,
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
@@ -831,6 +1110,7 @@ async fn show<A: Appender>(
         .into_response();
     }
     let csrf = issuer.csrf_token(&found.key);
+    let offer = issuer.passkey_offer(&found).await;
     let body = page(
         "Approval requested",
         &format!(
@@ -842,7 +1122,7 @@ async fn show<A: Appender>(
                 _ => "",
             },
             notice = notice_html(&notice),
-            form = form_html(&token, &csrf, &found.record.workflow_id),
+            form = form_html(&token, &csrf, &found.record.workflow_id, offer.as_ref()),
         ),
     );
     let cookie = format!(
@@ -872,6 +1152,15 @@ struct Answer {
     csrf: String,
     #[serde(default)]
     comment: String,
+    /// A passkey answer (base64url), filled by the page's script.
+    #[serde(default, rename = "credentialId")]
+    credential_id: String,
+    #[serde(default, rename = "clientDataJSON")]
+    client_data_json: String,
+    #[serde(default, rename = "authenticatorData")]
+    authenticator_data: String,
+    #[serde(default)]
+    signature: String,
 }
 
 async fn answer<A: Appender>(
@@ -934,13 +1223,20 @@ async fn cast<A: Appender>(
         user_agent: user_agent.clone(),
         session_id: None,
     };
-    issuer
-        .verify_totp(&found.user, &found.record, &form.code, &context)
-        .await?;
-    // Spend the link before casting: a second submission, even concurrent, finds
-    // it used.
+    let method = if form.signature.is_empty() {
+        issuer
+            .verify_totp(&found.user, &found.record, &form.code, &context)
+            .await?;
+        MfaMethod::Totp
+    } else {
+        issuer.verify_passkey(&found, &form, &context).await?;
+        MfaMethod::Webauthn
+    };
+    // Spend the link (and its challenge) before casting: a second submission,
+    // even concurrent, finds it used.
     let used = LinkRecord {
         used_at: Some(issuer.now()),
+        passkey_nonce: None,
         ..found.record.clone()
     };
     let links = &issuer.inner.links;
@@ -970,7 +1266,7 @@ async fn cast<A: Appender>(
             request_hash: found.record.request_hash.clone(),
             policy_version: found.record.policy_version.clone(),
             channel: found.record.channel,
-            mfa: MfaMethod::Totp,
+            mfa: method,
             comment: (!comment.is_empty()).then(|| comment.chars().take(1000).collect()),
         },
         masked_ip,
@@ -1011,6 +1307,351 @@ async fn cast<A: Appender>(
         Err(e) => Err(ballot_refusal(e)),
     }
 }
+
+/// The passkey enrolment link behind `token`: its bucket key, record,
+/// revision and user, or why not.
+async fn find_enrolment<A: Appender>(
+    issuer: &LinkIssuer<A>,
+    token: &str,
+) -> Result<(String, EnrolRecord, u64, UserRecord), Refusal> {
+    let unknown = || {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            "Unknown enrolment link: it may be mistyped or altered. Use the link exactly as sent.",
+        )
+    };
+    let bytes = data_encoding::BASE64URL_NOPAD
+        .decode(token.as_bytes())
+        .map_err(|_| unknown())?;
+    if bytes.len() != 32 {
+        return Err(unknown());
+    }
+    let key = enrol_key(&bytes);
+    let entry = issuer
+        .inner
+        .links
+        .entry(key.as_str())
+        .await
+        .map_err(|e| unavailable(store(e)))?
+        .filter(|e| e.operation == kv::Operation::Put)
+        .ok_or_else(unknown)?;
+    let record: EnrolRecord = decode(&entry.value).map_err(unavailable)?;
+    if record.used_at.is_some() {
+        return Err(Refusal::new(
+            StatusCode::GONE,
+            "This enrolment link was already used. Ask an operator for a new one.",
+        ));
+    }
+    if issuer.now() >= record.expires_at {
+        return Err(Refusal::new(
+            StatusCode::GONE,
+            "This enrolment link has expired. Ask an operator for a new one.",
+        ));
+    }
+    let Some(user) = issuer.inner.ballots.user(&record.user_id).await else {
+        return Err(deactivated());
+    };
+    Ok((key, record, entry.revision, user))
+}
+
+/// `GET /enrol/{token}`: the page that creates a passkey.
+async fn enrol_page<A: Appender>(
+    State(issuer): State<LinkIssuer<A>>,
+    Path(token): Path<String>,
+) -> Response {
+    let result = async {
+        let (key, record, revision, user) = find_enrolment(&issuer, &token).await?;
+        let rp = issuer.relying_party().map_err(|e| {
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        })?;
+        let mut nonce = [0u8; 32];
+        OsRng.fill_bytes(&mut nonce);
+        let nonce = data_encoding::BASE64URL_NOPAD.encode(&nonce);
+        let next = EnrolRecord {
+            nonce: Some(nonce.clone()),
+            ..record
+        };
+        issuer
+            .inner
+            .links
+            .update(key.as_str(), encode(&next).map_err(unavailable)?, revision)
+            .await
+            .map_err(|_| {
+                Refusal::new(
+                    StatusCode::CONFLICT,
+                    "The enrolment page was opened elsewhere at the same time: reload it.",
+                )
+            })?;
+        let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+        let csrf = issuer.csrf_token(&key);
+        let body = page(
+            "Create your passkey",
+            &format!(
+                "<p>{name}, create the passkey you will approve requests with.</p>\
+                 <div id=\"enrol\" data-challenge=\"{challenge}\" data-rp-id=\"{rp}\" \
+                 data-user-id=\"{uid}\" data-user-name=\"{email}\" data-display-name=\"{name}\"></div>\
+                 <form method=\"post\" action=\"/enrol/{token}\" id=\"enrol-form\">\
+                 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+                 <input type=\"hidden\" name=\"clientDataJSON\"><input type=\"hidden\" name=\"attestationObject\">\
+                 <p><button type=\"button\" id=\"create\">Create passkey</button></p>\
+                 <p id=\"enrol-status\"></p></form><script src=\"/passkey.js\" defer></script>",
+                name = escape(&user.name),
+                email = escape(&user.email),
+                challenge = b64(&enrol_challenge(&nonce, &key)),
+                rp = escape(rp.id()),
+                uid = b64(user.id.as_bytes()),
+                token = escape(&token),
+                csrf = escape(&csrf),
+            ),
+        );
+        Ok::<_, Refusal>((body, csrf))
+    }
+    .await;
+    match result {
+        Ok((body, csrf)) => {
+            let cookie = format!(
+                "{CSRF_COOKIE}={csrf}; Path=/enrol/{token}; HttpOnly; SameSite=Strict; Max-Age=3600{}",
+                if issuer.secure_cookies() {
+                    "; Secure"
+                } else {
+                    ""
+                }
+            );
+            let mut response = Html(body).into_response();
+            if let Ok(value) = HeaderValue::from_str(&cookie) {
+                response.headers_mut().insert(header::SET_COOKIE, value);
+            }
+            response
+        }
+        Err(r) => r.into_response(),
+    }
+}
+
+/// The enrolment form as posted by the page's script.
+#[derive(Deserialize)]
+struct Enrolment {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default, rename = "clientDataJSON")]
+    client_data_json: String,
+    #[serde(default, rename = "attestationObject")]
+    attestation_object: String,
+}
+
+/// `POST /enrol/{token}`: verifies the new credential, records
+/// `MFA_CONFIGURED` and only then stores it.
+async fn enrol_answer<A: Appender>(
+    State(issuer): State<LinkIssuer<A>>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    Form(form): Form<Enrolment>,
+) -> Response {
+    match enrol(&issuer, &token, &headers, form).await {
+        Ok(()) => Html(page(
+            "Passkey enrolled",
+            "<p class=\"done\" id=\"enrolled\">Your passkey is enrolled: approval pages will offer it.</p>",
+        ))
+        .into_response(),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn enrol<A: Appender>(
+    issuer: &LinkIssuer<A>,
+    token: &str,
+    headers: &HeaderMap,
+    form: Enrolment,
+) -> Result<(), Refusal> {
+    let forged = || {
+        Refusal::new(
+            StatusCode::FORBIDDEN,
+            "This form did not come from the enrolment page of this link. Open the link again.",
+        )
+    };
+    if !issuer.same_origin(headers) {
+        return Err(forged());
+    }
+    let (key, record, revision, user) = find_enrolment(issuer, token).await?;
+    let cookie = cookie_value(headers, CSRF_COOKIE);
+    if cookie.as_deref() != Some(form.csrf.as_str()) || !issuer.csrf_valid(&key, &form.csrf) {
+        return Err(forged());
+    }
+    let Some(nonce) = record.nonce.clone() else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "This page's challenge was already used: reload the page.",
+        ));
+    };
+    let decode64 = |name: &str, v: &str| {
+        data_encoding::BASE64URL_NOPAD
+            .decode(v.trim_end_matches('=').as_bytes())
+            .map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("The passkey's {name} is not base64url."),
+                )
+            })
+    };
+    let client_data = decode64("clientDataJSON", &form.client_data_json)?;
+    let attestation = decode64("attestationObject", &form.attestation_object)?;
+    let rp = issuer.relying_party().map_err(unavailable)?;
+    let verified = webauthn::verify_registration(
+        &rp,
+        &enrol_challenge(&nonce, &key),
+        &client_data,
+        &attestation,
+    );
+    // Spend the link (and its challenge) whatever the outcome: single use.
+    let spent = EnrolRecord {
+        used_at: verified.is_ok().then(|| issuer.now()),
+        nonce: None,
+        ..record
+    };
+    if let Err(e) = issuer
+        .inner
+        .links
+        .update(key.as_str(), encode(&spent).map_err(unavailable)?, revision)
+        .await
+    {
+        return Err(match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => Refusal::new(
+                StatusCode::GONE,
+                "This enrolment link was used or reopened meanwhile: reload the page.",
+            ),
+            _ => unavailable(store(e)),
+        });
+    }
+    let mut event = auth_event(
+        EventType::MfaConfigured,
+        if verified.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        },
+        &user,
+        RequestContext::default(),
+    );
+    event.metadata.insert("method".into(), "webauthn".into());
+    let credential = match verified {
+        Ok(c) => c,
+        Err(e) => {
+            event.metadata.insert("reason".into(), e.to_string());
+            if let Err(r) = issuer.record(event).await {
+                tracing::warn!(user = %user.id, error = %r, "a failed passkey enrolment was not recorded");
+            }
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("The passkey was not accepted: {e}. Reload the page to try again."),
+            ));
+        }
+    };
+    let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    event
+        .metadata
+        .insert("credentialId".into(), b64(&credential.id));
+    event
+        .metadata
+        .insert("publicKey".into(), hex::encode(&credential.public_key));
+    issuer.record(event).await.map_err(unavailable)?;
+    let mfa = &issuer.inner.mfa;
+    for _ in 0..3 {
+        let (mut next, revision) = match issuer.mfa_record(&user.id).await.map_err(unavailable)? {
+            Some((r, rev)) => (r, Some(rev)),
+            None => (
+                MfaRecord {
+                    sealed_secret: String::new(),
+                    passkeys: Vec::new(),
+                    state: TotpState::default(),
+                    deactivated: false,
+                },
+                None,
+            ),
+        };
+        next.passkeys.retain(|p| p.id != credential.id);
+        next.passkeys.push(credential.clone());
+        let value = encode(&next).map_err(unavailable)?;
+        let stored = match revision {
+            Some(rev) => mfa
+                .update(user.id.as_str(), value, rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+            None => mfa
+                .create(user.id.as_str(), value)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+        };
+        match stored {
+            Ok(()) => return Ok(()),
+            Err(true) => continue,
+            Err(false) => break,
+        }
+    }
+    Err(unavailable(LinkError::Store(format!(
+        "{}: the passkey could not be stored",
+        user.id
+    ))))
+}
+
+/// The script of the approval and enrolment pages (served from this origin:
+/// the pages' CSP allows no inline script).
+async fn passkey_script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        PASSKEY_JS,
+    )
+        .into_response()
+}
+
+const PASSKEY_JS: &str = r#""use strict";
+const enc = (buf) => btoa(String.fromCharCode(...new Uint8Array(buf)))
+  .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+const dec = (s) => Uint8Array.from(
+  atob(s.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((s.length + 3) % 4)),
+  (c) => c.charCodeAt(0));
+const say = (id, text) => { const p = document.getElementById(id); if (p) p.textContent = text; };
+const box = document.getElementById("passkey");
+if (box) {
+  for (const button of box.querySelectorAll("button[data-decision]")) {
+    button.addEventListener("click", async () => {
+      const form = document.getElementById("answer");
+      try {
+        const cred = await navigator.credentials.get({ publicKey: {
+          challenge: dec(box.dataset.challenge), rpId: box.dataset.rpId,
+          allowCredentials: box.dataset.credentials.split(",").filter(Boolean)
+            .map((id) => ({ type: "public-key", id: dec(id) })),
+          userVerification: "required", timeout: 120000 } });
+        form.elements.decision.value = button.dataset.decision;
+        form.elements.credentialId.value = enc(cred.rawId);
+        form.elements.clientDataJSON.value = enc(cred.response.clientDataJSON);
+        form.elements.authenticatorData.value = enc(cred.response.authenticatorData);
+        form.elements.signature.value = enc(cred.response.signature);
+        // The form's own submit button is named "submit" and shadows the method.
+        HTMLFormElement.prototype.submit.call(form);
+      } catch (e) { say("passkey-status", "The passkey did not answer: " + e.message); }
+    });
+  }
+}
+const enrol = document.getElementById("enrol");
+if (enrol) {
+  document.getElementById("create").addEventListener("click", async () => {
+    const form = document.getElementById("enrol-form");
+    try {
+      const d = enrol.dataset;
+      const cred = await navigator.credentials.create({ publicKey: {
+        challenge: dec(d.challenge), rp: { id: d.rpId, name: "Custos" },
+        user: { id: dec(d.userId), name: d.userName, displayName: d.displayName },
+        pubKeyCredParams: [{ type: "public-key", alg: -7 }],
+        authenticatorSelection: { residentKey: "preferred", userVerification: "required" },
+        attestation: "none", timeout: 120000 } });
+      form.elements.clientDataJSON.value = enc(cred.response.clientDataJSON);
+      form.elements.attestationObject.value = enc(cred.response.attestationObject);
+      HTMLFormElement.prototype.submit.call(form);
+    } catch (e) { say("enrol-status", "The passkey was not created: " + e.message); }
+  });
+}
+"#;
 
 fn ballot_refusal(e: BallotError) -> Refusal {
     match e {
@@ -1107,7 +1748,22 @@ fn notice_html(n: &ApprovalNotice) -> String {
     format!("<table id=\"notice\">{rows}</table>")
 }
 
-fn form_html(token: &str, csrf: &str, workflow_id: &str) -> String {
+fn form_html(token: &str, csrf: &str, workflow_id: &str, offer: Option<&PasskeyOffer>) -> String {
+    let passkey = offer.map_or_else(String::new, |o| {
+        let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+        format!(
+            "<fieldset id=\"passkey\" data-challenge=\"{challenge}\" data-rp-id=\"{rp}\" data-credentials=\"{ids}\">\
+             <legend>Or answer with your passkey</legend>\
+             <input type=\"hidden\" name=\"credentialId\"><input type=\"hidden\" name=\"clientDataJSON\">\
+             <input type=\"hidden\" name=\"authenticatorData\"><input type=\"hidden\" name=\"signature\">\
+             <button type=\"button\" id=\"passkey-approve\" data-decision=\"approve\">Approve with passkey</button> \
+             <button type=\"button\" id=\"passkey-reject\" data-decision=\"reject\">Reject with passkey</button>\
+             <p id=\"passkey-status\"></p></fieldset><script src=\"/passkey.js\" defer></script>",
+            challenge = b64(&o.challenge),
+            rp = escape(&o.rp_id),
+            ids = o.credentials.iter().map(|c| b64(c)).collect::<Vec<_>>().join(","),
+        )
+    });
     format!(
         "<form method=\"post\" action=\"/approve/{token}\" id=\"answer\" autocomplete=\"off\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -1117,7 +1773,7 @@ fn form_html(token: &str, csrf: &str, workflow_id: &str) -> String {
          <p><label>Authenticator code <input name=\"code\" id=\"code\" inputmode=\"numeric\" \
          pattern=\"[0-9]{{6}}\" maxlength=\"6\" required autocomplete=\"one-time-code\"></label></p>\
          <p><label>Comment (optional) <input name=\"comment\" id=\"comment\" maxlength=\"1000\"></label></p>\
-         <p><button type=\"submit\" id=\"submit\">Submit answer</button></p></fieldset></form>\
+         <p><button type=\"submit\" id=\"submit\">Submit answer</button></p></fieldset>{passkey}</form>\
          <p>Opening this page records nothing; only submitting the form with your code does.</p>",
         token = escape(token),
         csrf = escape(csrf),
