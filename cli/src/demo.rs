@@ -141,9 +141,12 @@ async fn create_wallet(
         },
     };
     step("an operator asks for wallet treasury: FROST 2-of-3 among guardians g1, g2, g3");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::headers::CONTENT_TYPE, ContentType::JSON);
     let reply = client
-        .request(
+        .request_with_headers(
             subjects::REQ_CHANGE,
+            headers,
             ContentType::Json.encode(&request).into(),
         )
         .await?;

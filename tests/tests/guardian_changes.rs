@@ -273,7 +273,7 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
         .expect("a wallet event");
     assert_eq!(last.event_type, EventType::GuardianRemoved);
     assert!(
-        last.metadata.get("change").is_some(),
+        last.metadata.contains_key("change"),
         "the wallet event names the approved change"
     );
     assert!(

@@ -129,10 +129,9 @@ pub fn check_ceremony_request(
             joins(joining, guardian, &without(guardian))
                 && lost.is_some_and(|g| {
                     g.index == joining.newcomer
-                        && joining
-                            .roster
-                            .last()
-                            .is_some_and(|e| same_guardians(std::slice::from_ref(e), &[g.clone()]))
+                        && joining.roster.last().is_some_and(|e| {
+                            same_guardians(std::slice::from_ref(e), std::slice::from_ref(g))
+                        })
                 })
                 && !joining.helpers.contains(&joining.newcomer)
                 && (!finishing || guardian == me)
