@@ -27,11 +27,38 @@ impl Anvil {
     }
 
     /// Pays `wei` from the first dev account; returns the txid.
+    /// Waits until it is mined (under automine).
     pub async fn fund(&self, address: &str, wei: u128) -> String {
-        self.node
+        let hash = self
+            .node
             .fund(address, wei)
             .await
-            .unwrap_or_else(|e| panic!("funding {address}: {e}"))
+            .unwrap_or_else(|e| panic!("funding {address}: {e}"));
+        self.receipt(&hash).await;
+        hash
+    }
+
+    /// The receipt of `hash` once the node has one: anvil mines an
+    /// automined transaction just after answering, not before.
+    pub async fn receipt(&self, hash: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let receipt: serde_json::Value = self
+                .node
+                .rpc
+                .call("eth_getTransactionReceipt", serde_json::json!([hash]))
+                .await
+                .unwrap_or_else(|e| panic!("receipt of {hash}: {e}"));
+            if !receipt.is_null() {
+                return receipt;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no receipt for {hash}"
+            );
+            // Poll: the node mines it in the background.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn mine(&self, n: u64) {

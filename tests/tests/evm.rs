@@ -275,10 +275,11 @@ impl Setup {
             .expect("trail")
     }
 
-    /// An HD wallet made by the signer and recorded as the wallet service
-    /// records it, funded with `wei` from anvil's dev account.
+    /// An HD wallet asked for as a change and made by the signer through the
+    /// engine's key-ceremony step, funded with `wei` from anvil's dev account.
     async fn wallet(&self, name: &str, wei: u128) -> String {
-        // The signer subscribes once its replica has caught up: ask until then.
+        // The signer subscribes once its replica has caught up: ask until then
+        // (asking again before the wallet is recorded answers the same address).
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let created = loop {
             match hd_signer::create_wallet(&self.client, SIGNER, name, CHAIN).await {
@@ -289,26 +290,21 @@ impl Setup {
             }
         };
         assert!(created.xpub.starts_with("xpub"), "{created:?}");
-        let wallet = created.wallet;
+        let wallet = custos_tests::ceremonies::approved_ceremony(
+            &self.nats,
+            &self.engine,
+            custos_schemas::change::Change::WalletCreate {
+                name: name.into(),
+                model: "hd".into(),
+                chain: CHAIN.into(),
+                threshold: 1,
+                guardians: vec![SIGNER.into()],
+            },
+        )
+        .await
+        .expect("HD wallet created");
         assert_eq!(wallet.model, "hd");
-        let mut proposal = record(
-            AggregateKind::Wallet,
-            name,
-            EventType::WalletCreated,
-            Payload::WalletCreated(wallet.clone()),
-        );
-        proposal.actor = Actor {
-            user_id: "admin".into(),
-            email: None,
-            role: Some("administrator".into()),
-        };
-        proposal.target = Target {
-            kind: "wallet".into(),
-            id: name.into(),
-            amount: None,
-            currency: None,
-        };
-        append_ok(&self.engine.ledger, vec![proposal]).await;
+        assert_eq!(wallet.address, created.wallet.address);
         if wei > 0 {
             self.anvil.fund(&wallet.address, wei).await;
         }
@@ -680,15 +676,10 @@ async fn failures_end_with_their_reason_and_a_node_down_is_retried_and_alerted()
         )
         .await
         .expect("deploy");
-    let contract: serde_json::Value = s
-        .anvil
-        .rpc
-        .call("eth_getTransactionReceipt", json!([deployed]))
-        .await
-        .expect("receipt");
+    let contract = s.anvil.receipt(&deployed).await;
     let contract = contract["contractAddress"]
         .as_str()
-        .expect("contract address")
+        .unwrap_or_else(|| panic!("contract address: {contract}"))
         .to_string();
     s.anvil.set_automine(false).await.expect("automine off");
     let id = s.submit("to-contract", "hot", &contract, "0.01").await;

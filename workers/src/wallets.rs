@@ -103,10 +103,26 @@ pub fn check_ceremony(
                 format!("a wallet named {name} already exists"),
             );
         }
+        // An HD wallet's seed is made by one signer process, for an EVM chain.
+        if model == "hd" {
+            if !crate::evm_steps::is_evm(chain) {
+                return bad(
+                    "change.chain",
+                    format!("{chain} is not an EVM chain (HD wallets are for evm-<chain id>)"),
+                );
+            }
+            if guardians.len() != 1 || *threshold != 1 {
+                return bad(
+                    "change.guardians",
+                    "an HD wallet names its one signer (e.g. s1) with threshold 1".into(),
+                );
+            }
+            return Ok(());
+        }
         if model != "frost" {
             return bad(
                 "change.model",
-                format!("{model:?} is not available yet; use frost"),
+                format!("{model:?} is not available yet; use frost or hd"),
             );
         }
         address::hrp_for(chain).map_err(|e| FieldError::new("change.chain", e.to_string()))?;
@@ -333,6 +349,20 @@ pub async fn run<A: Appender>(
             .await?;
         check_ceremony(recorded.as_ref(), &approved.change).map_err(|e| e.to_string())?;
         let (told, wallet, event_type, payload) = match (&approved.change, recorded) {
+            (
+                Change::WalletCreate {
+                    model,
+                    chain,
+                    guardians,
+                    ..
+                },
+                _,
+            ) if model == "hd" => {
+                let signer = guardians.first().ok_or("no signer named")?;
+                let made = crate::hd_signer::create_wallet(client, signer, &name, chain).await?;
+                let payload = Payload::WalletCreated(made.wallet.clone());
+                (Vec::new(), made.wallet, EventType::WalletCreated, payload)
+            }
             (Change::WalletCreate { .. }, _) => {
                 let (told, wallet) = ceremony.create(&approved.change).await?;
                 let payload = Payload::WalletCreated(wallet.clone());
