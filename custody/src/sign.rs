@@ -67,6 +67,20 @@ impl fmt::Debug for SigningSession {
 }
 
 impl SigningSession {
+    fn from_preprocessed(session_id: &str, pre: Preprocessed) -> Self {
+        let Preprocessed {
+            identifier,
+            nonces,
+            commitments,
+        } = pre;
+        SigningSession {
+            session_id: session_id.to_owned(),
+            identifier,
+            nonces,
+            commitments,
+        }
+    }
+
     pub fn session_id(&self) -> &str {
         &self.session_id
     }
@@ -82,17 +96,38 @@ pub fn round1(
     key_package: &KeyPackage,
     rng: &mut (impl RngCore + CryptoRng),
 ) -> (SigningSession, SigningCommitments) {
+    let session = SigningSession::from_preprocessed(session_id, preprocess(key_package, rng));
+    let commitments = session.commitments;
+    (session, commitments)
+}
+
+/// Nonces drawn before any request needs them (FROST preprocessing), so that a
+/// commitment costs no curve arithmetic on the request's path. Memory only:
+/// not `Clone`, not serializable, `Debug` redacted, zeroized on drop; consumed
+/// by the one session [`Signer::commit_preprocessed`] opens with them.
+pub struct Preprocessed {
+    identifier: Identifier,
+    nonces: SigningNonces,
+    commitments: SigningCommitments,
+}
+
+impl fmt::Debug for Preprocessed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Preprocessed")
+            .field("nonces", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Fresh nonces for a later session of the holder of `key_package`.
+pub fn preprocess(key_package: &KeyPackage, rng: &mut (impl RngCore + CryptoRng)) -> Preprocessed {
     let (nonces, commitments) =
         frost_secp256k1_tr::round1::commit(key_package.signing_share(), rng);
-    (
-        SigningSession {
-            session_id: session_id.to_owned(),
-            identifier: *key_package.identifier(),
-            nonces,
-            commitments,
-        },
+    Preprocessed {
+        identifier: *key_package.identifier(),
+        nonces,
         commitments,
-    )
+    }
 }
 
 /// Round 2: signs `signing_package` iff its message is `my_sighash`, it carries this
@@ -165,10 +200,21 @@ impl Signer {
         key_package: &KeyPackage,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<SigningCommitments, SignError> {
+        self.commit_preprocessed(session_id, preprocess(key_package, rng))
+    }
+
+    /// Round 1 for a new session id with nonces drawn beforehand ([`preprocess`]);
+    /// an id seen before is refused, and the nonces are dropped either way.
+    pub fn commit_preprocessed(
+        &mut self,
+        session_id: &str,
+        pre: Preprocessed,
+    ) -> Result<SigningCommitments, SignError> {
         if self.consumed.contains(session_id) || self.open.contains_key(session_id) {
             return Err(SignError::SessionReused(session_id.to_owned()));
         }
-        let (session, commitments) = round1(session_id, key_package, rng);
+        let session = SigningSession::from_preprocessed(session_id, pre);
+        let commitments = session.commitments;
         self.open.insert(session_id.to_owned(), session);
         Ok(commitments)
     }

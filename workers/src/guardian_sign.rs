@@ -3,14 +3,15 @@
 //! workflow in its own verified replica of the trail ([`signing::check`]) and
 //! recomputes every sighash from the recorded transaction; it signs a package
 //! only if its message is one of those. Nonces live in memory only, once; a
-//! "session consumed" marker is on disk (fsync) before any share leaves.
+//! "session consumed" marker is on disk (fsync) before the session's
+//! commitments leave, so before any share does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use custos_custody::frost::SigningPackage;
-use custos_custody::sign::{Sighash, Signer};
+use custos_custody::sign::{self, Preprocessed, Sighash, Signer};
 use custos_schemas::validate_token;
 use rand::rngs::OsRng;
 
@@ -22,6 +23,9 @@ use crate::trail::Trail;
 
 /// Committed sessions not signed within this are forgotten (their nonces too).
 const SESSION_TTL: Duration = Duration::from_secs(120);
+/// Nonces kept drawn ahead per wallet (FROST preprocessing): a commitment then
+/// costs no curve arithmetic while the coordinator waits.
+const NONCE_POOL: usize = 8;
 
 struct Prepared {
     workflow_id: String,
@@ -30,18 +34,59 @@ struct Prepared {
     started: Instant,
 }
 
+/// Nonces drawn for one share of a wallet (a rotation makes another share).
+struct Pool {
+    share: Arc<Share>,
+    nonces: Vec<Preprocessed>,
+}
+
 #[derive(Default)]
 struct State {
     signer: Signer,
     prepared: HashMap<String, Prepared>,
     /// Decrypted shares by wallet: argon2id runs once per wallet, not per signing.
     shares: HashMap<String, Arc<Share>>,
+    pools: HashMap<String, Pool>,
+}
+
+impl State {
+    /// Forgets sessions committed too long ago, and drops their nonces.
+    fn expire(&mut self) {
+        let State {
+            signer, prepared, ..
+        } = self;
+        prepared.retain(|session_id, p| {
+            let live = p.started.elapsed() < SESSION_TTL;
+            if !live {
+                for i in 0..p.sighashes.len() {
+                    signer.discard(&input_session(session_id, i));
+                }
+            }
+            live
+        });
+    }
+
+    /// Drawn nonces for `share` of `wallet`, or none if they were drawn for
+    /// another share.
+    fn take_nonces(&mut self, wallet: &str, share: &Arc<Share>) -> Option<Preprocessed> {
+        let pool = self.pools.get_mut(wallet)?;
+        if !Arc::ptr_eq(&pool.share, share) {
+            self.pools.remove(wallet);
+            return None;
+        }
+        pool.nonces.pop()
+    }
+}
+
+/// The signer's session of input `i` of a signing session.
+fn input_session(session_id: &str, i: usize) -> String {
+    format!("{session_id}/{i}")
 }
 
 pub(crate) struct SignService {
     config: Arc<GuardianConfig>,
     trail: Trail,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
 }
 
 fn refused(reason: impl std::fmt::Display) -> SignReply {
@@ -63,7 +108,7 @@ impl SignService {
         Ok(SignService {
             config,
             trail,
-            state: Mutex::new(State::default()),
+            state: Arc::new(Mutex::new(State::default())),
         })
     }
 
@@ -71,7 +116,42 @@ impl SignService {
     pub(crate) fn forget_share(&self, wallet: &str) {
         if let Ok(mut s) = self.state.lock() {
             s.shares.remove(wallet);
+            s.pools.remove(wallet);
         }
+    }
+
+    /// Tops the wallet's nonce pool up off the request's path.
+    fn refill(&self, wallet: String, share: Arc<Share>) {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let missing = match state.lock() {
+                Ok(s) => match s.pools.get(&wallet) {
+                    Some(p) if Arc::ptr_eq(&p.share, &share) => {
+                        NONCE_POOL.saturating_sub(p.nonces.len())
+                    }
+                    _ => NONCE_POOL,
+                },
+                Err(_) => return,
+            };
+            let drawn: Vec<Preprocessed> = (0..missing)
+                .map(|_| sign::preprocess(&share.key, &mut OsRng))
+                .collect();
+            let Ok(mut s) = state.lock() else { return };
+            // The share may have been replaced meanwhile: then these are not for it.
+            if s.shares
+                .get(&wallet)
+                .is_some_and(|cur| Arc::ptr_eq(cur, &share))
+            {
+                let pool = s.pools.entry(wallet).or_insert_with(|| Pool {
+                    share: share.clone(),
+                    nonces: Vec::new(),
+                });
+                if Arc::ptr_eq(&pool.share, &share) {
+                    pool.nonces.extend(drawn);
+                    pool.nonces.truncate(NONCE_POOL);
+                }
+            }
+        });
     }
 
     pub(crate) async fn handle(&self, request: SignRequest) -> SignReply {
@@ -178,58 +258,81 @@ impl SignService {
     async fn commit(&self, session_id: &str, workflow_id: &str) -> Result<SignReply, String> {
         validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
         validate_token("workflowId", workflow_id).map_err(|e| e.to_string())?;
-        if self.marker(session_id).exists() {
-            return Err(format!("session {session_id} was already consumed"));
+        // The marker is written (fsync) while the trail catches up, and is on
+        // disk before the commitments leave: this id never signs again, even
+        // after a restart. Creating it is also the test that the id is new.
+        let marker = self.marker(session_id);
+        let write = tokio::task::spawn_blocking({
+            let (marker, workflow_id) = (marker.clone(), workflow_id.to_string());
+            move || write_private(&marker, workflow_id.as_bytes())
+        });
+        let checked = self.checked(workflow_id, true).await;
+        match write.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("session {session_id} was already consumed"));
+            }
+            Ok(Err(e)) => return Err(format!("{}: {e}", marker.display())),
+            Err(e) => return Err(format!("{}: {e}", marker.display())),
         }
-        let (wallet, sighashes, share) = self.checked(workflow_id, true).await?;
-        let mut state = self.state.lock().map_err(|_| "poisoned")?;
-        state
-            .prepared
-            .retain(|_, p| p.started.elapsed() < SESSION_TTL);
-        if state.prepared.contains_key(session_id) {
-            return Err(format!("session {session_id} is already open"));
-        }
+        let (wallet, sighashes, share) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                // No nonces were drawn for this id: it may be used again.
+                let _ = std::fs::remove_file(&marker);
+                return Err(e);
+            }
+        };
         let mut commitments = Vec::with_capacity(sighashes.len());
-        for i in 0..sighashes.len() {
-            let c = state
-                .signer
-                .commit(&format!("{session_id}/{i}"), &share.key, &mut OsRng)
-                .map_err(|e| e.to_string())?;
-            commitments.push(c.serialize().map_err(|e| e.to_string())?);
+        {
+            let mut state = self.state.lock().map_err(|_| "poisoned")?;
+            state.expire();
+            if state.prepared.contains_key(session_id) {
+                return Err(format!("session {session_id} is already open"));
+            }
+            for i in 0..sighashes.len() {
+                let nonces = state
+                    .take_nonces(&wallet, &share)
+                    .unwrap_or_else(|| sign::preprocess(&share.key, &mut OsRng));
+                let c = state
+                    .signer
+                    .commit_preprocessed(&input_session(session_id, i), nonces)
+                    .map_err(|e| e.to_string())?;
+                commitments.push(c.serialize().map_err(|e| e.to_string())?);
+            }
+            state.prepared.insert(
+                session_id.to_string(),
+                Prepared {
+                    workflow_id: workflow_id.to_string(),
+                    wallet: wallet.clone(),
+                    sighashes,
+                    started: Instant::now(),
+                },
+            );
         }
-        state.prepared.insert(
-            session_id.to_string(),
-            Prepared {
-                workflow_id: workflow_id.to_string(),
-                wallet,
-                sighashes,
-                started: Instant::now(),
-            },
-        );
-        Ok(SignReply::Committed {
+        let reply = SignReply::Committed {
             identifier: share.key.identifier().serialize(),
             commitments,
             public_key_package: share.public.serialize().map_err(|e| e.to_string())?,
-        })
+        };
+        self.refill(wallet, share);
+        Ok(reply)
     }
 
     async fn share(&self, session_id: &str, packages: &[Vec<u8>]) -> Result<SignReply, String> {
         validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
-        let prepared = self
-            .state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .prepared
-            .remove(session_id)
-            .ok_or_else(|| format!("no open session {session_id} (unknown or consumed)"))?;
-        // The session's nonces are used now or never: consumed on disk first.
-        let marker = self.marker(session_id);
-        tokio::task::block_in_place(|| write_private(&marker, prepared.workflow_id.as_bytes()))
-            .map_err(|e| format!("{}: {e}", marker.display()))?;
+        let prepared = {
+            let mut state = self.state.lock().map_err(|_| "poisoned")?;
+            state.expire();
+            state.prepared.remove(session_id)
+        }
+        .ok_or_else(|| format!("no open session {session_id} (unknown, expired or consumed)"))?;
+        // The session's nonces are used now or never (its marker is on disk
+        // since the commitment).
         let discard = || {
             if let Ok(mut s) = self.state.lock() {
                 for i in 0..prepared.sighashes.len() {
-                    s.signer.discard(&format!("{session_id}/{i}"));
+                    s.signer.discard(&input_session(session_id, i));
                 }
             }
         };
@@ -267,7 +370,7 @@ impl SignService {
                 .and_then(|p| {
                     state
                         .signer
-                        .sign(&format!("{session_id}/{i}"), &share.key, &p, sighash)
+                        .sign(&input_session(session_id, i), &share.key, &p, sighash)
                         .map_err(|e| format!("input {i}: {e}"))
                 })
                 .map(|s| s.serialize());
