@@ -566,11 +566,23 @@ impl SignStep {
     /// fewer than the threshold remain.
     pub async fn ceremony(&self, workflow_id: &str) -> Result<Ceremony, String> {
         let now = now_ms();
-        if let Some(until) = self
-            .trail
-            .read(|view| delayed_until(view, workflow_id, now))
-            .await?
-        {
+        // A built transfer the replica already holds (it follows the stream
+        // live) has its decision and votes there too: no round trip to the
+        // server for the stream's end. Guardians check the delay themselves.
+        let delayed = |view: &TrailView| {
+            view.transfer(workflow_id)
+                .is_some_and(|t| t.stage == Stage::Built)
+                .then(|| delayed_until(view, workflow_id, now))
+        };
+        let delayed = match self.trail.read_current(delayed)? {
+            Some(until) => until,
+            None => {
+                self.trail
+                    .read(|view| delayed_until(view, workflow_id, now))
+                    .await?
+            }
+        };
+        if let Some(until) = delayed {
             return Ok(Ceremony::Delayed { until });
         }
         // HD wallets are signed by the signer holding their seed, not by guardians.
