@@ -4,9 +4,12 @@
 pub mod anvil;
 pub mod browser;
 pub mod ceremonies;
+pub mod frost;
+pub mod leaks;
 pub mod litecoind;
 pub mod slack_emulator;
 pub mod smtp;
+pub mod tcp_proxy;
 pub mod webhook;
 
 use std::time::Duration;

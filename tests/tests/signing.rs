@@ -5,224 +5,18 @@
 //! guardian refuses what the trail does not justify, and a guardian that is
 //! down is named and replaced.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use custos_adapters::nats_server::Durability;
-use custos_custody::spend::{self, FeePolicy, SpendRequest};
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
-use custos_schemas::chain::{SpentOutput, UnsignedTransaction};
-use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, UserRecord, WalletDescriptor, codec, subjects,
-};
+use custos_schemas::chain::UnsignedTransaction;
+use custos_schemas::{EventType, IntakeReply, Payload};
+use custos_tests::frost::{Frost, append_built, ask, built, frost_setup, history, stage_of};
 use custos_tests::*;
-use custos_workers::guardian::GuardianConfig;
-use custos_workers::policy_step::{PolicyStep, PriceTable};
-use custos_workers::signing::{SignReply, SignRequest, SignStep, wallet_script};
+use custos_workers::signing::{SignReply, SignRequest, SignStep};
 use custos_workers::trail::Trail;
-use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
-use zeroize::Zeroizing;
-
-fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
-}
-
-struct Guardian {
-    trigger: ShutdownTrigger,
-    task: tokio::task::JoinHandle<Result<(), custos_workers::guardian::GuardianError>>,
-    _dir: tempfile::TempDir,
-}
-
-fn start_guardian(client: async_nats::Client, id: &str) -> Guardian {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = GuardianConfig {
-        id: id.into(),
-        data_dir: PathBuf::from(dir.path()),
-        passphrase: Zeroizing::new(format!("passphrase of {id}")),
-    };
-    let (trigger, shutdown) = Shutdown::new();
-    let task = tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
-    Guardian {
-        trigger,
-        task,
-        _dir: dir,
-    }
-}
-
-async fn history(nats: &Nats, workflow_id: &str) -> Vec<Event> {
-    all_events(&nats.js().await)
-        .await
-        .into_iter()
-        .map(|(_, e)| e)
-        .filter(|e| e.aggregate_kind == AggregateKind::Tx && e.workflow_id == workflow_id)
-        .collect()
-}
-
-async fn stage_of(nats: &Nats, workflow_id: &str) -> Stage {
-    transfer::fold(&history(nats, workflow_id).await)
-        .map(|(t, _)| t.stage)
-        .unwrap_or(Stage::New)
-}
-
-async fn ask(client: &async_nats::Client, guardian: &str, request: &SignRequest) -> SignReply {
-    let msg = client
-        .request(
-            subjects::guardian_subject(guardian, "sign"),
-            codec::to_msgpack(request).into(),
-        )
-        .await
-        .expect("guardian answers");
-    codec::from_msgpack(&msg.payload).expect("a sign reply")
-}
-
-/// An unsigned transaction of `wallet` paying `amount` satoshi to `destination`
-/// from one (made-up) 5 LTC output of the wallet.
-fn built(wallet: &WalletDescriptor, destination: &str, amount: u64, seed: u8) -> Payload {
-    let script = wallet_script(wallet).expect("wallet script");
-    let utxo = SpentOutput {
-        txid: hex::encode([seed; 32]),
-        vout: 1,
-        value: 500_000_000,
-        script_pubkey: hex::encode(&script),
-    };
-    let dest = spend::script_pubkey_for_address(&wallet.chain, destination).expect("address");
-    let unsigned = spend::build_spend(&SpendRequest {
-        chain: &wallet.chain,
-        wallet_script: &script,
-        utxos: &[utxo],
-        destination: &dest,
-        amount,
-        fee_rate: Some(2),
-        fees: FeePolicy::for_chain(&wallet.chain).expect("fees"),
-    })
-    .expect("builds");
-    Payload::TransactionBuilt(unsigned)
-}
-
-async fn append_built(engine: &Engine, nats: &Nats, workflow_id: &str, payload: Payload) {
-    let version = history(nats, workflow_id).await.len() as u64;
-    let mut p = record(
-        AggregateKind::Tx,
-        workflow_id,
-        EventType::TransactionBuilt,
-        payload,
-    );
-    p.expected_version = version;
-    append_ok(&engine.ledger, vec![p]).await;
-}
-
-/// What the signing tests start from.
-struct Frost {
-    guardians: Vec<Guardian>,
-    wallet: WalletDescriptor,
-    trigger: ShutdownTrigger,
-    shutdown: Shutdown,
-}
-
-/// Three in-process guardians, a FROST 2-of-3 wallet `name` from their DKG,
-/// `policy` recorded as active, the initiator `erp`, and the policy step
-/// (LTC at EUR 80) running until `trigger`.
-async fn frost_setup(nats: &Nats, engine: &Engine, name: &str, policy: policy::Policy) -> Frost {
-    let client = nats.client().await;
-    let js = nats.js().await;
-    let guardians: Vec<Guardian> = ["g1", "g2", "g3"]
-        .iter()
-        .map(|id| start_guardian(client.clone(), id))
-        .collect();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
-                return false;
-            };
-            let mut n = 0;
-            for id in ["g1", "g2", "g3"] {
-                n += usize::from(matches!(kv.get(id).await, Ok(Some(_))));
-            }
-            n == 3
-        })
-        .await,
-        "guardians announce themselves"
-    );
-    let wallet = custos_tests::ceremonies::approved_ceremony(
-        nats,
-        engine,
-        custos_schemas::change::Change::WalletCreate {
-            name: name.into(),
-            model: "frost".into(),
-            chain: "ltc-regtest".into(),
-            threshold: 2,
-            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
-        },
-    )
-    .await
-    .expect("wallet created");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: policy.name.clone(),
-                    version: policy.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
-    let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), policy, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js,
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
-    Frost {
-        guardians,
-        wallet,
-        trigger,
-        shutdown,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn guardians_sign_only_what_the_trail_justifies() {
@@ -363,8 +157,7 @@ async fn guardians_sign_only_what_the_trail_justifies() {
     // names it when it does not answer, and signs with g2 and g3.
     let mut guardians = guardians;
     let g1 = guardians.remove(0);
-    g1.trigger.trigger();
-    let _ = g1.task.await;
+    g1.stop().await;
     let trail = Trail::follow(js.clone(), shutdown.clone())
         .await
         .expect("trail");

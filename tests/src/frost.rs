@@ -1,0 +1,314 @@
+//! The FROST signing harness: in-process guardians, each on its own NATS
+//! connection through a [`Proxy`] (so a test can hold its traffic or kill it
+//! as a killed process dies), a 2-of-3 wallet from their DKG, transfers allowed
+//! by the policy step, and their transactions recorded for signing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use custos_custody::sign::Sighash;
+use custos_custody::spend::{self, Expectation, FeePolicy, SpendRequest};
+use custos_engine::policy;
+use custos_engine::transfer::{self, Stage};
+use custos_schemas::chain::{SpentOutput, UnsignedTransaction};
+use custos_schemas::{
+    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, RequestContext, Target,
+    UserRecord, WalletDescriptor, codec, subjects,
+};
+use custos_workers::guardian::{GuardianConfig, GuardianError};
+use custos_workers::policy_step::{PolicyStep, PriceTable};
+use custos_workers::signing::{SignReply, SignRequest, wallet_script};
+use custos_workers::{Shutdown, ShutdownTrigger};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
+
+use crate::tcp_proxy::Proxy;
+use crate::{Engine, Nats, all_events, append_ok, eventually};
+
+pub fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
+    Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.into(),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("test"),
+        target: Target::default(),
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload,
+    }
+}
+
+/// A guardian running in this process on its own connection; dropping it
+/// stops it (its shutdown trigger goes with it).
+#[derive(Debug)]
+pub struct Guardian {
+    pub id: String,
+    pub proxy: Proxy,
+    dir: TempDir,
+    trigger: ShutdownTrigger,
+    task: JoinHandle<Result<(), GuardianError>>,
+}
+
+impl Guardian {
+    pub async fn start(nats: &Nats, id: &str) -> Guardian {
+        Self::start_in(nats, id, tempfile::tempdir().expect("tempdir")).await
+    }
+
+    /// Starts guardian `id` on the data (identity, shares, session markers) in `dir`.
+    pub async fn start_in(nats: &Nats, id: &str, dir: TempDir) -> Guardian {
+        let upstream = SocketAddr::from(([127, 0, 0, 1], nats.server.port()));
+        let proxy = Proxy::start(upstream).await;
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(proxy.url())
+            .await
+            .expect("guardian connects");
+        let config = GuardianConfig {
+            id: id.into(),
+            data_dir: PathBuf::from(dir.path()),
+            passphrase: Zeroizing::new(format!("passphrase of {id}")),
+        };
+        let (trigger, shutdown) = Shutdown::new();
+        let task = tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
+        Guardian {
+            id: id.into(),
+            proxy,
+            dir,
+            trigger,
+            task,
+        }
+    }
+
+    /// Stops it and waits until it has: its data stays for a restart.
+    pub async fn stop(self) -> TempDir {
+        self.trigger.trigger();
+        let _ = self.task.await;
+        self.dir
+    }
+
+    /// Ends it at once, as a `kill -9` would: no shutdown path runs, its
+    /// memory (nonces, shares) is dropped, and its connection is cut.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.proxy.sever();
+        // Its trail follower (a task of its own) stops too.
+        self.trigger.trigger();
+    }
+
+    /// Whether its task still runs (it did not panic or return).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+/// Waits until each of `ids` has announced itself in the guardians bucket.
+pub async fn announced(nats: &Nats, ids: &[&str]) -> bool {
+    let js = nats.js().await;
+    eventually(Duration::from_secs(20), || async {
+        let Ok(kv) = js.get_key_value(subjects::GUARDIANS_BUCKET).await else {
+            return false;
+        };
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(matches!(kv.get(*id).await, Ok(Some(_))));
+        }
+        n == ids.len()
+    })
+    .await
+}
+
+pub async fn history(nats: &Nats, workflow_id: &str) -> Vec<Event> {
+    all_events(&nats.js().await)
+        .await
+        .into_iter()
+        .map(|(_, e)| e)
+        .filter(|e| e.aggregate_kind == AggregateKind::Tx && e.workflow_id == workflow_id)
+        .collect()
+}
+
+pub async fn stage_of(nats: &Nats, workflow_id: &str) -> Stage {
+    transfer::fold(&history(nats, workflow_id).await)
+        .map(|(t, _)| t.stage)
+        .unwrap_or(Stage::New)
+}
+
+/// What a coordinator asks guardian `guardian`, and its answer.
+pub async fn ask(client: &async_nats::Client, guardian: &str, request: &SignRequest) -> SignReply {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(
+            subjects::guardian_subject(guardian, "sign"),
+            codec::to_msgpack(request).into(),
+        ),
+    )
+    .await
+    .expect("guardian answers in time")
+    .expect("guardian answers");
+    codec::from_msgpack(&msg.payload).expect("a sign reply")
+}
+
+/// An unsigned transaction of `wallet` paying `amount` satoshi to `destination`
+/// from one (made-up) 5 LTC output of the wallet.
+pub fn built(wallet: &WalletDescriptor, destination: &str, amount: u64, seed: u8) -> Payload {
+    let script = wallet_script(wallet).expect("wallet script");
+    let utxo = SpentOutput {
+        txid: hex::encode([seed; 32]),
+        vout: 1,
+        value: 500_000_000,
+        script_pubkey: hex::encode(&script),
+    };
+    let dest = spend::script_pubkey_for_address(&wallet.chain, destination).expect("address");
+    let unsigned = spend::build_spend(&SpendRequest {
+        chain: &wallet.chain,
+        wallet_script: &script,
+        utxos: &[utxo],
+        destination: &dest,
+        amount,
+        fee_rate: Some(2),
+        fees: FeePolicy::for_chain(&wallet.chain).expect("fees"),
+    })
+    .expect("builds");
+    Payload::TransactionBuilt(unsigned)
+}
+
+/// The sighashes of a [`built`] transaction, as an honest guardian computes them.
+pub fn sighashes(
+    wallet: &WalletDescriptor,
+    built: &Payload,
+    destination: &str,
+    amount: u64,
+) -> Vec<Sighash> {
+    let Payload::TransactionBuilt(unsigned @ UnsignedTransaction::Bitcoin { .. }) = built else {
+        panic!("a built bitcoin-family transaction")
+    };
+    let script = wallet_script(wallet).expect("wallet script");
+    let dest = spend::script_pubkey_for_address(&wallet.chain, destination).expect("address");
+    spend::check_spend(
+        unsigned,
+        &Expectation {
+            chain: &wallet.chain,
+            wallet_script: &script,
+            destination: &dest,
+            amount,
+            fees: FeePolicy::for_chain(&wallet.chain).expect("fees"),
+        },
+    )
+    .expect("the transaction is the transfer")
+    .sighashes()
+    .expect("sighashes")
+}
+
+pub async fn append_built(engine: &Engine, nats: &Nats, workflow_id: &str, payload: Payload) {
+    let version = history(nats, workflow_id).await.len() as u64;
+    let mut p = record(
+        AggregateKind::Tx,
+        workflow_id,
+        EventType::TransactionBuilt,
+        payload,
+    );
+    p.expected_version = version;
+    append_ok(&engine.ledger, vec![p]).await;
+}
+
+/// What the signing tests start from.
+#[derive(Debug)]
+pub struct Frost {
+    pub guardians: Vec<Guardian>,
+    pub wallet: WalletDescriptor,
+    pub trigger: ShutdownTrigger,
+    pub shutdown: Shutdown,
+}
+
+/// Three in-process guardians, a FROST 2-of-3 wallet `name` from their DKG,
+/// `policy` recorded as active, the initiator `erp`, and the policy step
+/// (LTC at EUR 80) running until `trigger`.
+pub async fn frost_setup(
+    nats: &Nats,
+    engine: &Engine,
+    name: &str,
+    policy: policy::Policy,
+) -> Frost {
+    let js = nats.js().await;
+    let mut guardians = Vec::new();
+    for id in ["g1", "g2", "g3"] {
+        guardians.push(Guardian::start(nats, id).await);
+    }
+    if !announced(nats, &["g1", "g2", "g3"]).await {
+        for g in guardians {
+            if !g.is_running() {
+                panic!("guardian {} ended: {:?}", g.id, g.task.await);
+            }
+        }
+        panic!("guardians announce themselves");
+    }
+    let wallet = crate::ceremonies::approved_ceremony(
+        nats,
+        engine,
+        custos_schemas::change::Change::WalletCreate {
+            name: name.into(),
+            model: "frost".into(),
+            chain: "ltc-regtest".into(),
+            threshold: 2,
+            guardians: vec!["g1".into(), "g2".into(), "g3".into()],
+        },
+    )
+    .await
+    .expect("wallet created");
+    append_ok(
+        &engine.ledger,
+        vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: policy.name.clone(),
+                    version: policy.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "erp",
+                EventType::UserCreated,
+                Payload::UserCreated(UserRecord {
+                    id: "erp".into(),
+                    name: "ERP".into(),
+                    email: "erp@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: vec![],
+                    mfa_enrolled: false,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let mut prices = PriceTable::default();
+    prices
+        .quotes
+        .entry("LTC".into())
+        .or_default()
+        .insert("EUR".into(), "80".into());
+    let (trigger, shutdown) = Shutdown::new();
+    let policy_step = PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js,
+        engine.ledger.clone(),
+        policy_step,
+        shutdown.clone(),
+    ));
+    Frost {
+        guardians,
+        wallet,
+        trigger,
+        shutdown,
+    }
+}
