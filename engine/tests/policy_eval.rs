@@ -762,9 +762,15 @@ fn explanations_say_which_rules_why_and_from_whom() {
     let w = World::new();
     let d = default_decision(&w, "6");
     let e = &d.explanation;
+    // The rule's `[[rule]]` line in the default policy file.
+    let line = custos_engine::policy::DEFAULT_POLICY_TOML
+        .lines()
+        .position(|l| l == "name = \"transfers-above-10000\"")
+        .expect("the rule is in the default policy");
+    let matched = format!("rule transfers-above-10000 (line {line}) matched");
     for words in [
         "REQUIRE APPROVALS transfer by alice on wallet hot of 6 ETH (EUR 12,000.00)",
-        "rule transfers-above-10000 (line 67) matched",
+        matched.as_str(),
         "amount EUR 12,000.00 is above EUR 10,000.00",
         "4 approvals from treasury-managers",
         "the initiator alice never counts",
