@@ -304,12 +304,14 @@ pub fn chain(
         broadcast,
         shutdown.clone(),
     ));
-    if let Some(node) = node {
+    if node.is_some() || evm.is_some() {
         let balances = balances(
             client.clone(),
             trail.clone(),
-            node.rpc().clone(),
-            node.chain().to_string(),
+            BalanceNodes {
+                bitcoin: node.map(|n| (n.chain().to_string(), n.rpc().clone())),
+                evm: evm.map(|e| (e.chain(), e.rpc().clone())),
+            },
             shutdown.clone(),
         );
         tokio::spawn(async move {
@@ -328,13 +330,19 @@ pub fn chain(
     Ok(())
 }
 
+/// The nodes the balance service asks, each with its chain id.
+pub struct BalanceNodes {
+    pub bitcoin: Option<(String, Bitcoind)>,
+    pub evm: Option<(String, EvmRpc)>,
+}
+
 /// Answers balance questions ([`subjects::REQ_WALLET_BALANCE`]) from the
-/// node: the wallet's confirmed coins at its recorded address.
+/// wallet's chain's node: a Bitcoin-family wallet's confirmed coins at its
+/// recorded address, an EVM wallet's balance in wei at the latest block.
 pub async fn balances(
     client: async_nats::Client,
     trail: Trail,
-    node: Bitcoind,
-    chain: String,
+    nodes: BalanceNodes,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
@@ -349,7 +357,7 @@ pub async fn balances(
         let Some(reply_to) = msg.reply.clone() else {
             continue;
         };
-        let answer = balance(&trail, &node, &chain, &msg.payload).await;
+        let answer = balance(&trail, &nodes, &msg.payload).await;
         let body = serde_json::to_vec(&match answer {
             Ok(b) => b,
             Err(e) => serde_json::json!({ "error": e }),
@@ -364,8 +372,7 @@ pub async fn balances(
 
 async fn balance(
     trail: &Trail,
-    node: &Bitcoind,
-    chain: &str,
+    nodes: &BalanceNodes,
     request: &[u8],
 ) -> Result<serde_json::Value, String> {
     let name = serde_json::from_slice::<serde_json::Value>(request)
@@ -376,24 +383,61 @@ async fn balance(
         .read(|v| v.ledger.wallet(&name).cloned())
         .await?
         .ok_or_else(|| format!("wallet: no wallet {name}"))?;
-    if wallet.chain != chain {
-        return Err(format!(
-            "wallet: {name} is on {}, this engine's node serves {chain}",
-            wallet.chain
-        ));
+    if let Some((chain, node)) = nodes.bitcoin.as_ref().filter(|(c, _)| *c == wallet.chain) {
+        let coins = node
+            .scan_addresses(&[&wallet.address])
+            .await
+            .map_err(|e| e.to_string())?;
+        let confirmed: u64 = coins.iter().map(|c| c.value).sum();
+        return Ok(serde_json::json!({
+            "wallet": name,
+            "chain": chain,
+            "address": wallet.address,
+            "confirmedSat": confirmed,
+            "coins": coins.len(),
+        }));
     }
-    let coins = node
-        .scan_addresses(&[&wallet.address])
-        .await
-        .map_err(|e| e.to_string())?;
-    let confirmed: u64 = coins.iter().map(|c| c.value).sum();
-    Ok(serde_json::json!({
-        "wallet": name,
-        "chain": chain,
-        "address": wallet.address,
-        "confirmedSat": confirmed,
-        "coins": coins.len(),
-    }))
+    if let Some((chain, node)) = nodes.evm.as_ref().filter(|(c, _)| *c == wallet.chain) {
+        let spec = custos_engine::chains::chain(chain)
+            .ok_or_else(|| format!("chain {chain} is not known"))?;
+        let wei = node
+            .balance(&wallet.address)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Wei as a decimal string: JSON numbers lose precision above 2^53.
+        return Ok(serde_json::json!({
+            "wallet": name,
+            "chain": chain,
+            "address": wallet.address,
+            "wei": wei.to_string(),
+            "asset": spec.native_asset,
+            "amount": base_units_to_decimal(wei, spec.decimals),
+        }));
+    }
+    let served: Vec<&str> = [
+        nodes.bitcoin.as_ref().map(|(c, _)| c.as_str()),
+        nodes.evm.as_ref().map(|(c, _)| c.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Err(format!(
+        "wallet: {name} is on {}, this engine's nodes serve {}",
+        wallet.chain,
+        served.join(" and ")
+    ))
+}
+
+/// `units / 10^decimals` as a plain decimal string without trailing zeros.
+fn base_units_to_decimal(units: u128, decimals: u8) -> String {
+    let digits = format!("{units:0>width$}", width = usize::from(decimals) + 1);
+    let (int, frac) = digits.split_at(digits.len() - usize::from(decimals));
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        int.to_string()
+    } else {
+        format!("{int}.{frac}")
+    }
 }
 
 /// A Bitcoin-family node: given (`--btc-rpc`), or a local regtest litecoind.
@@ -476,4 +520,19 @@ pub async fn remote_evm(url: &str, chain_id: u64) -> anyhow::Result<EvmNode> {
         "--evm-rpc serves chain id {served}, not --evm-chain-id {chain_id}"
     );
     Ok(EvmNode::Remote { chain, rpc })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base_units_to_decimal;
+
+    #[test]
+    fn base_units_read_as_decimals() {
+        assert_eq!(base_units_to_decimal(0, 18), "0");
+        assert_eq!(base_units_to_decimal(1, 18), "0.000000000000000001");
+        assert_eq!(base_units_to_decimal(1_500_000_000_000_000_000, 18), "1.5");
+        assert_eq!(base_units_to_decimal(2_000_000_000_000_000_000, 18), "2");
+        assert_eq!(base_units_to_decimal(123_456_789, 8), "1.23456789");
+        assert_eq!(base_units_to_decimal(7, 0), "7");
+    }
 }

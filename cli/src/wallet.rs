@@ -210,6 +210,14 @@ pub async fn run(nats_url: &str, command: WalletCommand) -> anyhow::Result<ExitC
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else if let Some(wei) = answer["wei"].as_str() {
+                println!(
+                    "{name}  {} {} ({wei} wei, {} at {})",
+                    answer["amount"].as_str().unwrap_or_default(),
+                    answer["asset"].as_str().unwrap_or_default(),
+                    answer["chain"].as_str().unwrap_or_default(),
+                    answer["address"].as_str().unwrap_or_default()
+                );
             } else {
                 let sat = answer["confirmedSat"].as_u64().unwrap_or_default();
                 println!(
