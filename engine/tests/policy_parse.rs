@@ -252,6 +252,24 @@ fn bad_files_name_line_and_field() {
             Some("rule[0].approvals.escalate_after"),
             "not before the approvals expire (1d)",
         ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }],\n  mfa = \"passkey\" }\n"),
+            Some("mfa ="),
+            Some("rule[0].approvals.mfa"),
+            "\"passkey\" is not a second factor a rule can demand: use \"webauthn\"",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }],\n  mfa = \"totp\" }\n"),
+            Some("mfa ="),
+            Some("rule[0].approvals.mfa"),
+            "only \"webauthn\" (passkeys) can be demanded",
+        ),
+        (
+            rule("name = \"a\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = { groups = [{ group = \"approvers\", count = 2 }], mfa = true }\n"),
+            Some("approvals ="),
+            Some("rule[0].approvals.mfa"),
+            "expected a string",
+        ),
         (HEADER.to_string(), None, Some("rule"), "deny everything"),
     ];
     for (text, marker, field, words) in cases {
@@ -369,6 +387,35 @@ fn an_escalation_is_part_of_the_decision_and_of_the_version() {
     assert_eq!(d.approvals[0].escalation, None);
     let json = String::from_utf8(custos_schemas::ContentType::Json.encode(&d)).expect("utf-8");
     assert!(!json.contains("escalation"), "{json}");
+}
+
+#[test]
+fn a_passkey_requirement_is_part_of_the_decision_and_of_the_version() {
+    let with = |mfa: &str| {
+        policy_with(&format!(
+            "[[rule]]\nname = \"large\"\nactions = [\"transfer\"]\noutcome = \"require-approvals\"\napprovals = {{ groups = [{{ group = \"approvers\", count = 2 }}]{mfa} }}\n"
+        ))
+    };
+    let plain = with("");
+    let passkeys = with(", mfa = \"webauthn\"");
+    assert_ne!(plain.version(), passkeys.version());
+    let d = World::new().decide(&passkeys, &transfer("bob", "hot", "1"));
+    assert_eq!(
+        d.approvals.iter().map(|r| r.mfa).collect::<Vec<_>>(),
+        vec![Some(custos_schemas::policy::RequiredMfa::Webauthn)]
+    );
+    assert!(
+        d.explanation.contains("(rule large), passkey required"),
+        "{}",
+        d.explanation
+    );
+    let json = String::from_utf8(custos_schemas::ContentType::Json.encode(&d)).expect("utf-8");
+    assert!(json.contains("\"mfa\":\"webauthn\""), "{json}");
+    // Without the key nothing is recorded: earlier versions are unchanged.
+    let d = World::new().decide(&plain, &transfer("bob", "hot", "1"));
+    assert_eq!(d.approvals[0].mfa, None);
+    let json = String::from_utf8(custos_schemas::ContentType::Json.encode(&d)).expect("utf-8");
+    assert!(!json.contains("\"mfa\""), "{json}");
 }
 
 #[test]

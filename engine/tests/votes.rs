@@ -9,12 +9,13 @@ use std::collections::BTreeMap;
 
 use custos_engine::policy::{
     Approval, ApprovalStatus, Directory, DueEscalation, NewUser, VoteVerdict, approvals_satisfied,
-    escalations_due, judge_vote,
+    escalations_due, judge_vote, passkey_required,
 };
 use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::approval::{ApprovalChannel, ApprovalVote, MfaMethod, Vote};
 use custos_schemas::policy::{
     ApprovalRequirement, Combine, Escalation, GroupQuorum, PolicyDecision, PolicyOutcome,
+    RequiredMfa,
 };
 use custos_schemas::{Actor, AggregateKind, Event, EventType, Outcome, Payload, SCHEMA_VERSION};
 use proptest::prelude::*;
@@ -89,6 +90,7 @@ fn req(combine: Combine, groups: &[(&str, u32)]) -> ApprovalRequirement {
             .collect(),
         initiator_may_approve: false,
         escalation: None,
+        mfa: None,
     }
 }
 
@@ -958,6 +960,7 @@ fn random_requirements() -> impl Strategy<Value = Vec<ApprovalRequirement>> {
                     group: group.into(),
                     after_ms,
                 }),
+                mfa: None,
             }
         });
     proptest::collection::vec(one, 1..=2)
@@ -1124,6 +1127,165 @@ fn only_unmet_requirements_escalate_and_none_after_the_expiry() {
         escalations_due(&d, &[], &dir, EXPIRES + 1),
         vec![],
         "expired"
+    );
+}
+
+// ---- requirements that demand passkeys ----
+
+/// 2 treasury managers, each vote confirmed with a passkey.
+fn passkeys_only() -> ApprovalRequirement {
+    let mut r = req(Combine::All, &[(TM, 2)]);
+    r.mfa = Some(RequiredMfa::Webauthn);
+    r
+}
+
+/// [`Flow::ballot`] confirmed with `mfa`.
+fn ballot_with(f: &Flow, vote: Vote, mfa: MfaMethod) -> ApprovalVote {
+    ApprovalVote {
+        mfa,
+        ..f.ballot(vote)
+    }
+}
+
+#[test]
+fn a_passkey_requirement_refuses_votes_confirmed_otherwise() {
+    let f = Flow::awaiting(decision(vec![passkeys_only()]));
+    let now = T0 + MINUTE;
+    for (mfa, how) in [
+        (MfaMethod::Totp, "with an authenticator code"),
+        (MfaMethod::None, "without a second factor"),
+    ] {
+        for vote in [Vote::Approve, Vote::Reject] {
+            assert_eq!(
+                f.judge("tm1", &ballot_with(&f, vote, mfa), now),
+                Err(format!(
+                    "rule rule-1 requires a passkey (mfa = \"webauthn\"): a vote confirmed {how} does not count; answer on the web approval page with your passkey"
+                )),
+                "{vote:?} with {mfa:?}"
+            );
+        }
+    }
+    // Someone who would not count is told that first, not about passkeys.
+    let outsider = f.judge("ap1", &ballot_with(&f, Vote::Approve, MfaMethod::Totp), now);
+    assert!(
+        outsider
+            .as_ref()
+            .is_err_and(|e| e.contains("ap1 is not an approver")),
+        "{outsider:?}"
+    );
+    assert_eq!(
+        f.judge(
+            "tm1",
+            &ballot_with(&f, Vote::Approve, MfaMethod::Webauthn),
+            now
+        ),
+        Ok(approve(false))
+    );
+    assert_eq!(
+        f.judge(
+            "tm1",
+            &ballot_with(&f, Vote::Reject, MfaMethod::Webauthn),
+            now
+        ),
+        Ok(VoteVerdict::Reject)
+    );
+}
+
+#[test]
+fn passkey_approvals_complete_a_passkey_requirement_and_missing_says_so() {
+    let mut f = Flow::awaiting(decision(vec![passkeys_only()]));
+    let pending = approvals_satisfied(
+        f.state.decision.as_ref().expect("decided"),
+        &f.approvals(),
+        &f.directory,
+        T0 + MINUTE,
+    );
+    assert_eq!(
+        pending,
+        ApprovalStatus::Pending {
+            missing: vec![format!("{TM}: 0 of 2 (rule rule-1; passkey required)")]
+        }
+    );
+    for (user, completes) in [("tm1", false), ("tm2", true)] {
+        let ballot = ballot_with(&f, Vote::Approve, MfaMethod::Webauthn);
+        let now = f.at + MINUTE;
+        let verdict = f.judge(user, &ballot, now).expect("a passkey vote counts");
+        assert_eq!(verdict, approve(completes));
+        let result = if completes {
+            Outcome::Success
+        } else {
+            Outcome::Pending
+        };
+        f.at = now;
+        f.apply(
+            EventType::TransactionApproved,
+            result,
+            user,
+            Payload::ApprovalVote(ballot),
+        );
+    }
+    assert_eq!(f.state.stage, Stage::ReadyToSign);
+}
+
+#[test]
+fn a_passkey_requirement_binds_only_the_approvers_it_would_count() {
+    // Passkeys from treasury managers, plus one approver (codes are fine).
+    let f = Flow::awaiting(decision(vec![
+        passkeys_only(),
+        req(Combine::All, &[(AP, 1)]),
+    ]));
+    let now = T0 + MINUTE;
+    assert_eq!(
+        f.judge("ap1", &ballot_with(&f, Vote::Approve, MfaMethod::Totp), now),
+        Ok(approve(false))
+    );
+    // In both groups: counting does not know how a vote was confirmed, so a
+    // code is refused for them (fail closed).
+    let both = f.judge(
+        "both",
+        &ballot_with(&f, Vote::Approve, MfaMethod::Totp),
+        now,
+    );
+    assert!(
+        both.as_ref()
+            .is_err_and(|e| e.contains("requires a passkey")),
+        "{both:?}"
+    );
+    let d = f.state.decision.as_ref().expect("decided");
+    assert_eq!(
+        passkey_required(d, &f.directory, "tm1", now).map(|r| r.rule.as_str()),
+        Some("rule-1")
+    );
+    assert_eq!(passkey_required(d, &f.directory, "ap1", now), None);
+}
+
+#[test]
+fn an_escalation_group_needs_passkeys_once_it_counts() {
+    let mut r = escalating(HOUR);
+    r.mfa = Some(RequiredMfa::Webauthn);
+    let f = Flow::awaiting(decision(vec![r]));
+    let code = ballot_with(&f, Vote::Approve, MfaMethod::Totp);
+    // Before the escalation the treasury manager does not count at all.
+    let early = f.judge("tm1", &code, T0 + HOUR - 1);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.contains("only once it escalates")),
+        "{early:?}"
+    );
+    let late = f.judge("tm1", &code, T0 + HOUR);
+    assert!(
+        late.as_ref()
+            .is_err_and(|e| e.contains("requires a passkey")),
+        "{late:?}"
+    );
+    assert_eq!(
+        f.judge(
+            "tm1",
+            &ballot_with(&f, Vote::Approve, MfaMethod::Webauthn),
+            T0 + HOUR
+        ),
+        Ok(approve(false))
     );
 }
 

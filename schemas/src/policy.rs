@@ -69,6 +69,28 @@ pub struct ApprovalRequirement {
     /// gone unmet for a while after the decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalation: Option<Escalation>,
+    /// The second factor every vote toward this requirement must be confirmed
+    /// with (`mfa = "webauthn"` in the rule's `approvals`); any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfa: Option<RequiredMfa>,
+}
+
+/// A second factor an approval requirement demands.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum RequiredMfa {
+    /// A passkey: authenticator codes and channel logins (Slack) do not count.
+    Webauthn,
+}
+
+impl RequiredMfa {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RequiredMfa::Webauthn => "webauthn",
+        }
+    }
 }
 
 /// Escalation of an approval requirement: from `afterMs` after the decision,
@@ -165,6 +187,7 @@ mod tests {
                 }],
                 initiator_may_approve: false,
                 escalation: None,
+                mfa: None,
             }],
             expires_at: Some(1_700_086_400_000),
             delay_ms: 0,

@@ -3,10 +3,17 @@
 
 use std::collections::BTreeSet;
 
-use custos_schemas::policy::{ApprovalRequirement, Combine, PolicyDecision, PolicyOutcome};
+use custos_schemas::approval::MfaMethod;
+use custos_schemas::policy::{
+    ApprovalRequirement, Combine, PolicyDecision, PolicyOutcome, RequiredMfa,
+};
 
 use super::directory::Directory;
 use super::evaluate::format_utc;
+
+/// How explanations and what is still missing say that a requirement counts
+/// only votes confirmed with a passkey (channels show it to approvers).
+pub const PASSKEY_REQUIRED: &str = "passkey required";
 
 /// One approval given by `user` at `at` (ms since the epoch). Group membership is
 /// read from the directory at the time of the check, so an approver who has been
@@ -169,6 +176,23 @@ pub fn may_approve(decision: &PolicyDecision, directory: &Directory, user: &str,
     })
 }
 
+/// The first requirement demanding a passkey that an approval by `user` at
+/// `at` would count toward, if any: votes of such a user must be confirmed with
+/// a passkey (see [`judge_vote`]).
+pub fn passkey_required<'a>(
+    decision: &'a PolicyDecision,
+    directory: &Directory,
+    user: &str,
+    at: i64,
+) -> Option<&'a ApprovalRequirement> {
+    decision.approvals.iter().find(|r| {
+        r.mfa == Some(RequiredMfa::Webauthn)
+            && r.groups
+                .iter()
+                .any(|q| fills(decision, r, directory, user, at, &q.group))
+    })
+}
+
 /// A requirement whose escalation is due (see [`escalations_due`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueEscalation {
@@ -223,10 +247,14 @@ fn shortfall(
     now: i64,
 ) -> Option<String> {
     let fits = |a: &Approval, group: &str| fills(decision, req, directory, &a.user, a.at, group);
-    let escalated = match (&req.escalation, escalates_at(decision, req)) {
+    let mut escalated = match (&req.escalation, escalates_at(decision, req)) {
         (Some(e), Some(t)) if t <= now => format!("; escalated to {}", e.group),
         _ => String::new(),
     };
+    if req.mfa == Some(RequiredMfa::Webauthn) {
+        escalated.push_str("; ");
+        escalated.push_str(PASSKEY_REQUIRED);
+    }
     match req.combine {
         Combine::Any => {
             let mut parts = Vec::new();
@@ -472,6 +500,22 @@ pub fn judge_vote(
         return Err(format!(
             "{user} is not an approver for this request (approvers come from: {})",
             groups.join(", ")
+        ));
+    }
+    // A user who would count toward a passkey-only requirement answers with a
+    // passkey, whatever the vote: counting does not record how each approval
+    // was confirmed, so a weaker one must never be recorded for them.
+    if vote.mfa != MfaMethod::Webauthn
+        && let Some(r) = passkey_required(decision, directory, user, at)
+    {
+        return Err(format!(
+            "rule {} requires a passkey (mfa = \"webauthn\"): a vote confirmed {} does not count; answer on the web approval page with your passkey",
+            r.rule,
+            match vote.mfa {
+                MfaMethod::Totp => "with an authenticator code",
+                MfaMethod::None => "without a second factor",
+                MfaMethod::Webauthn => "with a passkey",
+            }
         ));
     }
     if vote.vote == Vote::Reject {

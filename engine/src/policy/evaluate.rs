@@ -156,6 +156,7 @@ pub fn evaluate(policy: &Policy, request: &Request, inputs: &Inputs<'_>) -> Poli
                         && a.groups == groups
                         && a.initiator_may_approve == spec.initiator_may_approve
                         && a.escalation == spec.escalation
+                        && a.mfa == spec.mfa
                 }) {
                     // The union: the same demand from two rules is one demand.
                     Some(same) => {
@@ -168,6 +169,7 @@ pub fn evaluate(policy: &Policy, request: &Request, inputs: &Inputs<'_>) -> Poli
                         groups,
                         initiator_may_approve: spec.initiator_may_approve,
                         escalation: spec.escalation.clone(),
+                        mfa: spec.mfa,
                     }),
                 }
             }
@@ -538,6 +540,7 @@ fn reasons(
                     .as_ref()
                     .map(describe_escalation)
                     .unwrap_or_default()
+                    + &describe_mfa(spec.mfa)
             ));
         }
         RuleOutcome::Allow => out.push("allows".into()),
@@ -567,13 +570,23 @@ fn describe_requirement(a: &ApprovalRequirement) -> String {
         custos_schemas::policy::Combine::Any => groups.join(" or "),
     };
     format!(
-        "{joined} (rule {}){}",
+        "{joined} (rule {}){}{}",
         a.rule,
         a.escalation
             .as_ref()
             .map(describe_escalation)
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        describe_mfa(a.mfa)
     )
+}
+
+fn describe_mfa(mfa: Option<custos_schemas::policy::RequiredMfa>) -> String {
+    match mfa {
+        Some(custos_schemas::policy::RequiredMfa::Webauthn) => {
+            format!(", {}", super::approvals::PASSKEY_REQUIRED)
+        }
+        None => String::new(),
+    }
 }
 
 fn describe_escalation(e: &custos_schemas::policy::Escalation) -> String {

@@ -17,6 +17,8 @@
 //!   the rule allows it, AND/OR per rule, within the expiry; a requirement's
 //!   escalation group counts from its decision's time plus the escalation delay
 //!   ([`escalations_due`] tells the approval worker whom to ask and when).
+//! - [`judge_vote`] judges one vote; a requirement with `mfa = "webauthn"`
+//!   refuses votes of its approvers not confirmed with a passkey.
 //!
 //! The approval count is independent of the wallet's cryptographic threshold: a
 //! FROST 2-of-3 wallet under "4 approvals from treasury-managers" needs 4
@@ -32,8 +34,9 @@ mod parse;
 pub mod state;
 
 pub use approvals::{
-    Approval, ApprovalStatus, AwaitsApprovals, DueEscalation, VoteVerdict, approvals_of,
-    approvals_satisfied, awaiting, escalates_at, escalations_due, judge_vote, may_approve,
+    Approval, ApprovalStatus, AwaitsApprovals, DueEscalation, PASSKEY_REQUIRED, VoteVerdict,
+    approvals_of, approvals_satisfied, awaiting, escalates_at, escalations_due, judge_vote,
+    may_approve, passkey_required,
 };
 pub use directory::{Directory, Duty, NewUser, Role, User};
 pub use evaluate::{Inputs, evaluate};

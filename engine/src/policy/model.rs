@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use custos_schemas::codec;
-use custos_schemas::policy::{Combine, Escalation};
+use custos_schemas::policy::{Combine, Escalation, RequiredMfa};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -145,6 +145,10 @@ pub struct ApprovalSpec {
     /// keep their versions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub escalation: Option<Escalation>,
+    /// The second factor votes must use (absent: any; left out of the
+    /// canonical form then, like `escalation`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfa: Option<RequiredMfa>,
 }
 
 /// What a matching rule decides.

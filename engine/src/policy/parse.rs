@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
-use custos_schemas::policy::{Combine, Escalation};
+use custos_schemas::policy::{Combine, Escalation, RequiredMfa};
 use custos_schemas::validate_token;
 use serde::Deserialize;
 use toml::Spanned;
@@ -143,6 +143,7 @@ struct RawApprovals {
     initiator_may_approve: bool,
     escalate_to: Option<Spanned<String>>,
     escalate_after: Option<Spanned<String>>,
+    mfa: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -814,11 +815,25 @@ fn approvals(
         out.push((group.clone(), count));
     }
     let escalation = escalation(c, field, a, &out, groups);
+    let mfa = match r.mfa.as_ref() {
+        None => None,
+        Some(m) if m.get_ref() == RequiredMfa::Webauthn.as_str() => Some(RequiredMfa::Webauthn),
+        Some(m) => {
+            let why = match m.get_ref().as_str() {
+                // Every link already asks for a code or a passkey.
+                "totp" => "every web approval already needs an authenticator code or a passkey; only \"webauthn\" (passkeys) can be demanded".to_string(),
+                other => format!("{other:?} is not a second factor a rule can demand: use \"webauthn\" (passkeys)"),
+            };
+            c.error(m.span(), format!("{field}.mfa"), why);
+            return None;
+        }
+    };
     Some(ApprovalSpec {
         combine,
         groups: out,
         initiator_may_approve: r.initiator_may_approve,
         escalation,
+        mfa,
     })
 }
 
