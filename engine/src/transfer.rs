@@ -65,9 +65,52 @@ pub struct Transfer {
     /// The transaction guardians sign, once built.
     pub unsigned: Option<UnsignedTransaction>,
     pub signed: Option<SignedTransaction>,
-    /// Txid once broadcast.
+    /// Txid once broadcast: the transaction on the network (while a
+    /// replacement is built and signed, still the one it replaces).
     pub txid: Option<String>,
+    /// Since when the transaction `txid` names has been waiting (ms since the
+    /// epoch): its broadcast, or the abandonment of a replacement of it. A fee
+    /// bump waits from there.
+    pub waiting_since: Option<i64>,
     pub confirmation: Option<Confirmation>,
+    /// Broadcast transactions replaced by a fee bump, oldest first. While a
+    /// replacement is built or signed, the last is the one on the network
+    /// (`txid`); any of them may still be the one that confirms.
+    pub replaced: Vec<Replaced>,
+    /// Why the last replacement was abandoned (the transaction it was to
+    /// replace stays on the network).
+    pub replacement_failed: Option<String>,
+}
+
+/// A broadcast transaction that a fee bump replaced (or is replacing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replaced {
+    pub txid: String,
+    pub unsigned: UnsignedTransaction,
+    pub signed: SignedTransaction,
+}
+
+impl Transfer {
+    /// Whether a replacement of the broadcast transaction is being built or
+    /// signed.
+    pub fn replacing(&self) -> bool {
+        matches!(self.stage, Stage::Built | Stage::Signed) && !self.replaced.is_empty()
+    }
+
+    /// The transaction the one being signed replaces, if it is a replacement:
+    /// what signers hold it to (same inputs or nonce, only a higher fee).
+    pub fn replaces(&self) -> Option<&Replaced> {
+        self.replaced.last().filter(|_| self.replacing())
+    }
+
+    /// Every txid that may confirm this transfer: the broadcast one and those
+    /// it replaced (a miner may have taken an earlier one).
+    pub fn candidate_txids(&self) -> impl Iterator<Item = &str> {
+        self.txid
+            .as_deref()
+            .into_iter()
+            .chain(self.replaced.iter().map(|r| r.txid.as_str()))
+    }
 }
 
 /// One approver's recorded vote.
@@ -234,6 +277,66 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
             next.stage = S::Built;
             vec![Command::Sign]
         }
+        // A fee bump: the broadcast transaction is stuck, and this one is to
+        // replace it. It goes through signing and broadcast again; the one it
+        // replaces is remembered (it may still confirm).
+        (S::Broadcast, E::TransactionBuilt, Outcome::Success)
+            if matches!(event.payload, Payload::TransactionReplacement { .. }) =>
+        {
+            let Payload::TransactionReplacement { replaces, unsigned } = &event.payload else {
+                return Err(refuse(None));
+            };
+            let (Some(txid), Some(current), Some(signed)) =
+                (&state.txid, &state.unsigned, &state.signed)
+            else {
+                return Err(refuse(Some(
+                    "the broadcast transaction is not recorded".into(),
+                )));
+            };
+            if replaces != txid {
+                return Err(refuse(Some(format!(
+                    "it replaces {replaces}, the broadcast transaction is {txid}"
+                ))));
+            }
+            next.replaced.push(Replaced {
+                txid: txid.clone(),
+                unsigned: current.clone(),
+                signed: signed.clone(),
+            });
+            next.unsigned = Some(unsigned.clone());
+            next.signed = None;
+            next.replacement_failed = None;
+            next.stage = S::Built;
+            vec![Command::Sign]
+        }
+        // A replacement that could not be signed or sent is abandoned: the
+        // transaction it was to replace is still on the network.
+        (S::Built | S::Signed, E::TransactionFailed, _) if state.replacing() => {
+            let Some(previous) = next.replaced.pop() else {
+                return Err(refuse(None));
+            };
+            next.unsigned = Some(previous.unsigned);
+            next.signed = Some(previous.signed);
+            next.txid = Some(previous.txid);
+            next.replacement_failed = reason();
+            next.waiting_since = Some(event.timestamp);
+            next.stage = S::Broadcast;
+            vec![Command::AwaitConfirmation]
+        }
+        // While a replacement is on its way, the transaction it replaces (or an
+        // earlier one) may be mined.
+        (S::Built | S::Signed, E::TransactionConfirmed, Outcome::Success) if state.replacing() => {
+            let Payload::TransactionConfirmed(c) = &event.payload else {
+                return Err(refuse(Some("payload must be the confirmation".into())));
+            };
+            if !state.candidate_txids().any(|t| t == c.txid) {
+                return Err(refuse(Some("confirms another txid".into())));
+            }
+            next.txid = Some(c.txid.clone());
+            next.confirmation = Some(c.clone());
+            next.stage = S::Confirmed;
+            vec![]
+        }
         (S::Built, E::TransactionSigned, Outcome::Success) => {
             let Payload::TransactionSigned(tx) = &event.payload else {
                 return Err(refuse(Some(
@@ -254,6 +357,7 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
                 )));
             }
             next.txid = Some(txid.clone());
+            next.waiting_since = Some(event.timestamp);
             next.stage = S::Broadcast;
             vec![Command::AwaitConfirmation]
         }
@@ -261,9 +365,10 @@ pub fn apply(state: &Transfer, event: &Event) -> Result<(Transfer, Vec<Command>)
             let Payload::TransactionConfirmed(c) = &event.payload else {
                 return Err(refuse(Some("payload must be the confirmation".into())));
             };
-            if next.txid.as_ref() != Some(&c.txid) {
+            if !state.candidate_txids().any(|t| t == c.txid) {
                 return Err(refuse(Some("confirms another txid".into())));
             }
+            next.txid = Some(c.txid.clone());
             next.confirmation = Some(c.clone());
             next.stage = S::Confirmed;
             vec![]

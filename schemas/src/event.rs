@@ -298,6 +298,15 @@ pub enum Payload {
     /// The unsigned transaction chosen for an approved transfer
     /// (`TRANSACTION_BUILT`): what every guardian checks and signs, and nothing else.
     TransactionBuilt(crate::chain::UnsignedTransaction),
+    /// `TRANSACTION_BUILT` for a broadcast transfer whose transaction is stuck:
+    /// the transaction that replaces the one broadcast as `replaces` (the same
+    /// inputs or nonce, the same payment, only a higher fee). Signers check it
+    /// against the approval and against the transaction it replaces.
+    TransactionReplacement {
+        /// Txid of the broadcast transaction this one replaces.
+        replaces: String,
+        unsigned: crate::chain::UnsignedTransaction,
+    },
     /// `TRANSACTION_SIGNED`: the complete transaction, ready to broadcast.
     TransactionSigned(crate::chain::SignedTransaction),
     /// `TRANSACTION_BROADCAST`: the node accepted it.
