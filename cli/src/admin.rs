@@ -1,7 +1,8 @@
 //! `custos freeze|unfreeze|whitelist|user|role|change` (and `policy apply`,
 //! which sends through here): administrative change requests, sent to the change service
 //! like an administrator's console would, and change workflows as the trail
-//! has them.
+//! has them; `custos user enrol` asks the approval service for a user's MFA
+//! enrolment link.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use custos_engine::change::{self as machine, ChangeState, Stage};
 use custos_engine::policy::{ApprovalStatus, Directory, approvals_of, approvals_satisfied};
+use custos_schemas::approval::{EnrolMethod, EnrolmentReply, EnrolmentRequest};
 use custos_schemas::change::{Change, ChangeReply, ChangeRequest};
 use custos_schemas::{AggregateKind, ContentType, Event, UserRecord, subjects};
 use rand::RngCore;
@@ -75,6 +77,25 @@ pub enum UserCommand {
         #[command(flatten)]
         requester: Requester,
     },
+    /// Send a user a one-time link to set up (or replace) their second factor.
+    /// The link goes to them on their channels; you see only where it went.
+    Enrol {
+        /// The user's directory id.
+        user: String,
+        #[arg(long, value_enum, default_value_t = EnrolMethodArg::Totp)]
+        method: EnrolMethodArg,
+        /// Directory id of who asks: an active administrator.
+        #[arg(long, env = "CUSTOS_USER")]
+        initiator: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EnrolMethodArg {
+    /// An authenticator app (TOTP), confirmed with a code on the page.
+    Totp,
+    /// A passkey (WebAuthn), created on the page.
+    Passkey,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,6 +191,11 @@ pub async fn whitelist(nats_url: &str, command: WhitelistCommand) -> anyhow::Res
 
 pub async fn user(nats_url: &str, command: UserCommand) -> anyhow::Result<ExitCode> {
     let (requester, change) = match command {
+        UserCommand::Enrol {
+            user,
+            method,
+            initiator,
+        } => return enrol(nats_url, user, method, initiator).await,
         UserCommand::Add(a) => (
             a.requester,
             // MFA is enrolled later, by the user.
@@ -188,6 +214,84 @@ pub async fn user(nats_url: &str, command: UserCommand) -> anyhow::Result<ExitCo
         }
     };
     request(nats_url, requester, change).await
+}
+
+/// Asks `custos up` for `user`'s enrolment link and prints where it was sent.
+async fn enrol(
+    nats_url: &str,
+    user: String,
+    method: EnrolMethodArg,
+    initiator: String,
+) -> anyhow::Result<ExitCode> {
+    let request = EnrolmentRequest {
+        user,
+        method: match method {
+            EnrolMethodArg::Totp => EnrolMethod::Totp,
+            EnrolMethodArg::Passkey => EnrolMethod::Passkey,
+        },
+        requested_by: initiator,
+    };
+    // The service checks the same; refusing here sends nothing for a typo.
+    for (field, value) in [
+        ("user", &request.user),
+        ("initiator", &request.requested_by),
+    ] {
+        if let Err(e) = custos_schemas::validate_token(field, value) {
+            eprintln!("refused: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let client = crate::connect(nats_url).await?;
+    let reply = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(
+            subjects::REQ_MFA_ENROL,
+            ContentType::Json.encode(&request).into(),
+        ),
+    )
+    .await
+    .context("no answer from the enrolment service within 30 s")?
+    .map_err(|e| anyhow::anyhow!("enrolment request failed: {e} (is `custos up` running?)"))?;
+    let reply: EnrolmentReply = ContentType::Json
+        .decode(&reply.payload)
+        .map_err(|e| anyhow::anyhow!("unreadable enrolment reply: {e}"))?;
+    match reply {
+        EnrolmentReply::Refused { field, reason } => {
+            let field = match field.as_deref() {
+                Some("requestedBy") => "initiator: ".to_string(),
+                Some(f) => format!("{f}: "),
+                None => String::new(),
+            };
+            eprintln!("refused: {field}{reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        EnrolmentReply::Issued {
+            user,
+            method,
+            link_hash,
+            expires_at,
+            sent,
+            failed,
+        } => {
+            println!(
+                "{} enrolment link for {user} issued (recorded as link {}…), expires {}",
+                method.as_str(),
+                &link_hash[..16.min(link_hash.len())],
+                crate::audit::format_ms(expires_at)
+            );
+            for f in &failed {
+                println!("not sent: {f}");
+            }
+            if sent.is_empty() {
+                eprintln!(
+                    "refused: the link reached no channel of {user}; configure email or Slack for them and ask again"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("sent to {user} by {}", sent.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 pub async fn role(nats_url: &str, command: RoleCommand) -> anyhow::Result<ExitCode> {

@@ -19,6 +19,7 @@ use custos_schemas::approval::ApprovalChannel;
 use custos_workers::Shutdown;
 use custos_workers::approvals::ballot_box::TrailBallotBox;
 use custos_workers::approvals::console::ConsoleNotifier;
+use custos_workers::approvals::enrolment::{self, Enrolments};
 use custos_workers::approvals::links::{
     ChatWebhookNotifier, EmailNotifier, LinkIssuer, LinkSettings, MfaKey, WebhookUrl, links_router,
     system_clock,
@@ -165,6 +166,23 @@ pub async fn approvals(
         notifiers.push(Arc::new(ConsoleNotifier::new(links)));
         names.push("console (links printed here)");
     }
+    // Operators' `custos user enrol` requests: links go to the users on the
+    // same channels (those that reach them alone).
+    let enrolments = Arc::new(Enrolments::new(
+        trail.clone(),
+        issuer.clone(),
+        names
+            .iter()
+            .copied()
+            .zip(notifiers.iter().cloned())
+            .collect(),
+    ));
+    let (client, stop) = (js.client(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = enrolment::serve(client, enrolments, stop).await {
+            tracing::error!(error = %e, "the MFA enrolment service stopped");
+        }
+    });
     // The same channels ask for transfers and for administrative changes, and
     // remind those who have not answered.
     tokio::spawn(remind(

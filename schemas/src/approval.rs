@@ -121,3 +121,60 @@ pub struct ApprovalNotice {
     /// High value: approving needs the web page with MFA, never an in-place click.
     pub step_up_required: bool,
 }
+
+/// The second factor an enrolment link sets up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EnrolMethod {
+    /// An authenticator app: the page shows the secret once and activates it
+    /// only once the user types a valid current code.
+    Totp,
+    /// A passkey (WebAuthn), created on the page.
+    #[default]
+    Passkey,
+}
+
+impl EnrolMethod {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EnrolMethod::Totp => "totp",
+            EnrolMethod::Passkey => "passkey",
+        }
+    }
+}
+
+/// An operator's request ([`crate::subjects::REQ_MFA_ENROL`], JSON) for a
+/// one-time enrolment link, delivered to the user on their channels: the
+/// operator never sees the link or the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnrolmentRequest {
+    /// Directory id of the user who enrols.
+    pub user: String,
+    pub method: EnrolMethod,
+    /// Directory id of the operator asking: an active administrator.
+    pub requested_by: String,
+}
+
+/// The answer to an [`EnrolmentRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", tag = "status")]
+pub enum EnrolmentReply {
+    /// A link was issued (and recorded); `sent` names the channels that
+    /// delivered it, `failed` those that could not (with why).
+    Issued {
+        user: String,
+        method: EnrolMethod,
+        /// Hex SHA-256 of the link's token, as the audit trail records it.
+        link_hash: String,
+        /// Ms since the epoch.
+        expires_at: i64,
+        sent: Vec<String>,
+        failed: Vec<String>,
+    },
+    Refused {
+        #[serde(default)]
+        field: Option<String>,
+        reason: String,
+    },
+}

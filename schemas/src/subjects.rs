@@ -29,6 +29,11 @@ pub const REQ_WALLET_BALANCE: &str = "custos.req.wallet.balance";
 /// Administrative change requests (policy apply, whitelist, freeze, unfreeze),
 /// request/reply.
 pub const REQ_CHANGE: &str = "custos.req.change";
+/// Requests for a user's one-time MFA enrolment link (request/reply, JSON
+/// `EnrolmentRequest`), served by the approval service.
+pub const REQ_MFA_ENROL: &str = "custos.req.mfa.enrol";
+/// Queue group of the enrolment service.
+pub const ENROL_QUEUE: &str = "custos-mfa-enrol";
 /// Queue group of the change service.
 pub const CHANGE_QUEUE: &str = "custos-change";
 /// Queue group of the wallet service.

@@ -298,12 +298,22 @@ pub fn notice(view: &TrailView, workflow_id: &str, now: i64) -> Option<ApprovalN
 }
 
 /// High-value approvals need MFA on the web page: anything that needs more than
-/// two approvals from one rule (the default policy's above-EUR-10,000 tier).
+/// two approvals from one rule (the default policy's above-EUR-10,000 tier),
+/// and anything a rule wants confirmed with passkeys (only that page asks).
 fn step_up(decision: &custos_schemas::policy::PolicyDecision) -> bool {
     decision
         .approvals
         .iter()
-        .any(|r| r.groups.iter().map(|q| q.count).sum::<u32>() > 2)
+        .any(|r| r.mfa.is_some() || r.groups.iter().map(|q| q.count).sum::<u32>() > 2)
+}
+
+/// Whether what `notice` still lacks includes a requirement that counts only
+/// passkey votes (the engine's shortfall says so).
+pub fn needs_passkey(notice: &ApprovalNotice) -> bool {
+    notice
+        .missing
+        .iter()
+        .any(|m| m.contains(custos_engine::policy::PASSKEY_REQUIRED))
 }
 
 /// A directory user as channels see it.

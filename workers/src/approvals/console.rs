@@ -9,7 +9,7 @@ use custos_schemas::UserRecord;
 use custos_schemas::approval::{ApprovalChannel, ApprovalNotice};
 use futures::future::BoxFuture;
 
-use super::{ApprovalLinks, Notifier, NotifyError};
+use super::{ApprovalLinks, EnrolmentNotice, Notifier, NotifyError};
 
 pub struct ConsoleNotifier {
     links: Arc<dyn ApprovalLinks>,
@@ -59,6 +59,26 @@ impl Notifier for ConsoleNotifier {
                 summary(notice),
                 to.name,
                 to.id
+            );
+            Ok(())
+        })
+    }
+
+    /// Printed for the operator of a single-machine trial to hand over (as
+    /// approval links are): configure email or Slack so they never see it.
+    fn enrol<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        enrolment: &'a EnrolmentNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            println!(
+                "enrolment  {} ({}) sets up their {} at {} (one-time, for them only; asked by {})",
+                to.name,
+                to.id,
+                super::links::enrolment_what(enrolment.method),
+                enrolment.url.as_str(),
+                enrolment.requested_by
             );
             Ok(())
         })

@@ -12,11 +12,16 @@
 //! and lockout state of `custos_engine::mfa`). Every verification is recorded
 //! (`MFA_VERIFIED` or `LOGIN_FAILURE` with the reason) before anything is acted on.
 //!
-//! Passkeys (WebAuthn, `custos_engine::webauthn`) are the stronger option: an
-//! operator issues a one-time enrolment link ([`LinkIssuer::passkey_enrolment_link`],
-//! `/enrol/{token}`), the page creates the credential and the server records
-//! `MFA_CONFIGURED` (method webauthn, credential id and public key) before
-//! storing it. The approval page of a user with a passkey then offers to answer
+//! Second factors are enrolled on one-time links ([`LinkIssuer::enrolment_link`],
+//! `/enrol/{token}`, issued when an operator asks `custos user enrol` and
+//! delivered to the user, recorded as `MFA_CONFIGURED` pending with the
+//! token's hash). For an authenticator app the page shows a new secret once
+//! (sealed in the link record from then on) and activates it only once the user
+//! types a valid current code; for a passkey (WebAuthn, `custos_engine::webauthn`)
+//! the page creates the credential. Either way the server records
+//! `MFA_CONFIGURED` (method, and for a passkey its credential id and public
+//! key) before storing the new factor, which replaces the old one of its kind
+//! only then. The approval page of a user with a passkey then offers to answer
 //! with it: its challenge is random, kept in the link record (single use) and
 //! bound to the link and the request hash and policy version. The RP ID is the
 //! public URL's host, so passkeys need a domain (locally `http://localhost:PORT`).
@@ -38,7 +43,9 @@ use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use custos_adapters::mail::{Mailer, OutgoingMail};
 use custos_engine::mfa::{self, Lockout, TotpRefusal, TotpSecret, TotpState};
 use custos_engine::webauthn::{self, Assertion, PasskeyCredential, RelyingParty};
-use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote, MfaMethod, Vote};
+use custos_schemas::approval::{
+    ApprovalChannel, ApprovalNotice, ApprovalVote, EnrolMethod, MfaMethod, Vote,
+};
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, EventType, Outcome, Payload, Proposal, RequestContext,
     Target, UserRecord, subjects, validate_token,
@@ -51,7 +58,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{ApprovalLinks, Ballot, BallotBox, BallotError, Notifier, NotifyError, Receipt};
+use super::{
+    ApprovalLinks, Ballot, BallotBox, BallotError, EnrolmentNotice, Notifier, NotifyError, Receipt,
+};
 use crate::remote::Appender;
 
 /// Milliseconds since the Unix epoch, as the engine counts time. Injected so
@@ -156,7 +165,7 @@ struct LinkRecord {
     passkey_nonce: Option<String>,
 }
 
-/// A passkey enrolment link, stored under `enrol.<token hash>` in the links bucket.
+/// An enrolment link, stored under `enrol.<token hash>` in the links bucket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct EnrolRecord {
@@ -165,8 +174,44 @@ struct EnrolRecord {
     expires_at: i64,
     #[serde(default)]
     used_at: Option<i64>,
+    /// Passkey: the random part of the challenge the page last showed.
     #[serde(default)]
     nonce: Option<String>,
+    /// Links from before TOTP links existed were passkey links.
+    #[serde(default)]
+    method: EnrolMethod,
+    /// The operator who asked for the link.
+    #[serde(default)]
+    requested_by: Option<String>,
+    /// TOTP: the new secret, sealed like the stored ones, from the page's first
+    /// opening (it is shown once) until a code confirms it.
+    #[serde(default)]
+    sealed_secret: Option<String>,
+    /// TOTP: wrong confirmation codes so far.
+    #[serde(default)]
+    attempts: u32,
+}
+
+/// Wrong codes a TOTP enrolment link takes before it is spent.
+const MAX_ENROL_ATTEMPTS: u32 = 5;
+
+/// An issued enrolment link. The URL is a credential: zeroized, redacted.
+pub struct EnrolmentLink {
+    pub url: Zeroizing<String>,
+    /// Hex SHA-256 of the token: what the audit trail records.
+    pub link_hash: String,
+    /// Ms since the epoch.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for EnrolmentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolmentLink")
+            .field("url", &"<redacted>")
+            .field("link_hash", &self.link_hash)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
 }
 
 /// What the MFA bucket holds per user.
@@ -271,21 +316,8 @@ impl<A: Appender> LinkIssuer<A> {
         by: Actor,
     ) -> Result<Zeroizing<String>, LinkError> {
         validate_token("user", &user.id).map_err(|e| LinkError::Invalid(e.to_string()))?;
-        let mut bytes = Zeroizing::new([0u8; mfa::SECRET_LEN]);
-        OsRng.fill_bytes(bytes.as_mut());
-        let secret = TotpSecret::from_bytes(bytes.as_ref())
-            .map_err(|e| LinkError::Invalid(e.to_string()))?;
-        let record = MfaRecord {
-            sealed_secret: self.seal(&user.id, &secret)?,
-            state: TotpState::default(),
-            deactivated: false,
-            // Re-enrolling the app keeps the user's passkeys.
-            passkeys: self
-                .mfa_record(&user.id)
-                .await?
-                .map(|(r, _)| r.passkeys)
-                .unwrap_or_default(),
-        };
+        let secret = new_totp_secret()?;
+        let sealed = self.seal(&user.id, &secret)?;
         let mut event = auth_event(
             EventType::MfaConfigured,
             Outcome::Success,
@@ -295,23 +327,69 @@ impl<A: Appender> LinkIssuer<A> {
         event.actor = by;
         event.metadata.insert("method".into(), "totp".into());
         self.record(event).await?;
-        let value = encode(&record)?;
-        let mfa = &self.inner.mfa;
-        match mfa.entry(user.id.as_str()).await.map_err(store)? {
-            Some(e) if e.operation == kv::Operation::Put => {
-                mfa.update(user.id.as_str(), value, e.revision)
-                    .await
-                    .map_err(store)?;
-            }
-            _ => {
-                mfa.put(user.id.as_str(), value).await.map_err(store)?;
-            }
-        }
+        self.store_totp(&user.id, sealed, TotpState::default())
+            .await?;
         Ok(mfa::otpauth_uri(
             &secret,
             &self.inner.settings.issuer,
             &user.email,
         ))
+    }
+
+    /// Replaces `user_id`'s authenticator-app secret by `sealed` with `state`;
+    /// passkeys stay.
+    async fn store_totp(
+        &self,
+        user_id: &str,
+        sealed: String,
+        state: TotpState,
+    ) -> Result<(), LinkError> {
+        self.update_mfa(user_id, |r| MfaRecord {
+            sealed_secret: sealed.clone(),
+            state: state.clone(),
+            ..r
+        })
+        .await
+    }
+
+    /// Read-modify-write of `user_id`'s MFA record (an empty one when there is
+    /// none), retried when another write lands in between.
+    async fn update_mfa(
+        &self,
+        user_id: &str,
+        change: impl Fn(MfaRecord) -> MfaRecord,
+    ) -> Result<(), LinkError> {
+        let mfa = &self.inner.mfa;
+        for _ in 0..3 {
+            let (current, revision) = match self.mfa_record(user_id).await? {
+                Some((r, rev)) => (r, Some(rev)),
+                None => (
+                    MfaRecord {
+                        sealed_secret: String::new(),
+                        passkeys: Vec::new(),
+                        state: TotpState::default(),
+                        deactivated: false,
+                    },
+                    None,
+                ),
+            };
+            let value = encode(&change(current))?;
+            match revision {
+                Some(rev) => match mfa.update(user_id, value, rev).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(store(e)),
+                },
+                None => match mfa.create(user_id, value).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(store(e)),
+                },
+            }
+        }
+        Err(LinkError::Store(format!(
+            "{user_id}: the MFA record kept changing"
+        )))
     }
 
     /// Refuses every link of `user_id` from now on (wire to `USER_DEACTIVATED`):
@@ -387,6 +465,11 @@ impl<A: Appender> LinkIssuer<A> {
 
     fn now(&self) -> i64 {
         (self.inner.clock)()
+    }
+
+    /// Records `proposal` (for the enrolment service's refusals).
+    pub(super) async fn audit(&self, proposal: Proposal) -> Result<(), LinkError> {
+        self.record(proposal).await
     }
 
     async fn record(&self, proposal: Proposal) -> Result<(), LinkError> {
@@ -558,11 +641,29 @@ impl<A: Appender> LinkIssuer<A> {
             .map_err(|e| LinkError::Invalid(e.to_string()))
     }
 
-    /// A one-time link (as long-lived as approval links) on which `user`
-    /// creates a passkey. Refused when the public URL cannot host passkeys.
+    /// A one-time passkey enrolment link for `user` (see [`Self::enrolment_link`]).
     pub async fn passkey_enrolment_link(&self, user: &UserRecord) -> Result<String, LinkError> {
+        let link = self
+            .enrolment_link(user, EnrolMethod::Passkey, &Actor::system("links"))
+            .await?;
+        Ok(link.url.to_string())
+    }
+
+    /// A one-time link (as long-lived as approval links) on which `user` sets
+    /// up `method`, asked for by `by`. The issue is recorded (`MFA_CONFIGURED`
+    /// pending: who asked, for whom, the method and the token's hash, never the
+    /// token) before the link exists. Refused for a deactivated user, and for
+    /// passkeys when the public URL cannot host them.
+    pub async fn enrolment_link(
+        &self,
+        user: &UserRecord,
+        method: EnrolMethod,
+        by: &Actor,
+    ) -> Result<EnrolmentLink, LinkError> {
         validate_token("user", &user.id).map_err(|e| LinkError::Invalid(e.to_string()))?;
-        self.relying_party()?;
+        if method == EnrolMethod::Passkey {
+            self.relying_party()?;
+        }
         if self
             .mfa_record(&user.id)
             .await?
@@ -580,17 +681,39 @@ impl<A: Appender> LinkIssuer<A> {
             expires_at: now.saturating_add(ttl),
             used_at: None,
             nonce: None,
+            method,
+            requested_by: Some(by.user_id.clone()),
+            sealed_secret: None,
+            attempts: 0,
         };
+        let link_hash = token_key(token.as_ref());
+        let mut event = auth_event(
+            EventType::MfaConfigured,
+            Outcome::Pending,
+            user,
+            RequestContext::default(),
+        );
+        event.actor = by.clone();
+        let meta = &mut event.metadata;
+        meta.insert("method".into(), mfa_method(method).into());
+        meta.insert("stage".into(), "link-issued".into());
+        meta.insert("linkHash".into(), link_hash.clone());
+        meta.insert("expiresAt".into(), format_ms(record.expires_at));
+        self.record(event).await?;
         self.inner
             .links
             .create(enrol_key(token.as_ref()), encode(&record)?)
             .await
             .map_err(store)?;
-        Ok(format!(
-            "{}/enrol/{}",
-            self.inner.settings.base_url,
-            data_encoding::BASE64URL_NOPAD.encode(token.as_ref())
-        ))
+        Ok(EnrolmentLink {
+            url: Zeroizing::new(format!(
+                "{}/enrol/{}",
+                self.inner.settings.base_url,
+                data_encoding::BASE64URL_NOPAD.encode(token.as_ref())
+            )),
+            link_hash,
+            expires_at: record.expires_at,
+        })
     }
 
     /// Checks a passkey answer on the link `found` against the challenge its
@@ -780,6 +903,20 @@ fn enrol_key(token: &[u8]) -> String {
     format!("enrol.{}", token_key(token))
 }
 
+/// The audit trail's name of what an enrolment sets up (as `MFA_VERIFIED` says).
+fn mfa_method(method: EnrolMethod) -> &'static str {
+    match method {
+        EnrolMethod::Totp => "totp",
+        EnrolMethod::Passkey => "webauthn",
+    }
+}
+
+fn new_totp_secret() -> Result<TotpSecret, LinkError> {
+    let mut bytes = Zeroizing::new([0u8; mfa::SECRET_LEN]);
+    OsRng.fill_bytes(bytes.as_mut());
+    TotpSecret::from_bytes(bytes.as_ref()).map_err(|e| LinkError::Invalid(e.to_string()))
+}
+
 impl<A: Appender> ApprovalLinks for LinkIssuer<A> {
     fn link_for<'a>(
         &'a self,
@@ -798,7 +935,7 @@ impl<A: Appender> ApprovalLinks for LinkIssuer<A> {
 
 /// An `MFA_CONFIGURED` / `MFA_VERIFIED` / `LOGIN_FAILURE` event about `user`, on
 /// an auth aggregate of its own.
-fn auth_event(
+pub(super) fn auth_event(
     event_type: EventType,
     result: Outcome,
     user: &UserRecord,
@@ -1122,7 +1259,13 @@ async fn show<A: Appender>(
                 _ => "",
             },
             notice = notice_html(&notice),
-            form = form_html(&token, &csrf, &found.record.workflow_id, offer.as_ref()),
+            form = form_html(
+                &token,
+                &csrf,
+                &found.record.workflow_id,
+                offer.as_ref(),
+                super::ballot_box::needs_passkey(&notice),
+            ),
         ),
     );
     let cookie = format!(
@@ -1351,6 +1494,14 @@ async fn find_enrolment<A: Appender>(
     let Some(user) = issuer.inner.ballots.user(&record.user_id).await else {
         return Err(deactivated());
     };
+    if issuer
+        .mfa_record(&user.id)
+        .await
+        .map_err(unavailable)?
+        .is_some_and(|(r, _)| r.deactivated)
+    {
+        return Err(deactivated());
+    }
     Ok((key, record, entry.revision, user))
 }
 
@@ -1361,6 +1512,9 @@ async fn enrol_page<A: Appender>(
 ) -> Response {
     let result = async {
         let (key, record, revision, user) = find_enrolment(&issuer, &token).await?;
+        if record.method == EnrolMethod::Totp {
+            return totp_enrol_page(&issuer, &token, &key, record, revision, &user).await;
+        }
         let rp = issuer.relying_party().map_err(|e| {
             Refusal::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         })?;
@@ -1427,11 +1581,86 @@ async fn enrol_page<A: Appender>(
     }
 }
 
-/// The enrolment form as posted by the page's script.
+/// `GET /enrol/{token}` of an authenticator-app link: a new secret, sealed
+/// into the link's record first so that the page shows it only once, and the
+/// form that confirms it with a current code.
+async fn totp_enrol_page<A: Appender>(
+    issuer: &LinkIssuer<A>,
+    token: &str,
+    key: &str,
+    record: EnrolRecord,
+    revision: u64,
+    user: &UserRecord,
+) -> Result<(String, String), Refusal> {
+    if record.sealed_secret.is_some() {
+        return Err(Refusal::new(
+            StatusCode::GONE,
+            "This enrolment link was already opened: its secret is shown only once. Ask an operator for a new link.",
+        ));
+    }
+    let secret = new_totp_secret().map_err(unavailable)?;
+    let next = EnrolRecord {
+        sealed_secret: Some(issuer.seal(&user.id, &secret).map_err(unavailable)?),
+        ..record
+    };
+    issuer
+        .inner
+        .links
+        .update(key, encode(&next).map_err(unavailable)?, revision)
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::CONFLICT,
+                "The enrolment page was opened elsewhere at the same time. Ask an operator for a new link.",
+            )
+        })?;
+    let uri = mfa::otpauth_uri(&secret, &issuer.inner.settings.issuer, &user.email);
+    let base32 = secret.to_base32();
+    let csrf = issuer.csrf_token(key);
+    let body = page(
+        "Set up your authenticator app",
+        &format!(
+            "<p>{name}, add this account to your authenticator app, then type the code it shows. \
+             The secret is shown only on this page and only once: do not reload it.</p>\
+             <p>Paste this URI into the app (or a QR code tool):<br><code id=\"otpauth\">{uri}</code></p>\
+             <p>Or type the key by hand: <code id=\"secret\">{base32}</code></p>{form}",
+            name = escape(&user.name),
+            uri = escape(&uri),
+            base32 = escape(&base32),
+            form = totp_enrol_form(token, &csrf, ""),
+        ),
+    );
+    Ok((body, csrf))
+}
+
+/// The form confirming a new authenticator app with its current code.
+fn totp_enrol_form(token: &str, csrf: &str, note: &str) -> String {
+    format!(
+        "<form method=\"post\" action=\"/enrol/{token}\" id=\"enrol-form\" autocomplete=\"off\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">{note}\
+         <p><label>Code from your app <input name=\"code\" id=\"code\" inputmode=\"numeric\" \
+         pattern=\"[0-9]{{6}}\" maxlength=\"6\" required autocomplete=\"one-time-code\"></label></p>\
+         <p><button type=\"submit\" id=\"confirm\">Confirm</button></p></form>\
+         <p>Until a code confirms it, your current second factor stays as it is.</p>",
+        token = escape(token),
+        csrf = escape(csrf),
+        note = if note.is_empty() {
+            String::new()
+        } else {
+            format!("<p class=\"refused\" id=\"refusal\">{}</p>", escape(note))
+        },
+    )
+}
+
+/// The enrolment form as posted (by the passkey page's script, or the
+/// authenticator-app page).
 #[derive(Deserialize)]
 struct Enrolment {
     #[serde(default)]
     csrf: String,
+    /// A one-time code, spent once verified: not worth zeroizing.
+    #[serde(default)]
+    code: String,
     #[serde(default, rename = "clientDataJSON")]
     client_data_json: String,
     #[serde(default, rename = "attestationObject")]
@@ -1447,13 +1676,37 @@ async fn enrol_answer<A: Appender>(
     Form(form): Form<Enrolment>,
 ) -> Response {
     match enrol(&issuer, &token, &headers, form).await {
-        Ok(()) => Html(page(
+        Ok(Enrolled::Passkey) => Html(page(
             "Passkey enrolled",
             "<p class=\"done\" id=\"enrolled\">Your passkey is enrolled: approval pages will offer it.</p>",
         ))
         .into_response(),
+        Ok(Enrolled::Totp) => Html(page(
+            "Authenticator app enrolled",
+            "<p class=\"done\" id=\"enrolled\">Your authenticator app is enrolled: approval pages take its codes from now on.</p>",
+        ))
+        .into_response(),
+        Ok(Enrolled::TryAgain { csrf, note }) => (
+            StatusCode::UNAUTHORIZED,
+            Html(page(
+                "Set up your authenticator app",
+                &totp_enrol_form(&token, &csrf, &note),
+            )),
+        )
+            .into_response(),
         Err(r) => r.into_response(),
     }
+}
+
+/// What an enrolment post achieved.
+enum Enrolled {
+    Passkey,
+    Totp,
+    /// A wrong code: the page asks again (same link, same secret).
+    TryAgain {
+        csrf: String,
+        note: String,
+    },
 }
 
 async fn enrol<A: Appender>(
@@ -1461,7 +1714,7 @@ async fn enrol<A: Appender>(
     token: &str,
     headers: &HeaderMap,
     form: Enrolment,
-) -> Result<(), Refusal> {
+) -> Result<Enrolled, Refusal> {
     let forged = || {
         Refusal::new(
             StatusCode::FORBIDDEN,
@@ -1475,6 +1728,9 @@ async fn enrol<A: Appender>(
     let cookie = cookie_value(headers, CSRF_COOKIE);
     if cookie.as_deref() != Some(form.csrf.as_str()) || !issuer.csrf_valid(&key, &form.csrf) {
         return Err(forged());
+    }
+    if record.method == EnrolMethod::Totp {
+        return confirm_totp(issuer, &key, record, revision, &user, &form).await;
     }
     let Some(nonce) = record.nonce.clone() else {
         return Err(Refusal::new(
@@ -1501,6 +1757,7 @@ async fn enrol<A: Appender>(
         &client_data,
         &attestation,
     );
+    let requested_by = record.requested_by.clone();
     // Spend the link (and its challenge) whatever the outcome: single use.
     let spent = EnrolRecord {
         used_at: verified.is_ok().then(|| issuer.now()),
@@ -1552,46 +1809,113 @@ async fn enrol<A: Appender>(
     event
         .metadata
         .insert("publicKey".into(), hex::encode(&credential.public_key));
-    issuer.record(event).await.map_err(unavailable)?;
-    let mfa = &issuer.inner.mfa;
-    for _ in 0..3 {
-        let (mut next, revision) = match issuer.mfa_record(&user.id).await.map_err(unavailable)? {
-            Some((r, rev)) => (r, Some(rev)),
-            None => (
-                MfaRecord {
-                    sealed_secret: String::new(),
-                    passkeys: Vec::new(),
-                    state: TotpState::default(),
-                    deactivated: false,
-                },
-                None,
-            ),
-        };
-        next.passkeys.retain(|p| p.id != credential.id);
-        next.passkeys.push(credential.clone());
-        let value = encode(&next).map_err(unavailable)?;
-        let stored = match revision {
-            Some(rev) => mfa
-                .update(user.id.as_str(), value, rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
-            None => mfa
-                .create(user.id.as_str(), value)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
-        };
-        match stored {
-            Ok(()) => return Ok(()),
-            Err(true) => continue,
-            Err(false) => break,
-        }
+    if let Some(by) = requested_by {
+        event.metadata.insert("requestedBy".into(), by);
     }
-    Err(unavailable(LinkError::Store(format!(
-        "{}: the passkey could not be stored",
-        user.id
-    ))))
+    issuer.record(event).await.map_err(unavailable)?;
+    // The new passkey replaces the old ones: re-enrolling is how a lost or
+    // compromised one is retired.
+    issuer
+        .update_mfa(&user.id, |r| MfaRecord {
+            passkeys: vec![credential.clone()],
+            ..r
+        })
+        .await
+        .map_err(unavailable)?;
+    Ok(Enrolled::Passkey)
+}
+
+/// `POST /enrol/{token}` of an authenticator-app link: the code must be valid
+/// now for the secret the page showed. Only then is the link spent,
+/// `MFA_CONFIGURED` recorded and the secret stored in place of the old one
+/// (with the code's step spent, so it cannot approve anything). Wrong codes
+/// ask again, up to [`MAX_ENROL_ATTEMPTS`].
+async fn confirm_totp<A: Appender>(
+    issuer: &LinkIssuer<A>,
+    key: &str,
+    record: EnrolRecord,
+    revision: u64,
+    user: &UserRecord,
+    form: &Enrolment,
+) -> Result<Enrolled, Refusal> {
+    let Some(sealed) = record.sealed_secret.clone() else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "Open the enrolment link first: its page shows the secret to add to your app.",
+        ));
+    };
+    let secret = issuer.unseal(&user.id, &sealed).map_err(unavailable)?;
+    let now = issuer.now();
+    let now_secs = u64::try_from(now / 1000).unwrap_or(0);
+    let attempt = mfa::verify(
+        &secret,
+        &TotpState::default(),
+        form.code.trim(),
+        now_secs,
+        issuer.inner.settings.lockout,
+    );
+    let confirmed = attempt.outcome.is_ok();
+    let attempts = record.attempts + u32::from(!confirmed);
+    let spent = confirmed || attempts >= MAX_ENROL_ATTEMPTS;
+    let requested_by = record.requested_by.clone();
+    let next = EnrolRecord {
+        used_at: spent.then_some(now),
+        sealed_secret: (!spent).then_some(sealed.clone()),
+        attempts,
+        ..record
+    };
+    issuer
+        .inner
+        .links
+        .update(key, encode(&next).map_err(unavailable)?, revision)
+        .await
+        .map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => Refusal::new(
+                StatusCode::GONE,
+                "This enrolment link was used meanwhile. Ask an operator for a new one.",
+            ),
+            _ => unavailable(store(e)),
+        })?;
+    if !spent {
+        return Ok(Enrolled::TryAgain {
+            csrf: issuer.csrf_token(key),
+            note: format!(
+                "Wrong code ({attempts} of {MAX_ENROL_ATTEMPTS} tries): nothing was set up. Type the code your app shows now."
+            ),
+        });
+    }
+    let mut event = auth_event(
+        EventType::MfaConfigured,
+        if confirmed {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        },
+        user,
+        RequestContext::default(),
+    );
+    event.metadata.insert("method".into(), "totp".into());
+    if let Some(by) = requested_by {
+        event.metadata.insert("requestedBy".into(), by);
+    }
+    if !confirmed {
+        event
+            .metadata
+            .insert("reason".into(), "too many wrong confirmation codes".into());
+        if let Err(e) = issuer.record(event).await {
+            tracing::warn!(user = %user.id, error = %e, "a failed TOTP enrolment was not recorded");
+        }
+        return Err(Refusal::new(
+            StatusCode::GONE,
+            "Too many wrong codes: this enrolment link is spent and nothing changed. Ask an operator for a new one.",
+        ));
+    }
+    issuer.record(event).await.map_err(unavailable)?;
+    issuer
+        .store_totp(&user.id, sealed, attempt.state)
+        .await
+        .map_err(unavailable)?;
+    Ok(Enrolled::Totp)
 }
 
 /// The script of the approval and enrolment pages (served from this origin:
@@ -1732,7 +2056,9 @@ fn notice_html(n: &ApprovalNotice) -> String {
         ),
         (
             "Step-up",
-            if n.step_up_required {
+            if super::ballot_box::needs_passkey(n) {
+                "a passkey is required: answer with your passkey below; an authenticator code does not count".into()
+            } else if n.step_up_required {
                 "high value: approval needs this page and your authenticator code".into()
             } else {
                 "approval needs your authenticator code".into()
@@ -1748,8 +2074,20 @@ fn notice_html(n: &ApprovalNotice) -> String {
     format!("<table id=\"notice\">{rows}</table>")
 }
 
-fn form_html(token: &str, csrf: &str, workflow_id: &str, offer: Option<&PasskeyOffer>) -> String {
-    let passkey = offer.map_or_else(String::new, |o| {
+fn form_html(
+    token: &str,
+    csrf: &str,
+    workflow_id: &str,
+    offer: Option<&PasskeyOffer>,
+    passkey_required: bool,
+) -> String {
+    let missing = if passkey_required && offer.is_none() {
+        "<p class=\"refused\" id=\"no-passkey\">This request requires a passkey and you have none enrolled: \
+         ask an operator to run <code>custos user enrol YOUR-ID --method passkey</code>.</p>"
+    } else {
+        ""
+    };
+    let passkey = offer.map_or_else(|| missing.to_string(), |o| {
         let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
         format!(
             "<fieldset id=\"passkey\" data-challenge=\"{challenge}\" data-rp-id=\"{rp}\" data-credentials=\"{ids}\">\
@@ -1832,6 +2170,14 @@ fn summary(n: &ApprovalNotice) -> String {
     lines.join("\n")
 }
 
+/// What an enrolment sets up, in words.
+pub(super) fn enrolment_what(method: EnrolMethod) -> &'static str {
+    match method {
+        EnrolMethod::Totp => "authenticator app",
+        EnrolMethod::Passkey => "passkey",
+    }
+}
+
 /// Asks approvers by email, each with their own one-time link.
 pub struct EmailNotifier {
     links: Arc<dyn ApprovalLinks>,
@@ -1902,6 +2248,31 @@ impl Notifier for EmailNotifier {
                     r.amount, r.asset, r.wallet
                 ),
                 text,
+            )
+            .await
+        })
+    }
+
+    fn enrol<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        enrolment: &'a EnrolmentNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let text = Zeroizing::new(format!(
+                "Hello {name},\n\n{by} asked Custos to set up your {what} for approvals.\n\n\
+                 Open this one-time link yourself (it is for you only; do not forward it):\n{url}\n\n\
+                 It expires at {expires}. Until you finish on that page, your current second factor stays as it is.\n",
+                name = to.name,
+                by = enrolment.requested_by,
+                what = enrolment_what(enrolment.method),
+                url = enrolment.url.as_str(),
+                expires = format_ms(enrolment.expires_at),
+            ));
+            self.send(
+                to,
+                format!("Set up your {}", enrolment_what(enrolment.method)),
+                text.to_string(),
             )
             .await
         })
@@ -2029,6 +2400,23 @@ impl Notifier for ChatWebhookNotifier {
                 summary = summary(notice),
             );
             self.post(to, text).await
+        })
+    }
+
+    /// Never: whoever opens an enrolment link first enrols, and a chat
+    /// channel's members would all see it.
+    fn enrol<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        _enrolment: &'a EnrolmentNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            Err(NotifyError {
+                channel: ApprovalChannel::ChatLink.as_str(),
+                user: to.id.clone(),
+                reason: "a shared chat channel would show the enrolment link to everyone in it"
+                    .into(),
+            })
         })
     }
 

@@ -9,10 +9,12 @@ use futures::future::BoxFuture;
 
 pub mod ballot_box;
 pub mod console;
+pub mod enrolment;
 pub mod step;
 
 use custos_schemas::UserRecord;
-use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote};
+use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote, EnrolMethod};
+use zeroize::Zeroizing;
 
 /// One approver's answer, authenticated by a channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +85,28 @@ pub struct NotifyError {
     pub reason: String,
 }
 
+/// A one-time MFA enrolment link for its user. The link is a credential (whoever
+/// opens it first enrols): zeroized, and redacted in `Debug`.
+pub struct EnrolmentNotice {
+    pub url: Zeroizing<String>,
+    pub method: EnrolMethod,
+    /// Ms since the epoch.
+    pub expires_at: i64,
+    /// Directory id of the operator who asked.
+    pub requested_by: String,
+}
+
+impl std::fmt::Debug for EnrolmentNotice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrolmentNotice")
+            .field("url", &"<redacted>")
+            .field("method", &self.method)
+            .field("expires_at", &self.expires_at)
+            .field("requested_by", &self.requested_by)
+            .finish()
+    }
+}
+
 /// A channel that asks approvers.
 pub trait Notifier: Send + Sync {
     fn channel(&self) -> ApprovalChannel;
@@ -99,4 +123,19 @@ pub trait Notifier: Send + Sync {
         notice: &'a ApprovalNotice,
         outcome: &'a str,
     ) -> BoxFuture<'a, Result<(), NotifyError>>;
+    /// Hands `to` their enrolment link. Only channels that reach `to` alone
+    /// may: the default refuses.
+    fn enrol<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        _enrolment: &'a EnrolmentNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            Err(NotifyError {
+                channel: self.channel().as_str(),
+                user: to.id.clone(),
+                reason: "this channel does not deliver enrolment links".into(),
+            })
+        })
+    }
 }

@@ -35,7 +35,9 @@ use custos_adapters::slack::{MessageRef, SlackApi};
 use custos_schemas::approval::{ApprovalChannel, ApprovalNotice, ApprovalVote, MfaMethod, Vote};
 use custos_schemas::{RequestContext, UserRecord};
 
-use super::{ApprovalLinks, Ballot, BallotBox, BallotError, Notifier, NotifyError, Receipt};
+use super::{
+    ApprovalLinks, Ballot, BallotBox, BallotError, EnrolmentNotice, Notifier, NotifyError, Receipt,
+};
 
 /// Environment variables holding the secrets (never CLI arguments: those show in
 /// process listings and shell history).
@@ -250,6 +252,28 @@ impl Notifier for SlackNotifier {
         })
     }
 
+    /// In the user's DM from the app, which only they read.
+    fn enrol<'a>(
+        &'a self,
+        to: &'a UserRecord,
+        enrolment: &'a EnrolmentNotice,
+    ) -> BoxFuture<'a, Result<(), NotifyError>> {
+        Box::pin(async move {
+            let text = zeroize::Zeroizing::new(format!(
+                "{} asked Custos to set up your {} for approvals. Open this one-time link yourself (do not forward it): {}",
+                esc(&enrolment.requested_by),
+                super::links::enrolment_what(enrolment.method),
+                enrolment.url.as_str()
+            ));
+            let id = slack_id(to).map_err(|r| notify_error(to, r))?;
+            self.api
+                .post_message(id, SlackMessageContent::new().with_text(text.to_string()))
+                .await
+                .map(|_| ())
+                .map_err(|e| notify_error(to, e.to_string()))
+        })
+    }
+
     fn conclude<'a>(
         &'a self,
         to: &'a UserRecord,
@@ -302,7 +326,11 @@ fn approval_message(
         .with_style(SlackBlockButtonStyle::Danger);
 
     let mut blocks = notice_blocks(notice, "Approval requested");
-    if notice.step_up_required {
+    if super::ballot_box::needs_passkey(notice) {
+        blocks.push(context(
+            "A passkey is required: approve on the web approval page with your passkey, never here.",
+        ));
+    } else if notice.step_up_required {
         blocks.push(context(
             "High value: approving needs the web approval page and a second factor.",
         ));
@@ -756,6 +784,15 @@ async fn decide(slack: &SlackInteractions, click: &Click) -> (SlackMessageConten
     if click.vote == Vote::Approve {
         // The ballot box's notice decides, never the button that was clicked.
         match &notice {
+            Ok(n) if super::ballot_box::needs_passkey(n) => {
+                return (
+                    note(
+                        "This request requires a passkey: use the \"Approve on the web (MFA)\" \
+                         button and answer with your passkey there. Nothing was recorded.",
+                    ),
+                    false,
+                );
+            }
             Ok(n) if n.step_up_required => {
                 return (
                     note(
