@@ -335,6 +335,110 @@ impl CheckedTransfer {
     }
 }
 
+/// How much each fee of a replacement must exceed the replaced
+/// transaction's, in percent (geth's and anvil's price bump).
+pub const REPLACEMENT_BUMP_PERCENT: u128 = 10;
+
+/// The fee-bumped replacement of `previous`: the same nonce, gas limit and
+/// payment, with `max_fee_per_gas` and `max_priority_fee_per_gas` each at
+/// least [`REPLACEMENT_BUMP_PERCENT`] higher, and at least `max_fee` and
+/// `tip` (what the node suggests now). Refused when that goes above the caps.
+pub fn build_replacement(
+    previous: &UnsignedTransaction,
+    max_fee: u128,
+    tip: u128,
+    expect: &Expectation<'_>,
+) -> Result<UnsignedTransaction, EvmError> {
+    let old = check(previous, expect)?;
+    let tip = tip.max(bumped(old.tx.max_priority_fee_per_gas));
+    let max_fee = max_fee.max(bumped(old.tx.max_fee_per_gas)).max(tip);
+    let narrow = |what: &str, v: u128, cap: u64| {
+        u64::try_from(v).ok().filter(|v| *v <= cap).ok_or_else(|| {
+            refused(format!(
+                "a replacement needs a {what} of {v} wei, above the cap of {cap} wei"
+            ))
+        })
+    };
+    let UnsignedTransaction::Evm {
+        chain,
+        chain_id,
+        from,
+        to,
+        value,
+        nonce,
+        gas_limit,
+        ..
+    } = previous
+    else {
+        return Err(refused("not an EVM transaction"));
+    };
+    let replacement = UnsignedTransaction::Evm {
+        chain: chain.clone(),
+        chain_id: *chain_id,
+        from: from.clone(),
+        to: to.clone(),
+        value: value.clone(),
+        nonce: *nonce,
+        gas_limit: *gas_limit,
+        max_fee_per_gas: narrow("max fee per gas", max_fee, expect.gas.max_fee_per_gas)?,
+        max_priority_fee_per_gas: narrow("priority fee", tip, expect.gas.max_priority_fee)?,
+    };
+    check_replacement(&replacement, previous, expect)?;
+    Ok(replacement)
+}
+
+/// `fee` raised by [`REPLACEMENT_BUMP_PERCENT`], rounded up.
+fn bumped(fee: u128) -> u128 {
+    (fee * (100 + REPLACEMENT_BUMP_PERCENT)).div_ceil(100)
+}
+
+/// A signer's check of a replacement: it passes [`check`] against the
+/// approval (same destination and value, fees within the caps), and against
+/// `previous` (which must pass too) it keeps the nonce and gas limit and
+/// raises both fees by at least [`REPLACEMENT_BUMP_PERCENT`]. Anything else is
+/// not a fee bump.
+pub fn check_replacement(
+    replacement: &UnsignedTransaction,
+    previous: &UnsignedTransaction,
+    expect: &Expectation<'_>,
+) -> Result<CheckedTransfer, EvmError> {
+    let old =
+        check(previous, expect).map_err(|e| refused(format!("the replaced transaction: {e}")))?;
+    let new = check(replacement, expect)?;
+    if new.tx.nonce != old.tx.nonce {
+        return Err(refused(format!(
+            "the replacement has nonce {}, the replaced transaction {}",
+            new.tx.nonce, old.tx.nonce
+        )));
+    }
+    if new.tx.gas_limit != old.tx.gas_limit {
+        return Err(refused(format!(
+            "the replacement's gas limit {} is not the replaced transaction's {}",
+            new.tx.gas_limit, old.tx.gas_limit
+        )));
+    }
+    for (what, new_fee, old_fee) in [
+        (
+            "max fee per gas",
+            new.tx.max_fee_per_gas,
+            old.tx.max_fee_per_gas,
+        ),
+        (
+            "priority fee",
+            new.tx.max_priority_fee_per_gas,
+            old.tx.max_priority_fee_per_gas,
+        ),
+    ] {
+        let least = bumped(old_fee);
+        if new_fee < least {
+            return Err(refused(format!(
+                "the replacement's {what} {new_fee} wei is less than {least} wei ({REPLACEMENT_BUMP_PERCENT}% above {old_fee})"
+            )));
+        }
+    }
+    Ok(new)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -536,3 +536,141 @@ pub fn check_spend(
         vsize,
     })
 }
+
+impl FeePolicy {
+    /// The nodes' incremental relay fee, sat/vB: what a replacement must pay
+    /// on top of the fee of the transaction it replaces, per vbyte of itself
+    /// (BIP-125 rule 4). Bitcoin Core and Litecoin Core default it to their
+    /// minimum relay fee, the floor.
+    pub fn incremental_rate(&self) -> u64 {
+        self.min_rate.max(1)
+    }
+}
+
+/// The fee-bumped replacement of `previous`, a recorded transaction of the
+/// transfer `expect` describes: exactly its inputs, the same payment, and a fee
+/// rate of `rate` sat/vB (raised to the least BIP-125 accepts, and never above
+/// the policy's cap). The change pays the difference; change that would fall
+/// below the dust threshold goes to the fee. Refused when the change cannot pay
+/// the least acceptable fee within the caps.
+pub fn build_replacement(
+    previous: &UnsignedTransaction,
+    rate: u64,
+    expect: &Expectation<'_>,
+) -> Result<UnsignedTransaction, SpendError> {
+    let old = check_spend(previous, expect)?;
+    let UnsignedTransaction::Bitcoin {
+        chain,
+        spent,
+        fee_rate: old_rate,
+        ..
+    } = previous
+    else {
+        return Err(refused("not a Bitcoin-family transaction"));
+    };
+    let fees = expect.fees;
+    let incremental = fees.incremental_rate();
+    let least_rate = old_rate.saturating_add(incremental);
+    if least_rate > fees.max_rate {
+        return Err(refused(format!(
+            "a replacement needs at least {least_rate} sat/vB, above the cap of {} sat/vB",
+            fees.max_rate
+        )));
+    }
+    let rate = rate.clamp(least_rate, fees.max_rate);
+    let input_total: u64 = old.spent.iter().map(|o| o.value).sum();
+    let mut tx = Transaction {
+        version: TX_VERSION,
+        lock_time: 0,
+        inputs: old.tx.inputs.clone(),
+        outputs: vec![
+            TxOut {
+                value: expect.amount,
+                script_pubkey: expect.destination.to_vec(),
+            },
+            TxOut {
+                value: 0,
+                script_pubkey: expect.wallet_script.to_vec(),
+            },
+        ],
+    };
+    // The least fee BIP-125 accepts for a transaction of `vsize`: more than
+    // the old one by the incremental rate, and at `rate`.
+    let least_fee = |vsize: u64| {
+        rate.saturating_mul(vsize)
+            .max(old.fee.saturating_add(incremental.saturating_mul(vsize)))
+    };
+    let fee = least_fee(tx.keypath_vsize());
+    let change = input_total
+        .checked_sub(expect.amount)
+        .and_then(|c| c.checked_sub(fee))
+        .unwrap_or(0);
+    let change_vout = if change >= fees.dust_threshold(expect.wallet_script) {
+        tx.outputs[1].value = change;
+        Some(1)
+    } else {
+        tx.outputs.truncate(1);
+        let needed = expect.amount.saturating_add(least_fee(tx.keypath_vsize()));
+        if input_total < needed {
+            return Err(refused(format!(
+                "the inputs ({input_total} sat) cannot pay the amount and a replacement fee ({needed} sat in all)"
+            )));
+        }
+        None
+    };
+    let outputs: u64 = tx.outputs.iter().map(|o| o.value).sum();
+    let replacement = UnsignedTransaction::Bitcoin {
+        chain: chain.clone(),
+        unsigned_tx: hex::encode(tx.serialize()),
+        spent: spent.clone(),
+        fee: input_total - outputs,
+        fee_rate: rate,
+        change_vout,
+    };
+    check_replacement(&replacement, previous, expect)?;
+    Ok(replacement)
+}
+
+/// A signer's check of a replacement: it passes [`check_spend`] against the
+/// approval (same destination and amount, fee within the cap), spends exactly
+/// the inputs of `previous` (which must pass that check too), and pays a
+/// higher fee and fee rate, by at least the incremental relay fee for its own
+/// size (BIP-125 rules 3 and 4). Anything else is not a fee bump.
+pub fn check_replacement(
+    replacement: &UnsignedTransaction,
+    previous: &UnsignedTransaction,
+    expect: &Expectation<'_>,
+) -> Result<CheckedSpend, SpendError> {
+    let old = check_spend(previous, expect)
+        .map_err(|e| refused(format!("the replaced transaction: {e}")))?;
+    let new = check_spend(replacement, expect)?;
+    let outpoints = |c: &CheckedSpend| {
+        c.tx.inputs
+            .iter()
+            .map(|i| (i.previous_output.txid, i.previous_output.vout))
+            .collect::<BTreeSet<_>>()
+    };
+    if new.tx.inputs.len() != old.tx.inputs.len() || outpoints(&new) != outpoints(&old) {
+        return Err(refused(format!(
+            "the replacement spends other inputs than {}",
+            old.txid
+        )));
+    }
+    let least = old
+        .fee
+        .saturating_add(expect.fees.incremental_rate().saturating_mul(new.vsize));
+    if new.fee < least {
+        return Err(refused(format!(
+            "the replacement pays {} sat, less than the {least} sat BIP-125 needs over {}'s {} sat",
+            new.fee, old.txid, old.fee
+        )));
+    }
+    // new.fee / new.vsize > old.fee / old.vsize, without division.
+    if u128::from(new.fee) * u128::from(old.vsize) <= u128::from(old.fee) * u128::from(new.vsize) {
+        return Err(refused(format!(
+            "the replacement's fee rate is not above {}'s",
+            old.txid
+        )));
+    }
+    Ok(new)
+}
