@@ -32,6 +32,8 @@ struct Prepared {
     wallet: String,
     sighashes: Vec<Sighash>,
     started: Instant,
+    /// The session's marker being written (fsync): awaited before any share leaves.
+    marker: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// Nonces drawn for one share of a wallet (a rotation makes another share).
@@ -258,28 +260,29 @@ impl SignService {
     async fn commit(&self, session_id: &str, workflow_id: &str) -> Result<SignReply, String> {
         validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
         validate_token("workflowId", workflow_id).map_err(|e| e.to_string())?;
-        // The marker is written (fsync) while the trail catches up, and is on
-        // disk before the commitments leave: this id never signs again, even
-        // after a restart. Creating it is also the test that the id is new.
         let marker = self.marker(session_id);
+        // A replay is refused before any work.
+        if marker.exists() {
+            return Err(format!("session {session_id} was already consumed"));
+        }
+        // The marker is written (fsync) from now on, while the trail catches
+        // up, the commitments travel and round 2 comes: round 2 waits for it
+        // before any share leaves, so this id never signs again, even after a
+        // restart. Its creation (exclusive) is the final test that the id is
+        // new. Nonces lost in a crash before then signed nothing.
         let write = tokio::task::spawn_blocking({
             let (marker, workflow_id) = (marker.clone(), workflow_id.to_string());
             move || write_private(&marker, workflow_id.as_bytes())
         });
-        let checked = self.checked(workflow_id, true).await;
-        match write.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(format!("session {session_id} was already consumed"));
-            }
-            Ok(Err(e)) => return Err(format!("{}: {e}", marker.display())),
-            Err(e) => return Err(format!("{}: {e}", marker.display())),
-        }
-        let (wallet, sighashes, share) = match checked {
+        let (wallet, sighashes, share) = match self.checked(workflow_id, true).await {
             Ok(c) => c,
             Err(e) => {
                 // No nonces were drawn for this id: it may be used again.
-                let _ = std::fs::remove_file(&marker);
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = write.await {
+                        let _ = std::fs::remove_file(&marker);
+                    }
+                });
                 return Err(e);
             }
         };
@@ -307,6 +310,7 @@ impl SignService {
                     wallet: wallet.clone(),
                     sighashes,
                     started: Instant::now(),
+                    marker: write,
                 },
             );
         }
@@ -327,8 +331,7 @@ impl SignService {
             state.prepared.remove(session_id)
         }
         .ok_or_else(|| format!("no open session {session_id} (unknown, expired or consumed)"))?;
-        // The session's nonces are used now or never (its marker is on disk
-        // since the commitment).
+        // The session's nonces are used now or never.
         let discard = || {
             if let Ok(mut s) = self.state.lock() {
                 for i in 0..prepared.sighashes.len() {
@@ -360,30 +363,63 @@ impl SignService {
                 return Err(e);
             }
         };
-        let mut state = self.state.lock().map_err(|_| "poisoned")?;
-        let mut shares = Vec::with_capacity(packages.len());
-        let mut first_error = None;
-        // Every input's session is consumed, even after a refusal.
-        for (i, (bytes, sighash)) in packages.iter().zip(&sighashes).enumerate() {
-            let result = SigningPackage::deserialize(bytes)
-                .map_err(|e| format!("package {i}: {e}"))
-                .and_then(|p| {
-                    state
+        let (shares, first_error) = {
+            let mut state = self.state.lock().map_err(|_| "poisoned")?;
+            let mut shares = Vec::with_capacity(packages.len());
+            let mut first_error = None;
+            let members = share.public.verifying_shares();
+            // Every input's session is consumed, even after a refusal.
+            for (i, (bytes, sighash)) in packages.iter().zip(&sighashes).enumerate() {
+                let input = input_session(session_id, i);
+                let package = SigningPackage::deserialize(bytes)
+                    .map_err(|e| format!("package {i}: {e}"))
+                    .and_then(|p| {
+                        // A stranger's commitment makes a share no signature can use.
+                        match p
+                            .signing_commitments()
+                            .keys()
+                            .find(|id| !members.contains_key(id))
+                        {
+                            Some(stranger) => Err(format!(
+                                "package {i}: signer {} is not a guardian of {}",
+                                hex::encode(stranger.serialize()),
+                                prepared.wallet
+                            )),
+                            None => Ok(p),
+                        }
+                    });
+                let result = match package {
+                    Ok(p) => state
                         .signer
-                        .sign(&input_session(session_id, i), &share.key, &p, sighash)
-                        .map_err(|e| format!("input {i}: {e}"))
-                })
-                .map(|s| s.serialize());
-            match result {
-                Ok(s) => shares.push(s),
-                Err(e) => {
-                    first_error.get_or_insert(e);
+                        .sign(&input, &share.key, &p, sighash)
+                        .map(|s| s.serialize())
+                        .map_err(|e| format!("input {i}: {e}")),
+                    Err(e) => {
+                        state.signer.discard(&input);
+                        Err(e)
+                    }
+                };
+                match result {
+                    Ok(s) => shares.push(s),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
+            (shares, first_error)
+        };
+        if let Some(e) = first_error {
+            return Err(e);
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(SignReply::Shares { shares }),
+        // The shares leave only once the session's marker is on disk.
+        let marker = self.marker(session_id);
+        match prepared.marker.await {
+            Ok(Ok(())) => Ok(SignReply::Shares { shares }),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(format!("session {session_id} was already consumed"))
+            }
+            Ok(Err(e)) => Err(format!("{}: {e}", marker.display())),
+            Err(e) => Err(format!("{}: {e}", marker.display())),
         }
     }
 }
