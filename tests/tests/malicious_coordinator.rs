@@ -1,0 +1,698 @@
+//! A malicious coordinator against real guardians over a real nats-server: the
+//! test speaks the signing protocol itself and tampers with it. Guardians
+//! refuse tampered commitments and strangers, never sign twice on the same
+//! nonces (also across a restart), survive garbage on every subject they
+//! listen on, and a guardian killed between the rounds is named and replaced.
+//! After each, honest signing still works, and no nonce or key share is in
+//! any message of the events stream.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use custos_adapters::nats_server::Durability;
+use custos_custody::frost::round1::SigningCommitments;
+use custos_custody::frost::{Identifier, SigningPackage};
+use custos_custody::sign::Sighash;
+use custos_engine::policy;
+use custos_engine::transfer::{self, Stage};
+use custos_schemas::{EventType, IntakeReply, Payload, WalletDescriptor, codec, subjects};
+use custos_tests::frost::{
+    Frost, Guardian, append_built, ask, built, frost_setup, history, sighashes, stage_of,
+};
+use custos_tests::*;
+use custos_workers::ceremony::{GuardianReply, GuardianRequest, Joining, RosterEntry};
+use custos_workers::signing::{SignReply, SignRequest, SignStep};
+use custos_workers::trail::Trail;
+use futures::StreamExt;
+use serde_json::json;
+
+const AMOUNT: u64 = 150_000_000;
+
+/// `count` transfers allowed by the policy, each with its transaction recorded:
+/// their ids and sighashes.
+async fn built_transfers(
+    nats: &Nats,
+    engine: &Engine,
+    wallet: &WalletDescriptor,
+    tag: &str,
+    count: u8,
+) -> Vec<(String, Sighash)> {
+    let destination = taproot_address("rltc", [9; 32]);
+    let mut out = Vec::new();
+    for n in 0..count {
+        let body = json!({"requestId": format!("{tag}-{n}"), "wallet": wallet.name, "asset": "LTC",
+            "destination": destination, "amount": "1.5", "initiator": "erp"});
+        let id = match submit_json(&engine.client, &body).await {
+            IntakeReply::Accepted { workflow_id, .. } => workflow_id,
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                stage_of(nats, &id).await == Stage::ReadyToSign
+            })
+            .await,
+            "{id} allowed by policy"
+        );
+        let payload = built(wallet, &destination, AMOUNT, n + 1);
+        let sighash = sighashes(wallet, &payload, &destination, AMOUNT)[0];
+        append_built(engine, nats, &id, payload).await;
+        out.push((id, sighash));
+    }
+    out
+}
+
+/// Round 1 with `guardian` for `session` on a one-input transfer.
+async fn commit(
+    client: &async_nats::Client,
+    guardian: &str,
+    session: &str,
+    workflow_id: &str,
+) -> (Identifier, SigningCommitments) {
+    let reply = ask(
+        client,
+        guardian,
+        &SignRequest::Commit {
+            session_id: session.into(),
+            workflow_id: workflow_id.into(),
+        },
+    )
+    .await;
+    let SignReply::Committed {
+        identifier,
+        commitments,
+        ..
+    } = reply
+    else {
+        panic!("{guardian} commits to {session}: {reply:?}")
+    };
+    assert_eq!(commitments.len(), 1, "one input");
+    (
+        Identifier::deserialize(&identifier).expect("identifier"),
+        SigningCommitments::deserialize(&commitments[0]).expect("commitments"),
+    )
+}
+
+/// Round 2 with `guardian` for `session`.
+async fn sign(
+    client: &async_nats::Client,
+    guardian: &str,
+    session: &str,
+    package: &SigningPackage,
+) -> SignReply {
+    ask(
+        client,
+        guardian,
+        &SignRequest::Share {
+            session_id: session.into(),
+            packages: vec![package.serialize().expect("package")],
+        },
+    )
+    .await
+}
+
+/// Commitments no guardian made (of an unrelated share).
+fn forged() -> SigningCommitments {
+    let share = custos_custody::frost::keys::SigningShare::deserialize(&rand::random::<[u8; 32]>())
+        .expect("share");
+    custos_custody::frost::round1::commit(&share, &mut rand::rngs::OsRng).1
+}
+
+fn package(commitments: &[(Identifier, SigningCommitments)], sighash: &Sighash) -> SigningPackage {
+    let map: BTreeMap<Identifier, SigningCommitments> = commitments.iter().copied().collect();
+    SigningPackage::new(map, sighash.as_bytes())
+}
+
+#[track_caller]
+fn refused(reply: &SignReply, why: &str) {
+    assert!(
+        matches!(reply, SignReply::Refused { reason } if reason.contains(why)),
+        "refused because {why:?}: {reply:?}"
+    );
+}
+
+/// Runs the signing step (the honest coordinator) until `shutdown`.
+async fn run_coordinator(nats: &Nats, engine: &Engine, shutdown: &custos_workers::Shutdown) {
+    let js = nats.js().await;
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .expect("trail");
+    let step = SignStep::new(nats.client().await, trail).expect("sign step");
+    tokio::spawn(custos_workers::runtime::run(
+        js,
+        engine.ledger.clone(),
+        step,
+        shutdown.clone(),
+    ));
+}
+
+/// Waits until `workflow_id` is signed; returns its signers.
+async fn signed_by(nats: &Nats, workflow_id: &str) -> Vec<String> {
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            stage_of(nats, workflow_id).await == Stage::Signed
+        })
+        .await,
+        "{workflow_id} signed, is {:?}",
+        stage_of(nats, workflow_id).await
+    );
+    let (t, _) = transfer::fold(&history(nats, workflow_id).await).expect("folds");
+    t.signed.expect("signed").signers
+}
+
+/// No message of the stream holds a nonce or a key share the guardians
+/// answered for (more than the three verifying shares and some commitments
+/// were collected: the scan is not vacuous).
+async fn no_secret_in_the_stream(nats: &Nats, watch: &leaks::Watch, min_commitments: usize) {
+    let images = watch.images();
+    assert!(
+        images.len() >= 3 + 2 * min_commitments,
+        "collected {} images",
+        images.len()
+    );
+    let bodies = leaks::stream_bodies(&nats.js().await).await;
+    let leaked = leaks::find(&bodies, &images);
+    assert!(
+        leaked.is_empty(),
+        "stream messages {leaked:?} hold a nonce or a share"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tampered_commitments_and_second_rounds_are_refused() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let watch = leaks::Watch::start(&client).await;
+    let Frost {
+        mut guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(
+        &nats,
+        &engine,
+        "vault",
+        policy::default_policy().expect("policy"),
+    )
+    .await;
+    let transfers = built_transfers(&nats, &engine, &wallet, "rogue", 2).await;
+    let (id, sighash) = &transfers[0];
+
+    // g2's own commitment replaced: refused, and the session's nonces are gone.
+    let (id2, c2) = commit(&client, "g2", "own-1", id).await;
+    let (id3, c3) = commit(&client, "g3", "own-1", id).await;
+    let tampered = package(&[(id2, forged()), (id3, c3)], sighash);
+    refused(
+        &sign(&client, "g2", "own-1", &tampered).await,
+        "different commitment for this guardian",
+    );
+    let genuine = package(&[(id2, c2), (id3, c3)], sighash);
+    refused(&sign(&client, "g2", "own-1", &genuine).await, "consumed");
+    // Another guardian's commitment replaced: g3 cannot know it is not g2's,
+    // and signs; the genuine package cannot have a second share on its nonces.
+    assert!(matches!(
+        sign(&client, "g3", "own-1", &tampered).await,
+        SignReply::Shares { .. }
+    ));
+    refused(&sign(&client, "g3", "own-1", &genuine).await, "consumed");
+    // The owner of a replaced commitment sees it.
+    let (id2, c2) = commit(&client, "g2", "other-1", id).await;
+    let (id3, _) = commit(&client, "g3", "other-1", id).await;
+    let altered = package(&[(id2, c2), (id3, forged())], sighash);
+    refused(
+        &sign(&client, "g3", "other-1", &altered).await,
+        "different commitment for this guardian",
+    );
+
+    // Packages a guardian must not sign: without its commitment, below the
+    // threshold, with a signer that is not a guardian of the wallet,
+    // unreadable, or more packages than inputs. Each spends the session.
+    let id1 = Identifier::try_from(1u16).expect("id");
+    let stranger = Identifier::try_from(9u16).expect("id");
+    let (id2, c2) = commit(&client, "g2", "missing-1", id).await;
+    refused(
+        &sign(
+            &client,
+            "g2",
+            "missing-1",
+            &package(&[(id1, forged()), (id3, forged())], sighash),
+        )
+        .await,
+        "no commitment for this guardian",
+    );
+    refused(
+        &sign(&client, "g2", "missing-1", &package(&[(id2, c2)], sighash)).await,
+        "consumed",
+    );
+    let (id2, c2) = commit(&client, "g2", "few-1", id).await;
+    refused(
+        &sign(&client, "g2", "few-1", &package(&[(id2, c2)], sighash)).await,
+        "the threshold is 2",
+    );
+    let (id2, c2) = commit(&client, "g2", "stranger-1", id).await;
+    refused(
+        &sign(
+            &client,
+            "g2",
+            "stranger-1",
+            &package(&[(id2, c2), (stranger, forged())], sighash),
+        )
+        .await,
+        "is not a guardian of vault",
+    );
+    commit(&client, "g2", "garbled-1", id).await;
+    let reply = ask(
+        &client,
+        "g2",
+        &SignRequest::Share {
+            session_id: "garbled-1".into(),
+            packages: vec![vec![0xEE; 120]],
+        },
+    )
+    .await;
+    refused(&reply, "package 0");
+    let (id2, c2) = commit(&client, "g2", "two-1", id).await;
+    let (id3, c3) = commit(&client, "g3", "two-1", id).await;
+    let genuine = package(&[(id2, c2), (id3, c3)], sighash).serialize();
+    let reply = ask(
+        &client,
+        "g2",
+        &SignRequest::Share {
+            session_id: "two-1".into(),
+            packages: vec![genuine.clone().expect("package"), genuine.expect("package")],
+        },
+    )
+    .await;
+    refused(&reply, "2 packages for 1 inputs");
+
+    // A second round 2 after a share was given: the same package, another
+    // one, or two at once: one share at most per session.
+    let (id2, c2) = commit(&client, "g2", "twice-1", id).await;
+    let (id3, c3) = commit(&client, "g3", "twice-1", id).await;
+    let genuine = package(&[(id2, c2), (id3, c3)], sighash);
+    assert!(matches!(
+        sign(&client, "g2", "twice-1", &genuine).await,
+        SignReply::Shares { .. }
+    ));
+    refused(&sign(&client, "g2", "twice-1", &genuine).await, "consumed");
+    let (id1, c1) = commit(&client, "g1", "twice-1", id).await;
+    refused(
+        &sign(
+            &client,
+            "g2",
+            "twice-1",
+            &package(&[(id1, c1), (id2, c2)], sighash),
+        )
+        .await,
+        "consumed",
+    );
+    let (id2, c2) = commit(&client, "g2", "race-1", id).await;
+    let (id3, c3) = commit(&client, "g3", "race-1", id).await;
+    let raced = package(&[(id2, c2), (id3, c3)], sighash);
+    let replies =
+        futures::future::join_all((0..4).map(|_| sign(&client, "g2", "race-1", &raced))).await;
+    let shares = replies
+        .iter()
+        .filter(|r| matches!(r, SignReply::Shares { .. }))
+        .count();
+    assert_eq!(shares, 1, "one share for four concurrent asks: {replies:?}");
+
+    // A restarted guardian knows the sessions it committed to (on disk).
+    let heartbeats = nats
+        .js()
+        .await
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .expect("bucket");
+    let g2 = guardians.remove(1);
+    let dir = g2.stop().await;
+    let last = heartbeats
+        .entry("g2")
+        .await
+        .expect("entry")
+        .map(|e| e.revision);
+    guardians.insert(1, Guardian::start_in(&nats, "g2", dir).await);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            heartbeats
+                .entry("g2")
+                .await
+                .ok()
+                .flatten()
+                .map(|e| e.revision)
+                > last
+        })
+        .await,
+        "g2 is back"
+    );
+    for session in ["twice-1", "race-1", "own-1"] {
+        let reply = ask(
+            &client,
+            "g2",
+            &SignRequest::Commit {
+                session_id: session.into(),
+                workflow_id: id.clone(),
+            },
+        )
+        .await;
+        refused(&reply, "already consumed");
+    }
+
+    // The honest coordinator signs both transfers with them all the same.
+    run_coordinator(&nats, &engine, &shutdown).await;
+    for (id, _) in &transfers {
+        assert_eq!(signed_by(&nats, id).await, vec!["g1", "g2"]);
+    }
+    assert!(guardians.iter().all(Guardian::is_running));
+    no_secret_in_the_stream(&nats, &watch, 12).await;
+    trigger.trigger();
+    verify_stream(&nats.js().await)
+        .await
+        .expect("the trail verifies");
+}
+
+/// What a hostile peer can put on a guardian's subjects.
+fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let commit = codec::to_msgpack(&SignRequest::Commit {
+        session_id: "garbage-1".into(),
+        workflow_id: workflow_id.into(),
+    });
+    let bad_peer = custos_custody::identity::SignedMessage {
+        ceremony_id: "c-1".into(),
+        sender: "g9".into(),
+        recipient: None,
+        round: u32::MAX,
+        payload: vec![0xFF; 300],
+        signature: vec![1; 3],
+    };
+    let roster = |index: u16| RosterEntry {
+        index,
+        guardian: custos_custody::identity::GuardianPublic {
+            id: "g1".into(),
+            signing_key: [0; 32],
+            encryption_key: [0xFF; 32],
+        },
+    };
+    let ceremonies = [
+        GuardianRequest::DkgStart {
+            ceremony_id: "c-1".into(),
+            change: "nope".into(),
+            min_signers: 0,
+            roster: vec![],
+        },
+        GuardianRequest::DkgStart {
+            ceremony_id: "c-2".into(),
+            change: "nope".into(),
+            min_signers: u16::MAX,
+            roster: vec![roster(0), roster(0), roster(u16::MAX)],
+        },
+        GuardianRequest::DkgShares {
+            ceremony_id: "c-1".into(),
+            packages: vec![bad_peer.clone(); 50],
+        },
+        GuardianRequest::DkgFinalize {
+            ceremony_id: "c-1".into(),
+            echoes: vec![bad_peer.clone()],
+            shares: vec![],
+        },
+        GuardianRequest::RefreshStart {
+            ceremony_id: "c-3".into(),
+            change: "nope".into(),
+            wallet: "vault".into(),
+            roster: vec![roster(1)],
+        },
+        GuardianRequest::RefreshFinalize {
+            ceremony_id: "c-3".into(),
+            shares: vec![bad_peer.clone()],
+        },
+        GuardianRequest::RepairStart {
+            ceremony_id: "c-4".into(),
+            change: "nope".into(),
+            wallet: "vault".into(),
+            joining: Joining {
+                roster: vec![roster(1)],
+                helpers: vec![0, u16::MAX],
+                newcomer: 0,
+            },
+        },
+        GuardianRequest::RepairAdmit {
+            ceremony_id: "c-4".into(),
+            result: bad_peer.clone(),
+        },
+        GuardianRequest::ReshareStart {
+            ceremony_id: "c-5".into(),
+            change: "nope".into(),
+            wallet: "vault".into(),
+            min_signers: 0,
+            roster: vec![],
+        },
+        GuardianRequest::ReshareFinalize {
+            ceremony_id: "c-5".into(),
+            dealings: vec![bad_peer.clone()],
+            shares: vec![bad_peer],
+        },
+        GuardianRequest::Commit {
+            ceremony_id: "c-6".into(),
+            wallet: "vault".into(),
+        },
+        GuardianRequest::Abort {
+            ceremony_id: "../../c-7".into(),
+        },
+    ];
+    let mut out: Vec<(&'static str, &'static str, Vec<u8>)> = Vec::new();
+    for op in ["sign", "ceremony"] {
+        out.extend([
+            (op, "empty", Vec::new()),
+            (
+                op,
+                "random bytes",
+                (0..1024).map(|_| rand::random::<u8>()).collect(),
+            ),
+            (
+                op,
+                "a truncated request",
+                commit[..commit.len() / 2].to_vec(),
+            ),
+            // 0xC1 is the one byte MessagePack never uses.
+            (op, "oversized", vec![0xC1; 900 * 1024]),
+            (op, "deeply nested arrays", vec![0x91; 200_000]),
+            (
+                op,
+                "JSON",
+                serde_json::to_vec(&json!({"Commit": {"session_id": "x", "workflow_id": "y"}}))
+                    .expect("json"),
+            ),
+            (op, "an integer", codec::to_msgpack(&42u32)),
+            (
+                op,
+                "an unknown variant",
+                codec::to_msgpack(&json!({"Explode": {}})),
+            ),
+            (
+                op,
+                "missing fields",
+                codec::to_msgpack(&json!({"Commit": {}})),
+            ),
+            (
+                op,
+                "fields of the wrong type",
+                codec::to_msgpack(&json!({"Commit": {"session_id": 7, "workflow_id": [1, 2]}})),
+            ),
+        ]);
+    }
+    out.extend([
+        (
+            "sign",
+            "a ceremony request",
+            codec::to_msgpack(&ceremonies[0]),
+        ),
+        ("ceremony", "a signing request", commit.clone()),
+        (
+            "sign",
+            "a 100 kB session id",
+            codec::to_msgpack(&SignRequest::Commit {
+                session_id: "s".repeat(100_000),
+                workflow_id: workflow_id.into(),
+            }),
+        ),
+        (
+            "sign",
+            "a path as session id",
+            codec::to_msgpack(&SignRequest::Commit {
+                session_id: "../../shares/vault".into(),
+                workflow_id: workflow_id.into(),
+            }),
+        ),
+        (
+            "sign",
+            "5,000 packages for no session",
+            codec::to_msgpack(&SignRequest::Share {
+                session_id: "nope".into(),
+                packages: vec![vec![0xFF; 64]; 5_000],
+            }),
+        ),
+    ]);
+    out.extend(ceremonies.iter().map(|r| {
+        (
+            "ceremony",
+            "a hostile ceremony request",
+            codec::to_msgpack(r),
+        )
+    }));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn garbage_on_every_guardian_subject_is_refused_and_signing_goes_on() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let watch = leaks::Watch::start(&client).await;
+    let Frost {
+        guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(
+        &nats,
+        &engine,
+        "vault",
+        policy::default_policy().expect("policy"),
+    )
+    .await;
+    let transfers = built_transfers(&nats, &engine, &wallet, "after-garbage", 1).await;
+    let heartbeats = js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .expect("bucket");
+    for g in ["g1", "g2"] {
+        for (op, what, body) in garbage(&transfers[0].0) {
+            let subject = subjects::guardian_subject(g, op);
+            // Without a reply subject: nothing to answer, and nothing breaks.
+            client
+                .publish(subject.clone(), body.clone().into())
+                .await
+                .expect("publish");
+            let reply = tokio::time::timeout(
+                Duration::from_secs(30),
+                client.request(subject, body.into()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{g} answers {what} on {op}"))
+            .unwrap_or_else(|e| panic!("{g} answers {what} on {op}: {e}"));
+            let reason = match op {
+                "sign" => match codec::from_msgpack::<SignReply>(&reply.payload) {
+                    Ok(SignReply::Refused { reason }) => reason,
+                    other => panic!("{g}: {what} on {op}: {other:?}"),
+                },
+                _ => match codec::from_msgpack::<GuardianReply>(&reply.payload) {
+                    Ok(GuardianReply::Refused { reason }) => reason,
+                    other => panic!("{g}: {what} on {op}: {other:?}"),
+                },
+            };
+            assert!(!reason.is_empty(), "{g}: {what} on {op}: a reason");
+            if what.starts_with("a 100 kB") {
+                assert!(reason.contains("sessionId"), "names the field: {reason}");
+            }
+        }
+    }
+    // Still alive: running, announcing, and signing.
+    assert!(guardians.iter().all(Guardian::is_running));
+    for g in ["g1", "g2"] {
+        let before = heartbeats
+            .entry(g)
+            .await
+            .expect("entry")
+            .expect("announced")
+            .revision;
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                heartbeats
+                    .entry(g)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|e| e.revision > before)
+            })
+            .await,
+            "{g} still announces itself"
+        );
+    }
+    run_coordinator(&nats, &engine, &shutdown).await;
+    assert_eq!(signed_by(&nats, &transfers[0].0).await, vec!["g1", "g2"]);
+    no_secret_in_the_stream(&nats, &watch, 1).await;
+    trigger.trigger();
+    verify_stream(&js).await.expect("the trail verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let client = nats.client().await;
+    let js = nats.js().await;
+    let watch = leaks::Watch::start(&client).await;
+    let Frost {
+        mut guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(
+        &nats,
+        &engine,
+        "vault",
+        policy::default_policy().expect("policy"),
+    )
+    .await;
+    // The coordinator asks g1 and g2 (live, in the wallet's order). g2 hears
+    // nothing until g1 has committed and died; then the coordinator's round 2
+    // finds g1 gone.
+    let mut committed = client.subscribe("_INBOX.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    guardians[1].proxy.hold();
+    run_coordinator(&nats, &engine, &shutdown).await;
+    let transfers = built_transfers(&nats, &engine, &wallet, "killed", 1).await;
+    let g1_id = Identifier::try_from(1u16).expect("id").serialize();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(msg) = committed.next().await {
+            if let Ok(SignReply::Committed { identifier, .. }) = codec::from_msgpack(&msg.payload)
+                && identifier == g1_id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("g1 commits");
+    guardians.remove(0).kill().await;
+    guardians[0].proxy.release();
+
+    let id = &transfers[0].0;
+    assert_eq!(signed_by(&nats, id).await, vec!["g2", "g3"]);
+    let alerts: Vec<String> = all_events(&js)
+        .await
+        .into_iter()
+        .filter_map(|(_, e)| match e.payload {
+            Payload::Alert { summary, .. } if e.event_type == EventType::AlertRaised => {
+                Some(summary)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.contains(&format!("signing {id}: guardian g1 excluded"))),
+        "the guardian that died is named: {alerts:?}"
+    );
+    assert!(
+        !alerts
+            .iter()
+            .any(|a| a.contains("g2 excluded") || a.contains("g3 excluded")),
+        "only g1 is blamed: {alerts:?}"
+    );
+    no_secret_in_the_stream(&nats, &watch, 4).await;
+    trigger.trigger();
+    verify_stream(&js).await.expect("the trail verifies");
+}
