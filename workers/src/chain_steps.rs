@@ -49,10 +49,14 @@ impl ChainNodes {
         ChainNodes(self.0, evm)
     }
 
-    fn get(&self, chain: &str) -> Result<&Bitcoind, StepError> {
+    pub(crate) fn get(&self, chain: &str) -> Result<&Bitcoind, StepError> {
         self.0
             .get(chain)
             .ok_or_else(|| StepError::Permanent(format!("no node is configured for {chain}")))
+    }
+
+    pub(crate) fn evm(&self) -> &EvmNodes {
+        &self.1
     }
 }
 
@@ -509,9 +513,9 @@ struct Waiting {
     workflow_id: String,
     version: u64,
     chain: String,
-    txid: String,
-    /// The signed transaction, sent again if an EVM node has lost it.
-    raw_tx: String,
+    /// Every transaction that may confirm it (a fee bump's and those it
+    /// replaced), see [`crate::fee_bump::awaiting`].
+    candidates: Vec<crate::fee_bump::Candidate>,
     target: Target,
 }
 
@@ -556,15 +560,15 @@ impl<A: Appender> ConfirmWatcher<A> {
             .read(|view| {
                 view.ledger
                     .transfers()
-                    .filter(|(_, t)| t.stage == Stage::Broadcast)
+                    .filter(|(_, t)| t.stage == Stage::Broadcast || t.replacing())
                     .filter_map(|(id, t)| {
                         let request = t.request.as_ref();
+                        let candidates = crate::fee_bump::awaiting(t);
                         Some(Waiting {
                             workflow_id: id.to_string(),
                             version: t.version,
-                            chain: t.signed.as_ref()?.chain.clone(),
-                            txid: t.txid.clone()?,
-                            raw_tx: t.signed.as_ref()?.raw_tx.clone(),
+                            chain: candidates.first()?.chain.clone(),
+                            candidates,
                             target: Target {
                                 kind: "transaction".into(),
                                 id: id.to_string(),
@@ -585,13 +589,19 @@ impl<A: Appender> ConfirmWatcher<A> {
         };
         let mut confirmed = Vec::new();
         for w in waiting {
-            let status = if is_evm(&w.chain) {
-                self.evm_status(&w).await
-            } else {
-                self.confirmation(&w)
-                    .await
-                    .map(|c| c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed))
-            };
+            let mut status = Ok(evm_steps::Status::Pending);
+            for c in &w.candidates {
+                status = if is_evm(&w.chain) {
+                    self.evm_status(&w, c).await
+                } else {
+                    self.confirmation(&w, c).await.map(|c| {
+                        c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed)
+                    })
+                };
+                if !matches!(status, Ok(evm_steps::Status::Pending)) {
+                    break;
+                }
+            }
             let (event_type, result, payload) = match status {
                 Ok(evm_steps::Status::Confirmed(c)) => (
                     EventType::TransactionConfirmed,
@@ -608,7 +618,7 @@ impl<A: Appender> ConfirmWatcher<A> {
                 ),
                 Ok(evm_steps::Status::Pending) => continue,
                 Err(reason) => {
-                    tracing::warn!(workflow = %w.workflow_id, txid = %w.txid, %reason, "confirmation not known");
+                    tracing::warn!(workflow = %w.workflow_id, %reason, "confirmation not known");
                     continue;
                 }
             };
@@ -643,26 +653,44 @@ impl<A: Appender> ConfirmWatcher<A> {
         confirmed
     }
 
-    async fn evm_status(&self, w: &Waiting) -> Result<evm_steps::Status, String> {
+    async fn evm_status(
+        &self,
+        w: &Waiting,
+        c: &crate::fee_bump::Candidate,
+    ) -> Result<evm_steps::Status, String> {
         let node = self.nodes.1.get(&w.chain).map_err(|e| e.to_string())?;
         evm_steps::status(
             node,
             &w.chain,
-            &w.txid,
-            &w.raw_tx,
+            &c.txid,
+            c.resend.as_deref(),
             self.depth.required(&w.chain),
         )
         .await
     }
 
     /// Where the transaction is buried, once at the required depth.
-    async fn confirmation(&self, w: &Waiting) -> Result<Option<Confirmation>, String> {
+    async fn confirmation(
+        &self,
+        w: &Waiting,
+        c: &crate::fee_bump::Candidate,
+    ) -> Result<Option<Confirmation>, String> {
         let node = self.nodes.get(&w.chain).map_err(|e| e.to_string())?;
-        let tx = node
-            .get_raw_transaction(&w.txid)
+        let Some(tx) = node
+            .get_raw_transaction(&c.txid)
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("the {} node does not know the transaction", w.chain))?;
+        else {
+            // A replaced transaction leaves the mempool: only the one on the
+            // network must be known.
+            return match c.resend {
+                Some(_) => Err(format!(
+                    "the {} node does not know transaction {}",
+                    w.chain, c.txid
+                )),
+                None => Ok(None),
+            };
+        };
         let required = self.depth.required(&w.chain);
         let Some(block_hash) = tx.block_hash.filter(|_| tx.confirmations >= required) else {
             return Ok(None);
@@ -680,7 +708,7 @@ impl<A: Appender> ConfirmWatcher<A> {
         }
         Ok(Some(Confirmation {
             chain: w.chain.clone(),
-            txid: w.txid.clone(),
+            txid: c.txid.clone(),
             block_hash,
             block_height: header.height,
             confirmations,

@@ -157,8 +157,20 @@ pub fn check(
 ) -> Result<(WalletDescriptor, CheckedTransfer), String> {
     let (request, unsigned) = crate::signing::workflow_allows(view, workflow_id, now)?;
     let terms = evm_terms(view, request)?;
-    let checked = evm_tx::check(unsigned, &terms.expectation())
-        .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
+    let expect = terms.expectation();
+    // A fee bump is held to the transaction it replaces as well.
+    let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
+        Some(replaced) => {
+            evm_tx::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
+                format!(
+                    "the recorded replacement is not a fee bump of {}: {e}",
+                    replaced.txid
+                )
+            })
+        }
+        None => evm_tx::check(unsigned, &expect)
+            .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),
+    }?;
     if let Some(other) = held_nonces(view, &terms.wallet.name, workflow_id).get(&checked.tx.nonce) {
         return Err(format!(
             "nonce {} is already used by transfer {other}",
@@ -216,29 +228,7 @@ pub(crate) async fn build(nodes: &EvmNodes, job: &Job) -> Result<UnsignedTransac
             terms.gas.max_gas_limit
         )));
     }
-    let outlook = node
-        .fee_outlook(FEE_HISTORY_BLOCKS)
-        .await
-        .map_err(|e| step_error("eth_feeHistory", e))?;
-    let suggested = match node.max_priority_fee().await {
-        Ok(tip) => tip,
-        Err(e) if e.is_transient() => return Err(step_error("eth_maxPriorityFeePerGas", e)),
-        // Not every node has the call: the recent median tip, else the floor.
-        Err(_) => outlook.recent_tip.unwrap_or(0),
-    };
-    let tip = suggested.clamp(
-        u128::from(terms.gas.min_priority_fee),
-        u128::from(terms.gas.max_priority_fee),
-    );
-    let base = outlook.next_base_fee;
-    let cap = u128::from(terms.gas.max_fee_per_gas);
-    if base + tip > cap {
-        return Err(StepError::Permanent(format!(
-            "the base fee ({base} wei) and tip ({tip} wei) exceed the cap of {cap} wei per gas"
-        )));
-    }
-    // Room for the base fee to double before the transaction is mined.
-    let max_fee = (2 * base + tip).min(cap);
+    let (max_fee, tip) = suggested_fees(node, &terms.gas).await?;
     let balance = node
         .balance(&wallet.address)
         .await
@@ -272,6 +262,37 @@ pub(crate) async fn build(nodes: &EvmNodes, job: &Job) -> Result<UnsignedTransac
     })
 }
 
+/// The fees a transaction should offer now, within `gas`'s caps: the tip the
+/// node suggests (its recent median, else the floor) and a max fee with room
+/// for the base fee to double before it is mined. `(max_fee, tip)`, wei per gas.
+pub(crate) async fn suggested_fees(
+    node: &EvmRpc,
+    gas: &GasPolicy,
+) -> Result<(u128, u128), StepError> {
+    let outlook = node
+        .fee_outlook(FEE_HISTORY_BLOCKS)
+        .await
+        .map_err(|e| step_error("eth_feeHistory", e))?;
+    let suggested = match node.max_priority_fee().await {
+        Ok(tip) => tip,
+        Err(e) if e.is_transient() => return Err(step_error("eth_maxPriorityFeePerGas", e)),
+        // Not every node has the call: the recent median tip, else the floor.
+        Err(_) => outlook.recent_tip.unwrap_or(0),
+    };
+    let tip = suggested.clamp(
+        u128::from(gas.min_priority_fee),
+        u128::from(gas.max_priority_fee),
+    );
+    let base = outlook.next_base_fee;
+    let cap = u128::from(gas.max_fee_per_gas);
+    if base + tip > cap {
+        return Err(StepError::Permanent(format!(
+            "the base fee ({base} wei) and tip ({tip} wei) exceed the cap of {cap} wei per gas"
+        )));
+    }
+    Ok(((2 * base + tip).min(cap), tip))
+}
+
 /// Where a broadcast EVM transaction stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Status {
@@ -284,20 +305,22 @@ pub enum Status {
 
 /// The transaction's status on `node`: confirmed once its receipt's block is
 /// canonical and `required` deep. A transaction the node no longer knows (a
-/// reorg dropped it, or the node restarted without it) is sent again from the
-/// recorded signed transaction.
+/// reorg dropped it, or the node restarted without it) is sent again from
+/// `resend`, the recorded signed transaction, when it is the one on the
+/// network (not one a fee bump replaced).
 pub async fn status(
     node: &EvmRpc,
     chain: &str,
     txid: &str,
-    raw_tx: &str,
+    resend: Option<&str>,
     required: u64,
 ) -> Result<Status, String> {
     let Some(receipt) = node.receipt(txid).await.map_err(|e| e.to_string())? else {
-        if !node
-            .has_transaction(txid)
-            .await
-            .map_err(|e| e.to_string())?
+        if let Some(raw_tx) = resend
+            && !node
+                .has_transaction(txid)
+                .await
+                .map_err(|e| e.to_string())?
         {
             node.send_raw_transaction(raw_tx, txid)
                 .await

@@ -7,6 +7,7 @@ pub mod chain_steps;
 pub mod change;
 pub mod engine;
 pub mod evm_steps;
+pub mod fee_bump;
 pub mod guardian;
 pub mod guardian_gate;
 mod guardian_sign;

@@ -85,8 +85,20 @@ pub fn check(
 ) -> Result<(WalletDescriptor, CheckedSpend), String> {
     let (request, unsigned) = workflow_allows(view, workflow_id, now)?;
     let terms = crate::chain_steps::spend_terms(view, request)?;
-    let checked = spend::check_spend(unsigned, &terms.expectation(wallet_script))
-        .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"))?;
+    let expect = terms.expectation(wallet_script);
+    // A fee bump is held to the transaction it replaces as well.
+    let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
+        Some(replaced) => {
+            spend::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
+                format!(
+                    "the recorded replacement is not a fee bump of {}: {e}",
+                    replaced.txid
+                )
+            })
+        }
+        None => spend::check_spend(unsigned, &expect)
+            .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),
+    }?;
     Ok((terms.wallet, checked))
 }
 

@@ -1,0 +1,342 @@
+//! Fee bumps for stuck transactions.
+//!
+//! A broadcast transfer whose transaction has waited longer than its chain's
+//! [`BumpAfter`] without being mined gets a replacement, recorded as
+//! `TRANSACTION_BUILT` with [`Payload::TransactionReplacement`]: for the
+//! Bitcoin family the same inputs, payment and change script at a higher fee
+//! rate (BIP-125, which every build signals); for EVM chains the same nonce
+//! with both fees raised by at least 10%. Each stays within the chain's caps,
+//! and signers check it against the approval and against the transaction it
+//! replaces (`custody::spend::check_replacement`, `custody::evm::check_replacement`).
+//! The replacement then goes through signing and broadcast like any build;
+//! the confirmation watcher accepts whichever of the transactions is mined
+//! ([`awaiting`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use custos_custody::evm as evm_tx;
+use custos_custody::spend;
+use custos_engine::transfer::{Stage, Transfer};
+use custos_schemas::chain::UnsignedTransaction;
+use custos_schemas::{
+    Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
+};
+
+use crate::Shutdown;
+use crate::chain_steps::{ChainNodes, spend_terms};
+use crate::evm_steps::{self, evm_terms, is_evm};
+use crate::remote::Appender;
+use crate::runtime::StepError;
+use crate::signing::wallet_script;
+use crate::trail::{Trail, TrailView};
+
+/// A transaction that may confirm a transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub chain: String,
+    pub txid: String,
+    /// The signed transaction, to send again if a node lost it: only for the
+    /// one on the network, never for one a replacement took the place of.
+    pub resend: Option<String>,
+}
+
+/// The transactions that may confirm `t`, the one on the network first, then
+/// those a fee bump replaced, newest first (a miner may have taken one before
+/// it saw the replacement). Empty unless `t` is broadcast or replacing.
+pub fn awaiting(t: &Transfer) -> Vec<Candidate> {
+    let live = match t.stage {
+        Stage::Broadcast => t.txid.as_ref().zip(t.signed.as_ref()),
+        _ if t.replacing() => t.replaced.last().map(|r| (&r.txid, &r.signed)),
+        _ => None,
+    };
+    let Some((txid, signed)) = live else {
+        return Vec::new();
+    };
+    let mut candidates = vec![Candidate {
+        chain: signed.chain.clone(),
+        txid: txid.clone(),
+        resend: Some(signed.raw_tx.clone()),
+    }];
+    for r in t.replaced.iter().rev().filter(|r| &r.txid != txid) {
+        candidates.push(Candidate {
+            chain: r.signed.chain.clone(),
+            txid: r.txid.clone(),
+            resend: None,
+        });
+    }
+    candidates
+}
+
+/// How long a broadcast transaction may wait unmined before it is bumped,
+/// per chain id.
+#[derive(Debug, Clone, Default)]
+pub struct BumpAfter(BTreeMap<String, Duration>);
+
+impl BumpAfter {
+    /// Waits per chain id that replace the defaults.
+    pub fn new(waits: impl IntoIterator<Item = (String, Duration)>) -> Self {
+        BumpAfter(waits.into_iter().collect())
+    }
+
+    /// As configured, else a few block intervals: 1 hour on Bitcoin, 20
+    /// minutes on Litecoin, 5 minutes on EVM chains, 1 minute on local chains
+    /// (blocks come on demand).
+    pub fn wait(&self, chain: &str) -> Duration {
+        if let Some(wait) = self.0.get(chain) {
+            return *wait;
+        }
+        let minutes = if chain.ends_with("-regtest") || chain == "evm-31337" {
+            1
+        } else if chain.starts_with("btc-") {
+            60
+        } else if chain.starts_with("ltc-") {
+            20
+        } else {
+            5
+        };
+        Duration::from_secs(60 * minutes)
+    }
+}
+
+/// What a bump needs from the trail: the broadcast transaction and the terms
+/// the approval set, per chain family.
+enum Terms {
+    Bitcoin {
+        terms: crate::chain_steps::SpendTerms,
+        script: Vec<u8>,
+    },
+    Evm(evm_steps::EvmTerms),
+}
+
+/// A broadcast transfer that waited long enough for a bump.
+struct Stuck {
+    workflow_id: String,
+    version: u64,
+    chain: String,
+    txid: String,
+    unsigned: UnsignedTransaction,
+    /// How many of its transactions were replaced before: names the alert of
+    /// a bump that cannot be made, once per transaction.
+    replaced: usize,
+    target: Target,
+    terms: Result<Terms, String>,
+}
+
+fn stuck(view: &TrailView, after: &BumpAfter, now: i64) -> Vec<Stuck> {
+    view.ledger
+        .transfers()
+        .filter(|(_, t)| t.stage == Stage::Broadcast)
+        .filter_map(|(id, t)| {
+            let signed = t.signed.as_ref()?;
+            let waited = now.saturating_sub(t.waiting_since?);
+            let wait = i64::try_from(after.wait(&signed.chain).as_millis()).unwrap_or(i64::MAX);
+            if waited < wait {
+                return None;
+            }
+            let request = t.request.as_ref()?;
+            let terms = if is_evm(&signed.chain) {
+                evm_terms(view, request).map(Terms::Evm)
+            } else {
+                spend_terms(view, request).and_then(|terms| {
+                    let script = wallet_script(&terms.wallet)?;
+                    Ok(Terms::Bitcoin { terms, script })
+                })
+            };
+            Some(Stuck {
+                workflow_id: id.to_string(),
+                version: t.version,
+                chain: signed.chain.clone(),
+                txid: t.txid.clone()?,
+                unsigned: t.unsigned.clone()?,
+                replaced: t.replaced.len(),
+                target: Target {
+                    kind: "transaction".into(),
+                    id: id.to_string(),
+                    amount: Some(request.amount.clone()),
+                    currency: Some(request.asset.clone()),
+                },
+                terms,
+            })
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Replaces stuck transactions by fee bumps.
+#[derive(Debug, Clone)]
+pub struct FeeBumper<A> {
+    trail: Trail,
+    nodes: ChainNodes,
+    ledger: A,
+    after: BumpAfter,
+}
+
+/// How many blocks ahead a bump's fee estimate aims to confirm within.
+const BUMP_TARGET_BLOCKS: u32 = 1;
+
+impl<A: Appender> FeeBumper<A> {
+    pub fn new(trail: Trail, nodes: ChainNodes, ledger: A, after: BumpAfter) -> Self {
+        FeeBumper {
+            trail,
+            nodes,
+            ledger,
+            after,
+        }
+    }
+
+    /// Looks for stuck transactions every `poll_every` until `shutdown`.
+    pub async fn run(self, poll_every: Duration, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(poll_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {}
+            }
+            self.poll(now_ms()).await;
+        }
+    }
+
+    /// One pass at `now` (ms since the epoch); returns the workflows whose
+    /// replacement it recorded.
+    pub async fn poll(&self, now: i64) -> Vec<String> {
+        let stuck = match self.trail.read(|view| stuck(view, &self.after, now)).await {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::warn!(%reason, "fee bumps: the trail cannot be read");
+                return Vec::new();
+            }
+        };
+        let mut bumped = Vec::new();
+        for s in stuck {
+            let replacement = match self.replacement(&s).await {
+                Ok(Some(r)) => r,
+                // Mined (the watcher records it) or not decidable now.
+                Ok(None) | Err(StepError::Transient(_)) => continue,
+                Err(StepError::Permanent(reason)) => {
+                    self.cannot_bump(&s, &reason).await;
+                    continue;
+                }
+            };
+            let proposal = Proposal {
+                aggregate_kind: AggregateKind::Tx,
+                workflow_id: s.workflow_id.clone(),
+                expected_version: s.version,
+                event_type: EventType::TransactionBuilt,
+                causation_id: Some(Event::message_id(
+                    AggregateKind::Tx,
+                    &s.workflow_id,
+                    s.version,
+                )),
+                actor: Actor::system("fee-bump"),
+                target: s.target.clone(),
+                context: Default::default(),
+                result: Outcome::Success,
+                metadata: Default::default(),
+                payload: Payload::TransactionReplacement {
+                    replaces: s.txid.clone(),
+                    unsigned: replacement,
+                },
+            };
+            match self.ledger.append(vec![proposal]).await {
+                AppendReply::Appended { .. } => bumped.push(s.workflow_id),
+                // Confirmed or bumped meanwhile.
+                AppendReply::Conflict { .. } => {}
+                other => {
+                    tracing::warn!(workflow = %s.workflow_id, reply = ?other, "fee bump not recorded")
+                }
+            }
+        }
+        bumped
+    }
+
+    /// The replacement of a stuck transaction, or `None` if it is mined after
+    /// all.
+    async fn replacement(&self, s: &Stuck) -> Result<Option<UnsignedTransaction>, StepError> {
+        let terms = s
+            .terms
+            .as_ref()
+            .map_err(|e| StepError::Permanent(e.clone()))?;
+        let permanent = |e: String| StepError::Permanent(e);
+        match terms {
+            Terms::Bitcoin { terms, script } => {
+                let node = self.nodes.get(&s.chain)?;
+                let known = node
+                    .get_raw_transaction(&s.txid)
+                    .await
+                    .map_err(|e| StepError::Transient(format!("getrawtransaction: {e}")))?;
+                // Unknown to the node: the watcher reports it; nothing to replace.
+                if known.is_none_or(|tx| tx.confirmations > 0) {
+                    return Ok(None);
+                }
+                let rate = node
+                    .estimate_smart_fee(BUMP_TARGET_BLOCKS)
+                    .await
+                    .map_err(|e| StepError::Transient(format!("estimatesmartfee: {e}")))?;
+                spend::build_replacement(&s.unsigned, rate.unwrap_or(0), &terms.expectation(script))
+                    .map(Some)
+                    .map_err(|e| permanent(e.to_string()))
+            }
+            Terms::Evm(terms) => {
+                let node = self.nodes.evm().get(&s.chain)?;
+                let receipt = node
+                    .receipt(&s.txid)
+                    .await
+                    .map_err(|e| StepError::Transient(format!("eth_getTransactionReceipt: {e}")))?;
+                if receipt.is_some() {
+                    return Ok(None);
+                }
+                let (max_fee, tip) = evm_steps::suggested_fees(node, &terms.gas).await?;
+                evm_tx::build_replacement(&s.unsigned, max_fee, tip, &terms.expectation())
+                    .map(Some)
+                    .map_err(|e| permanent(e.to_string()))
+            }
+        }
+    }
+
+    /// Raises an alert (once per stuck transaction) that no bump can be made:
+    /// the transaction stays as it is, for an operator to look at.
+    async fn cannot_bump(&self, s: &Stuck, reason: &str) {
+        tracing::warn!(workflow = %s.workflow_id, txid = %s.txid, %reason, "no fee bump");
+        let alert = crate::runtime::transfer_alert(
+            "fee-bump",
+            format!("fee-bump-{}-{}", s.workflow_id, s.replaced),
+            &s.workflow_id,
+            None,
+            format!(
+                "transaction {} of {} is stuck and cannot be bumped: {reason}",
+                s.txid, s.workflow_id
+            ),
+        );
+        match self.ledger.append(vec![alert]).await {
+            AppendReply::Appended { .. } | AppendReply::Conflict { .. } => {}
+            other => {
+                tracing::warn!(workflow = %s.workflow_id, reply = ?other, "alert not recorded")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_per_chain() {
+        let default = BumpAfter::default();
+        assert_eq!(default.wait("ltc-regtest"), Duration::from_secs(60));
+        assert_eq!(default.wait("evm-31337"), Duration::from_secs(60));
+        assert_eq!(default.wait("btc-mainnet"), Duration::from_secs(3600));
+        assert_eq!(default.wait("ltc-mainnet"), Duration::from_secs(1200));
+        assert_eq!(default.wait("evm-1"), Duration::from_secs(300));
+        let set = BumpAfter::new([("btc-mainnet".to_string(), Duration::from_secs(7))]);
+        assert_eq!(set.wait("btc-mainnet"), Duration::from_secs(7));
+        assert_eq!(set.wait("ltc-regtest"), Duration::from_secs(60));
+    }
+}
