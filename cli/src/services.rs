@@ -33,6 +33,7 @@ use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
 use custos_workers::evm_steps::EvmNodes;
+use custos_workers::fee_bump::{BumpAfter, FeeBumper};
 use custos_workers::ledger::LedgerHandle;
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
@@ -290,8 +291,8 @@ pub fn signing(
 
 /// Starts the chain steps for the Bitcoin-family `node` and the `evm` node:
 /// building transactions (from the node's coins, or with the wallet's next
-/// nonce), broadcasting signed ones, watching for confirmations, and answering
-/// balance questions (Bitcoin family).
+/// nonce), broadcasting signed ones, watching for confirmations, replacing
+/// stuck transactions by fee bumps, and answering balance questions.
 pub fn chain(
     client: &async_nats::Client,
     js: &jetstream::Context,
@@ -345,6 +346,9 @@ pub fn chain(
         Confirmations::default(),
     );
     tokio::spawn(watcher.run(Duration::from_secs(1), shutdown.clone()));
+    // Stuck transactions are replaced after their chain's default wait.
+    let bumper = FeeBumper::new(trail.clone(), nodes(), ledger.clone(), BumpAfter::default());
+    tokio::spawn(bumper.run(Duration::from_secs(5), shutdown.clone()));
     Ok(())
 }
 
