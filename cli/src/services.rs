@@ -178,12 +178,11 @@ pub async fn approvals(
             .zip(notifiers.iter().cloned())
             .collect(),
     ));
-    let (client, stop) = (js.client(), shutdown.clone());
-    tokio::spawn(async move {
-        if let Err(e) = enrolment::serve(client, enrolments, stop).await {
-            tracing::error!(error = %e, "the MFA enrolment service stopped");
-        }
-    });
+    tokio::spawn(
+        enrolment::serve(js.client(), enrolments, shutdown.clone())
+            .await
+            .context("the MFA enrolment service")?,
+    );
     // The same channels ask for transfers and for administrative changes, and
     // remind those who have not answered.
     tokio::spawn(remind(

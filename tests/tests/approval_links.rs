@@ -770,7 +770,13 @@ async fn a_passkey_is_enrolled_on_its_link_and_approves_in_chromium() {
         .into_iter()
         .filter(|e| e.metadata.get("method").map(String::as_str) == Some("webauthn"))
         .collect();
-    assert_eq!(configured.len(), 1, "{configured:#?}");
+    // The link's issue (pending, with the token's hash) and the passkey.
+    assert_eq!(configured.len(), 2, "{configured:#?}");
+    assert_eq!(
+        configured[0].metadata.get("stage").map(String::as_str),
+        Some("link-issued")
+    );
+    let configured = &configured[1..];
     let c = &configured[0];
     assert_eq!(
         (c.target.id.as_str(), c.result),

@@ -200,39 +200,41 @@ impl<A: Appender> Enrolments<A> {
     }
 }
 
-/// Serves [`subjects::REQ_MFA_ENROL`] (JSON) until `shutdown`.
+/// Subscribes to [`subjects::REQ_MFA_ENROL`] (JSON) and returns the loop that
+/// answers until `shutdown`: once this returns, requests find a responder.
 pub async fn serve<A: Appender + 'static>(
     client: Client,
     enrolments: Arc<Enrolments<A>>,
     mut shutdown: Shutdown,
-) -> Result<(), async_nats::Error> {
+) -> Result<impl Future<Output = ()> + Send + 'static, async_nats::Error> {
     let mut requests = client
         .queue_subscribe(subjects::REQ_MFA_ENROL, subjects::ENROL_QUEUE.into())
         .await?;
-    loop {
-        let msg = tokio::select! {
-            _ = shutdown.wait() => break,
-            msg = requests.next() => match msg { Some(m) => m, None => break },
-        };
-        let Some(reply_to) = msg.reply.clone() else {
-            continue;
-        };
-        let (client, enrolments) = (client.clone(), Arc::clone(&enrolments));
-        tokio::spawn(async move {
-            let reply = match ContentType::Json.decode::<EnrolmentRequest>(&msg.payload) {
-                Ok(request) => enrolments.handle(&request).await,
-                Err(e) => EnrolmentReply::Refused {
-                    field: e.field.clone(),
-                    reason: e.to_string(),
-                },
+    Ok(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.wait() => break,
+                msg = requests.next() => match msg { Some(m) => m, None => break },
             };
-            if let Err(e) = client
-                .publish(reply_to, ContentType::Json.encode(&reply).into())
-                .await
-            {
-                tracing::warn!(error = %e, "could not answer an enrolment request");
-            }
-        });
-    }
-    Ok(())
+            let Some(reply_to) = msg.reply.clone() else {
+                continue;
+            };
+            let (client, enrolments) = (client.clone(), Arc::clone(&enrolments));
+            tokio::spawn(async move {
+                let reply = match ContentType::Json.decode::<EnrolmentRequest>(&msg.payload) {
+                    Ok(request) => enrolments.handle(&request).await,
+                    Err(e) => EnrolmentReply::Refused {
+                        field: e.field.clone(),
+                        reason: e.to_string(),
+                    },
+                };
+                if let Err(e) = client
+                    .publish(reply_to, ContentType::Json.encode(&reply).into())
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not answer an enrolment request");
+                }
+            });
+        }
+    })
 }

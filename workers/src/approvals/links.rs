@@ -1878,7 +1878,8 @@ async fn confirm_totp<A: Appender>(
         })?;
     if !spent {
         return Ok(Enrolled::TryAgain {
-            csrf: issuer.csrf_token(key),
+            // Checked above and still the cookie's: the retry posts it again.
+            csrf: form.csrf.clone(),
             note: format!(
                 "Wrong code ({attempts} of {MAX_ENROL_ATTEMPTS} tries): nothing was set up. Type the code your app shows now."
             ),
