@@ -181,7 +181,7 @@ pub async fn approvals(
     tokio::spawn(
         enrolment::serve(js.client(), enrolments, shutdown.clone())
             .await
-            .context("the MFA enrolment service")?,
+            .map_err(|e| anyhow::anyhow!("the MFA enrolment service: {e}"))?,
     );
     // The same channels ask for transfers and for administrative changes, and
     // remind those who have not answered.
