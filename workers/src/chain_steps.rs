@@ -172,7 +172,7 @@ struct Job {
     terms: SpendTerms,
     script: Vec<u8>,
     /// Outpoints that transactions of transfers still in flight spend.
-    reserved: BTreeSet<(String, u32)>,
+    reserved: Outpoints,
 }
 
 /// The build of `workflow_id` with its version, or `None` when it is not
@@ -207,7 +207,7 @@ fn job(view: &TrailView, workflow_id: &str) -> Option<(u64, Result<Job, String>)
 /// yet confirmed. An outpoint belongs to one script, so collecting them over all
 /// wallets reserves exactly the wallet's own. A transfer that failed reserves
 /// nothing: spending its coins again is what cancels a transaction it left signed.
-fn reserved(view: &TrailView) -> BTreeSet<(String, u32)> {
+fn reserved(view: &TrailView) -> Outpoints {
     view.ledger
         .transfers()
         .filter(|(_, t)| matches!(t.stage, Stage::Built | Stage::Signed | Stage::Broadcast))
@@ -238,10 +238,24 @@ pub struct BuildStep<A> {
     /// set; coins taken since are reserved in the trail and the chosen ones are
     /// checked against the mempool, so a recent scan serves the next builds.
     scanned: Arc<Mutex<HashMap<String, Scan>>>,
+    /// Each chain's last fee estimate, and when: estimates move with blocks,
+    /// not with every build.
+    fee_rates: Arc<Mutex<HashMap<String, FeeEstimate>>>,
+    /// Coins of each wallet chosen by builds of this step whose
+    /// `TRANSACTION_BUILT` the replica may not show yet: reserved as the
+    /// trail's are, so a Bitcoin-family build holds the wallet's lock only while
+    /// it chooses coins, not while its event is written.
+    choosing: Arc<Mutex<HashMap<String, Outpoints>>>,
 }
 
 /// When a wallet's coins were scanned, and what was found.
 type Scan = (std::time::Instant, Vec<ScannedUtxo>);
+
+/// When a chain's fee rate was estimated, and the estimate.
+type FeeEstimate = (std::time::Instant, Option<u64>);
+
+/// Transaction outputs by txid and index.
+type Outpoints = BTreeSet<(String, u32)>;
 
 /// How long a wallet's scan serves builds (a block interval is far longer).
 const SCAN_REUSE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -270,7 +284,54 @@ impl<A: Appender> BuildStep<A> {
             locks: Arc::default(),
             scans: Arc::default(),
             scanned: Arc::default(),
+            fee_rates: Arc::default(),
+            choosing: Arc::default(),
         })
+    }
+
+    /// The chain's fee estimate, at most [`SCAN_REUSE`] old.
+    async fn fee_rate(&self, node: &Bitcoind, chain: &str) -> Result<Option<u64>, StepError> {
+        let cached = self
+            .fee_rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(chain)
+            .filter(|(at, _)| at.elapsed() < SCAN_REUSE)
+            .map(|(_, rate)| *rate);
+        if let Some(rate) = cached {
+            return Ok(rate);
+        }
+        let rate = node
+            .estimate_smart_fee(FEE_TARGET_BLOCKS)
+            .await
+            .map_err(|e| step_error("estimatesmartfee", e))?;
+        self.fee_rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(chain.to_string(), (std::time::Instant::now(), rate));
+        Ok(rate)
+    }
+
+    /// Reserves (`hold`) or releases coins chosen for a build of `wallet`.
+    fn choose(&self, wallet: &str, coins: &Outpoints, hold: bool) {
+        let mut choosing = self
+            .choosing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = choosing.entry(wallet.to_string()).or_default();
+        match hold {
+            true => held.extend(coins.iter().cloned()),
+            false => held.retain(|c| !coins.contains(c)),
+        }
+    }
+
+    fn chosen(&self, wallet: &str) -> Outpoints {
+        self.choosing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(wallet)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The wallet's coins on the node, from a scan at most [`SCAN_REUSE`] old
@@ -339,10 +400,7 @@ impl<A: Appender> BuildStep<A> {
                 script_pubkey: u.script_pubkey,
             });
         }
-        let fee_rate = node
-            .estimate_smart_fee(FEE_TARGET_BLOCKS)
-            .await
-            .map_err(|e| step_error("estimatesmartfee", e))?;
+        let fee_rate = self.fee_rate(node, &wallet.chain).await?;
         // Only the chosen coins are asked about the mempool (one call each, not
         // one per coin of the wallet); a coin spent there is dropped and the
         // choice made again.
@@ -425,11 +483,12 @@ impl<A: Appender> Step for BuildStep<A> {
             return Ok(Vec::new());
         };
         let lock = named_lock(&self.locks, &wallet);
-        let _building = lock.lock().await;
-        // Read again under the lock: builds that held it are in the replica now
-        // (each waits for its own event there before letting go). For an EVM
-        // wallet that is what makes nonce allocation safe: every nonce taken
-        // before is recorded, also across a restart of this step.
+        let mut building = Some(lock.lock().await);
+        // Read again under the lock. An EVM build keeps the lock until its
+        // event is in the replica, so every nonce taken before is recorded
+        // there, also across a restart of this step. A Bitcoin-family build
+        // adds the coins this step chose for builds not yet in the replica.
+        let mut chosen = BTreeSet::new();
         let (version, built) = if evm {
             let job = self
                 .trail
@@ -452,11 +511,22 @@ impl<A: Appender> Step for BuildStep<A> {
                 return Ok(Vec::new());
             };
             let built = match job {
-                Ok(job) => self.build(&job).await,
+                Ok(mut job) => {
+                    job.reserved.extend(self.chosen(&wallet));
+                    self.build(&job).await
+                }
                 Err(reason) => Err(StepError::Permanent(reason)),
             };
+            if let Ok(UnsignedTransaction::Bitcoin { spent, .. }) = &built {
+                chosen = spent.iter().map(|s| (s.txid.clone(), s.vout)).collect();
+                self.choose(&wallet, &chosen, true);
+            }
             (version, built)
         };
+        // The coins are held: other builds of the wallet may choose now.
+        if !chosen.is_empty() {
+            building = None;
+        }
         let unsigned = match built {
             Ok(unsigned) => unsigned,
             Err(StepError::Permanent(reason)) => return Ok(vec![failed(event, version, reason)]),
@@ -471,20 +541,24 @@ impl<A: Appender> Step for BuildStep<A> {
             Outcome::Success,
             Payload::TransactionBuilt(unsigned),
         );
-        match self.ledger.append(vec![proposal]).await {
+        let outcome = match self.ledger.append(vec![proposal]).await {
             AppendReply::Appended { sequences } => {
                 let seq = sequences.iter().copied().max().unwrap_or_default();
                 self.trail
                     .wait_until(seq)
                     .await
-                    .map_err(StepError::Transient)?;
-                Ok(Vec::new())
+                    .map(|()| Vec::new())
+                    .map_err(StepError::Transient)
             }
             // Conflict: another build of this workflow won; nothing more to do.
             AppendReply::Conflict { .. } => Ok(Vec::new()),
             AppendReply::Refused { reason } => Ok(vec![failed(event, version, reason)]),
             AppendReply::Unavailable { reason } => Err(StepError::Transient(reason)),
-        }
+        };
+        // Recorded (the replica reserves them now) or not (they are free).
+        self.choose(&wallet, &chosen, false);
+        drop(building);
+        outcome
     }
 }
 
