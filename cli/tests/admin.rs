@@ -258,3 +258,38 @@ fn user_and_role_changes_await_administrators_and_conflicts_are_refused() {
         "{out}"
     );
 }
+
+#[test]
+fn only_an_active_administrator_may_send_an_enrolment_link() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let up = Up::start(dir.path());
+    let (ok, out) = up.custos(&["user", "enrol", "erin", "--initiator", "alice"]);
+    assert!(
+        !ok && out.contains(
+            "refused: initiator: alice is not an administrator: only an active administrator may issue enrolment links"
+        ),
+        "{out}"
+    );
+    let (ok, out) = up.custos(&[
+        "user",
+        "enrol",
+        "nobody",
+        "--method",
+        "passkey",
+        "--initiator",
+        "erin",
+    ]);
+    assert!(
+        !ok && out.contains("refused: user: no user \"nobody\" in the directory"),
+        "{out}"
+    );
+    // No channel configured: the console gets it (a single-machine trial);
+    // the operator's own output names where it went, never the link.
+    let (ok, out) = up.custos(&["user", "enrol", "alice", "--initiator", "erin"]);
+    assert!(
+        ok && out.contains("totp enrolment link for alice issued")
+            && out.contains("sent to alice by console")
+            && !out.contains("/enrol/"),
+        "{out}"
+    );
+}
