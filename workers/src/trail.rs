@@ -150,6 +150,43 @@ pub struct Trail {
     js: jetstream::Context,
     view: Arc<RwLock<TrailView>>,
     seq: watch::Receiver<u64>,
+    ends: Arc<Ends>,
+}
+
+/// Lookups of the stream's end, shared by concurrent readers: a reader uses
+/// the first lookup that started after it arrived (so it sees every event
+/// stored before its call), and readers that arrive during one lookup share
+/// the next. A burst of readers costs two requests to the server, not one each.
+#[derive(Debug, Default)]
+struct Ends {
+    /// The generation the next lookup takes.
+    next: std::sync::atomic::AtomicU64,
+    /// The last lookup's generation and the end it found.
+    last: tokio::sync::Mutex<Option<(u64, u64)>>,
+}
+
+impl Ends {
+    async fn end(&self, js: &jetstream::Context) -> Result<u64, String> {
+        use std::sync::atomic::Ordering;
+        let arrived = self.next.load(Ordering::SeqCst);
+        let mut last = self.last.lock().await;
+        if let Some((generation, end)) = *last
+            && generation >= arrived
+        {
+            return Ok(end);
+        }
+        let generation = self.next.fetch_add(1, Ordering::SeqCst);
+        // Looking the stream up answers with its state: one request, not two.
+        let end = js
+            .get_stream(subjects::EVENTS_STREAM)
+            .await
+            .map_err(|e| format!("reading the trail's end: {e}"))?
+            .cached_info()
+            .state
+            .last_sequence;
+        *last = Some((generation, end));
+        Ok(end)
+    }
 }
 
 /// How long a reader waits for the replica to reach the stream's end.
@@ -239,7 +276,12 @@ impl Trail {
                 let _ = tx.send(stored.seq);
             }
         });
-        Ok(Trail { js, view, seq: rx })
+        Ok(Trail {
+            js,
+            view,
+            seq: rx,
+            ends: Arc::default(),
+        })
     }
 
     /// Runs `read` on the view as it is now, without waiting for the stream's
@@ -265,15 +307,7 @@ impl Trail {
     /// Runs `read` on the view once it holds every event stored before the call.
     /// Fails closed: a broken trail or a replica that cannot catch up decides nothing.
     pub async fn read<T>(&self, read: impl FnOnce(&TrailView) -> T) -> Result<T, String> {
-        // Looking the stream up answers with its state: one request, not two.
-        let end = self
-            .js
-            .get_stream(subjects::EVENTS_STREAM)
-            .await
-            .map_err(|e| format!("reading the trail's end: {e}"))?
-            .cached_info()
-            .state
-            .last_sequence;
+        let end = self.ends.end(&self.js).await?;
         let mut seq = self.seq.clone();
         // The watch's guard is released here, before the view is locked.
         let reached = tokio::time::timeout(CATCH_UP, seq.wait_for(|s| *s >= end))
