@@ -114,6 +114,9 @@ impl RegtestNode {
                 // Without this MWEB activates at height 432 and mining fails.
                 "-vbparams=mweb:4102444800:4102444800",
                 "-txindex=1",
+                // Litecoin Core refuses BIP-125 replacements unless asked:
+                // fee bumps need them.
+                "-mempoolreplacement=1",
                 // Steps call in parallel; the default queue of 16 refuses bursts.
                 "-rpcworkqueue=256",
                 "-rpcthreads=8",
