@@ -49,6 +49,8 @@ struct State {
     /// Decrypted shares by wallet: argon2id runs once per wallet, not per signing.
     shares: HashMap<String, Arc<Share>>,
     pools: HashMap<String, Pool>,
+    /// Each wallet's Taproot script, for the share and chain it was made from.
+    scripts: HashMap<String, (Arc<Share>, String, Vec<u8>)>,
 }
 
 impl State {
@@ -79,6 +81,9 @@ impl State {
         pool.nonces.pop()
     }
 }
+
+/// A checked workflow: its wallet, the sighashes to sign, and the share.
+type Checked = (String, Vec<Sighash>, Arc<Share>);
 
 /// The signer's session of input `i` of a signing session.
 fn input_session(session_id: &str, i: usize) -> String {
@@ -119,6 +124,7 @@ impl SignService {
         if let Ok(mut s) = self.state.lock() {
             s.shares.remove(wallet);
             s.pools.remove(wallet);
+            s.scripts.remove(wallet);
         }
     }
 
@@ -201,60 +207,111 @@ impl SignService {
     }
 
     /// Runs every check on the replica; the sighashes this guardian would sign.
-    /// `catch_up`: first wait until the replica holds the whole stream (before a
-    /// commitment); a re-check moments later reads the replica as it is.
-    async fn checked(
-        &self,
-        workflow_id: &str,
-        catch_up: bool,
-    ) -> Result<(String, Vec<Sighash>, Arc<Share>), String> {
-        let wallet_of = |view: &crate::trail::TrailView| {
+    /// `catch_up`: the replica must hold the whole stream as of the call
+    /// (before a commitment); a re-check moments later reads it as it is.
+    async fn checked(&self, workflow_id: &str, catch_up: bool) -> Result<Checked, String> {
+        if !catch_up {
+            return self.check_now(workflow_id)?.1;
+        }
+        // The checks run while the replica catches up (a round trip to the
+        // server for the stream's end, asked first): they stand if the replica
+        // was then already at least where catching up brought it, else they
+        // run again on the caught-up replica.
+        let (caught_up, now) = tokio::join!(
+            biased;
+            self.trail.read(|view| view.ledger.last_seq()),
+            async { self.check_now(workflow_id) },
+        );
+        let caught_up = caught_up?;
+        match now? {
+            (seen, checked) if seen >= caught_up => checked,
+            _ => self.check_now(workflow_id)?.1,
+        }
+    }
+
+    /// Every check on the replica as it is now, and the stream sequence it was at.
+    fn check_now(&self, workflow_id: &str) -> Result<(u64, Result<Checked, String>), String> {
+        let wallet = self.trail.read_current(|view| {
             view.transfer(workflow_id)
                 .and_then(|t| t.request.as_ref())
                 .map(|r| r.wallet.clone())
+        })?;
+        let Some(wallet) = wallet else {
+            return Ok((
+                0,
+                Err(format!("workflow {workflow_id} is not in the trail")),
+            ));
         };
-        let wallet = if catch_up {
-            self.trail.read(wallet_of).await?
-        } else {
-            self.trail.read_current(wallet_of)?
-        }
-        .ok_or_else(|| format!("workflow {workflow_id} is not in the trail"))?;
-        let share = self.wallet_share(&wallet)?;
+        let share = match self.wallet_share(&wallet) {
+            Ok(s) => s,
+            Err(e) => return Ok((0, Err(e))),
+        };
         let me = *share.key.identifier();
         let group_key = share.public.verifying_key();
-        let (checked, recorded_key, my_index) = self
-            .trail
-            .read_current(|view| {
-                let w = view.ledger.wallet(&wallet)?;
-                let script = custos_custody::address::wallet(group_key, &w.chain)
-                    .map(|t| t.script_pubkey.to_vec())
-                    .map_err(|e| e.to_string());
+        let (seq, found) = self.trail.read_current(|view| {
+            let found = view.ledger.wallet(&wallet).map(|w| {
+                let script = self.wallet_script(&wallet, &share, &w.chain);
                 let index = w
                     .guardians
                     .iter()
                     .find(|g| g.id == self.config.id)
                     .map(|g| g.index);
-                Some((
+                (
                     script.and_then(|s| signing::check(view, workflow_id, &s, now_ms())),
                     w.group_key.clone(),
                     index,
-                ))
-            })?
-            .ok_or_else(|| format!("wallet {wallet} is not in the trail"))?;
-        let mine = group_key.serialize().map(hex::encode).ok();
-        if recorded_key.is_none() || recorded_key != mine {
-            return Err(format!(
-                "my share of {wallet} is not of the key the trail records"
-            ));
+                )
+            });
+            (view.ledger.last_seq(), found)
+        })?;
+        let checked = (|| {
+            let (checked, recorded_key, my_index) =
+                found.ok_or_else(|| format!("wallet {wallet} is not in the trail"))?;
+            let mine = group_key.serialize().map(hex::encode).ok();
+            if recorded_key.is_none() || recorded_key != mine {
+                return Err(format!(
+                    "my share of {wallet} is not of the key the trail records"
+                ));
+            }
+            if my_index.and_then(|i| custos_custody::Identifier::try_from(i).ok()) != Some(me) {
+                return Err(format!(
+                    "the trail does not list me as a guardian of {wallet}"
+                ));
+            }
+            let (_, checked) = checked?;
+            let sighashes = checked.sighashes().map_err(|e| e.to_string())?;
+            Ok((wallet.clone(), sighashes, share.clone()))
+        })();
+        Ok((seq, checked))
+    }
+
+    /// The wallet's Taproot script from this guardian's share (the tweak is
+    /// computed once per share and chain).
+    fn wallet_script(
+        &self,
+        wallet: &str,
+        share: &Arc<Share>,
+        chain: &str,
+    ) -> Result<Vec<u8>, String> {
+        let cached = self.state.lock().ok().and_then(|s| {
+            s.scripts
+                .get(wallet)
+                .filter(|(of, on, _)| Arc::ptr_eq(of, share) && on == chain)
+                .map(|(_, _, script)| script.clone())
+        });
+        if let Some(script) = cached {
+            return Ok(script);
         }
-        if my_index.and_then(|i| custos_custody::Identifier::try_from(i).ok()) != Some(me) {
-            return Err(format!(
-                "the trail does not list me as a guardian of {wallet}"
-            ));
+        let script = custos_custody::address::wallet(share.public.verifying_key(), chain)
+            .map(|t| t.script_pubkey.to_vec())
+            .map_err(|e| e.to_string())?;
+        if let Ok(mut s) = self.state.lock() {
+            s.scripts.insert(
+                wallet.to_string(),
+                (share.clone(), chain.to_string(), script.clone()),
+            );
         }
-        let (_, checked) = checked?;
-        let sighashes = checked.sighashes().map_err(|e| e.to_string())?;
-        Ok((wallet, sighashes, share))
+        Ok(script)
     }
 
     async fn commit(&self, session_id: &str, workflow_id: &str) -> Result<SignReply, String> {
