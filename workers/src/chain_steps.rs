@@ -372,8 +372,10 @@ impl<A: Appender> BuildStep<A> {
         Ok(coins)
     }
 
-    /// The wallet's spendable coins (confirmed, not spent in the mempool, not
-    /// reserved), the unsigned transaction from them, checked as guardians will.
+    /// The unsigned transaction from the wallet's confirmed coins that are not
+    /// reserved, checked as guardians will. Which chosen coins the mempool
+    /// already spends is asked afterwards ([`Self::spent_in_mempool`]), outside
+    /// the wallet's lock.
     async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
         match self.build_from(job, false).await {
             // Not enough in a reused scan: new coins may have arrived since.
@@ -401,56 +403,98 @@ impl<A: Appender> BuildStep<A> {
             });
         }
         let fee_rate = self.fee_rate(node, &wallet.chain).await?;
-        // Only the chosen coins are asked about the mempool (one call each, not
-        // one per coin of the wallet); a coin spent there is dropped and the
-        // choice made again.
-        let unsigned = loop {
-            let unsigned = build_spend(&SpendRequest {
-                chain: &wallet.chain,
-                wallet_script: &job.script,
-                utxos: &utxos,
-                destination: &job.terms.destination,
-                amount: job.terms.amount,
-                fee_rate,
-                fees: job.terms.fees,
-            })
-            .map_err(|e| match e {
-                SpendError::InsufficientFunds { .. } if held > 0 => StepError::Permanent(format!(
-                    "{e} (another {held} sat of the wallet are spent by transfers in flight)"
-                )),
-                e => StepError::Permanent(e.to_string()),
-            })?;
-            let UnsignedTransaction::Bitcoin { spent, .. } = &unsigned else {
-                return Err(StepError::Permanent("not a Bitcoin-family spend".into()));
-            };
-            let mut gone = Vec::new();
-            for coin in spent {
-                let unspent = node
-                    .get_tx_out(&coin.txid, coin.vout, true)
-                    .await
-                    .map_err(|e| step_error("gettxout", e))?
-                    .is_some();
-                if !unspent {
-                    gone.push((coin.txid.clone(), coin.vout));
-                }
-            }
-            if gone.is_empty() {
-                break unsigned;
-            }
-            utxos.retain(|u| {
-                let spent_in_mempool = gone.contains(&(u.txid.clone(), u.vout));
-                if spent_in_mempool {
-                    held = held.saturating_add(u.value);
-                }
-                !spent_in_mempool
-            });
-        };
+        let unsigned = build_spend(&SpendRequest {
+            chain: &wallet.chain,
+            wallet_script: &job.script,
+            utxos: &utxos,
+            destination: &job.terms.destination,
+            amount: job.terms.amount,
+            fee_rate,
+            fees: job.terms.fees,
+        })
+        .map_err(|e| match e {
+            SpendError::InsufficientFunds { .. } if held > 0 => StepError::Permanent(format!(
+                "{e} (another {held} sat of the wallet are spent by transfers in flight)"
+            )),
+            e => StepError::Permanent(e.to_string()),
+        })?;
         check_spend(&unsigned, &job.terms.expectation(&job.script)).map_err(|e| {
             StepError::Permanent(format!(
                 "the built transaction would not pass the guardians' check: {e}"
             ))
         })?;
         Ok(unsigned)
+    }
+
+    /// The chosen coins a transaction in the node's mempool already spends
+    /// (one call per chosen coin, not one per coin of the wallet).
+    async fn spent_in_mempool(
+        &self,
+        chain: &str,
+        coins: &Outpoints,
+    ) -> Result<Outpoints, StepError> {
+        let node = self.nodes.get(chain)?;
+        let mut gone = Outpoints::new();
+        for (txid, vout) in coins {
+            let unspent = node
+                .get_tx_out(txid, *vout, true)
+                .await
+                .map_err(|e| step_error("gettxout", e))?
+                .is_some();
+            if !unspent {
+                gone.insert((txid.clone(), *vout));
+            }
+        }
+        Ok(gone)
+    }
+
+    /// A Bitcoin-family build: coins are chosen under the wallet's lock and
+    /// held in memory, then checked against the mempool without it; a coin
+    /// spent there is left out and the choice made again. The version read and
+    /// the transaction, with the coins it holds.
+    async fn build_bitcoin(
+        &self,
+        id: &str,
+        wallet: &str,
+    ) -> Result<Option<(u64, Result<UnsignedTransaction, StepError>, Outpoints)>, StepError> {
+        let lock = named_lock(&self.locks, wallet);
+        let mut excluded = Outpoints::new();
+        loop {
+            let building = lock.lock().await;
+            let job = self
+                .trail
+                .read_current(|view| job(view, id))
+                .map_err(StepError::Transient)?;
+            let Some((version, job)) = job else {
+                return Ok(None);
+            };
+            let built = match job {
+                Ok(mut job) => {
+                    job.reserved.extend(self.chosen(wallet));
+                    job.reserved.extend(excluded.iter().cloned());
+                    self.build(&job).await
+                }
+                Err(reason) => Err(StepError::Permanent(reason)),
+            };
+            let Ok(UnsignedTransaction::Bitcoin { chain, spent, .. }) = &built else {
+                return Ok(Some((version, built, Outpoints::new())));
+            };
+            let chosen: Outpoints = spent.iter().map(|s| (s.txid.clone(), s.vout)).collect();
+            self.choose(wallet, &chosen, true);
+            drop(building);
+            let gone = match self.spent_in_mempool(chain, &chosen).await {
+                Ok(gone) => gone,
+                Err(e) => {
+                    self.choose(wallet, &chosen, false);
+                    return Err(e);
+                }
+            };
+            if gone.is_empty() {
+                return Ok(Some((version, built, chosen)));
+            }
+            self.choose(wallet, &chosen, false);
+            excluded.extend(gone);
+        }
     }
 }
 
@@ -482,14 +526,12 @@ impl<A: Appender> Step for BuildStep<A> {
         let Some((wallet, evm)) = wallet else {
             return Ok(Vec::new());
         };
+        // An EVM build keeps its wallet's lock until its event is in the
+        // replica, so every nonce taken before is recorded there, also across
+        // a restart of this step.
         let lock = named_lock(&self.locks, &wallet);
-        let mut building = Some(lock.lock().await);
-        // Read again under the lock. An EVM build keeps the lock until its
-        // event is in the replica, so every nonce taken before is recorded
-        // there, also across a restart of this step. A Bitcoin-family build
-        // adds the coins this step chose for builds not yet in the replica.
-        let mut chosen = BTreeSet::new();
-        let (version, built) = if evm {
+        let (building, version, built, chosen) = if evm {
+            let building = lock.lock().await;
             let job = self
                 .trail
                 .read_current(|view| evm_steps::job(view, id))
@@ -501,38 +543,20 @@ impl<A: Appender> Step for BuildStep<A> {
                 Ok(job) => evm_steps::build(&self.nodes.1, &job).await,
                 Err(reason) => Err(StepError::Permanent(reason)),
             };
-            (version, built)
+            (Some(building), version, built, Outpoints::new())
         } else {
-            let job = self
-                .trail
-                .read_current(|view| job(view, id))
-                .map_err(StepError::Transient)?;
-            let Some((version, job)) = job else {
-                return Ok(Vec::new());
-            };
-            let built = match job {
-                Ok(mut job) => {
-                    job.reserved.extend(self.chosen(&wallet));
-                    self.build(&job).await
-                }
-                Err(reason) => Err(StepError::Permanent(reason)),
-            };
-            if let Ok(UnsignedTransaction::Bitcoin { spent, .. }) = &built {
-                chosen = spent.iter().map(|s| (s.txid.clone(), s.vout)).collect();
-                self.choose(&wallet, &chosen, true);
+            match self.build_bitcoin(id, &wallet).await? {
+                Some((version, built, chosen)) => (None, version, built, chosen),
+                None => return Ok(Vec::new()),
             }
-            (version, built)
         };
-        // The coins are held: other builds of the wallet may choose now.
-        if !chosen.is_empty() {
-            building = None;
-        }
         let unsigned = match built {
             Ok(unsigned) => unsigned,
             Err(StepError::Permanent(reason)) => return Ok(vec![failed(event, version, reason)]),
             Err(e) => return Err(e),
         };
-        // Appended here, under the lock, rather than by the runtime after it.
+        // Appended here rather than by the runtime: the held coins (or an EVM
+        // build's lock) are let go only once the event is in the replica.
         let proposal = next_event(
             event,
             version,
@@ -668,9 +692,9 @@ impl<A: Appender> ConfirmWatcher<A> {
                 status = if is_evm(&w.chain) {
                     self.evm_status(&w, c).await
                 } else {
-                    self.confirmation(&w, c).await.map(|c| {
-                        c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed)
-                    })
+                    self.confirmation(&w, c)
+                        .await
+                        .map(|c| c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed))
                 };
                 if !matches!(status, Ok(evm_steps::Status::Pending)) {
                     break;
