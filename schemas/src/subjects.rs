@@ -19,15 +19,11 @@ pub const INTAKE_QUEUE: &str = "custos-intake";
 pub const LEDGER_APPEND: &str = "custos.ledger.append";
 pub const LEDGER_QUEUE: &str = "custos-ledger";
 
-/// Wallet creation requests from operators (request/reply).
-pub const REQ_WALLET_CREATE: &str = "custos.req.wallet.create";
-/// Key rotation requests from operators (request/reply).
-pub const REQ_WALLET_ROTATE: &str = "custos.req.wallet.rotate";
 /// Balance questions from operators (request/reply, JSON `{"wallet": NAME}`),
 /// answered from the wallet's chain node.
 pub const REQ_WALLET_BALANCE: &str = "custos.req.wallet.balance";
-/// Administrative change requests (policy apply, whitelist, freeze, unfreeze),
-/// request/reply.
+/// Administrative change requests (policy apply, whitelist, freeze, unfreeze,
+/// users and roles, key ceremonies), request/reply.
 pub const REQ_CHANGE: &str = "custos.req.change";
 /// Requests for a user's one-time MFA enrolment link (request/reply, JSON
 /// `EnrolmentRequest`), served by the approval service.
@@ -36,8 +32,6 @@ pub const REQ_MFA_ENROL: &str = "custos.req.mfa.enrol";
 pub const ENROL_QUEUE: &str = "custos-mfa-enrol";
 /// Queue group of the change service.
 pub const CHANGE_QUEUE: &str = "custos-change";
-/// Queue group of the wallet service.
-pub const WALLET_QUEUE: &str = "custos-wallets";
 /// Key-value bucket holding the ledger writer's lease.
 pub const LEDGER_LEASE_BUCKET: &str = "CUSTOS_LEDGER";
 /// Key-value bucket where guardians announce their public keys and liveness.
