@@ -21,11 +21,9 @@ use custos_custody::frost::round2::SignatureShare;
 use custos_custody::frost::{Identifier, SigningPackage, VerifyingKey};
 use custos_custody::sign::{self, AggregateError};
 use custos_custody::spend::{self, CheckedSpend};
-use custos_engine::policy::{Approval, ApprovalStatus, approvals_satisfied};
+use custos_engine::policy::{ApprovalStatus, approvals_of, approvals_satisfied};
 use custos_engine::transfer::Stage;
-use custos_schemas::approval::Vote;
 use custos_schemas::chain::UnsignedTransaction;
-use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
     TransferRequest, WalletDescriptor, codec, subjects,
@@ -126,56 +124,14 @@ pub fn workflow_allows<'a>(
     };
     // A freeze stops every signing, whatever was decided before it.
     view.admin.freeze.may_sign(&request.wallet)?;
-    if decision.outcome == PolicyOutcome::Block
-        || decision.action != "transfer"
-        || decision.initiator != request.initiator
+    if decision.action != "transfer"
         || decision.wallet.as_deref() != Some(request.wallet.as_str())
     {
         return Err("the policy decision does not allow this transfer".into());
     }
-    match &view.active_policy {
-        Some((version, _)) if *version == decision.policy_version => {}
-        _ => {
-            return Err(
-                "the policy changed since the decision: the request must be evaluated again".into(),
-            );
-        }
-    }
-    if !view
-        .directory
-        .user(&request.initiator)
-        .is_some_and(|u| u.active)
-    {
-        return Err(format!(
-            "the initiator {} is not an active user",
-            request.initiator
-        ));
-    }
-    let approvals: Vec<Approval> = t
-        .votes
-        .iter()
-        .filter(|v| v.vote.vote == Vote::Approve)
-        .map(|v| Approval {
-            user: v.user.clone(),
-            at: v.at,
-        })
-        .collect();
-    match approvals_satisfied(decision, &approvals, &view.directory, now) {
-        ApprovalStatus::Satisfied { sign_after, .. } if now >= sign_after => {}
-        ApprovalStatus::Satisfied { sign_after, .. } => {
-            return Err(format!(
-                "the policy's time delay runs until {sign_after} (ms since the epoch)"
-            ));
-        }
-        ApprovalStatus::Pending { missing } => {
-            return Err(format!(
-                "the recorded approvals do not satisfy the policy: {}",
-                missing.join("; ")
-            ));
-        }
-        ApprovalStatus::Expired { .. } => return Err("the approvals expired".into()),
-        ApprovalStatus::Blocked => return Err("the policy blocks this transfer".into()),
-    }
+    // Decided under the policy active now, by an active initiator, approvals
+    // satisfied and any time delay passed: as for every approved workflow.
+    view.cleared(t, &request.initiator, now)?;
     Ok((request, unsigned))
 }
 
@@ -507,16 +463,7 @@ fn delayed_until(view: &TrailView, workflow_id: &str, now: i64) -> Option<i64> {
     if t.stage != Stage::Built {
         return None;
     }
-    let approvals: Vec<Approval> = t
-        .votes
-        .iter()
-        .filter(|v| v.vote.vote == Vote::Approve)
-        .map(|v| Approval {
-            user: v.user.clone(),
-            at: v.at,
-        })
-        .collect();
-    match approvals_satisfied(decision, &approvals, &view.directory, now) {
+    match approvals_satisfied(decision, &approvals_of(t), &view.directory, now) {
         ApprovalStatus::Satisfied { sign_after, .. } if sign_after > now => Some(sign_after),
         _ => None,
     }
@@ -680,10 +627,14 @@ impl SignStep {
             }
         }
         // Guardians that only did not answer (restarting, a network cut) may be
-        // back soon: retry later rather than fail the transfer.
+        // back soon, and one without its share yet may not have received the
+        // key ceremony's commit yet (it follows the record): retry later
+        // rather than fail the transfer.
         if !excluded.is_empty()
             && excluded.iter().all(|(_, reason)| {
-                reason.contains("unreachable") || reason.contains("did not answer")
+                reason.contains("unreachable")
+                    || reason.contains("did not answer")
+                    || reason.contains("no share for wallet")
             })
         {
             return Err(format!(
