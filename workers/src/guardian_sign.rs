@@ -2,9 +2,9 @@
 //! it commits to nonces, and again before it releases a share, it checks the
 //! workflow in its own verified replica of the trail ([`signing::check`]) and
 //! recomputes every sighash from the recorded transaction; it signs a package
-//! only if its message is one of those. Nonces live in memory only, once; a
-//! "session consumed" marker is on disk (fsync) before the session's
-//! commitments leave, so before any share does.
+//! only if its message is one of those. Nonces live in memory only (drawn
+//! ahead into a pool), once; a "session consumed" marker, written from round 1
+//! on, is on disk (fsync) before any share leaves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
