@@ -101,6 +101,16 @@ impl Guardian {
         self.trigger.trigger();
     }
 
+    /// Whether it holds its share of `wallet` (a key ceremony's commit reaches
+    /// guardians after the wallet is recorded).
+    pub fn holds_share(&self, wallet: &str) -> bool {
+        self.dir
+            .path()
+            .join("shares")
+            .join(format!("{wallet}.share"))
+            .exists()
+    }
+
     /// Whether its task still runs (it did not panic or return).
     pub fn is_running(&self) -> bool {
         !self.task.is_finished()
@@ -260,6 +270,13 @@ pub async fn frost_setup(
     )
     .await
     .expect("wallet created");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            guardians.iter().all(|g| g.holds_share(name))
+        })
+        .await,
+        "every guardian commits its share"
+    );
     append_ok(
         &engine.ledger,
         vec![

@@ -50,7 +50,8 @@ impl Proxy {
         format!("nats://{}", self.addr)
     }
 
-    /// Holds what the server sends until [`Proxy::release`].
+    /// Holds what the server sends until [`Proxy::release`]. Only moments: a
+    /// client that reads nothing for long is dropped by the server as slow.
     pub fn hold(&self) {
         self.held.send_replace(true);
     }
