@@ -298,3 +298,52 @@ pub fn verify_bip340(output_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool 
     };
     vk.verify_raw(msg, &sig).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::SeedableRng;
+
+    /// Nonces drawn ahead sign exactly one session, under any id not seen before.
+    #[test]
+    fn preprocessed_nonces_sign_one_session() {
+        let mut rng = rand_chacha::ChaCha20Rng::from_seed([3; 32]);
+        let group = crate::sim::run_dkg("pre", 2, 3, &mut rng).expect("dkg");
+        let public = group.public_key_package().expect("public");
+        let (k1, k2) = (
+            group.key_package(1).expect("k1"),
+            group.key_package(2).expect("k2"),
+        );
+        let sighash = Sighash::from_recomputed([5; 32]);
+        let (mut g1, mut g2) = (Signer::new(), Signer::new());
+        let c1 = g1
+            .commit_preprocessed("s", preprocess(k1, &mut rng))
+            .expect("commit");
+        let c2 = g2.commit("s", k2, &mut rng).expect("commit");
+        assert_eq!(
+            g1.commit_preprocessed("s", preprocess(k1, &mut rng)),
+            Err(SignError::SessionReused("s".into()))
+        );
+        let package = signing_package(
+            [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
+            &sighash,
+        );
+        let shares = [
+            (
+                *k1.identifier(),
+                g1.sign("s", k1, &package, &sighash).expect("share"),
+            ),
+            (
+                *k2.identifier(),
+                g2.sign("s", k2, &package, &sighash).expect("share"),
+            ),
+        ]
+        .into();
+        aggregate(&package, &shares, public).expect("a valid signature");
+        assert_eq!(
+            g1.sign("s", k1, &package, &sighash),
+            Err(SignError::SessionConsumed("s".into()))
+        );
+        assert!(format!("{:?}", preprocess(k1, &mut rng)).contains("redacted"));
+    }
+}
