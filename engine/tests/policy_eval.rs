@@ -346,6 +346,7 @@ fn approve(users: &[&str], at: i64) -> Vec<Approval> {
         .map(|u| Approval {
             user: (*u).into(),
             at,
+            passkey: false,
         })
         .collect()
 }
@@ -550,14 +551,17 @@ fn and_or_initiator_and_union_of_rules() {
             Approval {
                 user: "a1".into(),
                 at,
+                passkey: false,
             },
             Approval {
                 user: "t1".into(),
                 at: at + 5,
+                passkey: false,
             },
             Approval {
                 user: "a2".into(),
                 at: at + 9,
+                passkey: false,
             },
         ],
         &w.directory,

@@ -250,6 +250,7 @@ impl Flow {
             .map(|v| Approval {
                 user: v.user.clone(),
                 at: v.at,
+                passkey: false,
             })
             .collect()
     }
@@ -1064,10 +1065,12 @@ fn a_recorded_escalation_group_approval_from_before_the_delay_does_not_count() {
         Approval {
             user: "ap1".into(),
             at: T0 + MINUTE,
+            passkey: false,
         },
         Approval {
             user: "tm1".into(),
             at: T0 + HOUR - 1,
+            passkey: false,
         },
     ];
     assert_eq!(
@@ -1080,10 +1083,12 @@ fn a_recorded_escalation_group_approval_from_before_the_delay_does_not_count() {
         Approval {
             user: "ap1".into(),
             at: T0 + MINUTE,
+            passkey: false,
         },
         Approval {
             user: "tm1".into(),
             at: T0 + HOUR,
+            passkey: false,
         },
     ];
     assert!(matches!(
@@ -1105,6 +1110,7 @@ fn only_unmet_requirements_escalate_and_none_after_the_expiry() {
     let tm1 = [Approval {
         user: "tm1".into(),
         at: T0 + MINUTE,
+        passkey: false,
     }];
     assert_eq!(
         escalations_due(&d, &tm1, &dir, T0 + 3 * HOUR),
@@ -1227,6 +1233,33 @@ fn passkey_approvals_complete_a_passkey_requirement_and_missing_says_so() {
     assert_eq!(f.state.stage, Stage::ReadyToSign);
 }
 
+/// What guardians re-run counts only passkey approvals toward a passkey
+/// requirement, whoever gave the others and whenever they joined the group.
+#[test]
+fn only_passkey_approvals_count_toward_a_passkey_requirement() {
+    let f = Flow::awaiting(decision(vec![passkeys_only()]));
+    let d = f.state.decision.as_ref().expect("decided");
+    let given = |passkey: bool| {
+        ["tm1", "tm2"]
+            .map(|user| Approval {
+                user: user.into(),
+                at: T0 + MINUTE,
+                passkey,
+            })
+            .to_vec()
+    };
+    assert_eq!(
+        approvals_satisfied(d, &given(false), &f.directory, T0 + 2 * MINUTE),
+        ApprovalStatus::Pending {
+            missing: vec![format!("{TM}: 0 of 2 (rule rule-1; passkey required)")]
+        }
+    );
+    assert!(matches!(
+        approvals_satisfied(d, &given(true), &f.directory, T0 + 2 * MINUTE),
+        ApprovalStatus::Satisfied { .. }
+    ));
+}
+
 #[test]
 fn a_passkey_requirement_binds_only_the_approvers_it_would_count() {
     // Passkeys from treasury managers, plus one approver (codes are fine).
@@ -1303,7 +1336,7 @@ proptest! {
         now in 0i64..50,
     ) {
         let directory = build_directory(&users);
-        let approval = |(u, at): (usize, i64)| Approval { user: format!("u{u}"), at: T0 + at };
+        let approval = |(u, at): (usize, i64)| Approval { user: format!("u{u}"), at: T0 + at, passkey: false };
         let mut approvals: Vec<Approval> = given.into_iter().map(approval).collect();
         let before = approvals_satisfied(&decision, &approvals, &directory, T0 + now);
         approvals.push(approval(extra));

@@ -124,8 +124,7 @@ pub fn workflow_allows<'a>(
     };
     // A freeze stops every signing, whatever was decided before it.
     view.admin.freeze.may_sign(&request.wallet)?;
-    if decision.action != "transfer"
-        || decision.wallet.as_deref() != Some(request.wallet.as_str())
+    if decision.action != "transfer" || decision.wallet.as_deref() != Some(request.wallet.as_str())
     {
         return Err("the policy decision does not allow this transfer".into());
     }

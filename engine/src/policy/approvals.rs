@@ -22,6 +22,9 @@ pub const PASSKEY_REQUIRED: &str = "passkey required";
 pub struct Approval {
     pub user: String,
     pub at: i64,
+    /// Confirmed with a passkey: only such approvals count toward a
+    /// requirement with `mfa = "webauthn"`.
+    pub passkey: bool,
 }
 
 /// Where a decision's approvals stand.
@@ -246,7 +249,10 @@ fn shortfall(
     directory: &Directory,
     now: i64,
 ) -> Option<String> {
-    let fits = |a: &Approval, group: &str| fills(decision, req, directory, &a.user, a.at, group);
+    let passkey_only = req.mfa == Some(RequiredMfa::Webauthn);
+    let fits = |a: &Approval, group: &str| {
+        (a.passkey || !passkey_only) && fills(decision, req, directory, &a.user, a.at, group)
+    };
     let mut escalated = match (&req.escalation, escalates_at(decision, req)) {
         (Some(e), Some(t)) if t <= now => format!("; escalated to {}", e.group),
         _ => String::new(),
@@ -426,6 +432,7 @@ pub fn approvals_of(workflow: &(impl AwaitsApprovals + ?Sized)) -> Vec<Approval>
         .map(|v| Approval {
             user: v.user.clone(),
             at: v.at,
+            passkey: v.vote.mfa == MfaMethod::Webauthn,
         })
         .collect()
 }
@@ -525,6 +532,7 @@ pub fn judge_vote(
     approvals.push(Approval {
         user: user.to_string(),
         at,
+        passkey: vote.mfa == MfaMethod::Webauthn,
     });
     let completes = matches!(
         approvals_satisfied(decision, &approvals, directory, at),
