@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use custos_engine::change::{self as machine, ChangeState, Stage};
-use custos_engine::policy::{ApprovalStatus, Directory, approvals_of, approvals_satisfied};
+use custos_engine::policy::{
+    ApprovalStatus, Directory, approvals_of, approvals_satisfied, may_approve,
+};
 use custos_schemas::approval::{EnrolMethod, EnrolmentReply, EnrolmentRequest};
 use custos_schemas::change::{Change, ChangeReply, ChangeRequest};
 use custos_schemas::{AggregateKind, ContentType, Event, UserRecord, subjects};
@@ -420,6 +422,12 @@ pub async fn submit(
     Ok(Some(workflow))
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A change workflow folded from the trail, with the directory as it stands.
 pub struct Workflow {
     pub id: String,
@@ -460,10 +468,12 @@ impl Workflow {
         let Some(decision) = &self.state.decision else {
             return Vec::new();
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        match approvals_satisfied(decision, &approvals_of(&self.state), &self.directory, now) {
+        match approvals_satisfied(
+            decision,
+            &approvals_of(&self.state),
+            &self.directory,
+            now_ms(),
+        ) {
             ApprovalStatus::Pending { missing } => missing,
             ApprovalStatus::Expired { .. } => vec!["the approvals expired".into()],
             ApprovalStatus::Blocked | ApprovalStatus::Satisfied { .. } => Vec::new(),
@@ -478,15 +488,7 @@ impl Workflow {
         };
         self.directory
             .users()
-            .filter(|u| u.active)
-            .filter(|u| {
-                decision.approvals.iter().any(|r| {
-                    (r.initiator_may_approve || u.id != decision.initiator)
-                        && r.groups
-                            .iter()
-                            .any(|q| self.directory.may_approve_for(&u.id, &q.group))
-                })
-            })
+            .filter(|u| u.active && may_approve(decision, &self.directory, &u.id, now_ms()))
             .map(|u| u.id.clone())
             .collect()
     }
