@@ -14,10 +14,9 @@ use custos_engine::transfer::{self, Stage};
 use custos_schemas::chain::{SpentOutput, UnsignedTransaction};
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, RequestContext, Target,
-    UserRecord, WalletDescriptor, codec, subjects,
+    WalletDescriptor, codec, subjects,
 };
 use custos_workers::guardian::{GuardianConfig, GuardianError};
-use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::signing::{SignReply, SignRequest, wallet_script};
 use custos_workers::{Shutdown, ShutdownTrigger};
 use tempfile::TempDir;
@@ -25,6 +24,7 @@ use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use crate::tcp_proxy::Proxy;
+use crate::workflows::policy_and_initiator;
 use crate::{Engine, Nats, all_events, append_ok, eventually};
 
 pub fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
@@ -244,7 +244,6 @@ pub async fn frost_setup(
     name: &str,
     policy: policy::Policy,
 ) -> Frost {
-    let js = nats.js().await;
     let mut guardians = Vec::new();
     for id in ["g1", "g2", "g3"] {
         guardians.push(Guardian::start(nats, id).await);
@@ -277,51 +276,8 @@ pub async fn frost_setup(
         .await,
         "every guardian commits its share"
     );
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: policy.name.clone(),
-                    version: policy.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), policy, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js,
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    policy_and_initiator(nats, engine, policy, shutdown.clone()).await;
     Frost {
         guardians,
         wallet,

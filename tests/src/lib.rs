@@ -11,6 +11,7 @@ pub mod slack_emulator;
 pub mod smtp;
 pub mod tcp_proxy;
 pub mod webhook;
+pub mod workflows;
 
 use std::time::Duration;
 

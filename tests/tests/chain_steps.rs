@@ -25,16 +25,16 @@ use custos_schemas::chain::{SignedTransaction, UnsignedTransaction};
 use custos_schemas::change::Change;
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, UserRecord, subjects,
+    RequestContext, Target, subjects,
 };
 use custos_tests::ceremonies::approved_ceremony;
 use custos_tests::litecoind::Litecoind;
+use custos_tests::workflows::policy_and_initiator;
 use custos_tests::{Engine, Nats, all_events, append_ok, eventually, submit_json, wallet_created};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
 use custos_workers::guardian::GuardianConfig;
-use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::runtime::{Step, StepError};
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
@@ -206,57 +206,6 @@ fn inputs(t: &Transfer) -> BTreeSet<(String, u32)> {
     spent.iter().map(|s| (s.txid.clone(), s.vout)).collect()
 }
 
-/// The default policy active, an initiator `erp`, and the policy step running
-/// (LTC at EUR 80: up to 12.5 LTC is allowed outright, more needs approvals).
-async fn policy_and_initiator(engine: &Engine, nats: &Nats, shutdown: Shutdown) {
-    let default = policy::default_policy().expect("default policy");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: default.name.clone(),
-                    version: default.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
-    let js = nats.js().await;
-    let step = PolicyStep::new(js.clone(), default, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js,
-        engine.ledger.clone(),
-        step,
-        shutdown,
-    ));
-}
-
 /// Submits a transfer through intake and waits until the policy decided it.
 async fn submit(
     engine: &Engine,
@@ -314,7 +263,13 @@ async fn build_step_spends_each_coin_once() {
         ));
     }
     append_ok(&engine.ledger, vec![created]).await;
-    policy_and_initiator(&engine, &nats, shutdown.clone()).await;
+    policy_and_initiator(
+        &nats,
+        &engine,
+        policy::default_policy().expect("default policy"),
+        shutdown.clone(),
+    )
+    .await;
     let coin_a = node.fund(&w.taproot.address, 1.0).await;
     let coin_b = node.fund(&w.taproot.address, 0.7).await;
     let coin_c = node.fund(&w.taproot.address, 0.2).await;
@@ -508,7 +463,13 @@ async fn transfer_is_built_signed_broadcast_and_confirmed() {
     .await
     .expect("wallet created");
     let (_stop, shutdown) = Shutdown::new();
-    policy_and_initiator(&engine, &nats, shutdown.clone()).await;
+    policy_and_initiator(
+        &nats,
+        &engine,
+        policy::default_policy().expect("default policy"),
+        shutdown.clone(),
+    )
+    .await;
     node.fund(&wallet.address, 1.0).await;
     node.mine(1).await;
 

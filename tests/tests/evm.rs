@@ -15,16 +15,16 @@ use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, UserRecord, codec,
+    RequestContext, Target, codec,
 };
 use custos_tests::anvil::{Anvil, ETHER};
+use custos_tests::workflows::policy_and_initiator;
 use custos_tests::{Engine, Nats, all_events, append_ok, eventually, submit_json, verify_stream};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
 use custos_workers::evm_steps::EvmNodes;
 use custos_workers::hd_signer::{self, SignerConfig, SignerReply, SignerRequest, signer_subject};
-use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::runtime::{Step, StepError};
 use custos_workers::signing::SignStep;
 use custos_workers::trail::Trail;
@@ -202,51 +202,7 @@ impl Setup {
         let client = nats.client().await;
         let (stop, shutdown) = Shutdown::new();
         let default = policy::default_policy().expect("default policy");
-        append_ok(
-            &engine.ledger,
-            vec![
-                record(
-                    AggregateKind::Policy,
-                    "active",
-                    EventType::PolicyCreated,
-                    Payload::PolicyActivated {
-                        name: default.name.clone(),
-                        version: default.version().to_string(),
-                    },
-                ),
-                record(
-                    AggregateKind::User,
-                    "erp",
-                    EventType::UserCreated,
-                    Payload::UserCreated(UserRecord {
-                        id: "erp".into(),
-                        name: "ERP".into(),
-                        email: "erp@example.com".into(),
-                        slack_user_id: None,
-                        roles: vec!["initiator".into()],
-                        groups: vec![],
-                        mfa_enrolled: false,
-                    }),
-                ),
-            ],
-        )
-        .await;
-        let mut prices = PriceTable::default();
-        prices
-            .quotes
-            .entry("ETH".into())
-            .or_default()
-            .insert("EUR".into(), "3000".into());
-        let js = nats.js().await;
-        let step = PolicyStep::new(js.clone(), default, prices)
-            .await
-            .expect("policy step");
-        tokio::spawn(custos_workers::runtime::run(
-            js,
-            engine.ledger.clone(),
-            step,
-            shutdown.clone(),
-        ));
+        policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
         let signer_dir = tempfile::tempdir().expect("tempdir");
         let config = SignerConfig {
             id: SIGNER.into(),

@@ -17,11 +17,12 @@ use custos_engine::policy;
 use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::{
-    AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, UserRecord, WalletDescriptor,
+    AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, WalletDescriptor,
 };
 use custos_tests::anvil::{Anvil, ETHER};
 use custos_tests::frost::{ask, frost_setup, history, record};
 use custos_tests::litecoind::Litecoind;
+use custos_tests::workflows::policy_and_initiator;
 use custos_tests::{Engine, Nats, append_ok, eventually, submit_json, verify_stream};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
@@ -29,7 +30,6 @@ use custos_workers::chain_steps::{
 use custos_workers::evm_steps::EvmNodes;
 use custos_workers::fee_bump::{BumpAfter, FeeBumper};
 use custos_workers::hd_signer::{self, SignerConfig};
-use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::signing::{SignReply, SignRequest, SignStep, wallet_script};
 use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
@@ -432,51 +432,7 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
     let client = nats.client().await;
     let (_stop, shutdown) = Shutdown::new();
     let default = policy::default_policy().expect("default policy");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: default.name.clone(),
-                    version: default.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("ETH".into())
-        .or_default()
-        .insert("EUR".into(), "3000".into());
-    let js = nats.js().await;
-    let policy_step = PolicyStep::new(js.clone(), default, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js,
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
     let signer_dir = tempfile::tempdir().expect("tempdir");
     let config = SignerConfig {
         id: "s1".into(),

@@ -20,12 +20,12 @@ use custos_schemas::chain::SpentOutput;
 use custos_schemas::change::Change;
 use custos_schemas::{
     Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, UserRecord, WalletDescriptor, subjects,
+    RequestContext, Target, WalletDescriptor, subjects,
 };
 use custos_tests::ceremonies::{approved_ceremony, refused_change};
+use custos_tests::workflows::policy_and_initiator;
 use custos_tests::*;
 use custos_workers::guardian::GuardianConfig;
-use custos_workers::policy_step::{PolicyStep, PriceTable};
 use custos_workers::signing::{Ceremony, SignStep, wallet_script};
 use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
@@ -330,51 +330,8 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
 
     // A transfer on the 2-of-2 wallet is signed by g1 and g2.
     let default = policy::default_policy().expect("default policy");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: default.name.clone(),
-                    version: default.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), default, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
     let destination = taproot_address("rltc", [9; 32]);
     let mut transfers = Vec::new();
     for n in 0..2 {
@@ -582,51 +539,8 @@ async fn the_threshold_changes_on_the_same_address() {
     // A transfer is signed by all three guardians; with g3 down, g1 and g2
     // alone cannot sign the next one.
     let default = policy::default_policy().expect("default policy");
-    append_ok(
-        &engine.ledger,
-        vec![
-            record(
-                AggregateKind::Policy,
-                "active",
-                EventType::PolicyCreated,
-                Payload::PolicyActivated {
-                    name: default.name.clone(),
-                    version: default.version().to_string(),
-                },
-            ),
-            record(
-                AggregateKind::User,
-                "erp",
-                EventType::UserCreated,
-                Payload::UserCreated(UserRecord {
-                    id: "erp".into(),
-                    name: "ERP".into(),
-                    email: "erp@example.com".into(),
-                    slack_user_id: None,
-                    roles: vec!["initiator".into()],
-                    groups: vec![],
-                    mfa_enrolled: false,
-                }),
-            ),
-        ],
-    )
-    .await;
-    let mut prices = PriceTable::default();
-    prices
-        .quotes
-        .entry("LTC".into())
-        .or_default()
-        .insert("EUR".into(), "80".into());
     let (trigger, shutdown) = Shutdown::new();
-    let policy_step = PolicyStep::new(js.clone(), default, prices)
-        .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js.clone(),
-        engine.ledger.clone(),
-        policy_step,
-        shutdown.clone(),
-    ));
+    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
     let destination = taproot_address("rltc", [9; 32]);
     let mut transfers = Vec::new();
     for n in 0..2 {

@@ -1,0 +1,82 @@
+//! What transfer tests start from: a policy recorded as active, the initiator
+//! `erp`, and the policy step deciding with fixed prices.
+
+use custos_engine::policy::Policy;
+use custos_schemas::{
+    Actor, AggregateKind, EventType, Outcome, Payload, Proposal, RequestContext, Target, UserRecord,
+};
+use custos_workers::Shutdown;
+use custos_workers::policy_step::{PolicyStep, PriceTable};
+
+use crate::{Engine, Nats, append_ok};
+
+/// `policy` recorded as active, the initiator `erp`, and the policy step
+/// running until `shutdown` with LTC at EUR 80 (up to 12.5 LTC allowed
+/// outright by the default policy) and ETH at EUR 3,000.
+pub async fn policy_and_initiator(
+    nats: &Nats,
+    engine: &Engine,
+    policy: Policy,
+    shutdown: Shutdown,
+) {
+    let record = |kind, id: &str, event_type, payload| Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.into(),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("test"),
+        target: Target::default(),
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload,
+    };
+    append_ok(
+        &engine.ledger,
+        vec![
+            record(
+                AggregateKind::Policy,
+                "active",
+                EventType::PolicyCreated,
+                Payload::PolicyActivated {
+                    name: policy.name.clone(),
+                    version: policy.version().to_string(),
+                },
+            ),
+            record(
+                AggregateKind::User,
+                "erp",
+                EventType::UserCreated,
+                Payload::UserCreated(UserRecord {
+                    id: "erp".into(),
+                    name: "ERP".into(),
+                    email: "erp@example.com".into(),
+                    slack_user_id: None,
+                    roles: vec!["initiator".into()],
+                    groups: vec![],
+                    mfa_enrolled: false,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let mut prices = PriceTable::default();
+    for (asset, eur) in [("LTC", "80"), ("ETH", "3000")] {
+        prices
+            .quotes
+            .entry(asset.into())
+            .or_default()
+            .insert("EUR".into(), eur.into());
+    }
+    let js = nats.js().await;
+    let step = PolicyStep::new(js.clone(), policy, prices)
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js,
+        engine.ledger.clone(),
+        step,
+        shutdown,
+    ));
+}
