@@ -46,7 +46,10 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("approval-notice.json", schema::<approval::ApprovalNotice>()),
         ("change-request.json", schema::<change::ChangeRequest>()),
         ("change-reply.json", schema::<change::ChangeReply>()),
-        ("enrolment-request.json", schema::<approval::EnrolmentRequest>()),
+        (
+            "enrolment-request.json",
+            schema::<approval::EnrolmentRequest>(),
+        ),
         ("enrolment-reply.json", schema::<approval::EnrolmentReply>()),
     ]
 }
