@@ -118,6 +118,7 @@ impl Browser {
     /// The visible text of the whole page. Right after a click the old page may
     /// still be going away (its body turns stale): read the new one then.
     pub async fn text(&self) -> String {
+        let mut last = serde_json::Value::Null;
         for _ in 0..50 {
             // Mid-navigation (a script's form submit) there may be no body yet.
             let found = self
@@ -134,14 +135,16 @@ impl Browser {
             let text = self
                 .try_call("GET", &self.at(&format!("/element/{body}/text")), None)
                 .await;
-            if text["error"] == "stale element reference" {
+            // The body found may belong to the page being left: a stale
+            // reference, or (Chromium) a node of another document.
+            if !text["error"].is_null() {
+                last = text;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            assert!(text["error"].is_null(), "WebDriver page text: {text}");
             return text.as_str().unwrap_or_default().to_string();
         }
-        panic!("the page kept changing under the reader")
+        panic!("the page kept changing under the reader: {last}")
     }
 
     /// The page's text once it contains `needle` (after a form post the old page
