@@ -278,3 +278,28 @@ pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> Str
         other => panic!("not refused: {other:?}"),
     }
 }
+
+/// The operator freezes `wallet` (in effect at once, as an emergency).
+pub async fn freeze(nats: &Nats, engine: &Engine, wallet: &str) {
+    let (trigger, shutdown) = Shutdown::new();
+    let trail = Trail::follow(nats.js().await, shutdown)
+        .await
+        .expect("trail");
+    let active = custos_workers::change::ActivePolicy::new(
+        custos_engine::policy::default_policy().expect("default policy"),
+    );
+    let request = ChangeRequest {
+        request_id: format!("test-{}", hex::encode(rand::random::<[u8; 8]>())),
+        initiator: OPERATOR.into(),
+        change: Change::Freeze {
+            wallet: Some(wallet.into()),
+            reason: "test".into(),
+        },
+    };
+    let reply = custos_workers::change::submit(&trail, &engine.ledger, &active, &request).await;
+    trigger.trigger();
+    assert!(
+        matches!(reply, ChangeReply::Accepted { .. }),
+        "freeze: {reply:?}"
+    );
+}

@@ -681,6 +681,19 @@ async fn a_lost_share_is_repaired_under_its_own_index() {
         )
         .is_ok()
     );
+
+    // A freeze stops key ceremonies on the wallet, also one approved before it.
+    custos_tests::ceremonies::freeze(&nats, &engine, "vault").await;
+    let reason = approved_ceremony(
+        &nats,
+        &engine,
+        Change::KeyRotation {
+            wallet: "vault".into(),
+        },
+    )
+    .await
+    .expect_err("the wallet is frozen");
+    assert!(reason.contains("wallet vault is frozen"), "{reason}");
     drop(guardians);
     verify_stream(&js).await.expect("the trail verifies");
 }

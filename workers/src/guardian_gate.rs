@@ -2,8 +2,9 @@
 //! part in a key ceremony: the change workflow the coordinator names is
 //! approved (by the policy active now, with approvals that satisfy it, from an
 //! active initiator) and asks for exactly this ceremony: the same wallet,
-//! threshold and guardians, with the keys recorded for them. A coordinator
-//! can therefore never run a ceremony nobody approved, nor a different one.
+//! threshold and guardians, with the keys recorded for them; and the wallet is
+//! not frozen. A coordinator can therefore never run a ceremony nobody
+//! approved, nor a different one.
 //! It also decides what a commit or an abort may do with a pending share.
 
 use custos_engine::change::Stage;
@@ -92,6 +93,9 @@ pub fn check_ceremony_request(
         .ledger
         .wallet(wallet_name)
         .ok_or_else(|| format!("no wallet {wallet_name}"))?;
+    // A freeze stops every use of the wallet's key, also a change approved
+    // before it.
+    view.admin.freeze.may_sign(wallet_name)?;
     let recorded = &wallet.guardians;
     let without = |gone: &str| -> Vec<WalletGuardian> {
         recorded.iter().filter(|g| g.id != gone).cloned().collect()
