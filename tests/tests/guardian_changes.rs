@@ -51,6 +51,17 @@ fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload
 struct Guardian {
     trigger: ShutdownTrigger,
     dir: tempfile::TempDir,
+    task: Option<tokio::task::JoinHandle<Result<(), custos_workers::guardian::GuardianError>>>,
+}
+
+impl Guardian {
+    /// Stops it and waits until it has (its subjects are gone, its files closed).
+    async fn stop(&mut self) {
+        self.trigger.trigger();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 fn passphrase(id: &str) -> String {
@@ -69,8 +80,10 @@ fn restart_guardian(client: async_nats::Client, id: &str, dir: tempfile::TempDir
         passphrase: Zeroizing::new(passphrase(id)),
     };
     let (trigger, shutdown) = Shutdown::new();
-    tokio::spawn(custos_workers::guardian::run(client, config, shutdown));
-    Guardian { trigger, dir }
+    let task = Some(tokio::spawn(custos_workers::guardian::run(
+        client, config, shutdown,
+    )));
+    Guardian { trigger, dir, task }
 }
 
 /// A guardian's share of `wallet` as it holds it on disk (decrypted).
@@ -123,6 +136,41 @@ async fn committed_share(dir: &Path, id: &str, wallet: &str) -> (KeyPackage, Pub
         "{id} committed a share of {wallet}"
     );
     share_on_disk(dir, id, wallet).expect("a share")
+}
+
+/// The default policy and its step, two transfers of vault allowed by it,
+/// and a sign step: the stop trigger, the destination, the workflows, the step.
+async fn two_allowed_transfers(
+    nats: &Nats,
+    engine: &Engine,
+) -> (ShutdownTrigger, String, Vec<String>, SignStep) {
+    let default = policy::default_policy().expect("default policy");
+    let (trigger, shutdown) = Shutdown::new();
+    policy_and_initiator(nats, engine, default, shutdown.clone()).await;
+    let destination = taproot_address("rltc", [9; 32]);
+    let mut transfers = Vec::new();
+    for n in 0..2 {
+        let body = json!({"requestId": format!("pay-{n}"), "wallet": "vault", "asset": "LTC",
+            "destination": destination, "amount": "1.5", "initiator": "erp"});
+        match submit_json(&engine.client, &body).await {
+            IntakeReply::Accepted { workflow_id, .. } => transfers.push(workflow_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    for id in &transfers {
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                stage_of(nats, id).await == Stage::ReadyToSign
+            })
+            .await,
+            "{id} allowed by policy"
+        );
+    }
+    let trail = Trail::follow(nats.js().await, shutdown)
+        .await
+        .expect("trail");
+    let step = SignStep::new(nats.client().await, trail).expect("sign step");
+    (trigger, destination, transfers, step)
 }
 
 async fn events(nats: &Nats) -> Vec<Event> {
@@ -194,7 +242,7 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     let client = nats.client().await;
     let js = nats.js().await;
     let ids = ["g1", "g2", "g3", "g4"];
-    let guardians: Vec<Guardian> = ids
+    let mut guardians: Vec<Guardian> = ids
         .iter()
         .map(|id| start_guardian(client.clone(), id))
         .collect();
@@ -329,32 +377,7 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     assert_eq!(events(&nats).await.len(), before);
 
     // A transfer on the 2-of-2 wallet is signed by g1 and g2.
-    let default = policy::default_policy().expect("default policy");
-    let (trigger, shutdown) = Shutdown::new();
-    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
-    let destination = taproot_address("rltc", [9; 32]);
-    let mut transfers = Vec::new();
-    for n in 0..2 {
-        let body = json!({"requestId": format!("pay-{n}"), "wallet": "vault", "asset": "LTC",
-            "destination": destination, "amount": "1.5", "initiator": "erp"});
-        match submit_json(&engine.client, &body).await {
-            IntakeReply::Accepted { workflow_id, .. } => transfers.push(workflow_id),
-            other => panic!("{other:?}"),
-        }
-    }
-    for id in &transfers {
-        assert!(
-            eventually(Duration::from_secs(20), || async {
-                stage_of(&nats, id).await == Stage::ReadyToSign
-            })
-            .await,
-            "{id} allowed by policy"
-        );
-    }
-    let trail = Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .expect("trail");
-    let step = SignStep::new(client.clone(), trail).expect("sign step");
+    let (trigger, destination, transfers, step) = two_allowed_transfers(&nats, &engine).await;
     build(&engine, &nats, &removed, &transfers[0], &destination).await;
     assert_eq!(signers(&step, &transfers[0]).await, ["g1", "g2"]);
 
@@ -388,8 +411,7 @@ async fn guardians_are_removed_and_added_on_the_same_address() {
     assert!(reason.contains("g1 already guards"), "{reason}");
 
     // g2 goes down: g4 signs with g1.
-    guardians[1].trigger.trigger();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    guardians[1].stop().await;
     build(&engine, &nats, &added, &transfers[1], &destination).await;
     assert_eq!(signers(&step, &transfers[1]).await, ["g1", "g4"]);
 
@@ -430,7 +452,7 @@ async fn the_threshold_changes_on_the_same_address() {
     let client = nats.client().await;
     let js = nats.js().await;
     let ids = ["g1", "g2", "g3"];
-    let guardians: Vec<Guardian> = ids
+    let mut guardians: Vec<Guardian> = ids
         .iter()
         .map(|id| start_guardian(client.clone(), id))
         .collect();
@@ -538,37 +560,11 @@ async fn the_threshold_changes_on_the_same_address() {
 
     // A transfer is signed by all three guardians; with g3 down, g1 and g2
     // alone cannot sign the next one.
-    let default = policy::default_policy().expect("default policy");
-    let (trigger, shutdown) = Shutdown::new();
-    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
-    let destination = taproot_address("rltc", [9; 32]);
-    let mut transfers = Vec::new();
-    for n in 0..2 {
-        let body = json!({"requestId": format!("pay-{n}"), "wallet": "vault", "asset": "LTC",
-            "destination": destination, "amount": "1.5", "initiator": "erp"});
-        match submit_json(&engine.client, &body).await {
-            IntakeReply::Accepted { workflow_id, .. } => transfers.push(workflow_id),
-            other => panic!("{other:?}"),
-        }
-    }
-    for id in &transfers {
-        assert!(
-            eventually(Duration::from_secs(20), || async {
-                stage_of(&nats, id).await == Stage::ReadyToSign
-            })
-            .await,
-            "{id} allowed by policy"
-        );
-    }
-    let trail = Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .expect("trail");
-    let step = SignStep::new(client.clone(), trail).expect("sign step");
+    let (trigger, destination, transfers, step) = two_allowed_transfers(&nats, &engine).await;
     build(&engine, &nats, &changed, &transfers[0], &destination).await;
     assert_eq!(signers(&step, &transfers[0]).await, ["g1", "g2", "g3"]);
 
-    guardians[2].trigger.trigger();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    guardians[2].stop().await;
     build(&engine, &nats, &changed, &transfers[1], &destination).await;
     match step.ceremony(&transfers[1]).await {
         Err(reason) | Ok(Ceremony::Failed { reason, .. }) => {
@@ -614,8 +610,8 @@ async fn a_lost_share_is_repaired_under_its_own_index() {
     let (g1_share, _) = committed_share(guardians[0].dir.path(), "g1", "vault").await;
 
     // g3 loses its disk's shares (its identity survives) and comes back.
-    let g3 = guardians.pop().expect("g3");
-    g3.trigger.trigger();
+    let mut g3 = guardians.pop().expect("g3");
+    g3.stop().await;
     let shares = g3.dir.path().join("shares");
     for entry in std::fs::read_dir(&shares).expect("shares dir") {
         std::fs::remove_file(entry.expect("entry").path()).expect("removed");
