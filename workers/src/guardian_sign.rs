@@ -94,6 +94,8 @@ pub(crate) struct SignService {
     config: Arc<GuardianConfig>,
     trail: Trail,
     state: Arc<Mutex<State>>,
+    /// Held while a share is decrypted.
+    decrypting: Mutex<()>,
 }
 
 fn refused(reason: impl std::fmt::Display) -> SignReply {
@@ -116,6 +118,7 @@ impl SignService {
             config,
             trail,
             state: Arc::new(Mutex::new(State::default())),
+            decrypting: Mutex::new(()),
         })
     }
 
@@ -186,24 +189,29 @@ impl SignService {
     }
 
     fn wallet_share(&self, wallet: &str) -> Result<Arc<Share>, String> {
-        if let Some(s) = self
-            .state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .shares
-            .get(wallet)
-        {
-            return Ok(s.clone());
+        let cached = || -> Result<Option<Arc<Share>>, String> {
+            let state = self.state.lock().map_err(|_| "poisoned")?;
+            Ok(state.shares.get(wallet).cloned())
+        };
+        if let Some(s) = cached()? {
+            return Ok(s);
         }
-        let share = Arc::new(tokio::task::block_in_place(|| {
-            load_share(&self.config, wallet)
-        })?);
-        self.state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .shares
-            .insert(wallet.to_string(), share.clone());
-        Ok(share)
+        tokio::task::block_in_place(|| {
+            // One decryption at a time: the signings that arrive together
+            // after a start wait for it instead of each running argon2id
+            // (64 MiB) at once, which starved the machine.
+            let _decrypting = self.decrypting.lock().map_err(|_| "poisoned")?;
+            if let Some(s) = cached()? {
+                return Ok(s);
+            }
+            let share = Arc::new(load_share(&self.config, wallet)?);
+            self.state
+                .lock()
+                .map_err(|_| "poisoned")?
+                .shares
+                .insert(wallet.to_string(), share.clone());
+            Ok(share)
+        })
     }
 
     /// Runs every check on the replica; the sighashes this guardian would sign.
