@@ -221,6 +221,72 @@ impl RegtestNode {
         Ok(self.rpc.send_to_address(address, satoshi).await?)
     }
 
+    /// Pays `count` coins of `satoshi` each to `address` (many outputs to one
+    /// address, which `sendmany` cannot express), up to 1,000 per transaction;
+    /// returns the txids.
+    pub async fn fund_many(
+        &self,
+        address: &str,
+        satoshi: u64,
+        count: usize,
+    ) -> Result<Vec<String>, RegtestError> {
+        #[derive(serde::Deserialize)]
+        struct AddressInfo {
+            #[serde(rename = "scriptPubKey")]
+            script_pubkey: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Hex {
+            hex: String,
+        }
+        let info: AddressInfo = self
+            .rpc
+            .call("validateaddress", serde_json::json!([address]))
+            .await?;
+        let script = hex::decode(&info.script_pubkey).map_err(|e| RpcError::Decode {
+            method: "validateaddress".into(),
+            reason: e.to_string(),
+        })?;
+        let mut output = satoshi.to_le_bytes().to_vec();
+        output.push(script.len() as u8);
+        output.extend_from_slice(&script);
+        let mut txids = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(1_000);
+            left -= n;
+            // Version 2, no inputs (the wallet adds them), n outputs, locktime 0.
+            let mut tx = vec![2, 0, 0, 0, 0];
+            // The output count as a canonical CompactSize.
+            if n < 0xfd {
+                tx.push(n as u8);
+            } else {
+                tx.push(0xfd);
+                tx.extend_from_slice(&(n as u16).to_le_bytes());
+            }
+            for _ in 0..n {
+                tx.extend_from_slice(&output);
+            }
+            tx.extend_from_slice(&[0; 4]);
+            let funded: Hex = self
+                .rpc
+                .call(
+                    "fundrawtransaction",
+                    serde_json::json!([hex::encode(&tx), {}, false]),
+                )
+                .await?;
+            let signed: Hex = self
+                .rpc
+                .call(
+                    "signrawtransactionwithwallet",
+                    serde_json::json!([funded.hex]),
+                )
+                .await?;
+            txids.push(self.rpc.send_raw_transaction(&signed.hex).await?);
+        }
+        Ok(txids)
+    }
+
     /// Mines `n` blocks; returns their hashes.
     pub async fn mine(&self, n: u32) -> Result<Vec<String>, RegtestError> {
         Ok(self
