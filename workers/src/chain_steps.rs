@@ -11,6 +11,7 @@
 //!   longer than a consumer's few redeliveries allow.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use crate::evm_steps::{self, EvmNodes, is_evm};
 use crate::remote::Appender;
 use crate::runtime::{Step, StepError};
 use crate::signing::wallet_script;
-use crate::trail::{Trail, TrailView};
+use crate::trail::{Outpoint, Trail, TrailView};
 
 /// One node client per chain id (`ltc-regtest`, `btc-mainnet`, ...), and the
 /// EVM chains' nodes.
@@ -171,8 +172,6 @@ fn failed(event: &Event, version: u64, reason: String) -> Proposal {
 struct Job {
     terms: SpendTerms,
     script: Vec<u8>,
-    /// Outpoints that transactions of transfers still in flight spend.
-    reserved: Outpoints,
 }
 
 /// The build of `workflow_id` with its version, or `None` when it is not
@@ -194,30 +193,9 @@ fn job(view: &TrailView, workflow_id: &str) -> Option<(u64, Result<Job, String>)
                 terms.wallet.name
             ));
         }
-        Ok(Job {
-            terms,
-            script,
-            reserved: reserved(view),
-        })
+        Ok(Job { terms, script })
     };
     Some((t.version, job()))
-}
-
-/// Every outpoint spent by a transfer that is built, signed or broadcast and not
-/// yet confirmed. An outpoint belongs to one script, so collecting them over all
-/// wallets reserves exactly the wallet's own. A transfer that failed reserves
-/// nothing: spending its coins again is what cancels a transaction it left signed.
-fn reserved(view: &TrailView) -> Outpoints {
-    view.ledger
-        .transfers()
-        .filter(|(_, t)| matches!(t.stage, Stage::Built | Stage::Signed | Stage::Broadcast))
-        .filter_map(|(_, t)| t.unsigned.as_ref())
-        .flat_map(|unsigned| match unsigned {
-            UnsignedTransaction::Bitcoin { spent, .. } => spent.as_slice(),
-            _ => &[],
-        })
-        .map(|s| (s.txid.clone(), s.vout))
-        .collect()
 }
 
 /// The build step: turns a transfer that may go on into its unsigned
@@ -228,8 +206,8 @@ pub struct BuildStep<A> {
     nodes: ChainNodes,
     ledger: A,
     consumer: StepConsumer,
-    /// One lock per wallet: a build holds it until its `TRANSACTION_BUILT` is in
-    /// the trail, so the next build of that wallet sees those coins reserved.
+    /// One lock per wallet: a Bitcoin-family build holds it while it chooses
+    /// coins, an EVM build until its `TRANSACTION_BUILT` is in the trail.
     locks: Locks,
     /// One per chain: a node runs one `scantxoutset` at a time and refuses a
     /// second, so builds of different wallets take turns scanning.
@@ -248,14 +226,27 @@ pub struct BuildStep<A> {
     choosing: Arc<Mutex<HashMap<String, Outpoints>>>,
 }
 
-/// When a wallet's coins were scanned, and what was found.
-type Scan = (std::time::Instant, Vec<ScannedUtxo>);
+/// When a wallet's coins were scanned, and what was found: largest first, as
+/// `build_spend` takes them, each with its outpoint.
+type Scan = (std::time::Instant, Coins);
+type Coins = Arc<ScannedCoins>;
+
+#[derive(Debug)]
+struct ScannedCoins {
+    coins: Vec<(Outpoint, ScannedUtxo)>,
+    /// Every coin before this position was held at the wallet's last build:
+    /// builds take the largest coins, so held ones gather at the front, and
+    /// walking past them all again on every build would cost more than the
+    /// build. A coin there freed since (its transfer failed, or a build let
+    /// it go) waits for the next scan.
+    held_before: std::sync::atomic::AtomicUsize,
+}
 
 /// When a chain's fee rate was estimated, and the estimate.
 type FeeEstimate = (std::time::Instant, Option<u64>);
 
 /// Transaction outputs by txid and index.
-type Outpoints = BTreeSet<(String, u32)>;
+type Outpoints = BTreeSet<Outpoint>;
 
 /// How long a wallet's scan serves builds (a block interval is far longer).
 const SCAN_REUSE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -325,15 +316,6 @@ impl<A: Appender> BuildStep<A> {
         }
     }
 
-    fn chosen(&self, wallet: &str) -> Outpoints {
-        self.choosing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(wallet)
-            .cloned()
-            .unwrap_or_default()
-    }
-
     /// The wallet's coins on the node, from a scan at most [`SCAN_REUSE`] old
     /// unless `fresh`.
     async fn coins(
@@ -341,7 +323,7 @@ impl<A: Appender> BuildStep<A> {
         node: &Bitcoind,
         wallet: &WalletDescriptor,
         fresh: bool,
-    ) -> Result<Vec<ScannedUtxo>, StepError> {
+    ) -> Result<Coins, StepError> {
         let cached = |scanned: &Self| {
             let scans = scanned
                 .scanned
@@ -355,13 +337,21 @@ impl<A: Appender> BuildStep<A> {
         if let Some(coins) = cached(self) {
             return Ok(coins);
         }
-        let coins = {
+        let mut coins: Vec<(Outpoint, ScannedUtxo)> = {
             let scan = named_lock(&self.scans, &wallet.chain);
             let _scanning = scan.lock().await;
             node.scan_addresses(&[&wallet.address])
                 .await
                 .map_err(|e| step_error("scantxoutset", e))?
-        };
+        }
+        .into_iter()
+        .map(|u| ((u.txid.clone(), u.vout), u))
+        .collect();
+        coins.sort_by(|(a, u), (b, v)| v.value.cmp(&u.value).then_with(|| a.cmp(b)));
+        let coins = Arc::new(ScannedCoins {
+            coins,
+            held_before: Default::default(),
+        });
         self.scanned
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -376,37 +366,116 @@ impl<A: Appender> BuildStep<A> {
     /// reserved, checked as guardians will. Which chosen coins the mempool
     /// already spends is asked afterwards ([`Self::spent_in_mempool`]), outside
     /// the wallet's lock.
-    async fn build(&self, job: &Job) -> Result<UnsignedTransaction, StepError> {
-        match self.build_from(job, false).await {
+    async fn build(
+        &self,
+        job: &Job,
+        excluded: &Outpoints,
+    ) -> Result<UnsignedTransaction, StepError> {
+        match self.build_from(job, excluded, false).await {
             // Not enough in a reused scan: new coins may have arrived since.
-            Err(StepError::Permanent(_)) => self.build_from(job, true).await,
+            Err(StepError::Permanent(_)) => self.build_from(job, excluded, true).await,
             built => built,
         }
     }
 
-    async fn build_from(&self, job: &Job, fresh: bool) -> Result<UnsignedTransaction, StepError> {
+    async fn build_from(
+        &self,
+        job: &Job,
+        excluded: &Outpoints,
+        fresh: bool,
+    ) -> Result<UnsignedTransaction, StepError> {
         let wallet = &job.terms.wallet;
         let node = self.nodes.get(&wallet.chain)?;
         let scanned = self.coins(node, wallet, fresh).await?;
-        let mut held: u64 = 0;
-        let mut utxos = Vec::with_capacity(scanned.len());
-        for u in scanned {
-            if job.reserved.contains(&(u.txid.clone(), u.vout)) {
-                held = held.saturating_add(u.value);
-                continue;
+        // `build_spend` takes the largest coins first and stops once they
+        // cover the amount and the fee, which the fee cap bounds: the largest
+        // free coins covering amount and cap are all it could take. Only when
+        // they do not suffice does it get every free coin, for the same result
+        // (or the same refusal) as from all.
+        let enough = job.terms.amount.saturating_add(job.terms.fees.max_fee);
+        let free = |limit: Option<u64>| self.free_coins(&wallet.name, &scanned, excluded, limit);
+        let (utxos, held, cut) = free(Some(enough))?;
+        match self.build_with(job, node, &utxos, held).await {
+            Err(_) if cut => {
+                let (utxos, held, _) = free(None)?;
+                self.build_with(job, node, &utxos, held).await
             }
-            utxos.push(SpentOutput {
-                txid: u.txid,
-                vout: u.vout,
-                value: u.value,
-                script_pubkey: u.script_pubkey,
-            });
+            built => built,
         }
+    }
+
+    /// The scanned coins that no transfer in flight, no build of this step
+    /// and no `excluded` holds, largest first, until they add up to `limit`;
+    /// with the value of those held, and whether free coins were left out.
+    fn free_coins(
+        &self,
+        wallet: &str,
+        scanned: &ScannedCoins,
+        excluded: &Outpoints,
+        limit: Option<u64>,
+    ) -> Result<(Vec<SpentOutput>, u64, bool), StepError> {
+        // Read with the replica held: a coin leaves `choosing` only once its
+        // `TRANSACTION_BUILT` is in the replica, so it is seen in one or the other.
+        self.trail
+            .read_current(|view| {
+                let choosing = self
+                    .choosing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let chosen = choosing.get(wallet);
+                let (mut held, mut total) = (0u64, 0u64);
+                let mut utxos = Vec::new();
+                // Only a bounded walk skips the front: one for every free coin
+                // starts at the first.
+                let start = match limit {
+                    Some(_) => scanned.held_before.load(Ordering::Relaxed),
+                    None => 0,
+                };
+                let mut held_before = start;
+                for (outpoint, u) in scanned.coins.iter().skip(start) {
+                    if view.coins_in_flight.contains(outpoint)
+                        || excluded.contains(outpoint)
+                        || chosen.is_some_and(|c| c.contains(outpoint))
+                    {
+                        held = held.saturating_add(u.value);
+                        if utxos.is_empty() {
+                            held_before += 1;
+                        }
+                        continue;
+                    }
+                    if limit.is_some_and(|l| total >= l) || utxos.len() == spend::MAX_INPUTS {
+                        scanned.held_before.store(held_before, Ordering::Relaxed);
+                        return (utxos, held, true);
+                    }
+                    total = total.saturating_add(u.value);
+                    utxos.push(SpentOutput {
+                        txid: u.txid.clone(),
+                        vout: u.vout,
+                        value: u.value,
+                        script_pubkey: u.script_pubkey.clone(),
+                    });
+                }
+                if limit.is_some() {
+                    scanned.held_before.store(held_before, Ordering::Relaxed);
+                }
+                (utxos, held, false)
+            })
+            .map_err(StepError::Transient)
+    }
+
+    async fn build_with(
+        &self,
+        job: &Job,
+        node: &Bitcoind,
+        utxos: &[SpentOutput],
+        held: u64,
+    ) -> Result<UnsignedTransaction, StepError> {
+        let wallet = &job.terms.wallet;
         let fee_rate = self.fee_rate(node, &wallet.chain).await?;
         let unsigned = build_spend(&SpendRequest {
             chain: &wallet.chain,
             wallet_script: &job.script,
-            utxos: &utxos,
+            utxos,
             destination: &job.terms.destination,
             amount: job.terms.amount,
             fee_rate,
@@ -469,11 +538,7 @@ impl<A: Appender> BuildStep<A> {
                 return Ok(None);
             };
             let built = match job {
-                Ok(mut job) => {
-                    job.reserved.extend(self.chosen(wallet));
-                    job.reserved.extend(excluded.iter().cloned());
-                    self.build(&job).await
-                }
+                Ok(job) => self.build(&job, &excluded).await,
                 Err(reason) => Err(StepError::Permanent(reason)),
             };
             let Ok(UnsignedTransaction::Bitcoin { chain, spent, .. }) = &built else {

@@ -8,7 +8,7 @@
 //! guardian that times out or answers with an invalid share is named in an alert
 //! and replaced, while enough guardians are live.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,15 +136,34 @@ pub fn workflow_allows<'a>(
 
 /// The wallet's Taproot script from its recorded group key.
 pub fn wallet_script(wallet: &WalletDescriptor) -> Result<Vec<u8>, String> {
-    let key = wallet
+    // Computing the tweak costs curve arithmetic; every build and signing
+    // asks, so each (key, chain) is computed once per process.
+    type Scripts = Mutex<HashMap<(String, String), Vec<u8>>>;
+    static SCRIPTS: std::sync::LazyLock<Scripts> = std::sync::LazyLock::new(Mutex::default);
+    let group_key = wallet
         .group_key
         .as_deref()
-        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| format!("wallet {} has no readable group key", wallet.name))?;
+    let memo = (group_key.to_string(), wallet.chain.clone());
+    if let Some(script) = SCRIPTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&memo)
+    {
+        return Ok(script.clone());
+    }
+    let key = hex::decode(group_key)
+        .ok()
         .and_then(|b| VerifyingKey::deserialize(&b).ok())
         .ok_or_else(|| format!("wallet {} has no readable group key", wallet.name))?;
-    custos_custody::address::wallet(&key, &wallet.chain)
+    let script = custos_custody::address::wallet(&key, &wallet.chain)
         .map(|w| w.script_pubkey.to_vec())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    SCRIPTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(memo, script.clone());
+    Ok(script)
 }
 
 /// Guardians whose heartbeat is older than this are not asked.

@@ -3,6 +3,7 @@
 //! directory and the active policy version. Guardians and the ballot box decide
 //! from it, never from what a coordinator or a channel tells them.
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use custos_engine::ledger::Ledger;
 use custos_engine::policy::{
     ApprovalStatus, AwaitsApprovals, Directory, approvals_of, approvals_satisfied,
 };
-use custos_engine::transfer::Transfer;
+use custos_engine::transfer::{Stage, Transfer};
+use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::change::Change;
 use custos_schemas::policy::PolicyOutcome;
 use custos_schemas::{AggregateKind, Event, EventType, Payload, codec, subjects};
@@ -35,6 +37,9 @@ pub struct TrailView {
     /// Key ceremonies the trail records (their wallet events' causation), by
     /// ceremony id, with the wallet: what a guardian may commit.
     pub ceremonies: std::collections::BTreeMap<String, String>,
+    /// Coins that transfers in flight spend, kept as events arrive so that a
+    /// build need not walk every transfer.
+    pub coins_in_flight: CoinsInFlight,
     /// Set when the trail failed verification: nothing is decided from it after.
     pub broken: Option<String>,
 }
@@ -65,6 +70,13 @@ impl TrailView {
         {
             self.ceremonies
                 .insert(ceremony.clone(), event.workflow_id.clone());
+        }
+        if event.aggregate_kind == AggregateKind::Tx {
+            let transfer = self
+                .ledger
+                .aggregate(AggregateKind::Tx, &event.workflow_id)
+                .and_then(|a| a.transfer.as_ref());
+            self.coins_in_flight.update(&event.workflow_id, transfer);
         }
         let ledger = &self.ledger;
         self.admin
@@ -141,6 +153,54 @@ impl TrailView {
             .aggregate(AggregateKind::Tx, workflow_id)
             .filter(|a| !a.partial)
             .and_then(|a| a.transfer.as_ref())
+    }
+}
+
+/// A Bitcoin-family coin: previous txid (as nodes display it) and output index.
+pub type Outpoint = (String, u32);
+
+/// Every outpoint spent by a transfer that is built, signed or broadcast and
+/// not yet confirmed. An outpoint belongs to one script, so one index serves
+/// every wallet. A transfer that failed holds nothing: spending its coins
+/// again is what cancels a transaction it left signed.
+#[derive(Debug, Clone, Default)]
+pub struct CoinsInFlight {
+    by_workflow: HashMap<String, Vec<Outpoint>>,
+    /// How many transfers in flight spend each coin (normally one).
+    holders: HashMap<Outpoint, u32>,
+}
+
+impl CoinsInFlight {
+    /// Records what the transfer `workflow_id` now holds.
+    fn update(&mut self, workflow_id: &str, transfer: Option<&Transfer>) {
+        let held: Vec<Outpoint> = transfer
+            .filter(|t| matches!(t.stage, Stage::Built | Stage::Signed | Stage::Broadcast))
+            .and_then(|t| t.unsigned.as_ref())
+            .map(|unsigned| match unsigned {
+                UnsignedTransaction::Bitcoin { spent, .. } => {
+                    spent.iter().map(|s| (s.txid.clone(), s.vout)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .unwrap_or_default();
+        for coin in self.by_workflow.remove(workflow_id).unwrap_or_default() {
+            if let Some(n) = self.holders.get_mut(&coin) {
+                *n -= 1;
+                if *n == 0 {
+                    self.holders.remove(&coin);
+                }
+            }
+        }
+        if !held.is_empty() {
+            for coin in &held {
+                *self.holders.entry(coin.clone()).or_default() += 1;
+            }
+            self.by_workflow.insert(workflow_id.to_string(), held);
+        }
+    }
+
+    pub fn contains(&self, coin: &Outpoint) -> bool {
+        self.holders.contains_key(coin)
     }
 }
 
