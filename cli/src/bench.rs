@@ -1168,6 +1168,14 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         )
         .and_then(|s| s.iter().min().copied())
         .unwrap_or(0);
+    println!(
+        "e2e        broadcasts in each second: {}",
+        per_second
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     // Where the time goes: the median gap before each step's event.
     let mut gaps: BTreeMapSteps = Default::default();
     let mut previous: std::collections::HashMap<String, i64> = Default::default();

@@ -138,8 +138,9 @@ impl Ledger {
         self.wallets.get(name)
     }
 
-    /// Replays one stored event, checking that it extends the chain.
-    pub fn replay(&mut self, l: Link<'_>) -> Result<(), ReplayError> {
+    /// Replays one stored event, checking that it extends the chain; the event,
+    /// decoded.
+    pub fn replay(&mut self, l: Link<'_>) -> Result<Event, ReplayError> {
         let fail = |reason: String| ReplayError { seq: l.seq, reason };
         let hash = chain::check_link(&self.head, self.last_seq, l)
             .map_err(|kind| fail(chain::Break { seq: l.seq, kind }.to_string()))?;
@@ -178,7 +179,7 @@ impl Ledger {
         self.head = hash;
         self.last_seq = l.seq;
         self.last_timestamp = self.last_timestamp.max(event.timestamp);
-        Ok(())
+        Ok(event)
     }
 
     /// Seals proposals into events at the next stream sequences, all or none.

@@ -19,7 +19,7 @@ use custos_engine::transfer::{Stage, Transfer};
 use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::change::Change;
 use custos_schemas::policy::PolicyOutcome;
-use custos_schemas::{AggregateKind, Event, EventType, Payload, codec, subjects};
+use custos_schemas::{AggregateKind, EventType, Payload, subjects};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -46,11 +46,10 @@ pub struct TrailView {
 
 impl TrailView {
     fn apply(&mut self, stored: &StoredEvent) -> Result<(), String> {
-        self.ledger
+        let event = self
+            .ledger
             .replay(stored.link())
             .map_err(|e| format!("seq {}: {}", e.seq, e.reason))?;
-        let event: Event = codec::from_msgpack(&stored.body)
-            .map_err(|e| format!("seq {}: undecodable: {e}", stored.seq))?;
         if let Err(e) = self.directory.apply(&event) {
             tracing::warn!(event = %event.id, error = %e, "directory event does not apply");
         }
