@@ -53,16 +53,27 @@ impl NatsServer {
         durability: Durability,
     ) -> Result<Self, NatsServerError> {
         let binary = std::env::var("CUSTOS_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let port = if port == 0 { free_port()? } else { port };
         let mut server = NatsServer {
             child: None,
             binary,
             data_dir: data_dir.to_path_buf(),
-            port,
+            port: if port == 0 { free_port()? } else { port },
             durability,
         };
-        server.spawn().await?;
-        Ok(server)
+        let mut attempts = 1;
+        loop {
+            match server.spawn().await {
+                // A port found free can be taken by another process before the
+                // server binds it: pick another.
+                Err(NatsServerError::NotReady { last, .. })
+                    if port == 0 && attempts < 5 && last.contains("address already in use") =>
+                {
+                    attempts += 1;
+                    server.port = free_port()?;
+                }
+                spawned => return spawned.map(|()| server),
+            }
+        }
     }
 
     pub fn url(&self) -> String {
