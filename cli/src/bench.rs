@@ -1382,12 +1382,18 @@ impl Ceremonies {
                 guardians: (1..=n).map(|i| format!("g{i}")).collect(),
             },
         };
-        let workflow_id =
-            match custos_workers::change::submit(&self.trail, ledger, &self.policy, &request).await
-            {
-                custos_schemas::change::ChangeReply::Accepted { workflow_id } => workflow_id,
-                other => anyhow::bail!("wallet request refused: {other:?}"),
-            };
+        let workflow_id = match custos_workers::change::submit(
+            &self.trail,
+            ledger,
+            &self.policy,
+            &custos_workers::policy_step::Prices::Table(Default::default()),
+            &request,
+        )
+        .await
+        {
+            custos_schemas::change::ChangeReply::Accepted { workflow_id } => workflow_id,
+            other => anyhow::bail!("wallet request refused: {other:?}"),
+        };
         let started = Instant::now();
         loop {
             let (wallet, failed) = self

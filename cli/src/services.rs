@@ -239,13 +239,15 @@ pub async fn approvals(
     })
 }
 
-/// Starts the service that records administrative change requests (policy
-/// apply, whitelist, freeze) under `configured` until the trail activates another.
+/// Starts the service that records change requests (policy apply, whitelist,
+/// freeze, key ceremonies, fee bumps) under `configured` until the trail
+/// activates another, valuing fee bumps with `prices`.
 pub fn changes(
     client: &async_nats::Client,
     ledger: &LedgerHandle,
     trail: &Trail,
     configured: custos_engine::policy::Policy,
+    prices: custos_workers::policy_step::Prices,
     shutdown: &Shutdown,
 ) {
     let (client, trail, ledger, shutdown) = (
@@ -256,7 +258,7 @@ pub fn changes(
     );
     tokio::spawn(async move {
         if let Err(e) =
-            custos_workers::change::serve(client, trail, ledger, configured, shutdown).await
+            custos_workers::change::serve(client, trail, ledger, configured, prices, shutdown).await
         {
             tracing::error!(error = %e, "the change request service stopped");
         }
@@ -346,7 +348,14 @@ pub fn chain(
     );
     tokio::spawn(watcher.run(Duration::from_secs(1), shutdown.clone()));
     // Stuck transactions are replaced after their chain's default wait.
-    let bumper = FeeBumper::new(trail.clone(), nodes(), ledger.clone(), BumpAfter::default());
+    // Each bump is a change the policy decides (approvals where it says so).
+    let bumper = FeeBumper::new(
+        client.clone(),
+        trail.clone(),
+        nodes(),
+        ledger.clone(),
+        BumpAfter::default(),
+    );
     tokio::spawn(bumper.run(Duration::from_secs(5), shutdown.clone()));
     Ok(())
 }

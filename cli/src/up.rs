@@ -193,7 +193,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => Prices::Table(Arc::new(prices)),
     };
-    let step = PolicyStep::with_prices(js.clone(), policy, prices)
+    let step = PolicyStep::with_prices(js.clone(), policy, prices.clone())
         .await
         .map_err(anyhow::Error::msg)?;
     let _policy_step = tokio::spawn(custos_workers::runtime::run(
@@ -219,7 +219,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         &shutdown,
     )
     .await?;
-    services::changes(&client, &ledger, &trail, configured, &shutdown);
+    services::changes(&client, &ledger, &trail, configured, prices, &shutdown);
     services::signing(&client, &js, &ledger, &trail, &shutdown)?;
     let node = match &args.btc_rpc {
         Some(url) => Some(services::remote_node(url, &args.btc_network)?),

@@ -31,7 +31,7 @@ fn validate_names_the_line_and_field() {
     let dir = tempfile::tempdir().expect("dir");
     let good = write(dir.path(), "good.toml", DEFAULT);
     let (ok, out) = custos(&["policy", "validate", &good]);
-    assert!(ok && out.contains("valid, 4 rules"), "{out}");
+    assert!(ok && out.contains("valid, 6 rules"), "{out}");
     let bad = write(
         dir.path(),
         "bad.toml",

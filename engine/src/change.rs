@@ -86,6 +86,7 @@ pub fn action(change: &Change) -> ActionKind {
         Change::GuardianAdd { .. } | Change::ShareRepair { .. } => ActionKind::GuardianAdd,
         Change::GuardianRemove { .. } => ActionKind::GuardianRemove,
         Change::ThresholdChange { .. } => ActionKind::ThresholdChange,
+        Change::FeeBump { .. } => ActionKind::FeeBump,
     }
 }
 
@@ -109,6 +110,8 @@ pub fn effect(change: &Change) -> EventType {
         | Change::GuardianRemove { .. }
         | Change::ThresholdChange { .. }
         | Change::ShareRepair { .. } => EventType::ChangeApplied,
+        // The replacement is the transfer's event; the change only ends.
+        Change::FeeBump { .. } => EventType::ChangeApplied,
     }
 }
 
@@ -142,7 +145,8 @@ pub fn directory_after(
         | Change::GuardianAdd { .. }
         | Change::GuardianRemove { .. }
         | Change::ThresholdChange { .. }
-        | Change::ShareRepair { .. } => Ok(None),
+        | Change::ShareRepair { .. }
+        | Change::FeeBump { .. } => Ok(None),
         Change::UserAdd(record) => edit(&|d| d.add_record(record))
             .map_err(rename("role", "roles"))
             .map_err(rename("group", "groups")),
@@ -258,13 +262,13 @@ pub fn apply(state: &ChangeState, event: &Event) -> Result<ChangeState, Transiti
             }
             next.stage = S::Applied;
         }
-        // A key ceremony that failed: its alert ends the workflow.
+        // A key ceremony or fee bump that failed: its alert ends the workflow.
         (S::Approved, E::AlertRaised, Payload::Alert { summary, .. })
             if event.result == Outcome::Failure
                 && state
                     .request
                     .as_ref()
-                    .is_some_and(|r| r.change.is_ceremony()) =>
+                    .is_some_and(|r| r.change.applied_by_a_step()) =>
         {
             next.reason = Some(summary.clone());
             next.stage = S::Failed;
@@ -368,6 +372,8 @@ impl Admin {
             | Change::GuardianRemove { .. }
             | Change::ThresholdChange { .. }
             | Change::ShareRepair { .. } => {}
+            // The ledger folds the replacement the fee-bump worker records.
+            Change::FeeBump { .. } => {}
         }
     }
 }

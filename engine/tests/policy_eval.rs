@@ -316,9 +316,23 @@ fn default_policy_tiers() {
             assert!(d.explanation.contains("never counts"), "{}", d.explanation);
         }
     }
+    // A fee bump's amount is the fee it adds (ETH = EUR 2,000).
+    for (fee_added, outcome) in [
+        ("0.025", PolicyOutcome::Allow),
+        ("0.0250001", PolicyOutcome::RequireApprovals),
+    ] {
+        let mut bump = transfer("alice", "hot", fee_added);
+        bump.action = ActionKind::FeeBump;
+        let d = w.decide(&default_policy().expect("p"), &bump);
+        assert_eq!(d.outcome, outcome, "{fee_added}: {}", d.explanation);
+        if outcome == PolicyOutcome::RequireApprovals {
+            assert_eq!(d.approvals[0].groups[0].group, "approvers");
+            assert_eq!(d.approvals[0].groups[0].count, 2);
+        }
+    }
     for action in ActionKind::ALL
         .into_iter()
-        .filter(|a| *a != ActionKind::Transfer)
+        .filter(|a| !matches!(a, ActionKind::Transfer | ActionKind::FeeBump))
     {
         let initiator = if action.initiator_duty() == Duty::Initiate {
             "alice"

@@ -14,7 +14,7 @@ fn default_policy_parses_and_says_what_the_issue_says() {
     let p = default_policy().expect("default policy");
     assert_eq!(p.name, "default");
     assert_eq!(p.currency.as_str(), "EUR");
-    assert_eq!(p.rules.len(), 4);
+    assert_eq!(p.rules.len(), 6);
     for action in ActionKind::ALL {
         assert!(
             p.rules.iter().any(|r| r.actions.contains(&action)),

@@ -61,6 +61,30 @@ pub enum UnsignedTransaction {
     },
 }
 
+impl UnsignedTransaction {
+    /// The chain id it is for.
+    pub fn chain(&self) -> &str {
+        match self {
+            UnsignedTransaction::Bitcoin { chain, .. } | UnsignedTransaction::Evm { chain, .. } => {
+                chain
+            }
+        }
+    }
+
+    /// The most it pays in fees, in the chain's base unit: satoshi, or wei
+    /// (the gas limit at the most per gas).
+    pub fn max_fee(&self) -> u128 {
+        match self {
+            UnsignedTransaction::Bitcoin { fee, .. } => u128::from(*fee),
+            UnsignedTransaction::Evm {
+                gas_limit,
+                max_fee_per_gas,
+                ..
+            } => u128::from(*gas_limit) * u128::from(*max_fee_per_gas),
+        }
+    }
+}
+
 /// A complete signed transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

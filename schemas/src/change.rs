@@ -119,6 +119,16 @@ pub enum Change {
         #[serde(default)]
         helpers: Vec<String>,
     },
+    /// Replace the stuck transaction `replaces` of transfer `workflow` by
+    /// `unsigned`: the same payment at a higher fee (the fee-bump worker asks,
+    /// on behalf of the transfer's initiator). Decided as a `fee-bump` whose
+    /// amount is the fee it adds; once approved, the worker records the
+    /// replacement with the change's `CHANGE_APPLIED`.
+    FeeBump {
+        workflow: String,
+        replaces: String,
+        unsigned: crate::chain::UnsignedTransaction,
+    },
 }
 
 impl Change {
@@ -140,6 +150,8 @@ impl Change {
             | Change::ShareRepair { wallet, .. }
             | Change::WalletCreate { name: wallet, .. } => Some(wallet),
             Change::Freeze { wallet, .. } | Change::Unfreeze { wallet } => wallet.as_deref(),
+            // The transfer names its wallet; the change service looks it up.
+            Change::FeeBump { .. } => None,
         }
     }
 
@@ -155,6 +167,13 @@ impl Change {
                 | Change::ThresholdChange { .. }
                 | Change::ShareRepair { .. }
         )
+    }
+
+    /// Whether a step applies it once it is approved, recording its own
+    /// event with the change's `CHANGE_APPLIED` (a key ceremony, a fee bump),
+    /// rather than the approval completing the quorum.
+    pub fn applied_by_a_step(&self) -> bool {
+        self.is_ceremony() || matches!(self, Change::FeeBump { .. })
     }
 
     /// A line for approvers and the audit trail.
@@ -219,6 +238,15 @@ impl Change {
             Change::ShareRepair {
                 wallet, guardian, ..
             } => format!("repair the lost share of guardian {guardian} of wallet {wallet}"),
+            Change::FeeBump {
+                workflow,
+                replaces,
+                unsigned,
+            } => format!(
+                "replace transaction {replaces} of transfer {workflow} by one paying at most {} in fees (base units of {})",
+                unsigned.max_fee(),
+                unsigned.chain()
+            ),
         }
     }
 }
@@ -340,6 +368,15 @@ impl ChangeRequest {
                 validate_token("change.wallet", wallet)?;
                 validate_token("change.guardian", guardian)?;
                 tokens("change.helpers", helpers, false)?;
+            }
+            Change::FeeBump {
+                workflow,
+                replaces,
+                unsigned,
+            } => {
+                validate_token("change.workflow", workflow)?;
+                validate_token("change.replaces", replaces)?;
+                validate_token("change.unsigned.chain", unsigned.chain())?;
             }
         }
         Ok(())

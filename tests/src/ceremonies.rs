@@ -15,6 +15,7 @@ use custos_schemas::{
     UserRecord, WalletDescriptor,
 };
 use custos_workers::Shutdown;
+use custos_workers::policy_step::Prices;
 use custos_workers::trail::Trail;
 
 use crate::{Engine, Nats, append_ok};
@@ -101,6 +102,7 @@ pub async fn change_service(
         trail,
         engine.ledger.clone(),
         policy,
+        Prices::Table(Default::default()),
         shutdown,
     ));
     trigger
@@ -269,7 +271,14 @@ pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> Str
         initiator: OPERATOR.into(),
         change,
     };
-    let reply = custos_workers::change::submit(&trail, &engine.ledger, &active, &request).await;
+    let reply = custos_workers::change::submit(
+        &trail,
+        &engine.ledger,
+        &active,
+        &Prices::Table(Default::default()),
+        &request,
+    )
+    .await;
     trigger.trigger();
     match reply {
         ChangeReply::Refused { field, reason } => {
@@ -296,7 +305,14 @@ pub async fn freeze(nats: &Nats, engine: &Engine, wallet: &str) {
             reason: "test".into(),
         },
     };
-    let reply = custos_workers::change::submit(&trail, &engine.ledger, &active, &request).await;
+    let reply = custos_workers::change::submit(
+        &trail,
+        &engine.ledger,
+        &active,
+        &Prices::Table(Default::default()),
+        &request,
+    )
+    .await;
     trigger.trigger();
     assert!(
         matches!(reply, ChangeReply::Accepted { .. }),

@@ -1,12 +1,14 @@
 //! What transfer tests start from: a policy recorded as active, the initiator
-//! `erp`, and the policy step deciding with fixed prices.
+//! `erp`, and the policy step deciding with fixed prices; the change service
+//! on the same policy and prices for tests that need it (fee bumps).
 
 use custos_engine::policy::Policy;
 use custos_schemas::{
     Actor, AggregateKind, EventType, Outcome, Payload, Proposal, RequestContext, Target, UserRecord,
 };
 use custos_workers::Shutdown;
-use custos_workers::policy_step::{PolicyStep, PriceTable};
+use custos_workers::policy_step::{PolicyStep, PriceTable, Prices};
+use custos_workers::trail::Trail;
 
 use crate::{Engine, Nats, append_ok};
 
@@ -61,6 +63,20 @@ pub async fn policy_and_initiator(
         ],
     )
     .await;
+    let js = nats.js().await;
+    let step = PolicyStep::new(js.clone(), policy, prices())
+        .await
+        .expect("policy step");
+    tokio::spawn(custos_workers::runtime::run(
+        js,
+        engine.ledger.clone(),
+        step,
+        shutdown,
+    ));
+}
+
+/// LTC at EUR 80, ETH at EUR 3,000.
+pub fn prices() -> PriceTable {
     let mut prices = PriceTable::default();
     for (asset, eur) in [("LTC", "80"), ("ETH", "3000")] {
         prices
@@ -69,14 +85,20 @@ pub async fn policy_and_initiator(
             .or_default()
             .insert("EUR".into(), eur.into());
     }
-    let js = nats.js().await;
-    let step = PolicyStep::new(js.clone(), policy, prices)
+    prices
+}
+
+/// The change service deciding under `policy` with [`prices`] until `shutdown`.
+pub async fn change_service(nats: &Nats, engine: &Engine, policy: Policy, shutdown: Shutdown) {
+    let trail = Trail::follow(nats.js().await, shutdown.clone())
         .await
-        .expect("policy step");
-    tokio::spawn(custos_workers::runtime::run(
-        js,
+        .expect("trail");
+    tokio::spawn(custos_workers::change::serve(
+        engine.client.clone(),
+        trail,
         engine.ledger.clone(),
-        step,
+        policy,
+        Prices::Table(std::sync::Arc::new(prices())),
         shutdown,
     ));
 }

@@ -190,7 +190,8 @@ impl Setup {
             .or_default()
             .insert("EUR".into(), "80".into());
         let policy = Policy::parse(policy).expect("the test policy parses");
-        let step = PolicyStep::new(nats.js().await, policy.clone(), prices)
+        let prices = custos_workers::policy_step::Prices::Table(std::sync::Arc::new(prices));
+        let step = PolicyStep::with_prices(nats.js().await, policy.clone(), prices.clone())
             .await
             .expect("policy step");
         let (trigger, shutdown) = Shutdown::new();
@@ -208,6 +209,7 @@ impl Setup {
             trail.clone(),
             engine.ledger.clone(),
             policy,
+            prices,
             shutdown,
         ));
         let ballot_box =

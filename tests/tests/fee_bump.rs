@@ -13,23 +13,29 @@ use std::time::Duration;
 use custos_adapters::nats_server::Durability;
 use custos_custody::spend::{self, Expectation, FeePolicy};
 use custos_custody::taproot::Transaction;
+use custos_engine::change::Stage as ChangeStage;
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage, Transfer};
+use custos_schemas::approval::{ApprovalChannel, ApprovalVote, MfaMethod, Vote};
 use custos_schemas::chain::UnsignedTransaction;
+use custos_schemas::change::Change;
 use custos_schemas::{
     AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, WalletDescriptor,
 };
 use custos_tests::anvil::{Anvil, ETHER};
 use custos_tests::frost::{ask, frost_setup, history, record};
 use custos_tests::litecoind::Litecoind;
-use custos_tests::workflows::policy_and_initiator;
+use custos_tests::workflows::{change_service, policy_and_initiator};
 use custos_tests::{Engine, Nats, append_ok, eventually, submit_json, verify_stream};
+use custos_workers::approvals::ballot_box::TrailBallotBox;
+use custos_workers::approvals::{Ballot, BallotBox, Receipt};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
 use custos_workers::evm_steps::EvmNodes;
 use custos_workers::fee_bump::{BumpAfter, FeeBumper};
 use custos_workers::hd_signer::{self, SignerConfig};
+use custos_workers::remote::RemoteLedger;
 use custos_workers::signing::{SignReply, SignRequest, SignStep, wallet_script};
 use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
@@ -133,6 +139,7 @@ async fn bumper(
         .await
         .expect("trail");
     FeeBumper::new(
+        nats.client().await,
         trail,
         nodes.clone(),
         engine.ledger.clone(),
@@ -263,6 +270,15 @@ async fn a_stuck_litecoin_transfer_is_replaced_by_a_fee_bump_and_confirmed() {
         &engine,
         "hot",
         policy::default_policy().expect("policy"),
+    )
+    .await;
+    // The change service decides the bump: a few satoshi more in fees are
+    // allowed outright by the default policy.
+    change_service(
+        &nats,
+        &engine,
+        policy::default_policy().expect("policy"),
+        frost.shutdown.clone(),
     )
     .await;
     let wallet = frost.wallet.clone();
@@ -424,15 +440,20 @@ async fn a_stuck_litecoin_transfer_is_replaced_by_a_fee_bump_and_confirmed() {
     engine.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() {
-    let nats = Nats::start(Durability::Default).await;
-    let engine = Engine::start(&nats).await;
+/// `policy` and the initiator `erp`, the policy step and the change service
+/// deciding under it, an HD signer process `s1`, and the HD wallet `hot` on
+/// anvil funded with one ether; anvil mines only when told. The signer's
+/// directory lives as long as the returned one.
+async fn evm_setup(
+    nats: &Nats,
+    engine: &Engine,
+    policy: policy::Policy,
+    shutdown: &Shutdown,
+) -> (Anvil, tempfile::TempDir) {
     let anvil = Anvil::start().await;
     let client = nats.client().await;
-    let (_stop, shutdown) = Shutdown::new();
-    let default = policy::default_policy().expect("default policy");
-    policy_and_initiator(&nats, &engine, default, shutdown.clone()).await;
+    policy_and_initiator(nats, engine, policy.clone(), shutdown.clone()).await;
+    change_service(nats, engine, policy, shutdown.clone()).await;
     let signer_dir = tempfile::tempdir().expect("tempdir");
     let config = SignerConfig {
         id: "s1".into(),
@@ -451,8 +472,8 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
         }
     }
     let wallet = custos_tests::ceremonies::approved_ceremony(
-        &nats,
-        &engine,
+        nats,
+        engine,
         custos_schemas::change::Change::WalletCreate {
             name: "hot".into(),
             model: "hd".into(),
@@ -469,6 +490,16 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
         .call("evm_setAutomine", json!([false]))
         .await
         .expect("automine off");
+    (anvil, signer_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let (_stop, shutdown) = Shutdown::new();
+    let default = policy::default_policy().expect("default policy");
+    let (anvil, _signer_dir) = evm_setup(&nats, &engine, default, &shutdown).await;
 
     let nodes = ChainNodes::default().with_evm(EvmNodes::new([(
         "evm-31337".to_string(),
@@ -533,6 +564,204 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
     assert_eq!(anvil.balance(to).await, 10_000 * ETHER + ETHER / 100);
     assert_eq!(done.replaced.len(), 1);
     assert_eq!(done.replaced[0].txid, first_txid);
+    verify_stream(&nats.js().await)
+        .await
+        .expect("the trail verifies");
+    engine.stop().await;
+}
+
+/// Transfers pass; every fee bump needs two approvers; wallets are created
+/// without approvals.
+const BUMPS_NEED_APPROVERS: &str = r#"
+version = 1
+name = "bumps-need-approvers"
+currency = "EUR"
+max_price_age = "5m"
+approval_expiry = "24h"
+
+[groups]
+approvers = "Approve fee bumps."
+
+[[rule]]
+name = "transfers"
+actions = ["transfer"]
+outcome = "allow"
+
+[[rule]]
+name = "fee-bumps"
+actions = ["fee-bump"]
+outcome = "require-approvals"
+approvals = { groups = [{ group = "approvers", count = 2 }] }
+
+[[rule]]
+name = "wallets"
+actions = ["wallet-create"]
+outcome = "allow"
+"#;
+
+fn approver(id: &str) -> custos_schemas::Proposal {
+    record(
+        AggregateKind::User,
+        id,
+        EventType::UserCreated,
+        Payload::UserCreated(custos_schemas::UserRecord {
+            id: id.into(),
+            name: id.into(),
+            email: format!("{id}@example.com"),
+            slack_user_id: None,
+            roles: vec!["approver".into()],
+            groups: vec!["approvers".into()],
+            mfa_enrolled: true,
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fee_bump_the_policy_holds_waits_for_its_approvers() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let (_stop, shutdown) = Shutdown::new();
+    let policy = policy::Policy::parse(BUMPS_NEED_APPROVERS).expect("policy parses");
+    let (anvil, _signer_dir) = evm_setup(&nats, &engine, policy, &shutdown).await;
+    append_ok(&engine.ledger, vec![approver("ann"), approver("ben")]).await;
+    let nodes = ChainNodes::default().with_evm(EvmNodes::new([(
+        "evm-31337".to_string(),
+        anvil.rpc.clone(),
+    )]));
+    let _signing = run_steps(&nats, &engine, &nodes, &shutdown).await;
+    let bump = bumper(&nats, &engine, &nodes, "evm-31337", &shutdown).await;
+    let to = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+    let id = submit(
+        &engine,
+        "held-bump",
+        json!({"wallet": "hot", "asset": "ETH", "destination": to, "amount": "0.01", "initiator": "erp"}),
+    )
+    .await;
+    let first = until(&nats, &id, "broadcast", is_broadcast).await;
+    let first_txid = first.txid.clone().expect("txid");
+
+    // Asked, not applied: the change waits for two approvers.
+    assert_eq!(bump.poll(now_ms()).await, Vec::<String>::new());
+    let trail = Trail::follow(nats.js().await, shutdown.clone())
+        .await
+        .expect("trail");
+    let change_id = trail
+        .read(|v| {
+            v.ledger
+                .changes()
+                .find(|(_, c)| {
+                    c.request
+                        .as_ref()
+                        .is_some_and(|r| matches!(&r.change, Change::FeeBump { workflow, .. } if *workflow == id))
+                })
+                .map(|(change_id, c)| (change_id.to_string(), c.stage))
+        })
+        .await
+        .expect("trail read");
+    let (change_id, stage) = change_id.expect("a fee-bump change was asked");
+    assert_eq!(stage, ChangeStage::AwaitingApprovals);
+    // Asked once per stuck transaction, however often the bumper looks.
+    assert_eq!(bump.poll(now_ms()).await, Vec::<String>::new());
+    let asked = trail
+        .read(|v| {
+            v.ledger
+                .changes()
+                .filter(|(_, c)| {
+                    c.request
+                        .as_ref()
+                        .is_some_and(|r| matches!(r.change, Change::FeeBump { .. }))
+                })
+                .count()
+        })
+        .await
+        .expect("trail read");
+    assert_eq!(asked, 1);
+
+    // A replacement recorded without its change approved (as a compromised
+    // engine would) is refused by the signer and abandoned.
+    let Some(UnsignedTransaction::Evm {
+        max_fee_per_gas,
+        max_priority_fee_per_gas,
+        ..
+    }) = first.unsigned.clone()
+    else {
+        panic!("an EVM transaction: {:?}", first.unsigned)
+    };
+    let rogue = trail
+        .read(|v| {
+            let terms = custos_workers::evm_steps::evm_terms(v, first.request.as_ref()?).ok()?;
+            custos_custody::evm::build_replacement(
+                first.unsigned.as_ref()?,
+                u128::from(max_fee_per_gas) * 2,
+                u128::from(max_priority_fee_per_gas) * 2,
+                &terms.expectation(),
+            )
+            .ok()
+        })
+        .await
+        .expect("trail read")
+        .expect("a fee bump");
+    record_replacement(&engine, &id, &first, rogue).await;
+    let refused = until(&nats, &id, "the rogue replacement abandoned", |t| {
+        is_broadcast(t) && t.version > first.version + 1
+    })
+    .await;
+    assert_eq!(refused.txid.as_deref(), Some(first_txid.as_str()));
+    let reasons: Vec<String> = history(&nats, &id)
+        .await
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Payload::StepFailed { reason, .. } => Some(reason.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("no approved fee-bump change")),
+        "{reasons:?}"
+    );
+
+    // Two approvers approve; the next pass records the replacement, which
+    // the signer signs and anvil mines.
+    let ballots = TrailBallotBox::new(trail.clone(), RemoteLedger::new(nats.client().await));
+    for user in ["ann", "ben"] {
+        let notice = ballots.notice(&change_id).await.expect("a notice");
+        let receipt = ballots
+            .cast(Ballot {
+                workflow_id: change_id.clone(),
+                user_id: user.into(),
+                vote: ApprovalVote {
+                    vote: Vote::Approve,
+                    request_hash: notice.request_hash,
+                    policy_version: notice.policy_version,
+                    channel: ApprovalChannel::Console,
+                    mfa: MfaMethod::Totp,
+                    comment: None,
+                },
+                masked_ip: None,
+                user_agent: None,
+            })
+            .await;
+        assert!(
+            matches!(receipt, Ok(Receipt::Recorded { .. })),
+            "{user}: {receipt:?}"
+        );
+    }
+    assert_eq!(bump.poll(now_ms()).await, vec![id.clone()]);
+    let bumped = until(&nats, &id, "the approved replacement broadcast", |t| {
+        is_broadcast(t) && t.txid.as_deref() != Some(first_txid.as_str())
+    })
+    .await;
+    let new_txid = bumped.txid.clone().expect("txid");
+    anvil.mine(1).await;
+    let done = until(&nats, &id, "confirmed", |t| t.stage == Stage::Confirmed).await;
+    assert_eq!(done.txid.as_deref(), Some(new_txid.as_str()));
+    let applied = trail
+        .read(|v| v.change(&change_id).map(|c| c.stage))
+        .await
+        .expect("trail read");
+    assert_eq!(applied, Some(ChangeStage::Applied));
     verify_stream(&nats.js().await)
         .await
         .expect("the trail verifies");

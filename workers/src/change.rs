@@ -24,6 +24,7 @@ use custos_schemas::{
 use futures::StreamExt;
 
 use crate::Shutdown;
+use crate::policy_step::Prices;
 use crate::remote::Appender;
 use crate::trail::{Trail, TrailView};
 
@@ -62,7 +63,7 @@ pub fn applied(workflow_id: &str, expected_version: u64, actor: Actor, change: C
     }
 }
 
-fn target(workflow_id: &str) -> Target {
+pub(crate) fn target(workflow_id: &str) -> Target {
     Target {
         kind: "change".into(),
         id: workflow_id.to_string(),
@@ -137,6 +138,7 @@ fn refused(field: &str, reason: impl Into<String>) -> Refusal {
 pub fn prepare(
     view: &TrailView,
     active: &ActivePolicy,
+    prices: &PriceSnapshot,
     request: &ChangeRequest,
     now: i64,
 ) -> Result<(String, Vec<Proposal>), Refusal> {
@@ -226,6 +228,15 @@ pub fn prepare(
             crate::wallets::check_ceremony(wallet, change)
                 .map_err(|e| (Some(e.field), e.reason))?;
         }
+        // Checked as signers will check the replacement; decided below.
+        Change::FeeBump {
+            workflow,
+            replaces,
+            unsigned,
+        } => {
+            crate::fee_bump::bump_request(view, &request.initiator, workflow, replaces, unsigned)
+                .map_err(|(field, reason)| (Some(field), reason))?;
+        }
     }
     let mut proposals = vec![Proposal {
         aggregate_kind: AggregateKind::Change,
@@ -255,15 +266,30 @@ pub fn prepare(
         Change::Freeze { .. } => true,
         change => {
             let policy = active.get(view).map_err(|e| (None, e))?;
-            let mut decision_request =
-                Request::action(machine::action(change), &request.initiator, false);
-            decision_request.wallet = change.wallet().map(str::to_string);
+            let decision_request = match change {
+                Change::FeeBump {
+                    workflow,
+                    replaces,
+                    unsigned,
+                } => crate::fee_bump::bump_request(
+                    view,
+                    &request.initiator,
+                    workflow,
+                    replaces,
+                    unsigned,
+                )
+                .map_err(|(field, reason)| (Some(field), reason))?,
+                _ => Request {
+                    wallet: change.wallet().map(str::to_string),
+                    ..Request::action(machine::action(change), &request.initiator, false)
+                },
+            };
             let decision = policy::evaluate(
                 &policy,
                 &decision_request,
                 &Inputs {
                     directory: &view.directory,
-                    prices: &PriceSnapshot::new(),
+                    prices,
                     velocity: &VelocityState::new(policy.currency),
                     address_book: &admin.address_book,
                     freeze: &admin.freeze,
@@ -291,8 +317,8 @@ pub fn prepare(
             allowed
         }
     };
-    // An allowed key ceremony is applied by the ceremony step once it ran.
-    if allowed && !request.change.is_ceremony() {
+    // An allowed key ceremony or fee bump is applied by its step once it ran.
+    if allowed && !request.change.applied_by_a_step() {
         let actor = match request.change {
             Change::Freeze { .. } => proposals[0].actor.clone(),
             _ => Actor::system("change"),
@@ -319,11 +345,17 @@ pub async fn submit<A: Appender>(
     trail: &Trail,
     ledger: &A,
     active: &ActivePolicy,
+    prices: &Prices,
     request: &ChangeRequest,
 ) -> ChangeReply {
     let refuse = |(field, reason): Refusal| ChangeReply::Refused { field, reason };
+    let now = now_ms();
+    let prices = match prices.snapshot(now) {
+        Ok(p) => p,
+        Err(e) => return refuse((None, e)),
+    };
     let prepared = match trail
-        .read(|view| prepare(view, active, request, now_ms()))
+        .read(|view| prepare(view, active, &prices, request, now))
         .await
     {
         Ok(Ok(p)) => p,
@@ -347,12 +379,14 @@ pub async fn submit<A: Appender>(
 }
 
 /// Serves [`subjects::REQ_CHANGE`] (JSON or MessagePack, answered in kind)
-/// until `shutdown`. `configured` decides until the trail activates another policy.
+/// until `shutdown`. `configured` decides until the trail activates another
+/// policy; `prices` value what a change moves (a fee bump's added fee).
 pub async fn serve<A: Appender>(
     client: Client,
     trail: Trail,
     ledger: A,
     configured: Policy,
+    prices: Prices,
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
     let mut requests = client
@@ -370,15 +404,16 @@ pub async fn serve<A: Appender>(
         let header = crate::header(msg.headers.as_ref(), subjects::headers::CONTENT_TYPE);
         let decoded = ContentType::from_header(header.as_deref());
         let content_type = decoded.clone().unwrap_or(ContentType::Json);
-        let (client, trail, ledger, active) = (
+        let (client, trail, ledger, active, prices) = (
             client.clone(),
             trail.clone(),
             ledger.clone(),
             active.clone(),
+            prices.clone(),
         );
         tokio::spawn(async move {
             let reply = match decoded.and_then(|ct| ct.decode::<ChangeRequest>(&msg.payload)) {
-                Ok(request) => submit(&trail, &ledger, &active, &request).await,
+                Ok(request) => submit(&trail, &ledger, &active, &prices, &request).await,
                 Err(e) => ChangeReply::Refused {
                     field: e.field.clone(),
                     reason: e.to_string(),

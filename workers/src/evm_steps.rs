@@ -161,12 +161,22 @@ pub fn check(
     // A fee bump is held to the transaction it replaces as well.
     let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
         Some(replaced) => {
-            evm_tx::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
-                format!(
-                    "the recorded replacement is not a fee bump of {}: {e}",
-                    replaced.txid
-                )
-            })
+            let checked = evm_tx::check_replacement(unsigned, &replaced.unsigned, &expect)
+                .map_err(|e| {
+                    format!(
+                        "the recorded replacement is not a fee bump of {}: {e}",
+                        replaced.txid
+                    )
+                })?;
+            crate::signing::bump_approved(
+                view,
+                workflow_id,
+                &replaced.txid,
+                unsigned,
+                &request.initiator,
+                now,
+            )
+            .map(|()| checked)
         }
         None => evm_tx::check(unsigned, &expect)
             .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),

@@ -59,7 +59,7 @@ pub enum Prices {
 }
 
 impl Prices {
-    fn snapshot(&self, now: i64) -> Result<PriceSnapshot, String> {
+    pub(crate) fn snapshot(&self, now: i64) -> Result<PriceSnapshot, String> {
         match self {
             Prices::Table(t) => t.snapshot(now),
             Prices::Feed(reading) => {

@@ -21,9 +21,11 @@ use custos_custody::frost::round2::SignatureShare;
 use custos_custody::frost::{Identifier, SigningPackage, VerifyingKey};
 use custos_custody::sign::{self, AggregateError};
 use custos_custody::spend::{self, CheckedSpend};
+use custos_engine::change::Stage as ChangeStage;
 use custos_engine::policy::{ApprovalStatus, approvals_of, approvals_satisfied};
 use custos_engine::transfer::Stage;
 use custos_schemas::chain::UnsignedTransaction;
+use custos_schemas::change::Change;
 use custos_schemas::{
     Actor, AggregateKind, AppendReply, Event, EventType, Outcome, Payload, Proposal, Target,
     TransferRequest, WalletDescriptor, codec, subjects,
@@ -87,12 +89,22 @@ pub fn check(
     // A fee bump is held to the transaction it replaces as well.
     let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
         Some(replaced) => {
-            spend::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
-                format!(
-                    "the recorded replacement is not a fee bump of {}: {e}",
-                    replaced.txid
-                )
-            })
+            let checked =
+                spend::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
+                    format!(
+                        "the recorded replacement is not a fee bump of {}: {e}",
+                        replaced.txid
+                    )
+                })?;
+            bump_approved(
+                view,
+                workflow_id,
+                &replaced.txid,
+                unsigned,
+                &request.initiator,
+                now,
+            )
+            .map(|()| checked)
         }
         None => spend::check_spend(unsigned, &expect)
             .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),
@@ -132,6 +144,32 @@ pub fn workflow_allows<'a>(
     // satisfied and any time delay passed: as for every approved workflow.
     view.cleared(t, &request.initiator, now)?;
     Ok((request, unsigned))
+}
+
+/// A fee bump's own check, after the replacement is found to be one: the
+/// fee-bump change asking for exactly this replacement of `replaces` was
+/// applied, and its decision and approvals clear it now.
+pub fn bump_approved(
+    view: &TrailView,
+    workflow_id: &str,
+    replaces: &str,
+    unsigned: &UnsignedTransaction,
+    initiator: &str,
+    now: i64,
+) -> Result<(), String> {
+    let asked = |c: &Change| {
+        matches!(c, Change::FeeBump { workflow, replaces: r, unsigned: u }
+            if workflow == workflow_id && r == replaces && u == unsigned)
+    };
+    let (_, change) = view
+        .ledger
+        .changes()
+        .find(|(_, c)| {
+            c.stage == ChangeStage::Applied && c.request.as_ref().is_some_and(|r| asked(&r.change))
+        })
+        .ok_or("no approved fee-bump change asked for this replacement")?;
+    view.cleared(change, initiator, now)
+        .map_err(|e| format!("the fee bump's change: {e}"))
 }
 
 /// The wallet's Taproot script from its recorded group key.

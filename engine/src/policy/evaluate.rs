@@ -4,11 +4,11 @@ use custos_schemas::policy::{
     ApprovalRequirement, FiatValue, GroupQuorum, PolicyDecision, PolicyOutcome, RuleMatch,
 };
 
+use super::Request;
 use super::directory::Directory;
 use super::fiat::{PriceSnapshot, format_duration, format_micros, plain_micros};
 use super::model::{Conditions, Destination, Policy, Rule, RuleOutcome};
 use super::state::{AddressBook, FreezeState, Scope, VelocityState};
-use super::{ActionKind, Request};
 
 /// Everything a decision reads besides the policy and the request.
 #[derive(Debug, Clone, Copy)]
@@ -259,9 +259,9 @@ fn initiator_problem(directory: &Directory, request: &Request) -> Option<String>
     None
 }
 
-/// What a transfer lacks to be judged.
+/// What a transfer or fee bump lacks to be judged.
 fn incomplete(request: &Request) -> Option<String> {
-    if request.action != ActionKind::Transfer {
+    if !request.action.moves_funds() {
         return None;
     }
     let missing: Vec<&str> = [
@@ -275,7 +275,13 @@ fn incomplete(request: &Request) -> Option<String> {
     .filter(|(_, m)| *m)
     .map(|(f, _)| f)
     .collect();
-    (!missing.is_empty()).then(|| format!("the transfer request lacks {}", missing.join(", ")))
+    (!missing.is_empty()).then(|| {
+        format!(
+            "the {} request lacks {}",
+            request.action.as_str(),
+            missing.join(", ")
+        )
+    })
 }
 
 fn in_set(set: &Option<std::collections::BTreeSet<String>>, value: Option<&str>) -> bool {

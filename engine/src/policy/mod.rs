@@ -83,6 +83,13 @@ macro_rules! actions {
                 match self { $(ActionKind::$variant => Duty::$duty,)* }
             }
 
+            /// Whether its request moves funds: it names wallet, chain, asset,
+            /// amount and destination (a transfer; a fee bump, whose amount is
+            /// the fee it adds).
+            pub const fn moves_funds(self) -> bool {
+                matches!(self, ActionKind::Transfer | ActionKind::FeeBump)
+            }
+
             /// Whether it runs a signing ceremony with a wallet's key (frozen by a freeze).
             pub const fn signs(self) -> bool {
                 match self { $(ActionKind::$variant => $signs,)* }
@@ -107,6 +114,9 @@ actions! {
     WhitelistChange = "whitelist-change", Initiate, false;
     UserAdmin = "user-admin", Administer, false;
     RoleAdmin = "role-admin", Administer, false;
+    /// Replacing a stuck transaction by one paying a higher fee; its amount is
+    /// the fee the replacement adds.
+    FeeBump = "fee-bump", Initiate, true;
 }
 
 /// A request for a decision. Transfers carry wallet, chain, asset, amount and

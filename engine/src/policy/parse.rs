@@ -451,6 +451,7 @@ fn check_rule(
         }
     }
     let transfers_only = actions.iter().all(|a| *a == ActionKind::Transfer);
+    let moving_funds = actions.iter().all(|a| a.moves_funds());
     let mut conditions = Conditions {
         wallets: c.set(&raw.wallets, &f("wallets"), true),
         assets: c.set(&raw.assets, &f("assets"), false),
@@ -516,7 +517,13 @@ fn check_rule(
         }
     };
     if let Some(amount) = &raw.amount {
-        only_for_transfers(c, amount.span(), "amount");
+        if !moving_funds {
+            c.error(
+                amount.span(),
+                f("amount"),
+                "amount only applies to transfers and fee bumps, but the rule's actions include others",
+            );
+        }
         let a = amount.get_ref();
         let above = a
             .above

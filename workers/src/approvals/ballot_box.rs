@@ -224,11 +224,11 @@ fn judge(view: &TrailView, ballot: &Ballot, now: i64) -> Judgement {
         .directory
         .user(&ballot.user_id)
         .map(|u| u.email.clone());
-    // A key ceremony's change is applied by the ceremony step, once it ran.
+    // A key ceremony's or fee bump's change is applied by its step, once it ran.
     let applies = view
         .change(&ballot.workflow_id)
         .and_then(|c| c.request.as_ref())
-        .filter(|r| !r.change.is_ceremony())
+        .filter(|r| !r.change.applied_by_a_step())
         .map(|r| r.change.clone());
     Ok((verdict, kind, version, email, applies))
 }
