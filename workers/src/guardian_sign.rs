@@ -3,8 +3,8 @@
 //! workflow in its own verified replica of the trail ([`signing::check`]) and
 //! recomputes every sighash from the recorded transaction; it signs a package
 //! only if its message is one of those. Nonces live in memory only (drawn
-//! ahead into a pool), once; a "session consumed" marker, written from round 1
-//! on, is on disk (fsync) before any share leaves.
+//! ahead into a pool), once; the session's id, claimed in round 1 in the
+//! guardian's session log ([`SessionLog`]), is on disk before any share leaves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,9 +15,8 @@ use custos_custody::sign::{self, Preprocessed, Sighash, Signer};
 use custos_schemas::validate_token;
 use rand::rngs::OsRng;
 
-use custos_adapters::files::write_private;
-
 use crate::guardian::{GuardianConfig, Share, load_share};
+use crate::session_log::{Durable, SessionLog};
 use crate::signing::{self, SignReply, SignRequest};
 use crate::trail::Trail;
 
@@ -32,8 +31,8 @@ struct Prepared {
     wallet: String,
     sighashes: Vec<Sighash>,
     started: Instant,
-    /// The session's marker being written (fsync): awaited before any share leaves.
-    marker: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The session's claim being written: awaited before any share leaves.
+    claim: Durable,
 }
 
 /// Nonces drawn for one share of a wallet (a rotation makes another share).
@@ -96,6 +95,7 @@ pub(crate) struct SignService {
     state: Arc<Mutex<State>>,
     /// Held while a share is decrypted.
     decrypting: Mutex<()>,
+    sessions: SessionLog,
 }
 
 fn refused(reason: impl std::fmt::Display) -> SignReply {
@@ -112,13 +112,13 @@ fn now_ms() -> i64 {
 
 impl SignService {
     pub(crate) fn new(config: Arc<GuardianConfig>, trail: Trail) -> Result<Self, String> {
-        std::fs::create_dir_all(config.data_dir.join("sessions"))
-            .map_err(|e| format!("{}: {e}", config.data_dir.display()))?;
+        let sessions = SessionLog::open(&config.data_dir)?;
         Ok(SignService {
             config,
             trail,
             state: Arc::new(Mutex::new(State::default())),
             decrypting: Mutex::new(()),
+            sessions,
         })
     }
 
@@ -182,10 +182,6 @@ impl SignService {
                 .await
                 .unwrap_or_else(refused),
         }
-    }
-
-    fn marker(&self, session_id: &str) -> std::path::PathBuf {
-        self.config.data_dir.join("sessions").join(session_id)
     }
 
     fn wallet_share(&self, wallet: &str) -> Result<Arc<Share>, String> {
@@ -325,32 +321,12 @@ impl SignService {
     async fn commit(&self, session_id: &str, workflow_id: &str) -> Result<SignReply, String> {
         validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
         validate_token("workflowId", workflow_id).map_err(|e| e.to_string())?;
-        let marker = self.marker(session_id);
         // A replay is refused before any work.
-        if marker.exists() {
+        if self.sessions.claimed(session_id) {
             return Err(format!("session {session_id} was already consumed"));
         }
-        // The marker is written (fsync) from now on, while the trail catches
-        // up, the commitments travel and round 2 comes: round 2 waits for it
-        // before any share leaves, so this id never signs again, even after a
-        // restart. Its creation (exclusive) is the final test that the id is
-        // new. Nonces lost in a crash before then signed nothing.
-        let write = tokio::task::spawn_blocking({
-            let (marker, workflow_id) = (marker.clone(), workflow_id.to_string());
-            move || write_private(&marker, workflow_id.as_bytes())
-        });
-        let (wallet, sighashes, share) = match self.checked(workflow_id, true).await {
-            Ok(c) => c,
-            Err(e) => {
-                // No nonces were drawn for this id: it may be used again.
-                tokio::spawn(async move {
-                    if let Ok(Ok(())) = write.await {
-                        let _ = std::fs::remove_file(&marker);
-                    }
-                });
-                return Err(e);
-            }
-        };
+        // Checks that fail claim nothing: the id may be used again.
+        let (wallet, sighashes, share) = self.checked(workflow_id, true).await?;
         let mut commitments = Vec::with_capacity(sighashes.len());
         {
             let mut state = self.state.lock().map_err(|_| "poisoned")?;
@@ -358,6 +334,11 @@ impl SignService {
             if state.prepared.contains_key(session_id) {
                 return Err(format!("session {session_id} is already open"));
             }
+            // The claim is written while the commitments travel and round 2
+            // comes; round 2 waits for it before any share leaves, so this id
+            // never signs again, even after a restart. Claiming is the final
+            // test that the id is new. Nonces lost in a crash signed nothing.
+            let claim = self.sessions.claim(session_id)?;
             for i in 0..sighashes.len() {
                 let nonces = state
                     .take_nonces(&wallet, &share)
@@ -375,7 +356,7 @@ impl SignService {
                     wallet: wallet.clone(),
                     sighashes,
                     started: Instant::now(),
-                    marker: write,
+                    claim,
                 },
             );
         }
@@ -476,15 +457,11 @@ impl SignService {
         if let Some(e) = first_error {
             return Err(e);
         }
-        // The shares leave only once the session's marker is on disk.
-        let marker = self.marker(session_id);
-        match prepared.marker.await {
+        // The shares leave only once the session's claim is on disk.
+        match prepared.claim.await {
             Ok(Ok(())) => Ok(SignReply::Shares { shares }),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                Err(format!("session {session_id} was already consumed"))
-            }
-            Ok(Err(e)) => Err(format!("{}: {e}", marker.display())),
-            Err(e) => Err(format!("{}: {e}", marker.display())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the session log writer stopped".into()),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod ledger;
 pub mod policy_step;
 pub mod remote;
 pub mod runtime;
+mod session_log;
 pub mod signing;
 pub mod trail;
 pub mod wallets;
