@@ -8,13 +8,15 @@
 //! guardian and the ids of consumed ones, so a redelivered or replayed request for
 //! a consumed session is refused (the guardian persists those ids).
 //!
-//! Signing uses `sign_with_tweak(.., None)` / `aggregate_with_tweak(.., None)`: the
-//! signature verifies under the Taproot output key (BIP-340), see [`crate::address`].
+//! Signing and aggregation use key packages with the Taproot tweak (BIP-341, no
+//! script tree) applied once ([`TweakedKey`], [`AggregationKey`]), as
+//! `sign_with_tweak(.., None)` would each time: the signature verifies under the
+//! Taproot output key (BIP-340), see [`crate::address`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use frost_secp256k1_tr::keys::{KeyPackage, PublicKeyPackage};
+use frost_secp256k1_tr::keys::{KeyPackage, PublicKeyPackage, Tweak};
 use frost_secp256k1_tr::round1::{SigningCommitments, SigningNonces};
 use frost_secp256k1_tr::round2::SignatureShare;
 use frost_secp256k1_tr::{Error as FrostError, Identifier, SigningPackage};
@@ -130,15 +132,36 @@ pub fn preprocess(key_package: &KeyPackage, rng: &mut (impl RngCore + CryptoRng)
     }
 }
 
+/// A guardian's key package with the Taproot tweak (BIP-341, no script tree)
+/// applied: what round 2 signs with. Made once per share; the tweak costs
+/// curve arithmetic. Holds the (tweaked) signing share: `Debug` shows only
+/// the identifier.
+pub struct TweakedKey(KeyPackage);
+
+impl TweakedKey {
+    pub fn new(key_package: &KeyPackage) -> Self {
+        TweakedKey(key_package.clone().tweak(None::<&[u8]>))
+    }
+}
+
+impl fmt::Debug for TweakedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TweakedKey")
+            .field("identifier", self.0.identifier())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Round 2: signs `signing_package` iff its message is `my_sighash`, it carries this
 /// guardian's own commitment and at least the threshold of signers. Consumes the
 /// session whatever the outcome: its nonces are dropped (and zeroized).
 pub fn round2(
     session: SigningSession,
-    key_package: &KeyPackage,
+    key: &TweakedKey,
     signing_package: &SigningPackage,
     my_sighash: &Sighash,
 ) -> Result<SignatureShare, SignError> {
+    let key_package = &key.0;
     if *key_package.identifier() != session.identifier {
         return Err(SignError::WrongKey(session.session_id.clone()));
     }
@@ -161,7 +184,7 @@ pub fn round2(
     if signers < usize::from(threshold) {
         return Err(SignError::TooFewSigners { signers, threshold });
     }
-    frost_secp256k1_tr::round2::sign_with_tweak(signing_package, &session.nonces, key_package, None)
+    frost_secp256k1_tr::round2::sign(signing_package, &session.nonces, key_package)
         .map_err(|e| SignError::Frost(e.to_string()))
 }
 
@@ -224,7 +247,7 @@ impl Signer {
     pub fn sign(
         &mut self,
         session_id: &str,
-        key_package: &KeyPackage,
+        key: &TweakedKey,
         signing_package: &SigningPackage,
         my_sighash: &Sighash,
     ) -> Result<SignatureShare, SignError> {
@@ -236,7 +259,7 @@ impl Signer {
             });
         };
         self.consumed.insert(session_id.to_owned());
-        round2(session, key_package, signing_package, my_sighash)
+        round2(session, key, signing_package, my_sighash)
     }
 }
 
@@ -245,8 +268,6 @@ impl Signer {
 pub enum AggregateError {
     #[error("invalid signature share from {}", culprits.iter().map(|c| hex::encode(c.serialize())).collect::<Vec<_>>().join(", "))]
     InvalidShares { culprits: Vec<Identifier> },
-    #[error("the aggregate signature does not verify under the Taproot output key")]
-    DoesNotVerify,
     #[error("aggregation failed: {0}")]
     Frost(String),
 }
@@ -259,33 +280,38 @@ pub fn signing_package(
     SigningPackage::new(commitments, sighash.as_bytes())
 }
 
-/// Coordinator: aggregates the shares (with the Taproot tweak), names any guardian
-/// whose share is invalid, and checks the result as BIP-340 under the output key.
+/// A wallet's public key package with the Taproot tweak (BIP-341, no script
+/// tree) applied: what the coordinator aggregates with. Made once per package;
+/// the tweak costs curve arithmetic for the key and every verifying share.
+#[derive(Debug, Clone)]
+pub struct AggregationKey(PublicKeyPackage);
+
+impl AggregationKey {
+    pub fn new(public_key_package: &PublicKeyPackage) -> Self {
+        AggregationKey(public_key_package.clone().tweak(None::<&[u8]>))
+    }
+}
+
+/// Coordinator: aggregates the shares under the tweaked key and names any
+/// guardian whose share is invalid. FROST verifies the aggregate signature
+/// under the tweaked group key; a transaction's `finalize` checks each
+/// signature again as BIP-340 under its spent output's key, as the chain will.
 pub fn aggregate(
     signing_package: &SigningPackage,
     shares: &BTreeMap<Identifier, SignatureShare>,
-    public_key_package: &PublicKeyPackage,
+    key: &AggregationKey,
 ) -> Result<[u8; 64], AggregateError> {
     let sig =
-        frost_secp256k1_tr::aggregate_with_tweak(signing_package, shares, public_key_package, None)
-            .map_err(|e| match e {
-                FrostError::InvalidSignatureShare { culprits } => {
-                    AggregateError::InvalidShares { culprits }
-                }
-                other => AggregateError::Frost(other.to_string()),
-            })?;
-    let bytes: [u8; 64] = sig
-        .serialize()
+        frost_secp256k1_tr::aggregate(signing_package, shares, &key.0).map_err(|e| match e {
+            FrostError::InvalidSignatureShare { culprits } => {
+                AggregateError::InvalidShares { culprits }
+            }
+            other => AggregateError::Frost(other.to_string()),
+        })?;
+    sig.serialize()
         .map_err(|e| AggregateError::Frost(e.to_string()))?
         .try_into()
-        .map_err(|_| AggregateError::Frost("signature is not 64 bytes".into()))?;
-    let output_key = crate::address::internal_key(public_key_package.verifying_key())
-        .and_then(|internal| crate::address::output_key(&internal))
-        .map_err(|e| AggregateError::Frost(e.to_string()))?;
-    if !verify_bip340(&output_key, signing_package.message(), &bytes) {
-        return Err(AggregateError::DoesNotVerify);
-    }
-    Ok(bytes)
+        .map_err(|_| AggregateError::Frost("signature is not 64 bytes".into()))
 }
 
 /// BIP-340 verification of `sig` on `msg` under the x-only key `output_key`.
@@ -331,19 +357,23 @@ mod tests {
         let shares = [
             (
                 *k1.identifier(),
-                g1.sign("s", k1, &package, &sighash).expect("share"),
+                g1.sign("s", &TweakedKey::new(k1), &package, &sighash)
+                    .expect("share"),
             ),
             (
                 *k2.identifier(),
-                g2.sign("s", k2, &package, &sighash).expect("share"),
+                g2.sign("s", &TweakedKey::new(k2), &package, &sighash)
+                    .expect("share"),
             ),
         ]
         .into();
-        aggregate(&package, &shares, public).expect("a valid signature");
+        aggregate(&package, &shares, &AggregationKey::new(public)).expect("a valid signature");
         assert_eq!(
-            g1.sign("s", k1, &package, &sighash),
+            g1.sign("s", &TweakedKey::new(k1), &package, &sighash),
             Err(SignError::SessionConsumed("s".into()))
         );
         assert!(format!("{:?}", preprocess(k1, &mut rng)).contains("redacted"));
+        let tweaked = format!("{:?}", TweakedKey::new(k1));
+        assert!(!tweaked.contains("signing_share"), "{tweaked}");
     }
 }

@@ -152,19 +152,33 @@ pub fn run_signing(
     sighash: &Sighash,
     rng: &mut (impl RngCore + CryptoRng),
 ) -> Result<[u8; 64], SimError> {
+    let tweaked: Vec<sign::TweakedKey> = signers.iter().map(|k| sign::TweakedKey::new(k)).collect();
+    let prepared: Vec<(&KeyPackage, &sign::TweakedKey)> =
+        signers.iter().copied().zip(&tweaked).collect();
+    run_prepared_signing(&prepared, &sign::AggregationKey::new(public), sighash, rng)
+}
+
+/// [`run_signing`] with the keys as guardians and the coordinator keep them,
+/// tweaked once: the computation of one signing.
+pub fn run_prepared_signing(
+    signers: &[(&KeyPackage, &sign::TweakedKey)],
+    key: &sign::AggregationKey,
+    sighash: &Sighash,
+    rng: &mut (impl RngCore + CryptoRng),
+) -> Result<[u8; 64], SimError> {
     let session = "sim-session";
     let mut guardians: Vec<Signer> = signers.iter().map(|_| Signer::new()).collect();
     let mut commitments = BTreeMap::new();
-    for (g, kp) in guardians.iter_mut().zip(signers) {
+    for (g, (kp, _)) in guardians.iter_mut().zip(signers) {
         commitments.insert(*kp.identifier(), g.commit(session, kp, rng).map_err(e)?);
     }
     let package = sign::signing_package(commitments, sighash);
     let mut shares = BTreeMap::new();
-    for (g, kp) in guardians.iter_mut().zip(signers) {
+    for (g, (kp, tweaked)) in guardians.iter_mut().zip(signers) {
         shares.insert(
             *kp.identifier(),
-            g.sign(session, kp, &package, sighash).map_err(e)?,
+            g.sign(session, tweaked, &package, sighash).map_err(e)?,
         );
     }
-    sign::aggregate(&package, &shares, public).map_err(e)
+    sign::aggregate(&package, &shares, key).map_err(e)
 }

@@ -274,18 +274,24 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     // The coordinator asks g1 to sign another digest: refused, and the session is burnt.
     let evil = sign::signing_package([(id(1), c1), (id(2), c2)].into(), &msg(2));
     assert!(matches!(
-        g1.sign("s1", k1, &evil, &mine).unwrap_err(),
+        g1.sign("s1", &sign::TweakedKey::new(k1), &evil, &mine)
+            .unwrap_err(),
         SignError::MessageMismatch { .. }
     ));
     let good = sign::signing_package([(id(1), c1), (id(2), c2)].into(), &mine);
     assert_eq!(
-        g1.sign("s1", k1, &good, &mine).unwrap_err(),
+        g1.sign("s1", &sign::TweakedKey::new(k1), &good, &mine)
+            .unwrap_err(),
         SignError::SessionConsumed("s1".into())
     );
     // Single use: g2 signs once, a second round 2 on the same session is refused.
-    assert!(g2.sign("s1", k2, &good, &mine).is_ok());
+    assert!(
+        g2.sign("s1", &sign::TweakedKey::new(k2), &good, &mine)
+            .is_ok()
+    );
     assert_eq!(
-        g2.sign("s1", k2, &good, &mine).unwrap_err(),
+        g2.sign("s1", &sign::TweakedKey::new(k2), &good, &mine)
+            .unwrap_err(),
         SignError::SessionConsumed("s1".into())
     );
     // A consumed session id cannot be re-opened (after a restart too).
@@ -301,7 +307,9 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
         SignError::SessionReused("s1".into())
     );
     assert_eq!(
-        restarted.sign("nope", k2, &good, &mine).unwrap_err(),
+        restarted
+            .sign("nope", &sign::TweakedKey::new(k2), &good, &mine)
+            .unwrap_err(),
         SignError::UnknownSession("nope".into())
     );
 
@@ -312,19 +320,19 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     assert!(format!("{s:?}").contains("<redacted>"));
     let tampered = sign::signing_package([(id(1), other), (id(2), c2)].into(), &mine);
     assert_eq!(
-        sign::round2(s, k1, &tampered, &mine).unwrap_err(),
+        sign::round2(s, &sign::TweakedKey::new(k1), &tampered, &mine).unwrap_err(),
         SignError::CommitmentMismatch
     );
     let (s, _) = sign::round1("s3", k1, &mut r);
     let without = sign::signing_package([(id(2), c2)].into(), &mine);
     assert_eq!(
-        sign::round2(s, k1, &without, &mine).unwrap_err(),
+        sign::round2(s, &sign::TweakedKey::new(k1), &without, &mine).unwrap_err(),
         SignError::MissingCommitment
     );
     let (s, c) = sign::round1("s4", k1, &mut r);
     let alone = sign::signing_package([(id(1), c)].into(), &mine);
     assert_eq!(
-        sign::round2(s, k1, &alone, &mine).unwrap_err(),
+        sign::round2(s, &sign::TweakedKey::new(k1), &alone, &mine).unwrap_err(),
         SignError::TooFewSigners {
             signers: 1,
             threshold: 2
@@ -332,7 +340,7 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     );
     let (s, _) = sign::round1("s5", k1, &mut r);
     assert_eq!(
-        sign::round2(s, k2, &good, &mine).unwrap_err(),
+        sign::round2(s, &sign::TweakedKey::new(k2), &good, &mine).unwrap_err(),
         SignError::WrongKey("s5".into())
     );
     let _ = c;
@@ -355,19 +363,22 @@ fn coordinator_names_the_guardian_with_an_invalid_share() {
     let package = sign::signing_package(commitments.clone(), &m);
     let mut shares = BTreeMap::new();
     for (i, s) in sessions {
-        shares.insert(id(i), sign::round2(s, kp(&g, i), &package, &m).unwrap());
+        shares.insert(
+            id(i),
+            sign::round2(s, &sign::TweakedKey::new(kp(&g, i)), &package, &m).unwrap(),
+        );
     }
-    assert!(sign::aggregate(&package, &shares, pkp).is_ok());
+    assert!(sign::aggregate(&package, &shares, &sign::AggregationKey::new(pkp)).is_ok());
     // g3 sends a share from another session (a different nonce): named.
     let (s, c) = sign::round1("y", kp(&g, 3), &mut r);
     let mut other = commitments.clone();
     other.insert(id(3), c);
     let other_pkg = sign::signing_package(other, &m);
-    let wrong = sign::round2(s, kp(&g, 3), &other_pkg, &m).unwrap();
+    let wrong = sign::round2(s, &sign::TweakedKey::new(kp(&g, 3)), &other_pkg, &m).unwrap();
     let mut bad = shares.clone();
     bad.insert(id(3), wrong);
     assert_eq!(
-        sign::aggregate(&package, &bad, pkp).unwrap_err(),
+        sign::aggregate(&package, &bad, &sign::AggregationKey::new(pkp)).unwrap_err(),
         AggregateError::InvalidShares {
             culprits: vec![id(3)]
         }

@@ -17,6 +17,7 @@ use custos_custody::identity::{GuardianKeys, GuardianPublic, Inbox, SignedMessag
 use custos_custody::lifecycle::{self, RefreshRound1, RefreshRound2};
 use custos_custody::reshare::{self, Dealing, Redistribution, SubShare};
 use custos_custody::seal::Sealed;
+use custos_custody::sign::TweakedKey;
 use custos_custody::{Identifier, frost, store};
 use custos_schemas::{codec, subjects, validate_token};
 use futures::StreamExt;
@@ -85,6 +86,8 @@ enum Stage {
 /// A wallet's share as a guardian holds it.
 pub(crate) struct Share {
     pub(crate) key: KeyPackage,
+    /// `key` with the Taproot tweak: what round 2 signs with.
+    pub(crate) tweaked: TweakedKey,
     pub(crate) public: PublicKeyPackage,
 }
 
@@ -1320,8 +1323,10 @@ pub(crate) fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share,
         .get(4..)
         .and_then(|rest| (rest.len() >= len).then(|| rest.split_at(len)))
         .ok_or("share file too short")?;
+    let key = KeyPackage::deserialize(key).map_err(|e| format!("share file: {e}"))?;
     Ok(Share {
-        key: KeyPackage::deserialize(key).map_err(|e| format!("share file: {e}"))?,
+        tweaked: TweakedKey::new(&key),
+        key,
         public: PublicKeyPackage::deserialize(public).map_err(|e| format!("share file: {e}"))?,
     })
 }

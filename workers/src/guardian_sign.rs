@@ -437,7 +437,7 @@ impl SignService {
                 let result = match package {
                     Ok(p) => state
                         .signer
-                        .sign(&input, &share.key, &p, sighash)
+                        .sign(&input, &share.tweaked, &p, sighash)
                         .map(|s| s.serialize())
                         .map_err(|e| format!("input {i}: {e}")),
                     Err(e) => {

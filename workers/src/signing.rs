@@ -19,7 +19,7 @@ use custos_custody::frost::keys::PublicKeyPackage;
 use custos_custody::frost::round1::SigningCommitments;
 use custos_custody::frost::round2::SignatureShare;
 use custos_custody::frost::{Identifier, SigningPackage, VerifyingKey};
-use custos_custody::sign::{self, AggregateError};
+use custos_custody::sign::{self, AggregateError, AggregationKey};
 use custos_custody::spend::{self, CheckedSpend};
 use custos_engine::change::Stage as ChangeStage;
 use custos_engine::policy::{ApprovalStatus, approvals_of, approvals_satisfied};
@@ -361,7 +361,7 @@ impl SignStep {
         }
         let mut signatures = Vec::with_capacity(packages.len());
         for (package, shares) in packages.iter().zip(&shares) {
-            match sign::aggregate(package, shares, &public) {
+            match sign::aggregate(package, shares, &public.aggregation) {
                 Ok(sig) => signatures.push(sig),
                 Err(AggregateError::InvalidShares { culprits }) => {
                     return Err(culprits
@@ -442,11 +442,18 @@ fn read_shares(
     }
 }
 
+/// A public key package as read once: the group key it is of (hex), and the
+/// key to aggregate with.
+struct PackageKeys {
+    group_key: String,
+    aggregation: AggregationKey,
+}
+
 /// The public key package every signer reported, which must be the wallet's.
 fn agreed_public_package(
     by_guardian: &BTreeMap<String, Vec<u8>>,
     group_key: &str,
-) -> Result<PublicKeyPackage, Vec<(String, String)>> {
+) -> Result<Arc<PackageKeys>, Vec<(String, String)>> {
     let mut counts: BTreeMap<&Vec<u8>, usize> = BTreeMap::new();
     for p in by_guardian.values() {
         *counts.entry(p).or_default() += 1;
@@ -464,24 +471,45 @@ fn agreed_public_package(
     if !odd.is_empty() {
         return Err(odd);
     }
-    let public = PublicKeyPackage::deserialize(&majority).map_err(|e| {
-        vec![(
-            "guardians".to_string(),
-            format!("unreadable public key package: {e}"),
-        )]
-    })?;
-    let recorded = public
-        .verifying_key()
-        .serialize()
-        .map(hex::encode)
-        .unwrap_or_default();
-    if recorded != group_key {
+    // Read and tweaked once per package: every signing of a wallet gets the same.
+    type Keys = Mutex<HashMap<Vec<u8>, Arc<PackageKeys>>>;
+    static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(Mutex::default);
+    let known = KEYS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&majority)
+        .cloned();
+    let keys = match known {
+        Some(keys) => keys,
+        None => {
+            let public = PublicKeyPackage::deserialize(&majority).map_err(|e| {
+                vec![(
+                    "guardians".to_string(),
+                    format!("unreadable public key package: {e}"),
+                )]
+            })?;
+            let group = public
+                .verifying_key()
+                .serialize()
+                .map(hex::encode)
+                .unwrap_or_default();
+            let keys = Arc::new(PackageKeys {
+                group_key: group,
+                aggregation: AggregationKey::new(&public),
+            });
+            KEYS.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(majority, keys.clone());
+            keys
+        }
+    };
+    if keys.group_key != group_key {
         return Err(by_guardian
             .keys()
             .map(|g| (g.clone(), "holds a share of another key".to_string()))
             .collect());
     }
-    Ok(public)
+    Ok(keys)
 }
 
 fn alert(workflow_id: &str, summary: String) -> Proposal {

@@ -127,10 +127,14 @@ pub fn sign_as_guardians(
             let mine = c.sighash(input).expect("own sighash");
             shares.insert(
                 *kp.identifier(),
-                s.sign(&session, kp, &package, &mine).expect("share"),
+                s.sign(&session, &sign::TweakedKey::new(kp), &package, &mine)
+                    .expect("share"),
             );
         }
-        signatures.push(sign::aggregate(&package, &shares, w.public()).expect("aggregate"));
+        signatures.push(
+            sign::aggregate(&package, &shares, &sign::AggregationKey::new(w.public()))
+                .expect("aggregate"),
+        );
     }
     let signed = checked[0]
         .finalize(CHAIN, &signatures, vec!["g1".into(), "g3".into()])
