@@ -628,10 +628,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
         ));
     }
     let (trigger, shutdown) = Shutdown::new();
-    workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
-    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let trail = workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
     let step = Arc::new(
         custos_workers::signing::SignStep::new(client.clone(), trail)
             .map_err(anyhow::Error::msg)?,
@@ -859,10 +856,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
         ));
     }
     let (trigger, shutdown) = Shutdown::new();
-    workflow_setup(js, ledger, extra, &shutdown).await?;
-    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let trail = workflow_setup(js, ledger, extra, &shutdown).await?;
     let ballots = Arc::new(custos_workers::approvals::ballot_box::TrailBallotBox::new(
         trail.clone(),
         ledger.clone(),
@@ -1016,16 +1010,13 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         .frost_wallet(ledger, "bench", 2, 3)
         .await?;
     let (trigger, shutdown) = Shutdown::new();
-    workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
+    let trail = workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
     // One coin per transfer (the warm-up's included): transfers in flight
     // never share coins.
     const WARM_UP: usize = 20;
     node.fund_many(&wallet.address, 100_000, count + WARM_UP)
         .await?;
     node.mine(1).await?;
-    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
     let nodes = || {
         custos_workers::chain_steps::ChainNodes::new([(
             "ltc-regtest".to_string(),
@@ -1235,13 +1226,14 @@ fn codec_event(body: &[u8]) -> Option<String> {
 }
 
 /// Records the default policy as active, the `bench` initiator and `extra`,
-/// then starts the policy step (LTC at EUR 80) until `shutdown`.
+/// then starts the policy step (LTC at EUR 80) until `shutdown` on a replica
+/// of the trail it returns for the other steps.
 async fn workflow_setup(
     js: &jetstream::Context,
     ledger: &LedgerHandle,
     extra: Vec<Proposal>,
     shutdown: &Shutdown,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<custos_workers::trail::Trail> {
     let policy = custos_engine::policy::default_policy()
         .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
     let mut proposals = vec![
@@ -1268,11 +1260,20 @@ async fn workflow_setup(
         .entry("LTC".into())
         .or_default()
         .insert("EUR".into(), "80".into());
-    let step = custos_workers::policy_step::PolicyStep::new(js.clone(), policy, prices)
+    // One replica for the process's steps, as `custos up` runs them.
+    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
         .await
         .map_err(anyhow::Error::msg)?;
+    let step = custos_workers::policy_step::PolicyStep::on_trail(
+        js.clone(),
+        trail.clone(),
+        policy,
+        custos_workers::policy_step::Prices::Table(Arc::new(prices)),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     run_step(js, ledger, step, shutdown);
-    Ok(())
+    Ok(trail)
 }
 
 fn run_step(

@@ -193,7 +193,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => Prices::Table(Arc::new(prices)),
     };
-    let step = PolicyStep::with_prices(js.clone(), policy, prices.clone())
+    // One replica of the trail serves every step of this process.
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let step = PolicyStep::on_trail(js.clone(), trail.clone(), policy, prices.clone())
         .await
         .map_err(anyhow::Error::msg)?;
     let _policy_step = tokio::spawn(custos_workers::runtime::run(
@@ -202,9 +206,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         step,
         shutdown.clone(),
     ));
-    let trail = Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
     let approvals = services::approvals(
         &js,
         &ledger,

@@ -123,8 +123,9 @@ pub async fn follow_price_feed(
 #[derive(Debug, Clone)]
 pub struct PolicyStep {
     trail: Trail,
-    /// Stops the step's trail follower when the last clone of the step is gone.
-    _follower: Arc<ShutdownTrigger>,
+    /// Stops the step's own trail follower, if it has one, when the last
+    /// clone of the step is gone.
+    _follower: Option<Arc<ShutdownTrigger>>,
     policy: Arc<ActivePolicy>,
     prices: Prices,
     velocity: Arc<Mutex<VelocityState>>,
@@ -150,6 +151,21 @@ impl PolicyStep {
         policy: Policy,
         prices: Prices,
     ) -> Result<Self, String> {
+        let (trigger, shutdown) = Shutdown::new();
+        let trail = Trail::follow(js.clone(), shutdown).await?;
+        let mut step = Self::on_trail(js, trail, policy, prices).await?;
+        step._follower = Some(Arc::new(trigger));
+        Ok(step)
+    }
+
+    /// As [`PolicyStep::with_prices`], deciding from `trail`, a replica the
+    /// process follows for other steps too.
+    pub async fn on_trail(
+        js: jetstream::Context,
+        trail: Trail,
+        policy: Policy,
+        prices: Prices,
+    ) -> Result<Self, String> {
         let mut velocity = VelocityState::new(policy.currency);
         let filter =
             subjects::event_type_filter(AggregateKind::Tx, EventType::PolicyEvaluated.as_str());
@@ -167,11 +183,9 @@ impl PolicyStep {
         .map_err(|e| format!("reading past decisions: {e}"))?;
         let consumer =
             workflow_consumer("policy").ok_or("no consumer definition for the policy step")?;
-        let (trigger, shutdown) = Shutdown::new();
-        let trail = Trail::follow(js, shutdown).await?;
         Ok(PolicyStep {
             trail,
-            _follower: Arc::new(trigger),
+            _follower: None,
             policy: Arc::new(ActivePolicy::new(policy)),
             prices,
             velocity: Arc::new(Mutex::new(velocity)),
