@@ -493,6 +493,39 @@ async fn evm_setup(
     (anvil, signer_dir)
 }
 
+/// A stuck EVM transfer: the chain steps and a bumper on `anvil`, and the
+/// workflow and state of a transfer `request_id` of 0.01 ether from `hot`,
+/// broadcast and not mined.
+async fn stuck_evm_transfer(
+    nats: &Nats,
+    engine: &Engine,
+    anvil: &Anvil,
+    request_id: &str,
+    shutdown: &Shutdown,
+) -> (
+    ShutdownTrigger,
+    FeeBumper<custos_workers::ledger::LedgerHandle>,
+    String,
+    Transfer,
+) {
+    let nodes = ChainNodes::default().with_evm(EvmNodes::new([(
+        "evm-31337".to_string(),
+        anvil.rpc.clone(),
+    )]));
+    let signing = run_steps(nats, engine, &nodes, shutdown).await;
+    let bump = bumper(nats, engine, &nodes, "evm-31337", shutdown).await;
+    let id = submit(
+        engine,
+        request_id,
+        json!({"wallet": "hot", "asset": "ETH", "destination": EVM_TO, "amount": "0.01", "initiator": "erp"}),
+    )
+    .await;
+    let first = until(nats, &id, "broadcast", is_broadcast).await;
+    (signing, bump, id, first)
+}
+
+const EVM_TO: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() {
     let nats = Nats::start(Durability::Default).await;
@@ -500,21 +533,8 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
     let (_stop, shutdown) = Shutdown::new();
     let default = policy::default_policy().expect("default policy");
     let (anvil, _signer_dir) = evm_setup(&nats, &engine, default, &shutdown).await;
-
-    let nodes = ChainNodes::default().with_evm(EvmNodes::new([(
-        "evm-31337".to_string(),
-        anvil.rpc.clone(),
-    )]));
-    let _signing = run_steps(&nats, &engine, &nodes, &shutdown).await;
-    let bump = bumper(&nats, &engine, &nodes, "evm-31337", &shutdown).await;
-    let to = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
-    let id = submit(
-        &engine,
-        "stuck-evm",
-        json!({"wallet": "hot", "asset": "ETH", "destination": to, "amount": "0.01", "initiator": "erp"}),
-    )
-    .await;
-    let first = until(&nats, &id, "broadcast", is_broadcast).await;
+    let (_signing, bump, id, first) =
+        stuck_evm_transfer(&nats, &engine, &anvil, "stuck-evm", &shutdown).await;
     let first_txid = first.txid.clone().expect("txid");
     assert!(
         anvil.rpc.receipt(&first_txid).await.expect("rpc").is_none(),
@@ -561,7 +581,7 @@ async fn a_stuck_evm_transfer_is_replaced_with_the_same_nonce_and_higher_fees() 
         anvil.rpc.receipt(&first_txid).await.expect("rpc").is_none(),
         "the first was replaced"
     );
-    assert_eq!(anvil.balance(to).await, 10_000 * ETHER + ETHER / 100);
+    assert_eq!(anvil.balance(EVM_TO).await, 10_000 * ETHER + ETHER / 100);
     assert_eq!(done.replaced.len(), 1);
     assert_eq!(done.replaced[0].txid, first_txid);
     verify_stream(&nats.js().await)
@@ -624,20 +644,8 @@ async fn a_fee_bump_the_policy_holds_waits_for_its_approvers() {
     let policy = policy::Policy::parse(BUMPS_NEED_APPROVERS).expect("policy parses");
     let (anvil, _signer_dir) = evm_setup(&nats, &engine, policy, &shutdown).await;
     append_ok(&engine.ledger, vec![approver("ann"), approver("ben")]).await;
-    let nodes = ChainNodes::default().with_evm(EvmNodes::new([(
-        "evm-31337".to_string(),
-        anvil.rpc.clone(),
-    )]));
-    let _signing = run_steps(&nats, &engine, &nodes, &shutdown).await;
-    let bump = bumper(&nats, &engine, &nodes, "evm-31337", &shutdown).await;
-    let to = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
-    let id = submit(
-        &engine,
-        "held-bump",
-        json!({"wallet": "hot", "asset": "ETH", "destination": to, "amount": "0.01", "initiator": "erp"}),
-    )
-    .await;
-    let first = until(&nats, &id, "broadcast", is_broadcast).await;
+    let (_signing, bump, id, first) =
+        stuck_evm_transfer(&nats, &engine, &anvil, "held-bump", &shutdown).await;
     let first_txid = first.txid.clone().expect("txid");
 
     // Asked, not applied: the change waits for two approvers.

@@ -158,29 +158,15 @@ pub fn check(
     let (request, unsigned) = crate::signing::workflow_allows(view, workflow_id, now)?;
     let terms = evm_terms(view, request)?;
     let expect = terms.expectation();
-    // A fee bump is held to the transaction it replaces as well.
-    let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
-        Some(replaced) => {
-            let checked = evm_tx::check_replacement(unsigned, &replaced.unsigned, &expect)
-                .map_err(|e| {
-                    format!(
-                        "the recorded replacement is not a fee bump of {}: {e}",
-                        replaced.txid
-                    )
-                })?;
-            crate::signing::bump_approved(
-                view,
-                workflow_id,
-                &replaced.txid,
-                unsigned,
-                &request.initiator,
-                now,
-            )
-            .map(|()| checked)
-        }
-        None => evm_tx::check(unsigned, &expect)
-            .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),
-    }?;
+    let checked = crate::signing::recorded_transaction(
+        view,
+        workflow_id,
+        &request.initiator,
+        unsigned,
+        now,
+        || evm_tx::check(unsigned, &expect),
+        |replaced| evm_tx::check_replacement(unsigned, replaced, &expect),
+    )?;
     if let Some(other) = held_nonces(view, &terms.wallet.name, workflow_id).get(&checked.tx.nonce) {
         return Err(format!(
             "nonce {} is already used by transfer {other}",

@@ -86,29 +86,15 @@ pub fn check(
     let (request, unsigned) = workflow_allows(view, workflow_id, now)?;
     let terms = crate::chain_steps::spend_terms(view, request)?;
     let expect = terms.expectation(wallet_script);
-    // A fee bump is held to the transaction it replaces as well.
-    let checked = match view.transfer(workflow_id).and_then(|t| t.replaces()) {
-        Some(replaced) => {
-            let checked =
-                spend::check_replacement(unsigned, &replaced.unsigned, &expect).map_err(|e| {
-                    format!(
-                        "the recorded replacement is not a fee bump of {}: {e}",
-                        replaced.txid
-                    )
-                })?;
-            bump_approved(
-                view,
-                workflow_id,
-                &replaced.txid,
-                unsigned,
-                &request.initiator,
-                now,
-            )
-            .map(|()| checked)
-        }
-        None => spend::check_spend(unsigned, &expect)
-            .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}")),
-    }?;
+    let checked = recorded_transaction(
+        view,
+        workflow_id,
+        &request.initiator,
+        unsigned,
+        now,
+        || spend::check_spend(unsigned, &expect),
+        |replaced| spend::check_replacement(unsigned, replaced, &expect),
+    )?;
     Ok((terms.wallet, checked))
 }
 
@@ -144,6 +130,33 @@ pub fn workflow_allows<'a>(
     // satisfied and any time delay passed: as for every approved workflow.
     view.cleared(t, &request.initiator, now)?;
     Ok((request, unsigned))
+}
+
+/// The recorded transaction `unsigned` of `workflow_id` as the chain
+/// family's check (`first`) finds it; a fee bump is held to the transaction
+/// it replaces as well (`replacement`), and to its approved change
+/// ([`bump_approved`]).
+pub fn recorded_transaction<T, E: std::fmt::Display>(
+    view: &TrailView,
+    workflow_id: &str,
+    initiator: &str,
+    unsigned: &UnsignedTransaction,
+    now: i64,
+    first: impl FnOnce() -> Result<T, E>,
+    replacement: impl FnOnce(&UnsignedTransaction) -> Result<T, E>,
+) -> Result<T, String> {
+    let Some(replaced) = view.transfer(workflow_id).and_then(|t| t.replaces()) else {
+        return first()
+            .map_err(|e| format!("the recorded transaction is not the approved transfer: {e}"));
+    };
+    let checked = replacement(&replaced.unsigned).map_err(|e| {
+        format!(
+            "the recorded replacement is not a fee bump of {}: {e}",
+            replaced.txid
+        )
+    })?;
+    bump_approved(view, workflow_id, &replaced.txid, unsigned, initiator, now)?;
+    Ok(checked)
 }
 
 /// A fee bump's own check, after the replacement is found to be one: the
