@@ -256,9 +256,9 @@ fn proposal(
     }
 }
 
-/// What the change service answers when `change` is asked for by the
-/// operator and refused before anything is recorded: `field: reason`.
-pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> String {
+/// The change service's answer to `change` asked for by the operator under
+/// the default policy.
+async fn ask_as_operator(nats: &Nats, engine: &Engine, change: Change) -> ChangeReply {
     let (trigger, shutdown) = Shutdown::new();
     let trail = Trail::follow(nats.js().await, shutdown)
         .await
@@ -280,7 +280,13 @@ pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> Str
     )
     .await;
     trigger.trigger();
-    match reply {
+    reply
+}
+
+/// What the change service answers when `change` is asked for by the
+/// operator and refused before anything is recorded: `field: reason`.
+pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> String {
+    match ask_as_operator(nats, engine, change).await {
         ChangeReply::Refused { field, reason } => {
             format!("{}: {reason}", field.unwrap_or_default())
         }
@@ -290,30 +296,11 @@ pub async fn refused_change(nats: &Nats, engine: &Engine, change: Change) -> Str
 
 /// The operator freezes `wallet` (in effect at once, as an emergency).
 pub async fn freeze(nats: &Nats, engine: &Engine, wallet: &str) {
-    let (trigger, shutdown) = Shutdown::new();
-    let trail = Trail::follow(nats.js().await, shutdown)
-        .await
-        .expect("trail");
-    let active = custos_workers::change::ActivePolicy::new(
-        custos_engine::policy::default_policy().expect("default policy"),
-    );
-    let request = ChangeRequest {
-        request_id: format!("test-{}", hex::encode(rand::random::<[u8; 8]>())),
-        initiator: OPERATOR.into(),
-        change: Change::Freeze {
-            wallet: Some(wallet.into()),
-            reason: "test".into(),
-        },
+    let change = Change::Freeze {
+        wallet: Some(wallet.into()),
+        reason: "test".into(),
     };
-    let reply = custos_workers::change::submit(
-        &trail,
-        &engine.ledger,
-        &active,
-        &Prices::Table(Default::default()),
-        &request,
-    )
-    .await;
-    trigger.trigger();
+    let reply = ask_as_operator(nats, engine, change).await;
     assert!(
         matches!(reply, ChangeReply::Accepted { .. }),
         "freeze: {reply:?}"
