@@ -618,6 +618,16 @@ async fn a_lost_share_is_repaired_under_its_own_index() {
     }
     assert!(share_on_disk(g3.dir.path(), "g3", "vault").is_none());
     guardians.push(restart_guardian(client.clone(), "g3", g3.dir));
+    // Its announcement from before the stop is still there: wait until it
+    // answers on its own subjects (a refusal of an empty request will do).
+    let listening = eventually(Duration::from_secs(30), || async {
+        client
+            .request(subjects::guardian_subject("g3", "sign"), "{}".into())
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(listening, "g3 listens again");
 
     // A repair that names g3 as its own helper is refused before anything runs.
     let reason = refused_change(
