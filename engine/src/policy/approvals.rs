@@ -1,8 +1,6 @@
 //! Whether the approvals given so far meet a decision. Used by the approval
 //! worker after each approval and by guardians before they sign.
 
-use std::collections::BTreeSet;
-
 use custos_schemas::approval::MfaMethod;
 use custos_schemas::policy::{
     ApprovalRequirement, Combine, PolicyDecision, PolicyOutcome, RequiredMfa,
@@ -100,15 +98,16 @@ pub fn approvals_satisfied(
     ApprovalStatus::Pending { missing }
 }
 
-/// The earliest valid approval of each user, in time order: given between the
-/// decision and `now`, not after the expiry, by an active user.
+/// The valid approvals, in time order: given between the decision and `now`,
+/// not after the expiry, by an active user. A user may appear more than once
+/// (an approval given before an escalation counts for less than one after);
+/// [`shortfall`] counts each user once.
 fn counted<'a>(
     decision: &PolicyDecision,
     approvals: &'a [Approval],
     directory: &Directory,
     now: i64,
 ) -> Vec<&'a Approval> {
-    let mut seen = BTreeSet::new();
     let mut valid: Vec<&Approval> = approvals
         .iter()
         .filter(|a| {
@@ -119,7 +118,6 @@ fn counted<'a>(
         })
         .collect();
     valid.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
-    valid.retain(|a| seen.insert(a.user.as_str()));
     valid
 }
 
@@ -250,8 +248,18 @@ fn shortfall(
     now: i64,
 ) -> Option<String> {
     let passkey_only = req.mfa == Some(RequiredMfa::Webauthn);
-    let fits = |a: &Approval, group: &str| {
-        (a.passkey || !passkey_only) && fills(decision, req, directory, &a.user, a.at, group)
+    // Each user counts once, with whichever of their approvals fits.
+    let mut users: Vec<Vec<&Approval>> = Vec::new();
+    for a in approvers {
+        match users.iter_mut().find(|u| u[0].user == a.user) {
+            Some(u) => u.push(a),
+            None => users.push(vec![a]),
+        }
+    }
+    let fits = |user: &Vec<&Approval>, group: &str| {
+        user.iter().any(|a| {
+            (a.passkey || !passkey_only) && fills(decision, req, directory, &a.user, a.at, group)
+        })
     };
     let mut escalated = match (&req.escalation, escalates_at(decision, req)) {
         (Some(e), Some(t)) if t <= now => format!("; escalated to {}", e.group),
@@ -265,7 +273,7 @@ fn shortfall(
         Combine::Any => {
             let mut parts = Vec::new();
             for q in &req.groups {
-                let n = approvers.iter().filter(|a| fits(a, &q.group)).count();
+                let n = users.iter().filter(|u| fits(u, &q.group)).count();
                 if n >= q.count as usize {
                     return None;
                 }
@@ -278,13 +286,13 @@ fn shortfall(
             ))
         }
         Combine::All => {
-            // Slots: `count` per group; each approver fills at most one slot.
+            // Slots: `count` per group; each user fills at most one slot.
             let slots: Vec<&str> = req
                 .groups
                 .iter()
                 .flat_map(|q| std::iter::repeat_n(q.group.as_str(), q.count as usize))
                 .collect();
-            let filled = max_assignment(&slots, approvers, |a, g| fits(a, g));
+            let filled = max_assignment(&slots, &users, |u, g| fits(u, g));
             if filled.iter().all(Option::is_some) {
                 return None;
             }
@@ -311,22 +319,22 @@ fn shortfall(
 
 /// Maximum bipartite matching of approvers to slots (Kuhn's augmenting paths):
 /// for each slot, the index of the approver filling it.
-fn max_assignment(
+fn max_assignment<T>(
     slots: &[&str],
-    approvers: &[&Approval],
-    eligible: impl Fn(&Approval, &str) -> bool,
+    approvers: &[T],
+    eligible: impl Fn(&T, &str) -> bool,
 ) -> Vec<Option<usize>> {
     let mut filled: Vec<Option<usize>> = vec![None; slots.len()];
-    fn augment(
+    fn augment<T>(
         u: usize,
         slots: &[&str],
-        approvers: &[&Approval],
-        eligible: &dyn Fn(&Approval, &str) -> bool,
+        approvers: &[T],
+        eligible: &dyn Fn(&T, &str) -> bool,
         visited: &mut [bool],
         filled: &mut [Option<usize>],
     ) -> bool {
         for (s, group) in slots.iter().enumerate() {
-            if visited[s] || !eligible(approvers[u], group) {
+            if visited[s] || !eligible(&approvers[u], group) {
                 continue;
             }
             visited[s] = true;
