@@ -1,6 +1,8 @@
 //! The administrative commands end to end against `custos up`: `policy apply`,
 //! `change show`, `freeze`, `user` and `role`, run as an administrator would.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -114,8 +116,7 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::stop(&mut self.child);
     }
 }
 

@@ -9,6 +9,8 @@
 //! hand them to (over `custos up`'s NATS, with the append service as the
 //! ledger): the web links with TOTP in front of it are the demo test's.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -137,8 +139,7 @@ impl Up {
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::stop(&mut self.child);
     }
 }
 

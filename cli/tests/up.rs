@@ -2,6 +2,8 @@
 //! audit trail; Ctrl-C stops it cleanly; running it again on the same data
 //! directory resumes where it stopped.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,30 +83,14 @@ impl Up {
 
     /// Sends Ctrl-C and waits for a clean exit.
     fn interrupt(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "custos up did not stop after Ctrl-C"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        support::interrupt(&mut self.child, Duration::from_secs(30))
+            .expect("custos up stops after Ctrl-C")
     }
 }
 
 impl Drop for Up {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::stop(&mut self.child);
     }
 }
 
