@@ -54,11 +54,13 @@ pub struct LedgerConfig {
 }
 
 /// Atomic batches awaiting acknowledgement at most. The server writes and
-/// fsyncs one stream's batches one after another, so more in flight than it
-/// can queue only splits the waiting events into more, smaller batches: more
-/// fsyncs for the same events (`custos bench e2e` at 300 transfers/s: 246–290
-/// workflows/s with 4, 210–254 with 32).
-pub const ATOMIC_INFLIGHT: usize = 4;
+/// fsyncs one stream's batches one after another, and stages each in a
+/// temporary file store, so a second batch in flight only splits the waiting
+/// events into more, smaller batches: more work for the same events. With
+/// one, `custos bench e2e` at 300 transfers/s for 60 s has p99 405–415 ms;
+/// with 4, 652–805 ms; with 32 it did not keep up. The price: 1,000 writers
+/// appending flat out get 23k events/s instead of 36k.
+pub const ATOMIC_INFLIGHT: usize = 1;
 
 impl LedgerConfig {
     /// Batches awaiting acknowledgement at most, for the batching in use.
