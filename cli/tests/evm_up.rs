@@ -94,22 +94,9 @@ impl Up {
         }
     }
 
-    /// Runs `custos ARGS --nats-url URL`: success and both outputs together.
+    /// Runs `custos ARGS` against this engine: success and both outputs together.
     fn custos(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_custos"))
-            .args(args)
-            .args(["--nats-url", &self.url])
-            .env_remove("CUSTOS_USER")
-            .output()
-            .expect("custos runs");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        support::custos(&self.url, args)
     }
 
     fn json(&self, args: &[&str]) -> Value {

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::custos;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,22 +94,6 @@ impl Drop for Up {
     fn drop(&mut self) {
         support::stop(&mut self.child);
     }
-}
-
-fn custos(url: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_custos"))
-        .args(args)
-        .env("CUSTOS_NATS_URL", url)
-        .output()
-        .expect("custos runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 fn port_is_free(port: u16) -> bool {

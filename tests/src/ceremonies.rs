@@ -11,8 +11,7 @@ use custos_engine::change::{Stage, request_hash};
 use custos_schemas::change::{Change, ChangeReply, ChangeRequest};
 use custos_schemas::policy::{PolicyDecision, PolicyOutcome};
 use custos_schemas::{
-    Actor, AggregateKind, EventType, Outcome, Payload, Proposal, RequestContext, Target,
-    UserRecord, WalletDescriptor,
+    AggregateKind, EventType, Outcome, Payload, Proposal, UserRecord, WalletDescriptor,
 };
 use custos_workers::Shutdown;
 use custos_workers::policy_step::Prices;
@@ -242,17 +241,8 @@ fn proposal(
     payload: Payload,
 ) -> Proposal {
     Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
         expected_version,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
+        ..crate::record(kind, id, event_type, payload)
     }
 }
 

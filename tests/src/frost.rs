@@ -12,10 +12,7 @@ use custos_custody::spend::{self, Expectation, FeePolicy, SpendRequest};
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
 use custos_schemas::chain::{SpentOutput, UnsignedTransaction};
-use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, Outcome, Payload, Proposal, RequestContext, Target,
-    WalletDescriptor, codec, subjects,
-};
+use custos_schemas::{AggregateKind, Event, EventType, Payload, WalletDescriptor, codec, subjects};
 use custos_workers::guardian::{GuardianConfig, GuardianError};
 use custos_workers::signing::{SignReply, SignRequest, wallet_script};
 use custos_workers::{Shutdown, ShutdownTrigger};
@@ -27,21 +24,7 @@ use crate::tcp_proxy::Proxy;
 use crate::workflows::policy_and_initiator;
 use crate::{Engine, Nats, all_events, append_ok, eventually};
 
-pub fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
-}
+pub use crate::record;
 
 /// A guardian running in this process on its own connection; dropping it
 /// stops it (its shutdown trigger goes with it).

@@ -159,6 +159,23 @@ pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
     }
 }
 
+/// A test's event, as the first of its aggregate.
+pub fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
+    Proposal {
+        aggregate_kind: kind,
+        workflow_id: id.into(),
+        expected_version: 0,
+        event_type,
+        causation_id: None,
+        actor: Actor::system("test"),
+        target: Target::default(),
+        context: RequestContext::default(),
+        result: Outcome::Success,
+        metadata: Default::default(),
+        payload,
+    }
+}
+
 /// A system event on its own aggregate, for load.
 pub fn alert(id: &str, expected_version: u64) -> Proposal {
     Proposal {

@@ -3,14 +3,12 @@
 //! on the same policy and prices for tests that need it (fee bumps).
 
 use custos_engine::policy::Policy;
-use custos_schemas::{
-    Actor, AggregateKind, EventType, Outcome, Payload, Proposal, RequestContext, Target, UserRecord,
-};
+use custos_schemas::{AggregateKind, EventType, Payload, UserRecord};
 use custos_workers::Shutdown;
 use custos_workers::policy_step::{PolicyStep, PriceTable, Prices};
 use custos_workers::trail::Trail;
 
-use crate::{Engine, Nats, append_ok};
+use crate::{Engine, Nats, append_ok, record};
 
 /// `policy` recorded as active, the initiator `erp`, and the policy step
 /// running until `shutdown` with LTC at EUR 80 (up to 12.5 LTC allowed
@@ -21,19 +19,6 @@ pub async fn policy_and_initiator(
     policy: Policy,
     shutdown: Shutdown,
 ) {
-    let record = |kind, id: &str, event_type, payload| Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    };
     append_ok(
         &engine.ledger,
         vec![

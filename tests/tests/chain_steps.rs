@@ -24,13 +24,15 @@ use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::chain::{SignedTransaction, UnsignedTransaction};
 use custos_schemas::change::Change;
 use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, subjects,
+    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal, Target,
+    subjects,
 };
 use custos_tests::ceremonies::approved_ceremony;
 use custos_tests::litecoind::Litecoind;
 use custos_tests::workflows::policy_and_initiator;
-use custos_tests::{Engine, Nats, all_events, append_ok, eventually, submit_json, wallet_created};
+use custos_tests::{
+    Engine, Nats, all_events, append_ok, eventually, record, submit_json, wallet_created,
+};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
@@ -165,22 +167,6 @@ async fn broadcast_step_sends_retries_alerts_and_refuses() {
         Err(StepError::Permanent(r)) if r.contains("no node is configured for btc-regtest")
     ));
     engine.stop().await;
-}
-
-fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
 }
 
 async fn history(nats: &Nats, workflow_id: &str) -> Vec<Event> {

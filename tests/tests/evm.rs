@@ -13,13 +13,12 @@ use custos_custody::hd::Mnemonic;
 use custos_engine::policy;
 use custos_engine::transfer::{self, Stage, Transfer};
 use custos_schemas::chain::UnsignedTransaction;
-use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, codec,
-};
+use custos_schemas::{AggregateKind, Event, EventType, IntakeReply, Payload, codec};
 use custos_tests::anvil::{Anvil, ETHER};
 use custos_tests::workflows::policy_and_initiator;
-use custos_tests::{Engine, Nats, all_events, append_ok, eventually, submit_json, verify_stream};
+use custos_tests::{
+    Engine, Nats, all_events, append_ok, eventually, record, submit_json, verify_stream,
+};
 use custos_workers::chain_steps::{
     BroadcastStep, BuildStep, ChainNodes, ConfirmWatcher, Confirmations,
 };
@@ -153,22 +152,6 @@ async fn client_builds_signs_broadcasts_idempotently_and_reads_receipts() {
 
 fn alloy_value(wei: u128) -> custos_custody::evm::Wei {
     custos_custody::evm::Wei::from(wei)
-}
-
-fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
 }
 
 /// A fresh EIP-55 address nobody holds a key for in these tests.

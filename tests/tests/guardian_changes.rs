@@ -19,8 +19,7 @@ use custos_engine::transfer::{self, Stage};
 use custos_schemas::chain::SpentOutput;
 use custos_schemas::change::Change;
 use custos_schemas::{
-    Actor, AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, Proposal,
-    RequestContext, Target, WalletDescriptor, subjects,
+    AggregateKind, Event, EventType, IntakeReply, Payload, WalletDescriptor, subjects,
 };
 use custos_tests::ceremonies::{approved_ceremony, refused_change};
 use custos_tests::workflows::policy_and_initiator;
@@ -31,22 +30,6 @@ use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
 use zeroize::Zeroizing;
-
-fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
-}
 
 struct Guardian {
     trigger: ShutdownTrigger,

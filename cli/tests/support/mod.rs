@@ -3,6 +3,25 @@
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+/// Runs `custos ARGS` against the server at `url` (as the operator's shell
+/// would, without a `CUSTOS_USER`): success, and stdout and stderr together.
+pub fn custos(url: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_custos"))
+        .args(args)
+        .env("CUSTOS_NATS_URL", url)
+        .env_remove("CUSTOS_USER")
+        .output()
+        .expect("custos runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Sends `child` Ctrl-C (SIGINT) and waits up to `within` for it to exit.
 pub fn interrupt(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     // Already gone (and reaped): its pid may be another process's by now.
