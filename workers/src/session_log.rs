@@ -72,7 +72,7 @@ impl SessionLog {
         })
     }
 
-    /// Whether `id` was claimed.
+    /// Whether `id` was claimed (a poisoned lock says yes: fail closed).
     pub(crate) fn claimed(&self, id: &str) -> bool {
         self.claimed
             .lock()
