@@ -286,6 +286,11 @@ impl Bitcoind {
         self.call("getblockcount", json!([])).await
     }
 
+    /// The hash of the tip of the node's best chain.
+    pub async fn get_best_block_hash(&self) -> Result<String, RpcError> {
+        self.call("getbestblockhash", json!([])).await
+    }
+
     pub async fn get_block_hash(&self, height: u64) -> Result<String, RpcError> {
         self.call("getblockhash", json!([height])).await
     }

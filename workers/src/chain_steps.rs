@@ -226,9 +226,16 @@ pub struct BuildStep<A> {
     choosing: Arc<Mutex<HashMap<String, Outpoints>>>,
 }
 
-/// When a wallet's coins were scanned, and what was found: largest first, as
-/// `build_spend` takes them, each with its outpoint.
-type Scan = (std::time::Instant, Coins);
+/// A wallet's last scan: the chain tip it was made at, when that tip was last
+/// seen to be the node's, and what was found (largest first, as `build_spend`
+/// takes them, each with its outpoint). A scan reads the node's confirmed coin
+/// set, which changes only with blocks.
+#[derive(Debug)]
+struct Scan {
+    tip: String,
+    checked: std::time::Instant,
+    coins: Coins,
+}
 type Coins = Arc<ScannedCoins>;
 
 #[derive(Debug)]
@@ -238,7 +245,7 @@ struct ScannedCoins {
     /// builds take the largest coins, so held ones gather at the front, and
     /// walking past them all again on every build would cost more than the
     /// build. A coin there freed since (its transfer failed, or a build let
-    /// it go) waits for the next scan.
+    /// it go) waits for the next check of the tip, which walks from the start.
     held_before: std::sync::atomic::AtomicUsize,
 }
 
@@ -248,7 +255,9 @@ type FeeEstimate = (std::time::Instant, Option<u64>);
 /// Transaction outputs by txid and index.
 type Outpoints = BTreeSet<Outpoint>;
 
-/// How long a wallet's scan serves builds (a block interval is far longer).
+/// How long a wallet's scan serves builds before the node's tip is asked
+/// again, and how long a fee estimate is reused (a block interval is far
+/// longer).
 const SCAN_REUSE: std::time::Duration = std::time::Duration::from_secs(2);
 
 type Locks = Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
@@ -316,25 +325,47 @@ impl<A: Appender> BuildStep<A> {
         }
     }
 
-    /// The wallet's coins on the node, from a scan at most [`SCAN_REUSE`] old
-    /// unless `fresh`.
+    /// The wallet's coins on the node: from its last scan while the node's tip
+    /// is the one it was made at (asked at most every [`SCAN_REUSE`]), else,
+    /// or when `fresh`, from a new scan. Scanning reads the node's whole coin
+    /// set and builds of the wallet wait for it, so it is done once per block,
+    /// not on a timer.
     async fn coins(
         &self,
         node: &Bitcoind,
         wallet: &WalletDescriptor,
         fresh: bool,
     ) -> Result<Coins, StepError> {
-        let cached = |scanned: &Self| {
-            let scans = scanned
-                .scanned
+        let scans = || {
+            self.scanned
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            scans
-                .get(&wallet.address)
-                .filter(|(at, _)| !fresh && at.elapsed() < SCAN_REUSE)
-                .map(|(_, coins)| coins.clone())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        if let Some(coins) = cached(self) {
+        let last = scans().get(&wallet.address).filter(|_| !fresh).map(|s| {
+            (
+                s.checked.elapsed() < SCAN_REUSE,
+                s.tip.clone(),
+                s.coins.clone(),
+            )
+        });
+        if let Some((true, _, coins)) = &last {
+            return Ok(coins.clone());
+        }
+        // The tip is read before the scan: a block found meanwhile only makes
+        // the next check scan again.
+        let tip = node
+            .get_best_block_hash()
+            .await
+            .map_err(|e| step_error("getbestblockhash", e))?;
+        if let Some((_, scanned_at, coins)) = last
+            && scanned_at == tip
+        {
+            // Coins let go since the last check (a transfer failed) are
+            // walked to again.
+            coins.held_before.store(0, Ordering::Relaxed);
+            if let Some(s) = scans().get_mut(&wallet.address) {
+                s.checked = std::time::Instant::now();
+            }
             return Ok(coins);
         }
         let mut coins: Vec<(Outpoint, ScannedUtxo)> = {
@@ -352,13 +383,14 @@ impl<A: Appender> BuildStep<A> {
             coins,
             held_before: Default::default(),
         });
-        self.scanned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(
-                wallet.address.clone(),
-                (std::time::Instant::now(), coins.clone()),
-            );
+        scans().insert(
+            wallet.address.clone(),
+            Scan {
+                tip,
+                checked: std::time::Instant::now(),
+                coins: coins.clone(),
+            },
+        );
         Ok(coins)
     }
 
