@@ -72,7 +72,9 @@ pub struct Ledger {
     last_timestamp: i64,
     /// Replay started after aged-out events.
     resumed: bool,
-    aggregates: HashMap<(AggregateKind, String), AggregateState>,
+    /// Boxed: the map outgrows its table every so often, and moving tens of
+    /// thousands of whole states then stalls every replica at once.
+    aggregates: HashMap<(AggregateKind, String), Box<AggregateState>>,
     wallets: HashMap<String, WalletDescriptor>,
 }
 
@@ -111,7 +113,7 @@ impl Ledger {
     }
 
     pub fn aggregate(&self, kind: AggregateKind, id: &str) -> Option<&AggregateState> {
-        self.aggregates.get(&(kind, id.to_string()))
+        self.aggregates.get(&(kind, id.to_string())).map(|a| &**a)
     }
 
     pub fn version(&self, kind: AggregateKind, id: &str) -> u64 {
@@ -159,7 +161,7 @@ impl Ledger {
         }
         let key = (event.aggregate_kind, event.workflow_id.clone());
         let current = match self.aggregates.get(&key) {
-            Some(state) => state.clone(),
+            Some(state) => (**state).clone(),
             // First seen mid-history: its beginning aged out.
             None if self.resumed && event.version > 1 => AggregateState {
                 // Only a workflow needs its whole history to take another event.
@@ -175,7 +177,7 @@ impl Ledger {
             next.first_seq = l.seq;
         }
         self.note_wallet(&event);
-        self.aggregates.insert(key, next);
+        self.aggregates.insert(key, Box::new(next));
         self.head = hash;
         self.last_seq = l.seq;
         self.last_timestamp = self.last_timestamp.max(event.timestamp);
@@ -198,7 +200,7 @@ impl Ledger {
             let key = (p.aggregate_kind, p.workflow_id.clone());
             let current = touched
                 .get(&key)
-                .or_else(|| self.aggregates.get(&key))
+                .or_else(|| self.aggregates.get(&key).map(|a| &**a))
                 .cloned()
                 .unwrap_or_default();
             if current.partial {
@@ -267,7 +269,11 @@ impl Ledger {
             self.head = hash;
             self.last_seq = seq;
         }
-        self.aggregates.extend(touched);
+        self.aggregates.extend(
+            touched
+                .into_iter()
+                .map(|(key, state)| (key, Box::new(state))),
+        );
         self.last_timestamp = timestamp;
         Ok(sealed)
     }
