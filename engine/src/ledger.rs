@@ -160,19 +160,22 @@ impl Ledger {
             )));
         }
         let key = (event.aggregate_kind, event.workflow_id.clone());
-        let current = match self.aggregates.get(&key) {
-            Some(state) => (**state).clone(),
-            // First seen mid-history: its beginning aged out.
-            None if self.resumed && event.version > 1 => AggregateState {
+        // First seen mid-history: its beginning aged out.
+        let unseen = || match self.resumed && event.version > 1 {
+            true => AggregateState {
                 // Only a workflow needs its whole history to take another event.
                 partial: is_workflow(event.aggregate_kind),
                 version: event.version - 1,
                 ..AggregateState::default()
             },
-            None => AggregateState::default(),
+            false => AggregateState::default(),
         };
         self.check_roster_change(&event).map_err(fail)?;
-        let mut next = advance(current, &event).map_err(|e| fail(e.to_string()))?;
+        let mut next = match self.aggregates.get(&key) {
+            Some(state) => advance(state, &event),
+            None => advance(&unseen(), &event),
+        }
+        .map_err(fail)?;
         if event.version == 1 {
             next.first_seq = l.seq;
         }
@@ -193,6 +196,7 @@ impl Ledger {
     ) -> Result<Vec<Sealed>, SealError> {
         let timestamp = now_ms.max(self.last_timestamp);
         let mut touched: HashMap<(AggregateKind, String), AggregateState> = HashMap::new();
+        let unseen = AggregateState::default();
         let mut events = Vec::with_capacity(proposals.len());
         for p in proposals {
             validate_token("workflowId", &p.workflow_id)
@@ -201,8 +205,7 @@ impl Ledger {
             let current = touched
                 .get(&key)
                 .or_else(|| self.aggregates.get(&key).map(|a| &**a))
-                .cloned()
-                .unwrap_or_default();
+                .unwrap_or(&unseen);
             if current.partial {
                 return Err(SealError::Refused(format!(
                     "{}: its earlier events aged out of the trail; nothing more is recorded for it",
@@ -367,22 +370,36 @@ impl Ledger {
 }
 
 /// The aggregate's next state after `event`, or why the event is not allowed.
-fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, String> {
+/// The state after `event`. Takes the state by reference: a workflow's
+/// machine makes its next state from the current one, so copying it first
+/// would copy every transfer twice per event, in every replica.
+fn advance(state: &AggregateState, event: &Event) -> Result<AggregateState, String> {
     if event.version != state.version + 1 {
         return Err(format!(
             "version {} does not follow {}",
             event.version, state.version
         ));
     }
-    if event.aggregate_kind == AggregateKind::Tx && !state.partial {
-        let current = state.transfer.take().unwrap_or_default();
-        let (next, _commands) = transfer::apply(&current, event).map_err(|e| e.to_string())?;
-        state.transfer = Some(next);
-    }
-    if event.aggregate_kind == AggregateKind::Change && !state.partial {
-        let current = state.change.take().unwrap_or_default();
-        state.change = Some(change::apply(&current, event).map_err(|e| e.to_string())?);
-    }
+    let workflow = |kind| event.aggregate_kind == kind && !state.partial;
+    let transfer = match workflow(AggregateKind::Tx) {
+        true => {
+            let current = state.transfer.as_ref();
+            let (next, _commands) = transfer::apply(current.unwrap_or(&Transfer::default()), event)
+                .map_err(|e| e.to_string())?;
+            Some(next)
+        }
+        false => state.transfer.clone(),
+    };
+    let change = match workflow(AggregateKind::Change) {
+        true => {
+            let current = state.change.as_ref();
+            Some(
+                change::apply(current.unwrap_or(&ChangeState::default()), event)
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+        false => state.change.clone(),
+    };
     // An applied change binds everyone: only its approved workflow may record it.
     if matches!(event.payload, Payload::ChangeApplied(_))
         && event.aggregate_kind != AggregateKind::Change
@@ -400,9 +417,14 @@ fn advance(mut state: AggregateState, event: &Event) -> Result<AggregateState, S
             w.name, w.name
         ));
     }
-    state.version = event.version;
-    state.last_event = Some(event.event_type);
-    Ok(state)
+    Ok(AggregateState {
+        version: event.version,
+        first_seq: state.first_seq,
+        last_event: Some(event.event_type),
+        transfer,
+        change,
+        partial: state.partial,
+    })
 }
 
 /// Aggregates with a state machine: they need their whole history.

@@ -80,7 +80,19 @@ pub fn to_msgpack<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn from_msgpack<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-    let value = serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_path)?;
+    // Every replica decodes every event, so the path is tracked (which slows
+    // each step of decoding) only to name the field of a failure.
+    let value = match T::deserialize(&mut de) {
+        Ok(value) => value,
+        Err(plain) => {
+            let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+            let traced = serde_path_to_error::deserialize::<_, T>(&mut de).err();
+            return Err(traced.map(DecodeError::from_path).unwrap_or(DecodeError {
+                field: None,
+                reason: plain.to_string(),
+            }));
+        }
+    };
     if de.position() as usize != bytes.len() {
         return Err(DecodeError {
             field: None,
