@@ -105,6 +105,8 @@ struct BenchEngine {
     client: async_nats::Client,
     js: jetstream::Context,
     ledger: LedgerHandle,
+    /// The engine process's replica of the trail.
+    trail: custos_workers::trail::Trail,
     trigger: custos_workers::ShutdownTrigger,
     engine: tokio::task::JoinHandle<Result<(), custos_workers::ledger::LedgerError>>,
 }
@@ -125,8 +127,13 @@ impl BenchEngine {
             batching,
             ..LedgerConfig::new(key)
         };
+        // The process's replica, which the steps a benchmark runs share.
+        let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
         let engine = tokio::spawn(custos_workers::engine::run(
             client.clone(),
+            trail.clone(),
             config,
             shutdown,
             Some(ready_tx),
@@ -138,6 +145,7 @@ impl BenchEngine {
             client,
             js,
             ledger,
+            trail,
             trigger,
             engine,
         })
@@ -516,9 +524,9 @@ async fn dkg(ceremonies: usize) -> anyhow::Result<std::process::ExitCode> {
         "custos bench dkg ({ceremonies} ceremonies per configuration, guardians as separate processes)"
     );
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
-    let (js, ledger) = (&bench.js, &bench.ledger);
+    let ledger = &bench.ledger;
     let guardians = start_guardians(&bench, 5).await?;
-    let made = Ceremonies::start(js, ledger).await?;
+    let made = Ceremonies::start(&bench).await?;
     for (t, n) in [(2u16, 3u16), (3, 5)] {
         let mut compute = Vec::new();
         for c in 0..ceremonies {
@@ -617,7 +625,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
     let guardians = start_guardians(&bench, 5).await?;
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
-    let made = Ceremonies::start(js, ledger).await?;
+    let made = Ceremonies::start(&bench).await?;
     let mut wallets = Vec::new();
     for (t, n) in [(2u16, 3u16), (3, 5)] {
         wallets.push((
@@ -628,7 +636,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
         ));
     }
     let (trigger, shutdown) = Shutdown::new();
-    let trail = workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
+    let trail = workflow_setup(&bench, Vec::new(), &shutdown).await?;
     let step = Arc::new(
         custos_workers::signing::SignStep::new(client.clone(), trail)
             .map_err(anyhow::Error::msg)?,
@@ -828,7 +836,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
     let approvers = approvers.max(2) & !1;
     println!("custos bench approvals ({approvers} approvers voting at once, durable profile)");
     let bench = BenchEngine::start(Durability::Always, Batching::Atomic).await?;
-    let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
+    let (client, ledger) = (&bench.client, &bench.ledger);
     let mut extra = vec![
         record(
             AggregateKind::Wallet,
@@ -856,7 +864,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
         ));
     }
     let (trigger, shutdown) = Shutdown::new();
-    let trail = workflow_setup(js, ledger, extra, &shutdown).await?;
+    let trail = workflow_setup(&bench, extra, &shutdown).await?;
     let ballots = Arc::new(custos_workers::approvals::ballot_box::TrailBallotBox::new(
         trail.clone(),
         ledger.clone(),
@@ -1005,12 +1013,12 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
     let (js, client, ledger) = (&bench.js, &bench.client, &bench.ledger);
     let node =
         custos_adapters::regtest::RegtestNode::start(&bench.dir.join("litecoind"), 0).await?;
-    let wallet = Ceremonies::start(js, ledger)
+    let wallet = Ceremonies::start(&bench)
         .await?
         .frost_wallet(ledger, "bench", 2, 3)
         .await?;
     let (trigger, shutdown) = Shutdown::new();
-    let trail = workflow_setup(js, ledger, Vec::new(), &shutdown).await?;
+    let trail = workflow_setup(&bench, Vec::new(), &shutdown).await?;
     // One coin per transfer (the warm-up's included): transfers in flight
     // never share coins.
     const WARM_UP: usize = 20;
@@ -1226,14 +1234,14 @@ fn codec_event(body: &[u8]) -> Option<String> {
 }
 
 /// Records the default policy as active, the `bench` initiator and `extra`,
-/// then starts the policy step (LTC at EUR 80) until `shutdown` on a replica
-/// of the trail it returns for the other steps.
+/// then starts the policy step (LTC at EUR 80) until `shutdown` on the
+/// engine's replica of the trail, which it returns for the other steps.
 async fn workflow_setup(
-    js: &jetstream::Context,
-    ledger: &LedgerHandle,
+    bench: &BenchEngine,
     extra: Vec<Proposal>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<custos_workers::trail::Trail> {
+    let (js, ledger) = (&bench.js, &bench.ledger);
     let policy = custos_engine::policy::default_policy()
         .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
     let mut proposals = vec![
@@ -1261,9 +1269,7 @@ async fn workflow_setup(
         .or_default()
         .insert("EUR".into(), "80".into());
     // One replica for the process's steps, as `custos up` runs them.
-    let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let trail = bench.trail.clone();
     let step = custos_workers::policy_step::PolicyStep::on_trail(
         js.clone(),
         trail.clone(),
@@ -1333,12 +1339,12 @@ outcome = "allow"
 struct Ceremonies {
     trail: custos_workers::trail::Trail,
     policy: custos_workers::change::ActivePolicy,
-    _stop: custos_workers::ShutdownTrigger,
 }
 
 impl Ceremonies {
     /// Activates the ceremony policy and records the operator.
-    async fn start(js: &jetstream::Context, ledger: &LedgerHandle) -> anyhow::Result<Self> {
+    async fn start(bench: &BenchEngine) -> anyhow::Result<Self> {
+        let ledger = &bench.ledger;
         let policy = custos_engine::policy::Policy::parse(CEREMONY_POLICY)
             .map_err(|e| anyhow::anyhow!(custos_engine::policy::render_errors(&e)))?;
         let reply = ledger
@@ -1359,14 +1365,9 @@ impl Ceremonies {
             matches!(reply, AppendReply::Appended { .. }),
             "ceremony policy: {reply:?}"
         );
-        let (stop, shutdown) = Shutdown::new();
-        let trail = custos_workers::trail::Trail::follow(js.clone(), shutdown)
-            .await
-            .map_err(anyhow::Error::msg)?;
         Ok(Ceremonies {
-            trail,
+            trail: bench.trail.clone(),
             policy: custos_workers::change::ActivePolicy::new(policy),
-            _stop: stop,
         })
     }
 

@@ -158,9 +158,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         idle_checkpoint,
         ..LedgerConfig::new(audit_key)
     };
+    // One replica of the trail serves every step of this process.
+    let trail = Trail::follow(js.clone(), shutdown.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let mut engine = tokio::spawn(custos_workers::engine::run(
         client.clone(),
+        trail.clone(),
         config,
         shutdown.clone(),
         Some(ready_tx),
@@ -193,10 +198,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => Prices::Table(Arc::new(prices)),
     };
-    // One replica of the trail serves every step of this process.
-    let trail = Trail::follow(js.clone(), shutdown.clone())
-        .await
-        .map_err(anyhow::Error::msg)?;
     let step = PolicyStep::on_trail(js.clone(), trail.clone(), policy, prices.clone())
         .await
         .map_err(anyhow::Error::msg)?;

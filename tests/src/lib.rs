@@ -90,9 +90,16 @@ impl Engine {
             .await
             .expect("provision");
         let (trigger, shutdown) = Shutdown::new();
+        let trail = custos_workers::trail::Trail::follow(
+            async_nats::jetstream::new(client.clone()),
+            shutdown.clone(),
+        )
+        .await
+        .expect("trail replica");
         let (ready_tx, ready) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(custos_workers::engine::run(
             client.clone(),
+            trail,
             config,
             shutdown,
             Some(ready_tx),

@@ -9,9 +9,12 @@ use crate::{Shutdown, intake, remote, runtime, wallets};
 /// Runs the ledger writer, intake, the remote append service and the key
 /// ceremony step (approved wallet changes) until `shutdown`
 /// or until the ledger writer stops (a broken trail stops everything: fail closed).
-/// `ready` receives the in-process ledger handle once the tasks run.
+/// `trail` is the process's replica, shared with its other steps: each replica
+/// decodes and folds every event. `ready` receives the in-process ledger handle
+/// once the tasks run.
 pub async fn run(
     client: Client,
+    trail: Trail,
     config: LedgerConfig,
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<LedgerHandle>>,
@@ -32,16 +35,8 @@ pub async fn run(
         let (client, ledger, shutdown) = (client.clone(), handle.clone(), shutdown.clone());
         tokio::spawn(async move {
             let js = async_nats::jetstream::new(client.clone());
-            let ran = match Trail::follow(js.clone(), shutdown.clone()).await {
-                Ok(trail) => {
-                    let step = wallets::CeremonyStep::new(client, trail, ledger.clone());
-                    runtime::run(js, ledger, step, shutdown)
-                        .await
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = ran {
+            let step = wallets::CeremonyStep::new(client, trail, ledger.clone());
+            if let Err(e) = runtime::run(js, ledger, step, shutdown).await {
                 tracing::error!(error = %e, "the key ceremony step stopped");
             }
         })
