@@ -89,6 +89,10 @@ pub(crate) struct Share {
     /// `key` with the Taproot tweak: what round 2 signs with.
     pub(crate) tweaked: TweakedKey,
     pub(crate) public: PublicKeyPackage,
+    /// `public` serialized, and its group key in hex: every signing sends the
+    /// one and checks the other, and serializing a point costs an inversion.
+    pub(crate) public_bytes: Vec<u8>,
+    pub(crate) group_key_hex: String,
 }
 
 struct Session {
@@ -886,7 +890,7 @@ fn repair_combine(
                 ceremony_id,
                 lifecycle::PURPOSE_REPAIR_SIGMA,
             )?,
-            public_key_package: share.public.serialize().map_err(|e| e.to_string())?,
+            public_key_package: share.public_bytes.clone(),
         };
         Ok(keys.sign_message(
             ceremony_id,
@@ -1324,10 +1328,19 @@ pub(crate) fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share,
         .and_then(|rest| (rest.len() >= len).then(|| rest.split_at(len)))
         .ok_or("share file too short")?;
     let key = KeyPackage::deserialize(key).map_err(|e| format!("share file: {e}"))?;
+    let public_bytes = public.to_vec();
+    let public = PublicKeyPackage::deserialize(public).map_err(|e| format!("share file: {e}"))?;
+    let group_key_hex = public
+        .verifying_key()
+        .serialize()
+        .map(hex::encode)
+        .map_err(|e| format!("share file: {e}"))?;
     Ok(Share {
         tweaked: TweakedKey::new(&key),
         key,
-        public: PublicKeyPackage::deserialize(public).map_err(|e| format!("share file: {e}"))?,
+        public,
+        public_bytes,
+        group_key_hex,
     })
 }
 

@@ -251,7 +251,6 @@ impl SignService {
             Err(e) => return Ok((0, Err(e))),
         };
         let me = *share.key.identifier();
-        let group_key = share.public.verifying_key();
         let (seq, found) = self.trail.read_current(|view| {
             let found = view.ledger.wallet(&wallet).map(|w| {
                 let script = self.wallet_script(&wallet, &share, &w.chain);
@@ -271,8 +270,7 @@ impl SignService {
         let checked = (|| {
             let (checked, recorded_key, my_index) =
                 found.ok_or_else(|| format!("wallet {wallet} is not in the trail"))?;
-            let mine = group_key.serialize().map(hex::encode).ok();
-            if recorded_key.is_none() || recorded_key != mine {
+            if recorded_key.as_deref() != Some(share.group_key_hex.as_str()) {
                 return Err(format!(
                     "my share of {wallet} is not of the key the trail records"
                 ));
@@ -363,7 +361,7 @@ impl SignService {
         let reply = SignReply::Committed {
             identifier: share.key.identifier().serialize(),
             commitments,
-            public_key_package: share.public.serialize().map_err(|e| e.to_string())?,
+            public_key_package: share.public_bytes.clone(),
         };
         self.refill(wallet, share);
         Ok(reply)
