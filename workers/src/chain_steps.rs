@@ -723,6 +723,11 @@ pub struct ConfirmWatcher<A> {
     nodes: ChainNodes,
     ledger: A,
     depth: Confirmations,
+    /// Bitcoin-family transactions (by workflow and txid) found unconfirmed,
+    /// with the chain tip they were asked after: nothing about them changes
+    /// until the tip does, so they are not asked again until then. Without
+    /// this every pass asked the node once per transfer in flight.
+    pending_at: Arc<Mutex<HashMap<(String, String), String>>>,
 }
 
 impl<A: Appender> ConfirmWatcher<A> {
@@ -732,7 +737,14 @@ impl<A: Appender> ConfirmWatcher<A> {
             nodes,
             ledger,
             depth,
+            pending_at: Arc::default(),
         }
+    }
+
+    fn pending_at(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.pending_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Polls every `poll_every` until `shutdown`.
@@ -782,15 +794,36 @@ impl<A: Appender> ConfirmWatcher<A> {
                 return Vec::new();
             }
         };
+        // Each Bitcoin-family chain's tip, read before any transaction is
+        // asked about: what is found pending is pending as of that tip.
+        let mut tips: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for w in waiting.iter().filter(|w| !is_evm(&w.chain)) {
+            if !tips.contains_key(&w.chain) {
+                let tip = match self.nodes.get(&w.chain) {
+                    Ok(node) => node.get_best_block_hash().await.ok(),
+                    Err(_) => None,
+                };
+                tips.insert(w.chain.clone(), tip);
+            }
+        }
+        self.pending_at()
+            .retain(|(workflow, _), _| waiting.iter().any(|w| &w.workflow_id == workflow));
         let mut confirmed = Vec::new();
         for w in waiting {
             let mut status = Ok(evm_steps::Status::Pending);
+            let tip = tips.get(&w.chain).cloned().flatten();
             for c in &w.candidates {
+                let key = (w.workflow_id.clone(), c.txid.clone());
                 status = if is_evm(&w.chain) {
                     self.evm_status(&w, c).await
+                } else if tip.is_some() && self.pending_at().get(&key) == tip.as_ref() {
+                    Ok(evm_steps::Status::Pending)
                 } else {
-                    self.confirmation(&w, c)
-                        .await
+                    let found = self.confirmation(&w, c).await;
+                    if let (Ok(None), Some(tip)) = (&found, &tip) {
+                        self.pending_at().insert(key, tip.clone());
+                    }
+                    found
                         .map(|c| c.map_or(evm_steps::Status::Pending, evm_steps::Status::Confirmed))
                 };
                 if !matches!(status, Ok(evm_steps::Status::Pending)) {
