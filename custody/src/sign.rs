@@ -281,48 +281,85 @@ pub fn signing_package(
 }
 
 /// A wallet's public key package with the Taproot tweak (BIP-341, no script
-/// tree) applied: what the coordinator aggregates with. Made once per package;
-/// the tweak costs curve arithmetic for the key and every verifying share.
+/// tree) applied: what the coordinator aggregates with, and the x-only output
+/// key it is of. Made once per package; the tweak costs curve arithmetic for
+/// the key and every verifying share.
 #[derive(Debug, Clone)]
-pub struct AggregationKey(PublicKeyPackage);
+pub struct AggregationKey {
+    package: PublicKeyPackage,
+    output_key: [u8; 32],
+}
 
 impl AggregationKey {
     pub fn new(public_key_package: &PublicKeyPackage) -> Self {
-        AggregationKey(public_key_package.clone().tweak(None::<&[u8]>))
+        let package = public_key_package.clone().tweak(None::<&[u8]>);
+        // The x coordinate of the compressed key: the Taproot output key.
+        let output_key = package
+            .verifying_key()
+            .serialize()
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k.get(1..)?).ok())
+            .unwrap_or([0; 32]);
+        AggregationKey {
+            package,
+            output_key,
+        }
+    }
+}
+
+/// A signature FROST aggregated and verified as BIP-340 under an
+/// [`AggregationKey`]'s output key, on the package's message. Only
+/// [`aggregate`] makes one, so a transaction's `finalize` need not verify it
+/// again: it checks that the key is the spent output's and the message the
+/// input's sighash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregated {
+    signature: [u8; 64],
+    output_key: [u8; 32],
+    message: Vec<u8>,
+}
+
+impl Aggregated {
+    pub fn signature(&self) -> &[u8; 64] {
+        &self.signature
+    }
+
+    pub(crate) fn output_key(&self) -> &[u8; 32] {
+        &self.output_key
+    }
+
+    pub(crate) fn message(&self) -> &[u8] {
+        &self.message
     }
 }
 
 /// Coordinator: aggregates the shares under the tweaked key and names any
 /// guardian whose share is invalid. FROST verifies the aggregate signature
-/// under the tweaked group key; a transaction's `finalize` checks each
-/// signature again as BIP-340 under its spent output's key, as the chain will.
+/// under the tweaked group key (BIP-340 under its x-only output key, which
+/// `custody/tests/spend.rs` checks against the consensus library).
 pub fn aggregate(
     signing_package: &SigningPackage,
     shares: &BTreeMap<Identifier, SignatureShare>,
     key: &AggregationKey,
-) -> Result<[u8; 64], AggregateError> {
-    let sig =
-        frost_secp256k1_tr::aggregate(signing_package, shares, &key.0).map_err(|e| match e {
+) -> Result<Aggregated, AggregateError> {
+    let sig = frost_secp256k1_tr::aggregate(signing_package, shares, &key.package).map_err(
+        |e| match e {
             FrostError::InvalidSignatureShare { culprits } => {
                 AggregateError::InvalidShares { culprits }
             }
             other => AggregateError::Frost(other.to_string()),
-        })?;
-    sig.serialize()
+        },
+    )?;
+    let signature = sig
+        .serialize()
         .map_err(|e| AggregateError::Frost(e.to_string()))?
         .try_into()
-        .map_err(|_| AggregateError::Frost("signature is not 64 bytes".into()))
-}
-
-/// BIP-340 verification of `sig` on `msg` under the x-only key `output_key`.
-pub fn verify_bip340(output_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
-    let Ok(vk) = k256::schnorr::VerifyingKey::from_bytes(output_key) else {
-        return false;
-    };
-    let Ok(sig) = k256::schnorr::Signature::try_from(sig.as_slice()) else {
-        return false;
-    };
-    vk.verify_raw(msg, &sig).is_ok()
+        .map_err(|_| AggregateError::Frost("signature is not 64 bytes".into()))?;
+    Ok(Aggregated {
+        signature,
+        output_key: key.output_key,
+        message: signing_package.message().to_vec(),
+    })
 }
 
 #[cfg(test)]

@@ -145,13 +145,14 @@ pub fn run_dkg(
 }
 
 /// Signs `sighash` with the given key packages (one guardian each, each with its own
-/// [`Signer`]) and aggregates; returns the 64-byte BIP-340 signature.
+/// [`Signer`]) and aggregates; returns the signature as the coordinator gets it
+/// (its 64 BIP-340 bytes: [`sign::Aggregated::signature`]).
 pub fn run_signing(
     signers: &[&KeyPackage],
     public: &PublicKeyPackage,
     sighash: &Sighash,
     rng: &mut (impl RngCore + CryptoRng),
-) -> Result<[u8; 64], SimError> {
+) -> Result<sign::Aggregated, SimError> {
     let tweaked: Vec<sign::TweakedKey> = signers.iter().map(|k| sign::TweakedKey::new(k)).collect();
     let prepared: Vec<(&KeyPackage, &sign::TweakedKey)> =
         signers.iter().copied().zip(&tweaked).collect();
@@ -165,7 +166,7 @@ pub fn run_prepared_signing(
     key: &sign::AggregationKey,
     sighash: &Sighash,
     rng: &mut (impl RngCore + CryptoRng),
-) -> Result<[u8; 64], SimError> {
+) -> Result<sign::Aggregated, SimError> {
     let session = "sim-session";
     let mut guardians: Vec<Signer> = signers.iter().map(|_| Signer::new()).collect();
     let mut commitments = BTreeMap::new();

@@ -363,11 +363,11 @@ impl CheckedSpend {
     }
 
     /// The broadcastable transaction: one key-path signature per input, each
-    /// verified under the wallet's output key first.
+    /// one FROST verified under the spent output's key on that input's sighash.
     pub fn finalize(
         &self,
         chain: &str,
-        signatures: &[[u8; 64]],
+        signatures: &[crate::sign::Aggregated],
         signers: Vec<String>,
     ) -> Result<SignedTransaction, SpendError> {
         if signatures.len() != self.tx.inputs.len() {
@@ -383,13 +383,19 @@ impl CheckedSpend {
         let mut witnesses = Vec::with_capacity(signatures.len());
         for (i, (sig, spent)) in signatures.iter().zip(&self.spent).enumerate() {
             let key = p2tr_key(&format!("spent[{i}].scriptPubKey"), &spent.script_pubkey)?;
-            if !crate::sign::verify_bip340(&key, self.sighash(i)?.as_bytes(), sig) {
+            if sig.output_key() != &key {
                 return Err(field(
                     format!("signatures[{i}]"),
-                    "does not verify under the wallet's key",
+                    "was made under another key than the spent output's",
                 ));
             }
-            witnesses.push(vec![sig.to_vec()]);
+            if sig.message() != self.sighash(i)?.as_bytes() {
+                return Err(field(
+                    format!("signatures[{i}]"),
+                    "signs another message than the input's sighash",
+                ));
+            }
+            witnesses.push(vec![sig.signature().to_vec()]);
         }
         Ok(SignedTransaction {
             chain: chain.to_owned(),

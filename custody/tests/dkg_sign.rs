@@ -437,7 +437,7 @@ fn p2tr_key_path_spend_is_accepted_by_bitcoinconsensus() {
             // Each guardian recomputes the sighash from the approved transaction.
             let sighash = tx.sighash_default(index, &spent).unwrap();
             let sig = sim::run_signing(&kps, pkp, &sighash, &mut rng(index as u64)).unwrap();
-            witnesses.push(vec![sig.to_vec()]);
+            witnesses.push(vec![sig.signature().to_vec()]);
         }
         let raw = tx.serialize_with_witnesses(&witnesses).unwrap();
         let utxos: Vec<bitcoinconsensus::Utxo> = spent
@@ -463,7 +463,7 @@ fn p2tr_key_path_spend_is_accepted_by_bitcoinconsensus() {
         // A signature over another digest is rejected by the node's rules.
         let mut forged = witnesses.clone();
         let other = sim::run_signing(&kps, pkp, &msg(3), &mut rng(99)).unwrap();
-        forged[0] = vec![other.to_vec()];
+        forged[0] = vec![other.signature().to_vec()];
         let raw = tx.serialize_with_witnesses(&forged).unwrap();
         assert!(
             bitcoinconsensus::verify_with_flags(

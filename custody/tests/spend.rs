@@ -4,12 +4,12 @@
 mod support;
 
 use custos_custody::address;
-use custos_custody::sim;
 use custos_custody::spend::{
     self, CheckedSpend, Expectation, FeePolicy, SpendError, SpendRequest, build_spend, check_spend,
     script_pubkey_for_address,
 };
 use custos_custody::taproot::{Transaction, TxOut};
+use custos_custody::{sign, sim};
 use custos_schemas::chain::{SpentOutput, UnsignedTransaction};
 use proptest::prelude::*;
 use support::{dkg, kp, rng};
@@ -430,7 +430,7 @@ fn a_checked_spend_signed_by_a_quorum_passes_consensus() {
     e.wallet_script = &w.script_pubkey;
     let checked: CheckedSpend = check_spend(&u, &e).unwrap();
     let quorum = [kp(&g, 1), kp(&g, 3)];
-    let sigs: Vec<[u8; 64]> = checked
+    let sigs: Vec<sign::Aggregated> = checked
         .sighashes()
         .unwrap()
         .iter()
@@ -451,15 +451,38 @@ fn a_checked_spend_signed_by_a_quorum_passes_consensus() {
             .div_ceil(4)
     );
     // Signatures swapped between inputs are refused before broadcast.
-    let swapped = [sigs[1], sigs[0]];
+    let swapped = [sigs[1].clone(), sigs[0].clone()];
+    let refused = checked
+        .finalize("ltc-regtest", &swapped, vec![])
+        .unwrap_err()
+        .to_string();
     assert!(
-        checked
-            .finalize("ltc-regtest", &swapped, vec![])
-            .unwrap_err()
-            .to_string()
-            .contains("signatures[0]")
+        refused.contains("signatures[0]") && refused.contains("sighash"),
+        "{refused}"
     );
     assert!(checked.finalize("ltc-regtest", &sigs[..1], vec![]).is_err());
+    // So is a valid signature of the right sighash under another wallet's key.
+    let other = dkg(2, 3, 42);
+    let other_quorum = [kp(&other, 1), kp(&other, 2)];
+    let sighashes = checked.sighashes().unwrap();
+    let foreign = [
+        sim::run_signing(
+            &other_quorum,
+            other.public_key_package().unwrap(),
+            &sighashes[0],
+            &mut rng(7),
+        )
+        .unwrap(),
+        sigs[1].clone(),
+    ];
+    let refused = checked
+        .finalize("ltc-regtest", &foreign, vec![])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("signatures[0]") && refused.contains("another key"),
+        "{refused}"
+    );
 }
 
 proptest! {

@@ -77,7 +77,7 @@ fn compute_time_of_dkg_and_signing() {
             let start = Instant::now();
             let sig = sim::run_signing(&quorum, pkp, &m, &mut r).unwrap();
             sign_ms.push(start.elapsed().as_secs_f64() * 1e3);
-            assert_eq!(sig.len(), 64);
+            assert_eq!(sig.signature().len(), 64);
         }
         println!(
             "{t}-of-{n}: DKG mean {:.2} ms (median {:.2}; bare frost DKG median {:.2}); signing with tweak mean {:.3} ms (median {:.3}) [{} build]",

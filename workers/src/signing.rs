@@ -305,7 +305,7 @@ impl SignStep {
         signers: &[(String, u16)],
         checked: &CheckedSpend,
         group_key: &str,
-    ) -> Result<Vec<[u8; 64]>, Vec<(String, String)>> {
+    ) -> Result<Vec<sign::Aggregated>, Vec<(String, String)>> {
         let session_id = format!("{workflow_id}-{}", hex::encode(rand::random::<[u8; 8]>()));
         let sighashes = checked
             .sighashes()

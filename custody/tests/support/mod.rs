@@ -36,7 +36,8 @@ pub fn signs(kps: &[&KeyPackage], pkp: &PublicKeyPackage, seed: u64) -> bool {
         Ok(sig) => {
             let w = address::wallet(pkp.verifying_key(), "bcrt").expect("address");
             let vk = k256::schnorr::VerifyingKey::from_bytes(&w.output_key).expect("output key");
-            let sig = k256::schnorr::Signature::try_from(sig.as_slice()).expect("64 bytes");
+            let sig =
+                k256::schnorr::Signature::try_from(sig.signature().as_slice()).expect("64 bytes");
             vk.verify_raw(m.as_bytes(), &sig).is_ok()
         }
         Err(_) => false,
