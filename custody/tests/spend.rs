@@ -450,39 +450,32 @@ fn a_checked_spend_signed_by_a_quorum_passes_consensus() {
             + (raw.len() - checked.tx.serialize().len()) as u64)
             .div_ceil(4)
     );
+    // What finalize says about the first input, which must be refused.
+    let refusal = |sigs: &[sign::Aggregated], why: &str| {
+        let refused = checked
+            .finalize("ltc-regtest", sigs, vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("signatures[0]") && refused.contains(why),
+            "{refused}"
+        );
+    };
     // Signatures swapped between inputs are refused before broadcast.
-    let swapped = [sigs[1].clone(), sigs[0].clone()];
-    let refused = checked
-        .finalize("ltc-regtest", &swapped, vec![])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        refused.contains("signatures[0]") && refused.contains("sighash"),
-        "{refused}"
-    );
+    refusal(&[sigs[1].clone(), sigs[0].clone()], "sighash");
     assert!(checked.finalize("ltc-regtest", &sigs[..1], vec![]).is_err());
     // So is a valid signature of the right sighash under another wallet's key.
     let other = dkg(2, 3, 42);
     let other_quorum = [kp(&other, 1), kp(&other, 2)];
     let sighashes = checked.sighashes().unwrap();
-    let foreign = [
-        sim::run_signing(
-            &other_quorum,
-            other.public_key_package().unwrap(),
-            &sighashes[0],
-            &mut rng(7),
-        )
-        .unwrap(),
-        sigs[1].clone(),
-    ];
-    let refused = checked
-        .finalize("ltc-regtest", &foreign, vec![])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        refused.contains("signatures[0]") && refused.contains("another key"),
-        "{refused}"
-    );
+    let foreign = sim::run_signing(
+        &other_quorum,
+        other.public_key_package().unwrap(),
+        &sighashes[0],
+        &mut rng(7),
+    )
+    .unwrap();
+    refusal(&[foreign, sigs[1].clone()], "another key");
 }
 
 proptest! {
