@@ -217,6 +217,12 @@ impl RegtestNode {
     }
 
     /// Pays `satoshi` from the node wallet to `address`; returns the txid.
+    /// A client of this node reached through `url` (a relay in front of it),
+    /// with the node's credentials.
+    pub fn client_via(&self, url: &str) -> Result<Bitcoind, RegtestError> {
+        Ok(Bitcoind::new(url, USER, PASSWORD)?)
+    }
+
     pub async fn fund(&self, address: &str, satoshi: u64) -> Result<String, RegtestError> {
         Ok(self.rpc.send_to_address(address, satoshi).await?)
     }

@@ -13,6 +13,8 @@ mod chain_support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chain_support::{CHAIN, Wallet, build, sign_as_guardians};
@@ -217,6 +219,46 @@ async fn submit(
 }
 
 /// The event the build consumer would deliver: the workflow's latest.
+/// An HTTP relay to the JSON-RPC server at `node_url`: its URL, and how many
+/// calls of `method` went through it.
+async fn counting_relay(node_url: String, method: &'static str) -> (String, Arc<AtomicUsize>) {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let http = reqwest::Client::new();
+    let counter = asked.clone();
+    let relay = move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
+        let (http, node_url, counter) = (http.clone(), node_url.clone(), counter.clone());
+        async move {
+            let call: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if call["method"] == method {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            let mut forward = http.post(&node_url).body(body);
+            if let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) {
+                forward = forward.header(axum::http::header::AUTHORIZATION, auth);
+            }
+            match forward.send().await {
+                Ok(answer) => {
+                    let status = answer.status().as_u16();
+                    let body = answer.bytes().await.unwrap_or_default();
+                    (
+                        axum::http::StatusCode::from_u16(status)
+                            .unwrap_or(axum::http::StatusCode::BAD_GATEWAY),
+                        body,
+                    )
+                }
+                Err(_) => (axum::http::StatusCode::BAD_GATEWAY, bytes::Bytes::new()),
+            }
+        }
+    };
+    let app = axum::Router::new().route("/", axum::routing::post(relay));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("relay listener");
+    let url = format!("http://{}", listener.local_addr().expect("relay address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, asked)
+}
+
 async fn latest(nats: &Nats, workflow_id: &str) -> Event {
     history(nats, workflow_id).await.pop().expect("an event")
 }
@@ -513,12 +555,26 @@ async fn transfer_is_built_signed_broadcast_and_confirmed() {
     );
 
     // Two blocks deep on this chain: not in the mempool, not at one block, not
-    // after a reorg takes that block away.
+    // after a reorg takes that block away. The watcher reaches the node
+    // through a relay that counts what it is asked.
     let depth = Confirmations::new([(CHAIN.to_string(), 2)]);
-    let watcher = ConfirmWatcher::new(trail, nodes, engine.ledger.clone(), depth);
+    let (relay, asked) = counting_relay(node.rpc.url().to_string(), "getrawtransaction").await;
+    let watched = ChainNodes::new([(
+        CHAIN.to_string(),
+        node.client_via(&relay).expect("relay client"),
+    )]);
+    let watcher = ConfirmWatcher::new(trail, watched, engine.ledger.clone(), depth);
     assert!(watcher.poll().await.is_empty());
+    // Nothing about it can change before the tip does: not asked again.
+    assert!(watcher.poll().await.is_empty());
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
     let first = node.mine(1).await;
     assert!(watcher.poll().await.is_empty());
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        2,
+        "asked again at the new tip"
+    );
     node.rpc
         .invalidate_block(&first[0])
         .await
@@ -530,6 +586,11 @@ async fn transfer_is_built_signed_broadcast_and_confirmed() {
         "back in the mempool"
     );
     assert!(watcher.poll().await.is_empty());
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        3,
+        "asked again after the reorg"
+    );
     assert_eq!(state(&nats, &id).await.stage, Stage::Broadcast);
 
     // Mined again on the new branch and buried two deep: the running watcher
