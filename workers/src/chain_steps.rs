@@ -806,8 +806,10 @@ impl<A: Appender> ConfirmWatcher<A> {
                 tips.insert(w.chain.clone(), tip);
             }
         }
+        let in_flight: std::collections::HashSet<&str> =
+            waiting.iter().map(|w| w.workflow_id.as_str()).collect();
         self.pending_at()
-            .retain(|(workflow, _), _| waiting.iter().any(|w| &w.workflow_id == workflow));
+            .retain(|(workflow, _), _| in_flight.contains(workflow.as_str()));
         let mut confirmed = Vec::new();
         for w in waiting {
             let mut status = Ok(evm_steps::Status::Pending);
