@@ -370,9 +370,9 @@ impl Ledger {
 }
 
 /// The aggregate's next state after `event`, or why the event is not allowed.
-/// The state after `event`. Takes the state by reference: a workflow's
-/// machine makes its next state from the current one, so copying it first
-/// would copy every transfer twice per event, in every replica.
+/// Takes the state by reference: a workflow's machine makes its next state
+/// from the current one, so copying it first would copy every transfer twice
+/// per event, in every replica.
 fn advance(state: &AggregateState, event: &Event) -> Result<AggregateState, String> {
     if event.version != state.version + 1 {
         return Err(format!(

@@ -89,8 +89,9 @@ pub(crate) struct Share {
     /// `key` with the Taproot tweak: what round 2 signs with.
     pub(crate) tweaked: TweakedKey,
     pub(crate) public: PublicKeyPackage,
-    /// `public` serialized, and its group key in hex: every signing sends the
-    /// one and checks the other, and serializing a point costs an inversion.
+    /// `public` serialized, and its group key in hex, made once when the share
+    /// is loaded: every signing sends the one and checks the other, and
+    /// serializing a point costs a field inversion.
     pub(crate) public_bytes: Vec<u8>,
     pub(crate) group_key_hex: String,
 }
@@ -1328,8 +1329,10 @@ pub(crate) fn load_share(config: &GuardianConfig, wallet: &str) -> Result<Share,
         .and_then(|rest| (rest.len() >= len).then(|| rest.split_at(len)))
         .ok_or("share file too short")?;
     let key = KeyPackage::deserialize(key).map_err(|e| format!("share file: {e}"))?;
-    let public_bytes = public.to_vec();
     let public = PublicKeyPackage::deserialize(public).map_err(|e| format!("share file: {e}"))?;
+    // Serialized again rather than kept from the file: every guardian must
+    // report the package in the encoding of the code it runs now.
+    let public_bytes = public.serialize().map_err(|e| format!("share file: {e}"))?;
     let group_key_hex = public
         .verifying_key()
         .serialize()
