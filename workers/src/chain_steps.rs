@@ -765,9 +765,7 @@ impl<A: Appender> ConfirmWatcher<A> {
         let waiting = self
             .trail
             .read(|view| {
-                view.ledger
-                    .transfers()
-                    .filter(|(_, t)| t.stage == Stage::Broadcast || t.replacing())
+                view.on_network()
                     .filter_map(|(id, t)| {
                         let request = t.request.as_ref();
                         let candidates = crate::fee_bump::awaiting(t);

@@ -273,8 +273,7 @@ fn target(workflow_id: &str, t: &Transfer) -> Target {
 }
 
 fn stuck(view: &TrailView, after: &BumpAfter, now: i64) -> Vec<Stuck> {
-    view.ledger
-        .transfers()
+    view.on_network()
         .filter(|(_, t)| t.stage == Stage::Broadcast)
         .filter_map(|(id, t)| {
             let signed = t.signed.as_ref()?;

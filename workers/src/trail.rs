@@ -3,7 +3,7 @@
 //! directory and the active policy version. Guardians and the ballot box decide
 //! from it, never from what a coordinator or a channel tells them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -40,6 +40,11 @@ pub struct TrailView {
     /// Coins that transfers in flight spend, kept as events arrive so that a
     /// build need not walk every transfer.
     pub coins_in_flight: CoinsInFlight,
+    /// Transfers whose transaction is on the network and not yet confirmed
+    /// (broadcast, or being replaced by a fee bump), kept as events arrive so
+    /// that the confirmation watcher and the fee bumper need not walk every
+    /// transfer ever recorded.
+    on_network: BTreeSet<String>,
     /// Set when the trail failed verification: nothing is decided from it after.
     pub broken: Option<String>,
 }
@@ -76,6 +81,10 @@ impl TrailView {
                 .aggregate(AggregateKind::Tx, &event.workflow_id)
                 .and_then(|a| a.transfer.as_ref());
             self.coins_in_flight.update(&event.workflow_id, transfer);
+            match transfer.is_some_and(|t| t.stage == Stage::Broadcast || t.replacing()) {
+                true => self.on_network.insert(event.workflow_id.clone()),
+                false => self.on_network.remove(&event.workflow_id),
+            };
         }
         let ledger = &self.ledger;
         self.admin
@@ -152,6 +161,14 @@ impl TrailView {
             .aggregate(AggregateKind::Tx, workflow_id)
             .filter(|a| !a.partial)
             .and_then(|a| a.transfer.as_ref())
+    }
+
+    /// Every transfer whose transaction is on the network and not yet
+    /// confirmed: broadcast, or being replaced by a fee bump.
+    pub fn on_network(&self) -> impl Iterator<Item = (&str, &Transfer)> {
+        self.on_network
+            .iter()
+            .filter_map(|id| Some((id.as_str(), self.transfer(id)?)))
     }
 }
 
