@@ -19,14 +19,28 @@ pub async fn run(
     shutdown: Shutdown,
     ready: Option<tokio::sync::oneshot::Sender<LedgerHandle>>,
 ) -> Result<(), LedgerError> {
+    // Subscribed (and the server told) before anyone is told the engine is
+    // ready: a request sent right after must find a responder.
+    let intake_requests = intake::subscribe(&client)
+        .await
+        .map_err(LedgerError::Nats)?;
+    let append_requests = remote::subscribe(&client)
+        .await
+        .map_err(LedgerError::Nats)?;
+    client
+        .flush()
+        .await
+        .map_err(|e| LedgerError::Nats(e.into()))?;
     let (handle, jobs) = ledger::channel();
     let writer = tokio::spawn(ledger::run(client.clone(), config, jobs, shutdown.clone()));
     let intake = tokio::spawn(intake::serve(
+        intake_requests,
         client.clone(),
         handle.clone(),
         shutdown.clone(),
     ));
     let appends = tokio::spawn(remote::serve(
+        append_requests,
         client.clone(),
         handle.clone(),
         shutdown.clone(),

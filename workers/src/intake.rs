@@ -2,7 +2,7 @@
 //! [`subjects::REQ_TRANSFER`] and get an [`IntakeReply`] once the outcome is
 //! recorded. Bad bytes never reach further than a `REQUEST_REJECTED` event.
 
-use async_nats::Client;
+use async_nats::{Client, Subscriber};
 use custos_schemas::{
     ContentType, IntakeError, IntakeReply, RequestContext, TransferRequest, subjects,
 };
@@ -16,15 +16,20 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 /// Requests decoded and admitted at the same time.
 const CONCURRENCY: usize = 1_024;
 
-/// Serves intake until `shutdown`, as one member of the intake queue group.
+/// Joins the intake queue group: requests are taken from the moment it returns.
+pub async fn subscribe(client: &Client) -> Result<Subscriber, async_nats::Error> {
+    Ok(client
+        .queue_subscribe(subjects::REQ_TRANSFER, subjects::INTAKE_QUEUE.into())
+        .await?)
+}
+
+/// Serves intake from `requests` (from [`subscribe`]) until `shutdown`.
 pub async fn serve(
+    mut requests: Subscriber,
     client: Client,
     ledger: LedgerHandle,
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let mut requests = client
-        .queue_subscribe(subjects::REQ_TRANSFER, subjects::INTAKE_QUEUE.into())
-        .await?;
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     loop {
         let msg = tokio::select! {

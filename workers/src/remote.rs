@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::Client;
+use async_nats::{Client, Subscriber};
 use custos_schemas::{AppendReply, AppendRequest, ContentType, Proposal, subjects};
 use futures::StreamExt;
 
@@ -23,15 +23,20 @@ impl Appender for LedgerHandle {
     }
 }
 
-/// Serves [`subjects::LEDGER_APPEND`] until `shutdown`.
+/// Joins the queue group serving [`subjects::LEDGER_APPEND`].
+pub async fn subscribe(client: &Client) -> Result<Subscriber, async_nats::Error> {
+    Ok(client
+        .queue_subscribe(subjects::LEDGER_APPEND, subjects::LEDGER_QUEUE.into())
+        .await?)
+}
+
+/// Serves appends from `requests` (from [`subscribe`]) until `shutdown`.
 pub async fn serve(
+    mut requests: Subscriber,
     client: Client,
     ledger: LedgerHandle,
     mut shutdown: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let mut requests = client
-        .queue_subscribe(subjects::LEDGER_APPEND, subjects::LEDGER_QUEUE.into())
-        .await?;
     loop {
         let msg = tokio::select! {
             _ = shutdown.wait() => break,
