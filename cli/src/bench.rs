@@ -681,19 +681,7 @@ async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("bench"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
+    Proposal::first(kind, id, event_type, Actor::system("bench"), payload)
 }
 
 async fn ceremony(step: &custos_workers::signing::SignStep, id: &str) -> anyhow::Result<()> {

@@ -30,6 +30,32 @@ pub struct Proposal {
     pub payload: Payload,
 }
 
+impl Proposal {
+    /// The first event of aggregate `id`, succeeded, by `actor`, with nothing
+    /// else set: how benchmarks and tests record their fixtures.
+    pub fn first(
+        aggregate_kind: AggregateKind,
+        id: &str,
+        event_type: EventType,
+        actor: Actor,
+        payload: Payload,
+    ) -> Self {
+        Proposal {
+            aggregate_kind,
+            workflow_id: id.into(),
+            expected_version: 0,
+            event_type,
+            causation_id: None,
+            actor,
+            target: Target::default(),
+            context: RequestContext::default(),
+            result: Outcome::Success,
+            metadata: BTreeMap::new(),
+            payload,
+        }
+    }
+}
+
 /// Body of a request to [`crate::subjects::LEDGER_APPEND`]: appended all or none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -168,19 +168,7 @@ pub fn wallet_created(name: &str, chain: &str, address: &str) -> Proposal {
 
 /// A test's event, as the first of its aggregate.
 pub fn record(kind: AggregateKind, id: &str, event_type: EventType, payload: Payload) -> Proposal {
-    Proposal {
-        aggregate_kind: kind,
-        workflow_id: id.into(),
-        expected_version: 0,
-        event_type,
-        causation_id: None,
-        actor: Actor::system("test"),
-        target: Target::default(),
-        context: RequestContext::default(),
-        result: Outcome::Success,
-        metadata: Default::default(),
-        payload,
-    }
+    Proposal::first(kind, id, event_type, Actor::system("test"), payload)
 }
 
 /// A system event on its own aggregate, for load.
