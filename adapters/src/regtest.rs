@@ -216,13 +216,25 @@ impl RegtestNode {
         self.open_wallet().await
     }
 
-    /// Pays `satoshi` from the node wallet to `address`; returns the txid.
     /// A client of this node reached through `url` (a relay in front of it),
     /// with the node's credentials.
     pub fn client_via(&self, url: &str) -> Result<Bitcoind, RegtestError> {
         Ok(Bitcoind::new(url, USER, PASSWORD)?)
     }
 
+    /// Unloads the node wallet once it has funded what it should: a node that
+    /// custody reads from needs none (coins are found with `scantxoutset`), and
+    /// a loaded wallet examines every transaction entering the mempool. Mining
+    /// still works; `restart` loads the wallet again.
+    pub async fn close_wallet(&self) -> Result<(), RegtestError> {
+        let _: serde_json::Value = self
+            .rpc
+            .call("unloadwallet", serde_json::json!([WALLET]))
+            .await?;
+        Ok(())
+    }
+
+    /// Pays `satoshi` from the node wallet to `address`; returns the txid.
     pub async fn fund(&self, address: &str, satoshi: u64) -> Result<String, RegtestError> {
         Ok(self.rpc.send_to_address(address, satoshi).await?)
     }

@@ -704,15 +704,15 @@ async fn built_transfers(
     use custos_custody::spend::{FeePolicy, SpendRequest};
     use custos_schemas::chain::SpentOutput;
     let script = custos_workers::signing::wallet_script(wallet).map_err(anyhow::Error::msg)?;
-    let destination = "rltc1pqurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qursz7c3hy";
-    let dest_script = custos_custody::spend::script_pubkey_for_address(&wallet.chain, destination)?;
+    let dest_script =
+        custos_custody::spend::script_pubkey_for_address(&wallet.chain, FOREIGN_DESTINATION)?;
     let mut ids = Vec::with_capacity(count);
     for i in 0..count {
         let request = TransferRequest {
             request_id: format!("{}-{tag}-{i}", wallet.name),
             wallet: wallet.name.clone(),
             asset: "LTC".into(),
-            destination: destination.into(),
+            destination: FOREIGN_DESTINATION.into(),
             amount: "1".into(),
             memo: None,
             initiator: "bench".into(),
@@ -864,7 +864,7 @@ async fn approvals(approvers: usize) -> anyhow::Result<std::process::ExitCode> {
             request_id: format!("bench-approve-{i}"),
             wallet: "bench".into(),
             asset: "LTC".into(),
-            destination: "rltc1pqurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qursz7c3hy".into(),
+            destination: FOREIGN_DESTINATION.into(),
             amount: "20".into(),
             memo: None,
             initiator: "erp".into(),
@@ -1013,6 +1013,9 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
     node.fund_many(&wallet.address, 100_000, count + WARM_UP)
         .await?;
     node.mine(1).await?;
+    // A custody node runs without a wallet; a loaded one would examine (and
+    // for its own addresses record) every transfer entering the mempool.
+    node.close_wallet().await?;
     let nodes = || {
         custos_workers::chain_steps::ChainNodes::new([(
             "ltc-regtest".to_string(),
@@ -1029,7 +1032,7 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         .map_err(anyhow::Error::msg)?;
     run_step(js, ledger, broadcast, &shutdown);
 
-    let destination = node.rpc.get_new_address(Some("bech32")).await?;
+    let destination = FOREIGN_DESTINATION.to_string();
     let mut broadcasts = client
         .subscribe(subjects::event_type_filter(
             AggregateKind::Tx,
@@ -1300,6 +1303,11 @@ fn bench_user(id: String, role: &str, groups: Vec<String>) -> Proposal {
         }),
     )
 }
+
+/// Where bench transfers pay: a regtest Taproot address no wallet on the node
+/// owns, as a payee's would be.
+const FOREIGN_DESTINATION: &str =
+    "rltc1pqurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qurswpc8qursz7c3hy";
 
 /// Benches make their wallets as an operator would: a change request to the
 /// change service's code, under a policy of their own that allows wallet
