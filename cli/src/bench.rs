@@ -1172,7 +1172,7 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
             .collect::<Vec<_>>()
             .join(" ")
     );
-    // Where the time goes: the median gap before each step's event.
+    // Where the time goes: the gap before each step's event, p50 and p99.
     let mut gaps: BTreeMapSteps = Default::default();
     let mut previous: std::collections::HashMap<String, i64> = Default::default();
     for e in crate::tx::read_decoded(js, Some(format!("{}.tx.>", subjects::EVENTS_PREFIX))).await? {
@@ -1186,11 +1186,11 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         .iter_mut()
         .map(|(step, v)| {
             v.sort();
-            format!("{step} {} ms", v[v.len() / 2])
+            format!("{step} {}/{} ms", v[v.len() / 2], v[v.len() * 99 / 100])
         })
         .collect();
     println!(
-        "e2e        median wait before each event: {}",
+        "e2e        wait before each event (p50/p99): {}",
         steps.join(", ")
     );
     let compute = signing_compute(2, 3, 50)?;
