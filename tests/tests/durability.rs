@@ -235,15 +235,17 @@ async fn a_ledger_refuses_to_extend_a_trail_it_cannot_verify() {
     let engine = Engine::start(&nats).await;
     append_ok(&engine.ledger, vec![alert("before", 0)]).await;
     let js = nats.js().await;
-    let client = nats.client().await;
-    client
+    // Published through JetStream, acknowledged once stored: a plain publish
+    // could still be on its way into the stream when `forged_at` is read.
+    let forged = js
         .publish(
             "custos.evt.system.forged.ALERT_RAISED",
             "not from the ledger".into(),
         )
         .await
-        .expect("publish");
-    client.flush().await.expect("flush");
+        .expect("publish")
+        .await
+        .expect("stored");
     let last = || async {
         js.get_stream(custos_schemas::subjects::EVENTS_STREAM)
             .await
@@ -255,6 +257,7 @@ async fn a_ledger_refuses_to_extend_a_trail_it_cannot_verify() {
             .last_sequence
     };
     let forged_at = last().await;
+    assert_eq!(forged_at, forged.sequence);
 
     // The running ledger's next append fails its sequence check, it replays, finds
     // the break, and stops.
