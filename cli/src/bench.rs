@@ -1032,7 +1032,6 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         .map_err(anyhow::Error::msg)?;
     run_step(js, ledger, broadcast, &shutdown);
 
-    let destination = FOREIGN_DESTINATION.to_string();
     let mut broadcasts = client
         .subscribe(subjects::event_type_filter(
             AggregateKind::Tx,
@@ -1047,15 +1046,15 @@ async fn e2e(rate: u32, duration: u32) -> anyhow::Result<std::process::ExitCode>
         .await?;
     // Submits request `i`; answers its workflow id and when it was sent.
     let submit = {
-        let (client, destination) = (client.clone(), destination.clone());
+        let client = client.clone();
         move |i: usize| {
-            let (client, destination) = (client.clone(), destination.clone());
+            let client = client.clone();
             async move {
                 let request = TransferRequest {
                     request_id: format!("bench-e2e-{i}"),
                     wallet: "bench".into(),
                     asset: "LTC".into(),
-                    destination,
+                    destination: FOREIGN_DESTINATION.into(),
                     amount: "0.0005".into(),
                     memo: None,
                     initiator: "bench".into(),
