@@ -1,19 +1,20 @@
-//! Guardian-side signing sessions and coordinator-side aggregation.
+//! Guardian-side signing and coordinator-side aggregation.
 //!
-//! A guardian commits in round 1 ([`round1`]) and gets a [`SigningSession`] that
-//! holds its nonces in memory only: not `Clone`, not serializable, `Debug` redacted,
-//! zeroized on drop. Round 2 ([`round2`]) consumes the session and signs **only** a
-//! signing package whose message equals the [`Sighash`] the guardian recomputed
-//! itself; anything else is refused. [`Signer`] keeps the open sessions of one
-//! guardian and the ids of consumed ones, so a redelivered or replayed request for
-//! a consumed session is refused (the guardian persists those ids).
+//! A guardian draws nonces ahead ([`preprocess`], FROST preprocessing) and
+//! hands out only their commitments; [`Signer`] keeps the nonces in memory
+//! (not `Clone`, not serializable, `Debug` redacted, zeroized on drop) until a
+//! signing package names one of them. Taking them out for a package removes
+//! them whatever follows, so each signs at most one package. [`round2`] signs
+//! **only** a package whose message equals the [`Sighash`] the guardian
+//! recomputed itself and that carries its own commitment and the threshold of
+//! signers; anything else is refused.
 //!
 //! Signing and aggregation use key packages with the Taproot tweak (BIP-341, no
 //! script tree) applied once ([`TweakedKey`], [`AggregationKey`]), as
 //! `sign_with_tweak(.., None)` would each time: the signature verifies under the
 //! Taproot output key (BIP-340), see [`crate::address`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use frost_secp256k1_tr::keys::{KeyPackage, PublicKeyPackage, Tweak};
@@ -37,76 +38,21 @@ pub enum SignError {
         "refused: the signing package carries a different commitment for this guardian than it made"
     )]
     CommitmentMismatch,
+    #[error(
+        "refused: the signing package's commitment for this guardian is not one it has outstanding (never handed out, expired, or spent)"
+    )]
+    UnknownCommitment,
     #[error("refused: {signers} signers in the package, the threshold is {threshold}")]
     TooFewSigners { signers: usize, threshold: u16 },
-    #[error("refused: session {0:?} was made with another key share")]
-    WrongKey(String),
-    #[error("refused: session {0:?} was already consumed (its nonces are gone)")]
-    SessionConsumed(String),
-    #[error("refused: session id {0:?} already used")]
-    SessionReused(String),
-    #[error("unknown signing session {0:?}")]
-    UnknownSession(String),
+    #[error("refused: the nonces were drawn for another key share")]
+    WrongKey,
     #[error("signing failed: {0}")]
     Frost(String),
 }
 
-/// One guardian's round-1 state for one signing session.
-pub struct SigningSession {
-    session_id: String,
-    identifier: Identifier,
-    nonces: SigningNonces,
-    commitments: SigningCommitments,
-}
-
-impl fmt::Debug for SigningSession {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SigningSession")
-            .field("session_id", &self.session_id)
-            .field("nonces", &"<redacted>")
-            .finish()
-    }
-}
-
-impl SigningSession {
-    fn from_preprocessed(session_id: &str, pre: Preprocessed) -> Self {
-        let Preprocessed {
-            identifier,
-            nonces,
-            commitments,
-        } = pre;
-        SigningSession {
-            session_id: session_id.to_owned(),
-            identifier,
-            nonces,
-            commitments,
-        }
-    }
-
-    pub fn session_id(&self) -> &str {
-        &self.session_id
-    }
-
-    pub fn commitments(&self) -> &SigningCommitments {
-        &self.commitments
-    }
-}
-
-/// Round 1: fresh nonces for `session_id`; the commitments go to the coordinator.
-pub fn round1(
-    session_id: &str,
-    key_package: &KeyPackage,
-    rng: &mut (impl RngCore + CryptoRng),
-) -> (SigningSession, SigningCommitments) {
-    let session = SigningSession::from_preprocessed(session_id, preprocess(key_package, rng));
-    let commitments = session.commitments;
-    (session, commitments)
-}
-
-/// Nonces drawn before any request needs them (FROST preprocessing), so that a
-/// commitment costs no curve arithmetic on the request's path. Memory only:
-/// not `Clone`, not serializable, `Debug` redacted, zeroized on drop; consumed
-/// by the one session [`Signer::commit_preprocessed`] opens with them.
+/// Nonces drawn before any request needs them (FROST preprocessing), and
+/// their commitments. Memory only: not `Clone`, not serializable, `Debug`
+/// redacted, zeroized on drop; [`round2`] consumes them.
 pub struct Preprocessed {
     identifier: Identifier,
     nonces: SigningNonces,
@@ -121,7 +67,14 @@ impl fmt::Debug for Preprocessed {
     }
 }
 
-/// Fresh nonces for a later session of the holder of `key_package`.
+impl Preprocessed {
+    /// What the coordinator gets: the public images of the nonces.
+    pub fn commitments(&self) -> &SigningCommitments {
+        &self.commitments
+    }
+}
+
+/// Fresh nonces for a later signing by the holder of `key_package`.
 pub fn preprocess(key_package: &KeyPackage, rng: &mut (impl RngCore + CryptoRng)) -> Preprocessed {
     let (nonces, commitments) =
         frost_secp256k1_tr::round1::commit(key_package.signing_share(), rng);
@@ -152,18 +105,19 @@ impl fmt::Debug for TweakedKey {
     }
 }
 
-/// Round 2: signs `signing_package` iff its message is `my_sighash`, it carries this
-/// guardian's own commitment and at least the threshold of signers. Consumes the
-/// session whatever the outcome: its nonces are dropped (and zeroized).
+/// Round 2: signs `signing_package` with `nonces` iff its message is
+/// `my_sighash`, it carries this guardian's commitment to exactly these nonces
+/// and at least the threshold of signers. Consumes the nonces whatever the
+/// outcome: they are dropped (and zeroized).
 pub fn round2(
-    session: SigningSession,
+    nonces: Preprocessed,
     key: &TweakedKey,
     signing_package: &SigningPackage,
     my_sighash: &Sighash,
 ) -> Result<SignatureShare, SignError> {
     let key_package = &key.0;
-    if *key_package.identifier() != session.identifier {
-        return Err(SignError::WrongKey(session.session_id.clone()));
+    if *key_package.identifier() != nonces.identifier {
+        return Err(SignError::WrongKey);
     }
     if signing_package.message().as_slice() != my_sighash.as_bytes() {
         return Err(SignError::MessageMismatch {
@@ -173,10 +127,10 @@ pub fn round2(
     }
     match signing_package
         .signing_commitments()
-        .get(&session.identifier)
+        .get(&nonces.identifier)
     {
         None => return Err(SignError::MissingCommitment),
-        Some(c) if *c != session.commitments => return Err(SignError::CommitmentMismatch),
+        Some(c) if *c != nonces.commitments => return Err(SignError::CommitmentMismatch),
         Some(_) => {}
     }
     let signers = signing_package.signing_commitments().len();
@@ -184,82 +138,129 @@ pub fn round2(
     if signers < usize::from(threshold) {
         return Err(SignError::TooFewSigners { signers, threshold });
     }
-    frost_secp256k1_tr::round2::sign(signing_package, &session.nonces, key_package)
+    frost_secp256k1_tr::round2::sign(signing_package, &nonces.nonces, key_package)
         .map_err(|e| SignError::Frost(e.to_string()))
 }
 
-/// One guardian's signing sessions: open ones (nonces in memory) and consumed ids.
-#[derive(Debug, Default)]
-pub struct Signer {
-    open: BTreeMap<String, SigningSession>,
-    consumed: BTreeSet<String>,
+/// Nonces handed out, with what they were drawn for (`T`) and when.
+struct Outstanding<T> {
+    tag: T,
+    at: u64,
+    commitment: Vec<u8>,
+    nonces: Preprocessed,
 }
 
-impl Signer {
-    pub fn new() -> Self {
-        Signer::default()
-    }
+/// One guardian's outstanding nonces: those whose commitments it handed out
+/// and that no package has named yet, at most `capacity` (the oldest are
+/// dropped first), each tagged with what it may sign for. Sans-IO: the
+/// caller says what time it is.
+pub struct Signer<T> {
+    capacity: usize,
+    next: u64,
+    by_order: BTreeMap<u64, Outstanding<T>>,
+    by_commitment: HashMap<Vec<u8>, u64>,
+}
 
-    /// Marks sessions consumed before this process started (from the guardian's
-    /// persisted markers).
-    pub fn restore_consumed(&mut self, ids: impl IntoIterator<Item = String>) {
-        self.consumed.extend(ids);
+impl<T> fmt::Debug for Signer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signer")
+            .field("outstanding", &self.by_order.len())
+            .finish_non_exhaustive()
     }
+}
 
-    /// Drops a session's nonces unused (a refused request): it can never sign.
-    pub fn discard(&mut self, session_id: &str) {
-        self.open.remove(session_id);
-        self.consumed.insert(session_id.to_owned());
-    }
-
-    pub fn is_consumed(&self, session_id: &str) -> bool {
-        self.consumed.contains(session_id)
-    }
-
-    /// Round 1 for a new session id; an id seen before is refused.
-    pub fn commit(
-        &mut self,
-        session_id: &str,
-        key_package: &KeyPackage,
-        rng: &mut (impl RngCore + CryptoRng),
-    ) -> Result<SigningCommitments, SignError> {
-        self.commit_preprocessed(session_id, preprocess(key_package, rng))
-    }
-
-    /// Round 1 for a new session id with nonces drawn beforehand ([`preprocess`]);
-    /// an id seen before is refused, and the nonces are dropped either way.
-    pub fn commit_preprocessed(
-        &mut self,
-        session_id: &str,
-        pre: Preprocessed,
-    ) -> Result<SigningCommitments, SignError> {
-        if self.consumed.contains(session_id) || self.open.contains_key(session_id) {
-            return Err(SignError::SessionReused(session_id.to_owned()));
+impl<T> Signer<T> {
+    pub fn new(capacity: usize) -> Self {
+        Signer {
+            capacity,
+            next: 0,
+            by_order: BTreeMap::new(),
+            by_commitment: HashMap::new(),
         }
-        let session = SigningSession::from_preprocessed(session_id, pre);
-        let commitments = session.commitments;
-        self.open.insert(session_id.to_owned(), session);
+    }
+
+    /// Keeps `nonces` for a package that may name them, tagged `tag`, handed
+    /// out at `at`; returns the commitments to hand out.
+    pub fn hand_out(
+        &mut self,
+        nonces: Preprocessed,
+        tag: T,
+        at: u64,
+    ) -> Result<SigningCommitments, SignError> {
+        let commitments = nonces.commitments;
+        let commitment = commitments
+            .serialize()
+            .map_err(|e| SignError::Frost(e.to_string()))?;
+        while self.by_order.len() >= self.capacity {
+            let Some((_, dropped)) = self.by_order.pop_first() else {
+                break;
+            };
+            self.by_commitment.remove(&dropped.commitment);
+        }
+        self.by_commitment.insert(commitment.clone(), self.next);
+        self.by_order.insert(
+            self.next,
+            Outstanding {
+                tag,
+                at,
+                commitment,
+                nonces,
+            },
+        );
+        self.next += 1;
         Ok(commitments)
     }
 
-    /// Round 2 for an open session; the session is consumed first, whatever the
-    /// outcome, so a second request for it is refused.
-    pub fn sign(
+    /// Drops the nonces handed out before `before`.
+    pub fn expire(&mut self, before: u64) {
+        while let Some(entry) = self.by_order.first_entry() {
+            if entry.get().at >= before {
+                break;
+            }
+            self.by_commitment.remove(&entry.remove().commitment);
+        }
+    }
+
+    /// Drops the nonces whose tag `dropped` says so.
+    pub fn forget(&mut self, mut dropped: impl FnMut(&T) -> bool) {
+        let by_commitment = &mut self.by_commitment;
+        self.by_order.retain(|_, o| {
+            let keep = !dropped(&o.tag);
+            if !keep {
+                by_commitment.remove(&o.commitment);
+            }
+            keep
+        });
+    }
+
+    /// Takes out the nonces of the commitment `package` carries for
+    /// `identifier`, with their tag: no other package can name them after.
+    pub fn take(
         &mut self,
-        session_id: &str,
-        key: &TweakedKey,
-        signing_package: &SigningPackage,
-        my_sighash: &Sighash,
-    ) -> Result<SignatureShare, SignError> {
-        let Some(session) = self.open.remove(session_id) else {
-            return Err(if self.consumed.contains(session_id) {
-                SignError::SessionConsumed(session_id.to_owned())
-            } else {
-                SignError::UnknownSession(session_id.to_owned())
-            });
-        };
-        self.consumed.insert(session_id.to_owned());
-        round2(session, key, signing_package, my_sighash)
+        package: &SigningPackage,
+        identifier: &Identifier,
+    ) -> Result<(T, Preprocessed), SignError> {
+        let mine = package
+            .signing_commitments()
+            .get(identifier)
+            .ok_or(SignError::MissingCommitment)?;
+        let commitment = mine
+            .serialize()
+            .map_err(|e| SignError::Frost(e.to_string()))?;
+        let order = self
+            .by_commitment
+            .remove(&commitment)
+            .ok_or(SignError::UnknownCommitment)?;
+        let o = self
+            .by_order
+            .remove(&order)
+            .ok_or(SignError::UnknownCommitment)?;
+        Ok((o.tag, o.nonces))
+    }
+
+    /// How many nonces are outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.by_order.len()
     }
 }
 
@@ -367,9 +368,10 @@ mod tests {
     use super::*;
     use rand_core::SeedableRng;
 
-    /// Nonces drawn ahead sign exactly one session, under any id not seen before.
+    /// Handed-out nonces sign the one package that names them; the oldest
+    /// go beyond capacity, the stale on expiry, and a tag's on forgetting.
     #[test]
-    fn preprocessed_nonces_sign_one_session() {
+    fn handed_out_nonces_sign_one_package() {
         let mut rng = rand_chacha::ChaCha20Rng::from_seed([3; 32]);
         let group = crate::sim::run_dkg("pre", 2, 3, &mut rng).expect("dkg");
         let public = group.public_key_package().expect("public");
@@ -378,37 +380,58 @@ mod tests {
             group.key_package(2).expect("k2"),
         );
         let sighash = Sighash::from_recomputed([5; 32]);
-        let (mut g1, mut g2) = (Signer::new(), Signer::new());
-        let c1 = g1
-            .commit_preprocessed("s", preprocess(k1, &mut rng))
-            .expect("commit");
-        let c2 = g2.commit("s", k2, &mut rng).expect("commit");
-        assert_eq!(
-            g1.commit_preprocessed("s", preprocess(k1, &mut rng)),
-            Err(SignError::SessionReused("s".into()))
-        );
+        let (mut g1, mut g2) = (Signer::new(4), Signer::new(4));
+        let c1 = g1.hand_out(preprocess(k1, &mut rng), "w", 0).expect("c1");
+        let c2 = g2.hand_out(preprocess(k2, &mut rng), "w", 0).expect("c2");
         let package = signing_package(
             [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
             &sighash,
         );
-        let shares = [
-            (
-                *k1.identifier(),
-                g1.sign("s", &TweakedKey::new(k1), &package, &sighash)
-                    .expect("share"),
-            ),
-            (
-                *k2.identifier(),
-                g2.sign("s", &TweakedKey::new(k2), &package, &sighash)
-                    .expect("share"),
-            ),
-        ]
-        .into();
+        let mut shares = BTreeMap::new();
+        for (g, k) in [(&mut g1, k1), (&mut g2, k2)] {
+            let (tag, nonces) = g.take(&package, k.identifier()).expect("outstanding");
+            assert_eq!(tag, "w");
+            let share = round2(nonces, &TweakedKey::new(k), &package, &sighash).expect("share");
+            shares.insert(*k.identifier(), share);
+        }
         aggregate(&package, &shares, &AggregationKey::new(public)).expect("a valid signature");
         assert_eq!(
-            g1.sign("s", &TweakedKey::new(k1), &package, &sighash),
-            Err(SignError::SessionConsumed("s".into()))
+            g1.take(&package, k1.identifier()).map(|_| ()),
+            Err(SignError::UnknownCommitment)
         );
+        // Two packages (two inputs) naming one commitment: the second finds
+        // its nonces spent, so one nonce never signs two messages.
+        let c1 = g1.hand_out(preprocess(k1, &mut rng), "w", 0).expect("c1");
+        let first = signing_package(
+            [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
+            &sighash,
+        );
+        let other = Sighash::from_recomputed([6; 32]);
+        let second = signing_package(
+            [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
+            &other,
+        );
+        assert!(g1.take(&first, k1.identifier()).is_ok());
+        assert_eq!(
+            g1.take(&second, k1.identifier()).map(|_| ()),
+            Err(SignError::UnknownCommitment)
+        );
+
+        for at in 1..=5 {
+            g1.hand_out(preprocess(k1, &mut rng), "w", at)
+                .expect("handed");
+        }
+        assert_eq!(g1.outstanding(), 4, "the oldest dropped beyond capacity");
+        g1.expire(4);
+        assert_eq!(g1.outstanding(), 2);
+        let kept = g1.hand_out(preprocess(k1, &mut rng), "x", 6).expect("x");
+        g1.forget(|tag| *tag == "w");
+        assert_eq!(g1.outstanding(), 1);
+        let named = signing_package(
+            [(*k1.identifier(), kept), (*k2.identifier(), c2)].into(),
+            &sighash,
+        );
+        assert_eq!(g1.take(&named, k1.identifier()).map(|(t, _)| t), Ok("x"));
         assert!(format!("{:?}", preprocess(k1, &mut rng)).contains("redacted"));
         let tweaked = format!("{:?}", TweakedKey::new(k1));
         assert!(!tweaked.contains("signing_share"), "{tweaked}");

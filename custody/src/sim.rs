@@ -167,18 +167,19 @@ pub fn run_prepared_signing(
     sighash: &Sighash,
     rng: &mut (impl RngCore + CryptoRng),
 ) -> Result<sign::Aggregated, SimError> {
-    let session = "sim-session";
-    let mut guardians: Vec<Signer> = signers.iter().map(|_| Signer::new()).collect();
+    let mut guardians: Vec<Signer<()>> = signers.iter().map(|_| Signer::new(1)).collect();
     let mut commitments = BTreeMap::new();
     for (g, (kp, _)) in guardians.iter_mut().zip(signers) {
-        commitments.insert(*kp.identifier(), g.commit(session, kp, rng).map_err(e)?);
+        let nonces = sign::preprocess(kp, rng);
+        commitments.insert(*kp.identifier(), g.hand_out(nonces, (), 0).map_err(e)?);
     }
     let package = sign::signing_package(commitments, sighash);
     let mut shares = BTreeMap::new();
     for (g, (kp, tweaked)) in guardians.iter_mut().zip(signers) {
+        let ((), nonces) = g.take(&package, kp.identifier()).map_err(e)?;
         shares.insert(
             *kp.identifier(),
-            g.sign(session, tweaked, &package, sighash).map_err(e)?,
+            sign::round2(nonces, tweaked, &package, sighash).map_err(e)?,
         );
     }
     sign::aggregate(&package, &shares, key).map_err(e)

@@ -267,70 +267,68 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     let (k1, k2) = (kp(&g, 1), kp(&g, 2));
     let mut r = rng(24);
     let mine = msg(1);
-    let mut g1 = Signer::new();
-    let mut g2 = Signer::new();
-    let c1 = g1.commit("s1", k1, &mut r).unwrap();
-    let c2 = g2.commit("s1", k2, &mut r).unwrap();
-    // The coordinator asks g1 to sign another digest: refused, and the session is burnt.
+    let mut g1 = Signer::new(8);
+    let mut g2 = Signer::new(8);
+    let c1 = g1.hand_out(sign::preprocess(k1, &mut r), (), 0).unwrap();
+    let c2 = g2.hand_out(sign::preprocess(k2, &mut r), (), 0).unwrap();
+    // The coordinator asks g1 to sign another digest: refused, and the nonces are spent.
     let evil = sign::signing_package([(id(1), c1), (id(2), c2)].into(), &msg(2));
+    let ((), nonces) = g1.take(&evil, &id(1)).unwrap();
     assert!(matches!(
-        g1.sign("s1", &sign::TweakedKey::new(k1), &evil, &mine)
-            .unwrap_err(),
+        sign::round2(nonces, &sign::TweakedKey::new(k1), &evil, &mine).unwrap_err(),
         SignError::MessageMismatch { .. }
     ));
     let good = sign::signing_package([(id(1), c1), (id(2), c2)].into(), &mine);
     assert_eq!(
-        g1.sign("s1", &sign::TweakedKey::new(k1), &good, &mine)
+        g1.take(&good, &id(1)).map(|_| ()).unwrap_err(),
+        SignError::UnknownCommitment
+    );
+    // Single use: g2 signs once; a second package naming the same nonces is refused.
+    let ((), nonces) = g2.take(&good, &id(2)).unwrap();
+    assert!(sign::round2(nonces, &sign::TweakedKey::new(k2), &good, &mine).is_ok());
+    assert_eq!(
+        g2.take(&good, &id(2)).map(|_| ()).unwrap_err(),
+        SignError::UnknownCommitment
+    );
+    // A restarted guardian has no nonces: nothing handed out before signs.
+    let mut restarted: Signer<()> = Signer::new(8);
+    assert_eq!(
+        restarted.take(&good, &id(2)).map(|_| ()).unwrap_err(),
+        SignError::UnknownCommitment
+    );
+    // Commitments it never made, or none at all for it: refused.
+    let forged = sign::preprocess(k2, &mut r);
+    let unknown =
+        sign::signing_package([(id(1), c1), (id(2), *forged.commitments())].into(), &mine);
+    assert_eq!(
+        g2.take(&unknown, &id(2)).map(|_| ()).unwrap_err(),
+        SignError::UnknownCommitment
+    );
+    assert_eq!(
+        g2.take(&sign::signing_package([(id(1), c1)].into(), &mine), &id(2))
+            .map(|_| ())
             .unwrap_err(),
-        SignError::SessionConsumed("s1".into())
-    );
-    // Single use: g2 signs once, a second round 2 on the same session is refused.
-    assert!(
-        g2.sign("s1", &sign::TweakedKey::new(k2), &good, &mine)
-            .is_ok()
-    );
-    assert_eq!(
-        g2.sign("s1", &sign::TweakedKey::new(k2), &good, &mine)
-            .unwrap_err(),
-        SignError::SessionConsumed("s1".into())
-    );
-    // A consumed session id cannot be re-opened (after a restart too).
-    assert_eq!(
-        g2.commit("s1", k2, &mut r).unwrap_err(),
-        SignError::SessionReused("s1".into())
-    );
-    let mut restarted = Signer::new();
-    restarted.restore_consumed(["s1".to_string()]);
-    assert!(restarted.is_consumed("s1"));
-    assert_eq!(
-        restarted.commit("s1", k2, &mut r).unwrap_err(),
-        SignError::SessionReused("s1".into())
-    );
-    assert_eq!(
-        restarted
-            .sign("nope", &sign::TweakedKey::new(k2), &good, &mine)
-            .unwrap_err(),
-        SignError::UnknownSession("nope".into())
+        SignError::MissingCommitment
     );
 
     // Tampered / missing commitment, too few signers, wrong key: each refused.
-    let (s, _) = sign::round1("s2", k1, &mut r);
-    let (_, other) = sign::round1("s2", k1, &mut r);
-    let (_, c2) = sign::round1("s2", k2, &mut r);
+    let s = sign::preprocess(k1, &mut r);
+    let other = *sign::preprocess(k1, &mut r).commitments();
+    let c2 = *sign::preprocess(k2, &mut r).commitments();
     assert!(format!("{s:?}").contains("<redacted>"));
     let tampered = sign::signing_package([(id(1), other), (id(2), c2)].into(), &mine);
     assert_eq!(
         sign::round2(s, &sign::TweakedKey::new(k1), &tampered, &mine).unwrap_err(),
         SignError::CommitmentMismatch
     );
-    let (s, _) = sign::round1("s3", k1, &mut r);
+    let s = sign::preprocess(k1, &mut r);
     let without = sign::signing_package([(id(2), c2)].into(), &mine);
     assert_eq!(
         sign::round2(s, &sign::TweakedKey::new(k1), &without, &mine).unwrap_err(),
         SignError::MissingCommitment
     );
-    let (s, c) = sign::round1("s4", k1, &mut r);
-    let alone = sign::signing_package([(id(1), c)].into(), &mine);
+    let s = sign::preprocess(k1, &mut r);
+    let alone = sign::signing_package([(id(1), *s.commitments())].into(), &mine);
     assert_eq!(
         sign::round2(s, &sign::TweakedKey::new(k1), &alone, &mine).unwrap_err(),
         SignError::TooFewSigners {
@@ -338,12 +336,11 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
             threshold: 2
         }
     );
-    let (s, _) = sign::round1("s5", k1, &mut r);
+    let s = sign::preprocess(k1, &mut r);
     assert_eq!(
         sign::round2(s, &sign::TweakedKey::new(k2), &good, &mine).unwrap_err(),
-        SignError::WrongKey("s5".into())
+        SignError::WrongKey
     );
-    let _ = c;
 }
 
 #[test]
@@ -356,9 +353,9 @@ fn coordinator_names_the_guardian_with_an_invalid_share() {
     let mut sessions = Vec::new();
     let mut commitments = BTreeMap::new();
     for i in signers {
-        let (s, c) = sign::round1("x", kp(&g, i), &mut r);
+        let s = sign::preprocess(kp(&g, i), &mut r);
+        commitments.insert(id(i), *s.commitments());
         sessions.push((i, s));
-        commitments.insert(id(i), c);
     }
     let package = sign::signing_package(commitments.clone(), &m);
     let mut shares = BTreeMap::new();
@@ -370,9 +367,9 @@ fn coordinator_names_the_guardian_with_an_invalid_share() {
     }
     assert!(sign::aggregate(&package, &shares, &sign::AggregationKey::new(pkp)).is_ok());
     // g3 sends a share from another session (a different nonce): named.
-    let (s, c) = sign::round1("y", kp(&g, 3), &mut r);
+    let s = sign::preprocess(kp(&g, 3), &mut r);
     let mut other = commitments.clone();
-    other.insert(id(3), c);
+    other.insert(id(3), *s.commitments());
     let other_pkg = sign::signing_package(other, &m);
     let wrong = sign::round2(s, &sign::TweakedKey::new(kp(&g, 3)), &other_pkg, &m).unwrap();
     let mut bad = shares.clone();

@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use custos_custody::frost::keys::SigningShare;
+use custos_custody::frost::round1::SigningCommitments;
+use custos_custody::frost::{Identifier, SigningPackage};
 use custos_custody::sign::Sighash;
 use custos_custody::spend::{self, Expectation, FeePolicy, SpendRequest};
 use custos_engine::policy;
@@ -144,6 +147,64 @@ pub async fn ask(client: &async_nats::Client, guardian: &str, request: &SignRequ
     .expect("guardian answers in time")
     .expect("guardian answers");
     codec::from_msgpack(&msg.payload).expect("a sign reply")
+}
+
+/// `count` commitments `guardian` hands out for `wallet`, with its identifier.
+pub async fn preprocess(
+    client: &async_nats::Client,
+    guardian: &str,
+    wallet: &str,
+    count: u16,
+) -> (Identifier, Vec<SigningCommitments>) {
+    let request = SignRequest::Preprocess {
+        wallet: wallet.into(),
+        count,
+    };
+    match ask(client, guardian, &request).await {
+        SignReply::Preprocessed {
+            identifier,
+            commitments,
+            ..
+        } => (
+            Identifier::deserialize(&identifier).expect("identifier"),
+            commitments
+                .iter()
+                .map(|c| SigningCommitments::deserialize(c).expect("commitments"))
+                .collect(),
+        ),
+        other => panic!("{guardian} hands out commitments for {wallet}: {other:?}"),
+    }
+}
+
+/// Asks `guardian` to sign one-input `workflow_id` of `wallet` with a package
+/// that carries a commitment it handed out (and an outsider's beside it) over
+/// a made-up message: what it answers when its checks of the workflow fail.
+pub async fn ask_to_sign(
+    client: &async_nats::Client,
+    guardian: &str,
+    wallet: &str,
+    workflow_id: &str,
+    session_id: &str,
+) -> SignReply {
+    let (mine, commitments) = preprocess(client, guardian, wallet, 1).await;
+    let share = SigningShare::deserialize(&[7; 32]).expect("share");
+    let other = custos_custody::frost::round1::commit(&share, &mut rand::rngs::OsRng).1;
+    let other_id = Identifier::try_from(if mine == Identifier::try_from(3u16).expect("id") {
+        1u16
+    } else {
+        3
+    })
+    .expect("id");
+    let package = SigningPackage::new(
+        [(mine, commitments[0]), (other_id, other)].into(),
+        &[0xAB; 32],
+    );
+    let request = SignRequest::Sign {
+        session_id: session_id.into(),
+        workflow_id: workflow_id.into(),
+        packages: vec![package.serialize().expect("package")],
+    };
+    ask(client, guardian, &request).await
 }
 
 /// An unsigned transaction of `wallet` paying `amount` satoshi to `destination`

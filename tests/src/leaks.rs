@@ -81,7 +81,7 @@ impl Watch {
         let collected = images.clone();
         let task = tokio::spawn(async move {
             while let Some(msg) = replies.next().await {
-                let Ok(SignReply::Committed {
+                let Ok(SignReply::Preprocessed {
                     commitments,
                     public_key_package,
                     ..

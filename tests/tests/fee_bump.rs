@@ -23,7 +23,7 @@ use custos_schemas::{
     AggregateKind, Event, EventType, IntakeReply, Outcome, Payload, WalletDescriptor,
 };
 use custos_tests::anvil::{Anvil, ETHER};
-use custos_tests::frost::{ask, frost_setup, history, record};
+use custos_tests::frost::{ask_to_sign, frost_setup, history, record};
 use custos_tests::litecoind::Litecoind;
 use custos_tests::workflows::{change_service, policy_and_initiator};
 use custos_tests::{Engine, Nats, append_ok, eventually, submit_json, verify_stream};
@@ -36,7 +36,7 @@ use custos_workers::evm_steps::EvmNodes;
 use custos_workers::fee_bump::{BumpAfter, FeeBumper};
 use custos_workers::hd_signer::{self, SignerConfig};
 use custos_workers::remote::RemoteLedger;
-use custos_workers::signing::{SignReply, SignRequest, SignStep, wallet_script};
+use custos_workers::signing::{SignReply, SignStep, wallet_script};
 use custos_workers::trail::Trail;
 use custos_workers::{Shutdown, ShutdownTrigger};
 use serde_json::json;
@@ -196,7 +196,7 @@ async fn abandon(engine: &Engine, workflow_id: &str, version: u64) {
     append_ok(&engine.ledger, vec![p]).await;
 }
 
-/// The guardians' answer to a commitment request for `workflow_id`.
+/// A guardian's answer when asked to sign `workflow_id`.
 async fn guardian_answer(
     nats: &Nats,
     guardian: &str,
@@ -204,15 +204,7 @@ async fn guardian_answer(
     session: &str,
 ) -> SignReply {
     let client = nats.client().await;
-    ask(
-        &client,
-        guardian,
-        &SignRequest::Commit {
-            session_id: session.into(),
-            workflow_id: workflow_id.into(),
-        },
-    )
-    .await
+    ask_to_sign(&client, guardian, "hot", workflow_id, session).await
 }
 
 /// `unsigned` with its outputs edited; the recorded fee follows.

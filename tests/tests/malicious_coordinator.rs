@@ -1,8 +1,9 @@
 //! A malicious coordinator against real guardians over a real nats-server: the
 //! test speaks the signing protocol itself and tampers with it. Guardians
-//! refuse tampered commitments and strangers, never sign twice on the same
-//! nonces (also across a restart), survive garbage on every subject they
-//! listen on, and a guardian killed between the rounds is named and replaced.
+//! refuse commitments they never handed out and strangers, never sign twice
+//! on the same nonces or in the same session (also across a restart), survive
+//! garbage on every subject they listen on, and a guardian killed after
+//! handing out commitments is named and replaced.
 //! After each, honest signing still works, and no nonce or key share is in
 //! any message of the events stream.
 
@@ -17,7 +18,8 @@ use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
 use custos_schemas::{EventType, IntakeReply, Payload, WalletDescriptor, codec, subjects};
 use custos_tests::frost::{
-    Frost, Guardian, append_built, ask, built, frost_setup, history, sighashes, stage_of,
+    Frost, Guardian, append_built, ask, built, frost_setup, history, preprocess, sighashes,
+    stage_of,
 };
 use custos_tests::*;
 use custos_workers::ceremony::{GuardianReply, GuardianRequest, Joining, RosterEntry};
@@ -76,49 +78,26 @@ async fn built_transfers(
     out
 }
 
-/// Round 1 with `guardian` for `session` on a one-input transfer.
-async fn commit(
-    client: &async_nats::Client,
-    guardian: &str,
-    session: &str,
-    workflow_id: &str,
-) -> (Identifier, SigningCommitments) {
-    let reply = ask(
-        client,
-        guardian,
-        &SignRequest::Commit {
-            session_id: session.into(),
-            workflow_id: workflow_id.into(),
-        },
-    )
-    .await;
-    let SignReply::Committed {
-        identifier,
-        commitments,
-        ..
-    } = reply
-    else {
-        panic!("{guardian} commits to {session}: {reply:?}")
-    };
-    assert_eq!(commitments.len(), 1, "one input");
-    (
-        Identifier::deserialize(&identifier).expect("identifier"),
-        SigningCommitments::deserialize(&commitments[0]).expect("commitments"),
-    )
+/// One commitment `guardian` hands out for the wallet `vault`.
+async fn commit(client: &async_nats::Client, guardian: &str) -> (Identifier, SigningCommitments) {
+    let (id, commitments) = preprocess(client, guardian, "vault", 1).await;
+    (id, commitments[0])
 }
 
-/// Round 2 with `guardian` for `session`.
+/// Asks `guardian` to sign one-input `workflow_id` in `session` with `package`.
 async fn sign(
     client: &async_nats::Client,
     guardian: &str,
     session: &str,
+    workflow_id: &str,
     package: &SigningPackage,
 ) -> SignReply {
     ask(
         client,
         guardian,
-        &SignRequest::Share {
+        &SignRequest::Sign {
             session_id: session.into(),
+            workflow_id: workflow_id.into(),
             packages: vec![package.serialize().expect("package")],
         },
     )
@@ -142,6 +121,23 @@ fn refused(reply: &SignReply, why: &str) {
     assert!(
         matches!(reply, SignReply::Refused { reason } if reason.contains(why)),
         "refused because {why:?}: {reply:?}"
+    );
+}
+
+/// The guardian holds no nonces for its commitment in the package.
+#[track_caller]
+fn stale(reply: &SignReply) {
+    assert!(
+        matches!(reply, SignReply::Stale { reason } if reason.contains("not one it has outstanding")),
+        "stale: {reply:?}"
+    );
+}
+
+#[track_caller]
+fn shares(reply: &SignReply) {
+    assert!(
+        matches!(reply, SignReply::Shares { .. }),
+        "shares: {reply:?}"
     );
 }
 
@@ -198,7 +194,7 @@ async fn no_secret_in_the_stream(nats: &Nats, watch: &leaks::Watch, min_commitme
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn tampered_commitments_and_second_rounds_are_refused() {
+async fn forged_commitments_and_second_shares_are_refused() {
     let nats = Nats::start(Durability::Default).await;
     let engine = Engine::start(&nats).await;
     let client = nats.client().await;
@@ -217,127 +213,109 @@ async fn tampered_commitments_and_second_rounds_are_refused() {
     .await;
     let transfers = built_transfers(&nats, &engine, &wallet, "rogue", 2).await;
     let (id, sighash) = &transfers[0];
+    let sign = |g: &'static str, session: &'static str, package: SigningPackage| {
+        let client = client.clone();
+        let id = id.clone();
+        async move { sign(&client, g, session, &id, &package).await }
+    };
 
-    // g2's own commitment replaced: refused, and the session's nonces are gone.
-    let (id2, c2) = commit(&client, "g2", "own-1", id).await;
-    let (id3, c3) = commit(&client, "g3", "own-1", id).await;
+    // A commitment g2 never handed out in its place: it holds no nonces for
+    // it, and signs nothing.
+    let (id2, c2) = commit(&client, "g2").await;
+    let (id3, c3) = commit(&client, "g3").await;
     let tampered = package(&[(id2, forged()), (id3, c3)], sighash);
-    refused(
-        &sign(&client, "g2", "own-1", &tampered).await,
-        "different commitment for this guardian",
-    );
-    let genuine = package(&[(id2, c2), (id3, c3)], sighash);
-    refused(&sign(&client, "g2", "own-1", &genuine).await, "consumed");
+    stale(&sign("g2", "own-1", tampered.clone()).await);
     // Another guardian's commitment replaced: g3 cannot know it is not g2's,
-    // and signs; the genuine package cannot have a second share on its nonces.
-    assert!(matches!(
-        sign(&client, "g3", "own-1", &tampered).await,
-        SignReply::Shares { .. }
-    ));
-    refused(&sign(&client, "g3", "own-1", &genuine).await, "consumed");
-    // The owner of a replaced commitment sees it.
-    let (id2, c2) = commit(&client, "g2", "other-1", id).await;
-    let (id3, _) = commit(&client, "g3", "other-1", id).await;
-    let altered = package(&[(id2, c2), (id3, forged())], sighash);
+    // and signs; its nonces are spent, so the genuine package cannot have a
+    // second share on them, nor a second share in that session.
+    shares(&sign("g3", "own-1", tampered).await);
+    let genuine = package(&[(id2, c2), (id3, c3)], sighash);
+    stale(&sign("g3", "own-2", genuine).await);
+    let (id3, c3) = commit(&client, "g3").await;
     refused(
-        &sign(&client, "g3", "other-1", &altered).await,
-        "different commitment for this guardian",
+        &sign("g3", "own-1", package(&[(id2, c2), (id3, c3)], sighash)).await,
+        "already consumed",
     );
 
     // Packages a guardian must not sign: without its commitment, below the
     // threshold, with a signer that is not a guardian of the wallet,
-    // unreadable, or more packages than inputs. Each spends the session.
+    // unreadable, or more packages than inputs. Each spends the nonces named.
     let id1 = Identifier::try_from(1u16).expect("id");
     let stranger = Identifier::try_from(9u16).expect("id");
-    let (id2, c2) = commit(&client, "g2", "missing-1", id).await;
     refused(
         &sign(
-            &client,
             "g2",
             "missing-1",
-            &package(&[(id1, forged()), (id3, forged())], sighash),
+            package(&[(id1, forged()), (id3, forged())], sighash),
         )
         .await,
         "no commitment for this guardian",
     );
+    let (id2, c2) = commit(&client, "g2").await;
     refused(
-        &sign(&client, "g2", "missing-1", &package(&[(id2, c2)], sighash)).await,
-        "consumed",
-    );
-    let (id2, c2) = commit(&client, "g2", "few-1", id).await;
-    refused(
-        &sign(&client, "g2", "few-1", &package(&[(id2, c2)], sighash)).await,
+        &sign("g2", "few-1", package(&[(id2, c2)], sighash)).await,
         "the threshold is 2",
     );
-    let (id2, c2) = commit(&client, "g2", "stranger-1", id).await;
+    stale(&sign("g2", "few-2", package(&[(id2, c2), (id3, c3)], sighash)).await);
+    let (id2, c2) = commit(&client, "g2").await;
     refused(
         &sign(
-            &client,
             "g2",
             "stranger-1",
-            &package(&[(id2, c2), (stranger, forged())], sighash),
+            package(&[(id2, c2), (stranger, forged())], sighash),
         )
         .await,
         "is not a guardian of vault",
     );
-    commit(&client, "g2", "garbled-1", id).await;
     let reply = ask(
         &client,
         "g2",
-        &SignRequest::Share {
+        &SignRequest::Sign {
             session_id: "garbled-1".into(),
+            workflow_id: id.clone(),
             packages: vec![vec![0xEE; 120]],
         },
     )
     .await;
     refused(&reply, "package 0");
-    let (id2, c2) = commit(&client, "g2", "two-1", id).await;
-    let (id3, c3) = commit(&client, "g3", "two-1", id).await;
+    let (id2, c2) = commit(&client, "g2").await;
     let genuine = package(&[(id2, c2), (id3, c3)], sighash).serialize();
     let reply = ask(
         &client,
         "g2",
-        &SignRequest::Share {
+        &SignRequest::Sign {
             session_id: "two-1".into(),
+            workflow_id: id.clone(),
             packages: vec![genuine.clone().expect("package"), genuine.expect("package")],
         },
     )
     .await;
     refused(&reply, "2 packages for 1 inputs");
-
-    // A second round 2 after a share was given: the same package, another
-    // one, or two at once: one share at most per session.
-    let (id2, c2) = commit(&client, "g2", "twice-1", id).await;
-    let (id3, c3) = commit(&client, "g3", "twice-1", id).await;
+    // A second request after a share was given: the same package, another
+    // one, or four at once: one share at most per commitment and session.
+    let (id2, c2) = commit(&client, "g2").await;
+    let (id3, c3) = commit(&client, "g3").await;
     let genuine = package(&[(id2, c2), (id3, c3)], sighash);
-    assert!(matches!(
-        sign(&client, "g2", "twice-1", &genuine).await,
-        SignReply::Shares { .. }
-    ));
-    refused(&sign(&client, "g2", "twice-1", &genuine).await, "consumed");
-    let (id1, c1) = commit(&client, "g1", "twice-1", id).await;
+    shares(&sign("g2", "twice-1", genuine.clone()).await);
+    stale(&sign("g2", "twice-2", genuine).await);
+    let (id1, c1) = commit(&client, "g1").await;
+    let (id2, c2) = commit(&client, "g2").await;
     refused(
-        &sign(
-            &client,
-            "g2",
-            "twice-1",
-            &package(&[(id1, c1), (id2, c2)], sighash),
-        )
-        .await,
-        "consumed",
+        &sign("g2", "twice-1", package(&[(id1, c1), (id2, c2)], sighash)).await,
+        "already consumed",
     );
-    let (id2, c2) = commit(&client, "g2", "race-1", id).await;
-    let (id3, c3) = commit(&client, "g3", "race-1", id).await;
     let raced = package(&[(id2, c2), (id3, c3)], sighash);
     let replies =
-        futures::future::join_all((0..4).map(|_| sign(&client, "g2", "race-1", &raced))).await;
-    let shares = replies
+        futures::future::join_all((0..4).map(|_| sign("g2", "race-1", raced.clone()))).await;
+    let given = replies
         .iter()
         .filter(|r| matches!(r, SignReply::Shares { .. }))
         .count();
-    assert_eq!(shares, 1, "one share for four concurrent asks: {replies:?}");
+    assert_eq!(given, 1, "one share for four concurrent asks: {replies:?}");
 
-    // A restarted guardian knows the sessions it committed to (on disk).
+    // A restarted guardian knows the sessions it signed in (on disk), and
+    // holds no nonces from before.
+    let (id2, before) = commit(&client, "g2").await;
     let heartbeats = nats
         .js()
         .await
@@ -365,17 +343,20 @@ async fn tampered_commitments_and_second_rounds_are_refused() {
         .await,
         "g2 is back"
     );
-    for session in ["twice-1", "race-1", "own-1"] {
-        let reply = ask(
-            &client,
+    stale(
+        &sign(
             "g2",
-            &SignRequest::Commit {
-                session_id: session.into(),
-                workflow_id: id.clone(),
-            },
+            "after-restart-1",
+            package(&[(id2, before), (id3, c3)], sighash),
         )
-        .await;
-        refused(&reply, "already consumed");
+        .await,
+    );
+    for session in ["twice-1", "race-1"] {
+        let (id2, c2) = commit(&client, "g2").await;
+        refused(
+            &sign("g2", session, package(&[(id2, c2), (id3, c3)], sighash)).await,
+            "already consumed",
+        );
     }
 
     // The honest coordinator signs both transfers with them all the same.
@@ -393,9 +374,10 @@ async fn tampered_commitments_and_second_rounds_are_refused() {
 
 /// What a hostile peer can put on a guardian's subjects.
 fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
-    let commit = codec::to_msgpack(&SignRequest::Commit {
+    let commit = codec::to_msgpack(&SignRequest::Sign {
         session_id: "garbage-1".into(),
         workflow_id: workflow_id.into(),
+        packages: vec![vec![0xFF; 64]],
     });
     let bad_peer = custos_custody::identity::SignedMessage {
         ceremony_id: "c-1".into(),
@@ -499,8 +481,10 @@ fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
             (
                 op,
                 "JSON",
-                serde_json::to_vec(&json!({"Commit": {"session_id": "x", "workflow_id": "y"}}))
-                    .expect("json"),
+                serde_json::to_vec(
+                    &json!({"Sign": {"session_id": "x", "workflow_id": "y", "packages": []}}),
+                )
+                .expect("json"),
             ),
             (op, "an integer", codec::to_msgpack(&42u32)),
             (
@@ -511,12 +495,12 @@ fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
             (
                 op,
                 "missing fields",
-                codec::to_msgpack(&json!({"Commit": {}})),
+                codec::to_msgpack(&json!({"Sign": {}})),
             ),
             (
                 op,
                 "fields of the wrong type",
-                codec::to_msgpack(&json!({"Commit": {"session_id": 7, "workflow_id": [1, 2]}})),
+                codec::to_msgpack(&json!({"Preprocess": {"wallet": 7, "count": [1, 2]}})),
             ),
         ]);
     }
@@ -530,25 +514,60 @@ fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
         (
             "sign",
             "a 100 kB session id",
-            codec::to_msgpack(&SignRequest::Commit {
+            codec::to_msgpack(&SignRequest::Sign {
                 session_id: "s".repeat(100_000),
                 workflow_id: workflow_id.into(),
+                packages: Vec::new(),
             }),
         ),
         (
             "sign",
             "a path as session id",
-            codec::to_msgpack(&SignRequest::Commit {
+            codec::to_msgpack(&SignRequest::Sign {
                 session_id: "../../shares/vault".into(),
                 workflow_id: workflow_id.into(),
+                packages: Vec::new(),
             }),
         ),
         (
             "sign",
-            "5,000 packages for no session",
-            codec::to_msgpack(&SignRequest::Share {
+            "5,000 packages",
+            codec::to_msgpack(&SignRequest::Sign {
                 session_id: "nope".into(),
+                workflow_id: workflow_id.into(),
                 packages: vec![vec![0xFF; 64]; 5_000],
+            }),
+        ),
+        (
+            "sign",
+            "a path as wallet",
+            codec::to_msgpack(&SignRequest::Preprocess {
+                wallet: "../../shares/vault".into(),
+                count: 1,
+            }),
+        ),
+        (
+            "sign",
+            "65,535 commitments at once",
+            codec::to_msgpack(&SignRequest::Preprocess {
+                wallet: "vault".into(),
+                count: u16::MAX,
+            }),
+        ),
+        (
+            "sign",
+            "no commitments",
+            codec::to_msgpack(&SignRequest::Preprocess {
+                wallet: "vault".into(),
+                count: 0,
+            }),
+        ),
+        (
+            "sign",
+            "commitments for an unknown wallet",
+            codec::to_msgpack(&SignRequest::Preprocess {
+                wallet: "nowhere".into(),
+                count: 1,
             }),
         ),
     ]);
@@ -615,6 +634,12 @@ async fn garbage_on_every_guardian_subject_is_refused_and_signing_goes_on() {
             if what.starts_with("a 100 kB") {
                 assert!(reason.contains("sessionId"), "names the field: {reason}");
             }
+            if what == "a path as wallet" {
+                assert!(reason.contains("wallet"), "names the field: {reason}");
+            }
+            if what.ends_with("at once") {
+                assert!(reason.contains("count"), "names the field: {reason}");
+            }
         }
     }
     // Still alive: running, announcing, and signing.
@@ -647,7 +672,7 @@ async fn garbage_on_every_guardian_subject_is_refused_and_signing_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
+async fn a_guardian_killed_after_handing_out_commitments_is_named_and_replaced() {
     let nats = Nats::start(Durability::Default).await;
     let engine = Engine::start(&nats).await;
     let client = nats.client().await;
@@ -665,9 +690,9 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
         policy::default_policy().expect("policy"),
     )
     .await;
-    // The coordinator asks g1 and g2 (live, in the wallet's order). g2 hears
-    // nothing until g1 has committed and died; then the coordinator's round 2
-    // finds g1 gone.
+    // The coordinator asks g1 and g2 (live, in the wallet's order) for
+    // commitments. g2 hears nothing until g1 has handed its out and died;
+    // then the coordinator's request for shares finds g1 gone.
     let mut committed = client.subscribe("_INBOX.>").await.expect("subscribe");
     client.flush().await.expect("flush");
     run_coordinator(&nats, &engine, &shutdown).await;
@@ -675,14 +700,9 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
         .await
         .remove(0);
     // g2 and g3 decrypt their shares (argon2id) now, not within the
-    // coordinator's round timeout on a loaded machine: asked for a transfer
-    // that is not built yet, they load the share, then refuse.
+    // coordinator's request timeout on a loaded machine.
     for g in ["g2", "g3"] {
-        let warm = SignRequest::Commit {
-            session_id: format!("warm-{g}"),
-            workflow_id: id.clone(),
-        };
-        refused(&ask(&client, g, &warm).await, "not built");
+        preprocess(&client, g, "vault", 1).await;
     }
     // Held only moments (the server drops a client that does not read for long).
     guardians[1].proxy.hold();
@@ -690,7 +710,8 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
     let g1_id = Identifier::try_from(1u16).expect("id").serialize();
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(msg) = committed.next().await {
-            if let Ok(SignReply::Committed { identifier, .. }) = codec::from_msgpack(&msg.payload)
+            if let Ok(SignReply::Preprocessed { identifier, .. }) =
+                codec::from_msgpack(&msg.payload)
                 && identifier == g1_id
             {
                 return;
@@ -698,7 +719,7 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
         }
     })
     .await
-    .expect("g1 commits");
+    .expect("g1 hands out commitments");
     guardians.remove(0).kill().await;
     guardians[0].proxy.release();
 
@@ -719,7 +740,7 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
         )) || a.contains(&format!(
             "signing {id}: guardian g1 excluded: g1 did not answer"
         ))),
-        "the guardian that died after committing is named in round 2: {alerts:?}"
+        "the guardian that died after handing out commitments is named: {alerts:?}"
     );
     assert!(
         !alerts
@@ -728,6 +749,73 @@ async fn a_guardian_killed_between_the_rounds_is_named_and_replaced() {
         "only g1 is blamed: {alerts:?}"
     );
     no_secret_in_the_stream(&nats, &watch, 4).await;
+    trigger.trigger();
+    verify_stream(&js).await.expect("the trail verifies");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_guardian_is_asked_for_fresh_commitments_not_blamed() {
+    let nats = Nats::start(Durability::Default).await;
+    let engine = Engine::start(&nats).await;
+    let js = nats.js().await;
+    let Frost {
+        mut guardians,
+        wallet,
+        trigger,
+        shutdown,
+    } = frost_setup(
+        &nats,
+        &engine,
+        "vault",
+        policy::default_policy().expect("policy"),
+    )
+    .await;
+    run_coordinator(&nats, &engine, &shutdown).await;
+    let (first, _) = built_transfers(&nats, &engine, &wallet, "before-restart", 1)
+        .await
+        .remove(0);
+    assert_eq!(signed_by(&nats, &first).await, vec!["g1", "g2"]);
+    // The coordinator holds g2's commitments of before; g2 restarts without
+    // their nonces.
+    let heartbeats = js
+        .get_key_value(subjects::GUARDIANS_BUCKET)
+        .await
+        .expect("bucket");
+    let dir = guardians.remove(1).stop().await;
+    let last = heartbeats
+        .entry("g2")
+        .await
+        .expect("entry")
+        .map(|e| e.revision);
+    guardians.insert(1, Guardian::start_in(&nats, "g2", dir).await);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            heartbeats
+                .entry("g2")
+                .await
+                .ok()
+                .flatten()
+                .map(|e| e.revision)
+                > last
+        })
+        .await,
+        "g2 is back"
+    );
+    let (second, _) = built_transfers(&nats, &engine, &wallet, "after-restart", 1)
+        .await
+        .remove(0);
+    assert_eq!(
+        signed_by(&nats, &second).await,
+        vec!["g1", "g2"],
+        "signed by the same guardians, with g2's fresh commitments"
+    );
+    let alerts: Vec<String> = all_events(&js)
+        .await
+        .into_iter()
+        .filter(|(_, e)| e.event_type == EventType::AlertRaised)
+        .map(|(_, e)| format!("{:?}", e.payload))
+        .collect();
+    assert!(alerts.is_empty(), "no guardian blamed: {alerts:?}");
     trigger.trigger();
     verify_stream(&js).await.expect("the trail verifies");
 }

@@ -12,7 +12,9 @@ use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
 use custos_schemas::chain::UnsignedTransaction;
 use custos_schemas::{EventType, IntakeReply, Payload};
-use custos_tests::frost::{Frost, append_built, ask, built, frost_setup, history, stage_of};
+use custos_tests::frost::{
+    Frost, append_built, ask, ask_to_sign, built, frost_setup, history, preprocess, stage_of,
+};
 use custos_tests::*;
 use custos_workers::signing::{SignReply, SignRequest, SignStep};
 use custos_workers::trail::Trail;
@@ -52,16 +54,8 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         );
     }
 
-    // A coordinator may not get a commitment for a transfer that is not built.
-    let refused = ask(
-        &client,
-        "g1",
-        &SignRequest::Commit {
-            session_id: "early-1".into(),
-            workflow_id: ids[0].clone(),
-        },
-    )
-    .await;
+    // A coordinator may not get a share for a transfer that is not built.
+    let refused = ask_to_sign(&client, "g1", "vault", &ids[0], "early-1").await;
     assert!(
         matches!(&refused, SignReply::Refused { reason } if reason.contains("not built")),
         "{refused:?}"
@@ -102,26 +96,8 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         built(&wallet, &destination, 150_000_000, 4),
     )
     .await;
-    let committed = ask(
-        &client,
-        "g2",
-        &SignRequest::Commit {
-            session_id: "rogue-1".into(),
-            workflow_id: ids[3].clone(),
-        },
-    )
-    .await;
-    let SignReply::Committed {
-        identifier,
-        commitments,
-        ..
-    } = committed
-    else {
-        panic!("{committed:?}")
-    };
-    use custos_custody::frost::{Identifier, SigningPackage, round1::SigningCommitments};
-    let id = Identifier::deserialize(&identifier).expect("identifier");
-    let mine = SigningCommitments::deserialize(&commitments[0]).expect("commitments");
+    let (id, mine) = preprocess(&client, "g2", "vault", 1).await;
+    use custos_custody::frost::{Identifier, SigningPackage};
     let other = custos_custody::frost::round1::commit(
         // Any second signer's commitments make a well-formed package.
         &custos_custody::frost::keys::SigningShare::deserialize(&[7u8; 32]).expect("share"),
@@ -129,9 +105,10 @@ async fn guardians_sign_only_what_the_trail_justifies() {
     )
     .1;
     let other_id = Identifier::try_from(3u16).expect("id");
-    let forged = SigningPackage::new([(id, mine), (other_id, other)].into(), &[0xAB; 32]);
-    let share = SignRequest::Share {
+    let forged = SigningPackage::new([(id, mine[0]), (other_id, other)].into(), &[0xAB; 32]);
+    let share = SignRequest::Sign {
         session_id: "rogue-1".into(),
+        workflow_id: ids[3].clone(),
         packages: vec![forged.serialize().expect("package")],
     };
     let reply = ask(&client, "g2", &share).await;
@@ -139,19 +116,11 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         matches!(&reply, SignReply::Refused { reason } if reason.contains("not the sighash")),
         "{reply:?}"
     );
-    for request in [
-        share.clone(),
-        SignRequest::Commit {
-            session_id: "rogue-1".into(),
-            workflow_id: ids[3].clone(),
-        },
-    ] {
-        let reply = ask(&client, "g2", &request).await;
-        assert!(
-            matches!(&reply, SignReply::Refused { reason } if reason.contains("consumed")),
-            "a replayed session is refused: {reply:?}"
-        );
-    }
+    let reply = ask(&client, "g2", &share).await;
+    assert!(
+        matches!(&reply, SignReply::Stale { reason } if reason.contains("spent")),
+        "a refused package spent the nonces of its commitment: {reply:?}"
+    );
 
     // g1 goes down with its heartbeat still fresh: the coordinator asks it,
     // names it when it does not answer, and signs with g2 and g3.
@@ -246,16 +215,11 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         }
     }
     // A signed workflow gets no more signatures.
-    let reply = ask(
-        &client,
-        "g2",
-        &SignRequest::Commit {
-            session_id: "late-1".into(),
-            workflow_id: ids[0].clone(),
-        },
-    )
-    .await;
-    assert!(matches!(reply, SignReply::Refused { .. }), "{reply:?}");
+    let reply = ask_to_sign(&client, "g2", "vault", &ids[0], "late-1").await;
+    assert!(
+        matches!(&reply, SignReply::Refused { reason } if reason.contains("not built")),
+        "{reply:?}"
+    );
 
     trigger.trigger();
     drop(guardians);

@@ -1,98 +1,59 @@
-//! A guardian's side of threshold signing: it is never a signing oracle. Before
-//! it commits to nonces, and again before it releases a share, it checks the
-//! workflow in its own verified replica of the trail ([`signing::check`]) and
-//! recomputes every sighash from the recorded transaction; it signs a package
-//! only if its message is one of those. Nonces live in memory only (drawn
-//! ahead into a pool), once; the session's id, claimed in round 1 in the
-//! guardian's session log ([`SessionLog`]), is on disk before any share leaves.
+//! A guardian's side of threshold signing: it is never a signing oracle.
+//!
+//! It hands out commitments ahead of any signing (FROST preprocessing), bound
+//! to no workflow; their nonces stay in its memory only, each for one
+//! package. When asked to sign, it checks the workflow in its own verified
+//! replica of the trail, caught up to the stream's end as of the request
+//! ([`signing::check`]), recomputes every sighash from the recorded
+//! transaction, and signs a package only if its message is one of those. The
+//! attempt's id is claimed in the guardian's session log ([`SessionLog`]) and
+//! is on disk before any share leaves.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use custos_custody::frost::SigningPackage;
-use custos_custody::sign::{self, Preprocessed, Sighash, Signer};
+use custos_custody::sign::{self, Preprocessed, Sighash, SignError, Signer};
 use custos_schemas::validate_token;
 use rand::rngs::OsRng;
 
 use crate::guardian::{GuardianConfig, Share, load_share};
-use crate::session_log::{Durable, SessionLog};
-use crate::signing::{self, SignReply, SignRequest};
+use crate::session_log::SessionLog;
+use crate::signing::{self, COMMITMENT_TTL, MAX_PREPROCESS, SignReply, SignRequest};
 use crate::trail::Trail;
 
-/// Committed sessions not signed within this are forgotten (their nonces too).
-const SESSION_TTL: Duration = Duration::from_secs(120);
-/// Nonces kept drawn ahead per wallet (FROST preprocessing): a commitment then
-/// costs no curve arithmetic while the coordinator waits.
-const NONCE_POOL: usize = 8;
+/// Most nonces a guardian holds for commitments it handed out (about 400
+/// bytes each); beyond it the oldest are dropped.
+const OUTSTANDING: usize = 16_384;
 
-struct Prepared {
-    workflow_id: String,
-    wallet: String,
-    sighashes: Vec<Sighash>,
-    started: Instant,
-    /// The session's claim being written: awaited before any share leaves.
-    claim: Durable,
-}
+/// What a handed-out commitment may sign for: the wallet, with the share its
+/// nonces were drawn with (a rotation makes another share).
+type Drawn = (String, Arc<Share>);
 
-/// Nonces drawn for one share of a wallet (a rotation makes another share).
-struct Pool {
-    share: Arc<Share>,
-    nonces: Vec<Preprocessed>,
-}
-
-#[derive(Default)]
 struct State {
-    signer: Signer,
-    prepared: HashMap<String, Prepared>,
+    signer: Signer<Drawn>,
     /// Decrypted shares by wallet: argon2id runs once per wallet, not per signing.
-    shares: HashMap<String, Arc<Share>>,
-    pools: HashMap<String, Pool>,
+    shares: std::collections::HashMap<String, Arc<Share>>,
     /// Each wallet's Taproot script, for the share and chain it was made from.
-    scripts: HashMap<String, (Arc<Share>, String, Vec<u8>)>,
+    scripts: std::collections::HashMap<String, (Arc<Share>, String, Vec<u8>)>,
 }
 
 impl State {
-    /// Forgets sessions committed too long ago, and drops their nonces.
-    fn expire(&mut self) {
-        let State {
-            signer, prepared, ..
-        } = self;
-        prepared.retain(|session_id, p| {
-            let live = p.started.elapsed() < SESSION_TTL;
-            if !live {
-                for i in 0..p.sighashes.len() {
-                    signer.discard(&input_session(session_id, i));
-                }
-            }
-            live
-        });
-    }
-
-    /// Drawn nonces for `share` of `wallet`, or none if they were drawn for
-    /// another share.
-    fn take_nonces(&mut self, wallet: &str, share: &Arc<Share>) -> Option<Preprocessed> {
-        let pool = self.pools.get_mut(wallet)?;
-        if !Arc::ptr_eq(&pool.share, share) {
-            self.pools.remove(wallet);
-            return None;
-        }
-        pool.nonces.pop()
+    /// The outstanding nonces, those older than their lifetime dropped.
+    fn signer(&mut self) -> &mut Signer<Drawn> {
+        self.signer
+            .expire(now_ms().saturating_sub(COMMITMENT_TTL.as_millis() as u64));
+        &mut self.signer
     }
 }
 
 /// A checked workflow: its wallet, the sighashes to sign, and the share.
 type Checked = (String, Vec<Sighash>, Arc<Share>);
 
-/// The signer's session of input `i` of a signing session.
-fn input_session(session_id: &str, i: usize) -> String {
-    format!("{session_id}/{i}")
-}
-
 pub(crate) struct SignService {
     config: Arc<GuardianConfig>,
     trail: Trail,
-    state: Arc<Mutex<State>>,
+    state: Mutex<State>,
     /// Held while a share is decrypted.
     decrypting: Mutex<()>,
     sessions: SessionLog,
@@ -104,10 +65,10 @@ fn refused(reason: impl std::fmt::Display) -> SignReply {
     }
 }
 
-fn now_ms() -> i64 {
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl SignService {
@@ -116,71 +77,40 @@ impl SignService {
         Ok(SignService {
             config,
             trail,
-            state: Arc::new(Mutex::new(State::default())),
+            state: Mutex::new(State {
+                signer: Signer::new(OUTSTANDING),
+                shares: Default::default(),
+                scripts: Default::default(),
+            }),
             decrypting: Mutex::new(()),
             sessions,
         })
     }
 
-    /// A rotation replaced the wallet's share: forget the decrypted one.
+    /// A rotation replaced the wallet's share: forget the decrypted one, and
+    /// the nonces drawn with it.
     pub(crate) fn forget_share(&self, wallet: &str) {
         if let Ok(mut s) = self.state.lock() {
             s.shares.remove(wallet);
-            s.pools.remove(wallet);
             s.scripts.remove(wallet);
+            s.signer().forget(|(w, _)| w == wallet);
         }
-    }
-
-    /// Tops the wallet's nonce pool up off the request's path.
-    fn refill(&self, wallet: String, share: Arc<Share>) {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let missing = match state.lock() {
-                Ok(s) => match s.pools.get(&wallet) {
-                    Some(p) if Arc::ptr_eq(&p.share, &share) => {
-                        NONCE_POOL.saturating_sub(p.nonces.len())
-                    }
-                    _ => NONCE_POOL,
-                },
-                Err(_) => return,
-            };
-            let drawn: Vec<Preprocessed> = (0..missing)
-                .map(|_| sign::preprocess(&share.key, &mut OsRng))
-                .collect();
-            let Ok(mut s) = state.lock() else { return };
-            // The share may have been replaced meanwhile: then these are not for it.
-            if s.shares
-                .get(&wallet)
-                .is_some_and(|cur| Arc::ptr_eq(cur, &share))
-            {
-                let pool = s.pools.entry(wallet).or_insert_with(|| Pool {
-                    share: share.clone(),
-                    nonces: Vec::new(),
-                });
-                if Arc::ptr_eq(&pool.share, &share) {
-                    pool.nonces.extend(drawn);
-                    pool.nonces.truncate(NONCE_POOL);
-                }
-            }
-        });
     }
 
     pub(crate) async fn handle(&self, request: SignRequest) -> SignReply {
         match request {
-            SignRequest::Commit {
+            SignRequest::Preprocess { wallet, count } => self
+                .preprocess(&wallet, count)
+                .await
+                .unwrap_or_else(refused),
+            SignRequest::Sign {
                 session_id,
                 workflow_id,
-            } => self
-                .commit(&session_id, &workflow_id)
-                .await
-                .unwrap_or_else(refused),
-            SignRequest::Share {
-                session_id,
                 packages,
             } => self
-                .share(&session_id, &packages)
+                .sign(&session_id, &workflow_id, &packages)
                 .await
-                .unwrap_or_else(refused),
+                .unwrap_or_else(|e| e),
         }
     }
 
@@ -210,13 +140,45 @@ impl SignService {
         })
     }
 
-    /// Runs every check on the replica; the sighashes this guardian would sign.
-    /// `catch_up`: the replica must hold the whole stream as of the call
-    /// (before a commitment); a re-check moments later reads it as it is.
-    async fn checked(&self, workflow_id: &str, catch_up: bool) -> Result<Checked, String> {
-        if !catch_up {
-            return self.check_now(workflow_id)?.1;
+    /// Hands out `count` commitments for `wallet`, its nonces kept in memory.
+    async fn preprocess(&self, wallet: &str, count: u16) -> Result<SignReply, String> {
+        validate_token("wallet", wallet).map_err(|e| e.to_string())?;
+        if !(1..=MAX_PREPROCESS).contains(&count) {
+            return Err(format!(
+                "count: {count} commitments asked, 1 to {MAX_PREPROCESS} are handed out at once"
+            ));
         }
+        let share = self.wallet_share(wallet)?;
+        let drawing = share.clone();
+        let drawn: Vec<Preprocessed> = tokio::task::spawn_blocking(move || {
+            (0..count)
+                .map(|_| sign::preprocess(&drawing.key, &mut OsRng))
+                .collect()
+        })
+        .await
+        .map_err(|e| format!("drawing nonces: {e}"))?;
+        let mut commitments = Vec::with_capacity(drawn.len());
+        {
+            let mut state = self.state.lock().map_err(|_| "poisoned")?;
+            let at = now_ms();
+            let signer = state.signer();
+            for nonces in drawn {
+                let c = signer
+                    .hand_out(nonces, (wallet.to_string(), share.clone()), at)
+                    .map_err(|e| e.to_string())?;
+                commitments.push(c.serialize().map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(SignReply::Preprocessed {
+            identifier: share.key.identifier().serialize(),
+            commitments,
+            public_key_package: share.public_bytes.clone(),
+        })
+    }
+
+    /// Runs every check on the replica caught up to the stream's end as of
+    /// the call; the sighashes this guardian would sign.
+    async fn checked(&self, workflow_id: &str) -> Result<Checked, String> {
         // The checks run while the replica catches up (a round trip to the
         // server for the stream's end, asked first): they stand if the replica
         // was then already at least where catching up brought it, else they
@@ -260,7 +222,7 @@ impl SignService {
                     .find(|g| g.id == self.config.id)
                     .map(|g| g.index);
                 (
-                    script.and_then(|s| signing::check(view, workflow_id, &s, now_ms())),
+                    script.and_then(|s| signing::check(view, workflow_id, &s, now_ms() as i64)),
                     w.group_key.clone(),
                     index,
                 )
@@ -316,150 +278,90 @@ impl SignService {
         Ok(script)
     }
 
-    async fn commit(&self, session_id: &str, workflow_id: &str) -> Result<SignReply, String> {
-        validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
-        validate_token("workflowId", workflow_id).map_err(|e| e.to_string())?;
+    /// Checks the workflow, then signs each input's package with the nonces
+    /// of the commitment it carries for this guardian. Every commitment named
+    /// is spent, whatever the answer.
+    async fn sign(
+        &self,
+        session_id: &str,
+        workflow_id: &str,
+        packages: &[Vec<u8>],
+    ) -> Result<SignReply, SignReply> {
+        validate_token("sessionId", session_id).map_err(refused)?;
+        validate_token("workflowId", workflow_id).map_err(refused)?;
         // A replay is refused before any work.
         if self.sessions.claimed(session_id) {
-            return Err(format!("session {session_id} was already consumed"));
+            return Err(refused(format!(
+                "session {session_id} was already consumed"
+            )));
         }
-        // Checks that fail claim nothing: the id may be used again.
-        let (wallet, sighashes, share) = self.checked(workflow_id, true).await?;
-        let mut commitments = Vec::with_capacity(sighashes.len());
-        {
-            let mut state = self.state.lock().map_err(|_| "poisoned")?;
-            state.expire();
-            if state.prepared.contains_key(session_id) {
-                return Err(format!("session {session_id} is already open"));
-            }
-            // The claim is written while the commitments travel and round 2
-            // comes; round 2 waits for it before any share leaves, so this id
-            // never signs again, even after a restart. Claiming is the final
-            // test that the id is new. Nonces lost in a crash signed nothing.
-            let claim = self.sessions.claim(session_id)?;
-            for i in 0..sighashes.len() {
-                let nonces = state
-                    .take_nonces(&wallet, &share)
-                    .unwrap_or_else(|| sign::preprocess(&share.key, &mut OsRng));
-                let c = state
-                    .signer
-                    .commit_preprocessed(&input_session(session_id, i), nonces)
-                    .map_err(|e| e.to_string())?;
-                commitments.push(c.serialize().map_err(|e| e.to_string())?);
-            }
-            state.prepared.insert(
-                session_id.to_string(),
-                Prepared {
-                    workflow_id: workflow_id.to_string(),
-                    wallet: wallet.clone(),
-                    sighashes,
-                    started: Instant::now(),
-                    claim,
-                },
-            );
+        let packages = packages
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                SigningPackage::deserialize(bytes).map_err(|e| refused(format!("package {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (wallet, sighashes, share) = self.checked(workflow_id).await.map_err(refused)?;
+        if packages.len() != sighashes.len() {
+            return Err(refused(format!(
+                "{} packages for {} inputs",
+                packages.len(),
+                sighashes.len()
+            )));
         }
-        let reply = SignReply::Committed {
-            identifier: share.key.identifier().serialize(),
-            commitments,
-            public_key_package: share.public_bytes.clone(),
-        };
-        self.refill(wallet, share);
-        Ok(reply)
-    }
-
-    async fn share(&self, session_id: &str, packages: &[Vec<u8>]) -> Result<SignReply, String> {
-        validate_token("sessionId", session_id).map_err(|e| e.to_string())?;
-        let prepared = {
-            let mut state = self.state.lock().map_err(|_| "poisoned")?;
-            state.expire();
-            state.prepared.remove(session_id)
-        }
-        .ok_or_else(|| format!("no open session {session_id} (unknown, expired or consumed)"))?;
-        // The session's nonces are used now or never.
-        let discard = || {
-            if let Ok(mut s) = self.state.lock() {
-                for i in 0..prepared.sighashes.len() {
-                    s.signer.discard(&input_session(session_id, i));
-                }
+        let me = *share.key.identifier();
+        let members = share.public.verifying_shares();
+        let (shares, claim) = {
+            let mut state = self.state.lock().map_err(|_| refused("poisoned"))?;
+            let signer = state.signer();
+            // Every package's nonces are taken out before any is used: a
+            // refusal spends them all.
+            let taken: Vec<_> = packages.iter().map(|p| signer.take(p, &me)).collect();
+            if let Some(Err(stale)) = taken
+                .iter()
+                .find(|t| matches!(t, Err(SignError::UnknownCommitment)))
+            {
+                return Err(SignReply::Stale {
+                    reason: stale.to_string(),
+                });
             }
-        };
-        // Check again: approvals, users and the policy may have changed since the commit.
-        let checked = self
-            .checked(&prepared.workflow_id, false)
-            .await
-            .and_then(|c| {
-                if c.0 != prepared.wallet || c.1 != prepared.sighashes {
-                    return Err("the recorded transaction changed since the commitment".into());
-                }
-                if packages.len() != c.1.len() {
-                    return Err(format!(
-                        "{} packages for {} inputs",
-                        packages.len(),
-                        c.1.len()
-                    ));
-                }
-                Ok(c)
-            });
-        let (_, sighashes, share) = match checked {
-            Ok(c) => c,
-            Err(e) => {
-                discard();
-                return Err(e);
-            }
-        };
-        let (shares, first_error) = {
-            let mut state = self.state.lock().map_err(|_| "poisoned")?;
             let mut shares = Vec::with_capacity(packages.len());
-            let mut first_error = None;
-            let members = share.public.verifying_shares();
-            // Every input's session is consumed, even after a refusal.
-            for (i, (bytes, sighash)) in packages.iter().zip(&sighashes).enumerate() {
-                let input = input_session(session_id, i);
-                let package = SigningPackage::deserialize(bytes)
-                    .map_err(|e| format!("package {i}: {e}"))
-                    .and_then(|p| {
-                        // A stranger's commitment makes a share no signature can use.
-                        match p
-                            .signing_commitments()
-                            .keys()
-                            .find(|id| !members.contains_key(id))
-                        {
-                            Some(stranger) => Err(format!(
-                                "package {i}: signer {} is not a guardian of {}",
-                                hex::encode(stranger.serialize()),
-                                prepared.wallet
-                            )),
-                            None => Ok(p),
-                        }
-                    });
-                let result = match package {
-                    Ok(p) => state
-                        .signer
-                        .sign(&input, &share.tweaked, &p, sighash)
-                        .map(|s| s.serialize())
-                        .map_err(|e| format!("input {i}: {e}")),
-                    Err(e) => {
-                        state.signer.discard(&input);
-                        Err(e)
-                    }
-                };
-                match result {
-                    Ok(s) => shares.push(s),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
+            for (i, ((package, sighash), taken)) in
+                packages.iter().zip(&sighashes).zip(taken).enumerate()
+            {
+                let ((for_wallet, drawn_with), nonces) =
+                    taken.map_err(|e| refused(format!("input {i}: {e}")))?;
+                if for_wallet != wallet || !Arc::ptr_eq(&drawn_with, &share) {
+                    return Err(refused(format!(
+                        "input {i}: the commitment was handed out for another wallet or share"
+                    )));
                 }
+                // A stranger's commitment makes a share no signature can use.
+                if let Some(stranger) = package
+                    .signing_commitments()
+                    .keys()
+                    .find(|id| !members.contains_key(id))
+                {
+                    return Err(refused(format!(
+                        "package {i}: signer {} is not a guardian of {wallet}",
+                        hex::encode(stranger.serialize())
+                    )));
+                }
+                let signed = sign::round2(nonces, &share.tweaked, package, sighash)
+                    .map_err(|e| refused(format!("input {i}: {e}")))?;
+                shares.push(signed.serialize());
             }
-            (shares, first_error)
+            // Claiming is the final test that the id is new; the shares leave
+            // only once the claim is on disk, so this id never signs again,
+            // even after a restart.
+            let claim = self.sessions.claim(session_id).map_err(refused)?;
+            (shares, claim)
         };
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        // The shares leave only once the session's claim is on disk.
-        match prepared.claim.await {
+        match claim.await {
             Ok(Ok(())) => Ok(SignReply::Shares { shares }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err("the session log writer stopped".into()),
+            Ok(Err(e)) => Err(refused(e)),
+            Err(_) => Err(refused("the session log writer stopped")),
         }
     }
 }

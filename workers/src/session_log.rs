@@ -1,7 +1,7 @@
-//! A guardian's record of the signing sessions it committed to: an
-//! append-only log, one claim per line (`<session id> <unix seconds>`). A
-//! session id is claimed once; round 2 releases shares only after the claim is
-//! on disk, so an id signs at most once, also across restarts. Claims are
+//! A guardian's record of the signing sessions it signed in: an append-only
+//! log, one claim per line (`<session id> <unix seconds>`). A session id is
+//! claimed once; shares leave only after the claim is on disk, so an id signs
+//! at most once, also across restarts. Claims are
 //! group-committed: one writer thread appends every claim made meanwhile and
 //! syncs once for all of them (an fsync per signing, with its journal commit,
 //! cost more than the signing).
@@ -10,10 +10,11 @@
 //! writer rewrites the log without them once it is mostly forgotten claims):
 //! at 300 signings a second a log that kept everything grew by 26 million
 //! lines a day, all read into memory at every start. Forgetting is safe:
-//! nonces live only in the guardian's memory and a claim outlives every
-//! session that could still use it ([`KEEP`] is many session lifetimes); an
-//! id replayed after that opens a new session with fresh nonces, as any new
-//! id the coordinator picks would, and signs only what the trail justifies.
+//! nonces live only in the guardian's memory, each for one package, and a
+//! claim outlives every nonce that could have served its session ([`KEEP`]
+//! is six commitment lifetimes); an id replayed after that can sign only with
+//! commitments handed out since, as any new id the coordinator picks would,
+//! and only what the trail justifies.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -33,8 +34,8 @@ type Claim = (String, u64, oneshot::Sender<Result<(), String>>);
 /// Most claims written with one sync.
 const MAX_GROUP: usize = 1_024;
 
-/// How long a claim is kept: thirty times a committed session's lifetime
-/// (`guardian_sign::SESSION_TTL`, 120 s).
+/// How long a claim is kept: six times a handed-out commitment's lifetime
+/// ([`crate::signing::COMMITMENT_TTL`], 10 min).
 const KEEP: Duration = Duration::from_secs(3_600);
 
 /// The log is rewritten once its lines outnumber the kept claims by this much

@@ -1,14 +1,15 @@
 //! Threshold signing of an approved, built transfer over NATS.
 //!
-//! The coordinator (the signing step) picks `threshold` live guardians, runs
-//! FROST round 1 and round 2 with each over request/reply, aggregates, and
-//! appends `TRANSACTION_SIGNED`. It is trusted with nothing: every guardian
+//! The coordinator (the signing step) picks `threshold` live guardians, builds
+//! each input's signing package from commitments they handed out ahead (FROST
+//! preprocessing, kept in a stock per guardian and wallet), asks each once for
+//! its shares, aggregates, and appends `TRANSACTION_SIGNED`. It is trusted with nothing: every guardian
 //! checks the workflow in its own verified replica of the trail ([`check`]) and
 //! signs only the sighashes it recomputed from the recorded transaction. A
 //! guardian that times out or answers with an invalid share is named in an alert
 //! and replaced, while enough guardians are live.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,14 +41,17 @@ use crate::trail::{Trail, TrailView};
 /// What the coordinator asks a guardian, on `custos.guardian.<id>.sign`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SignRequest {
-    /// Check the workflow and commit to fresh nonces, one per input.
-    Commit {
+    /// Draw `count` fresh nonces for `wallet` and hand out their commitments
+    /// ahead of any signing (FROST preprocessing): nothing is checked or
+    /// signed yet, and no workflow is bound to them.
+    Preprocess { wallet: String, count: u16 },
+    /// Check the workflow and sign each input's package (serialized
+    /// `SigningPackage`s, in input order) with the nonces of the commitment it
+    /// carries for this guardian. `session_id` names the attempt: it signs at
+    /// most once.
+    Sign {
         session_id: String,
         workflow_id: String,
-    },
-    /// Sign each input's package (serialized `SigningPackage`s, in input order).
-    Share {
-        session_id: String,
         packages: Vec<Vec<u8>>,
     },
 }
@@ -55,10 +59,10 @@ pub enum SignRequest {
 /// A guardian's answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum SignReply {
-    Committed {
+    Preprocessed {
         /// Serialized FROST identifier.
         identifier: Vec<u8>,
-        /// Serialized `SigningCommitments`, one per input.
+        /// Serialized `SigningCommitments`, each usable by one package.
         commitments: Vec<Vec<u8>>,
         /// The guardian's public key package for the wallet (serialized): what
         /// the coordinator checks shares against.
@@ -68,12 +72,22 @@ pub enum SignReply {
         /// Serialized `SignatureShare`s, one per input.
         shares: Vec<Vec<u8>>,
     },
+    /// A package carries a commitment of this guardian it no longer holds
+    /// nonces for (it restarted, or they expired): ask for fresh ones.
+    Stale {
+        reason: String,
+    },
     Refused {
         reason: String,
     },
 }
 
-/// Every check a guardian makes before it commits to sign `workflow_id` for the
+/// How many commitments one [`SignRequest::Preprocess`] may ask for.
+pub const MAX_PREPROCESS: u16 = 64;
+/// How long a guardian keeps the nonces of a commitment it handed out.
+pub const COMMITMENT_TTL: Duration = Duration::from_secs(600);
+
+/// Every check a guardian makes before it signs `workflow_id` for the
 /// wallet whose Taproot script is `wallet_script`, on its verified replica of
 /// the trail at `now`. Returns the checked transaction, whose sighashes the
 /// guardian then computes itself.
@@ -219,8 +233,55 @@ pub fn wallet_script(wallet: &WalletDescriptor) -> Result<Vec<u8>, String> {
 
 /// Guardians whose heartbeat is older than this are not asked.
 const LIVE: Duration = Duration::from_secs(15);
-/// How long a guardian may take to answer one round.
+/// How long a guardian may take to answer one request.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
+/// A wallet's stock of a guardian's commitments is topped up, off any
+/// signing's path, once it falls below this.
+const LOW_STOCK: usize = 32;
+/// Commitments are used only while well inside the guardian's keeping time.
+const FRESH: Duration = Duration::from_secs(COMMITMENT_TTL.as_secs() / 2);
+/// Attempts made again after a guardian no longer held the nonces of the
+/// commitments it was sent (it restarted, or they expired).
+const STALE_RETRIES: usize = 2;
+
+/// Commitments a guardian handed out ahead for a wallet, not yet used.
+#[derive(Debug)]
+struct Held {
+    identifier: Identifier,
+    public_key_package: Vec<u8>,
+    commitments: VecDeque<(Instant, SigningCommitments)>,
+    /// A top-up is on its way.
+    refilling: bool,
+}
+
+impl Held {
+    /// `n` fresh commitments, if the stock has them.
+    fn take(&mut self, n: usize) -> Option<Commitments> {
+        while self
+            .commitments
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() >= FRESH)
+        {
+            self.commitments.pop_front();
+        }
+        (self.commitments.len() >= n).then(|| {
+            let taken = self.commitments.drain(..n).map(|(_, c)| c).collect();
+            (self.identifier, taken, self.public_key_package.clone())
+        })
+    }
+}
+
+/// The guardians' commitments by (guardian, wallet).
+type Stock = Arc<Mutex<HashMap<(String, String), Held>>>;
+
+/// Why an attempt did not sign.
+enum Failure {
+    /// The guardians to blame, and why.
+    Blamed(Vec<(String, String)>),
+    /// A guardian no longer held the nonces of its commitments: its stock is
+    /// dropped, and another attempt gets fresh ones.
+    Stale,
+}
 
 /// The signing step (coordinator).
 #[derive(Debug, Clone)]
@@ -231,6 +292,8 @@ pub struct SignStep {
     consumer: StepConsumer,
     /// Live guardians as last read, and when: heartbeats come every 2 s.
     live: Arc<Mutex<Option<LiveReading>>>,
+    /// Commitments handed out ahead: a signing asks each guardian once.
+    stock: Stock,
 }
 
 type LiveReading = (Instant, BTreeSet<String>);
@@ -247,6 +310,7 @@ impl SignStep {
             consumer: workflow_consumer("signing")
                 .ok_or("no consumer definition for the signing step")?,
             live: Arc::new(Mutex::new(None)),
+            stock: Stock::default(),
         })
     }
 
@@ -298,30 +362,137 @@ impl SignStep {
         }
     }
 
-    /// One attempt with `signers`: the signatures, or the guardians to blame.
+    /// Asks `guardian` (of `index`) to hand out `count` commitments for `wallet`.
+    async fn preprocess(
+        &self,
+        guardian: &str,
+        index: u16,
+        wallet: &str,
+        count: usize,
+    ) -> Result<Held, String> {
+        let mut held: Option<Held> = None;
+        while held.as_ref().map_or(0, |h| h.commitments.len()) < count {
+            let request = SignRequest::Preprocess {
+                wallet: wallet.to_string(),
+                count: MAX_PREPROCESS,
+            };
+            let fresh = read_commitments(guardian, index, self.ask(guardian, &request).await?)?;
+            match &mut held {
+                Some(h) => h.commitments.extend(fresh.commitments),
+                None => held = Some(fresh),
+            }
+        }
+        held.ok_or_else(|| format!("no commitments asked of {guardian}"))
+    }
+
+    /// `inputs` commitments of `guardian` for `wallet`: from the stock, or
+    /// asked for now when it is short. The stock is topped up off the
+    /// signing's path when it runs low.
+    async fn commitments(
+        &self,
+        guardian: &str,
+        index: u16,
+        wallet: &str,
+        inputs: usize,
+    ) -> Result<Commitments, String> {
+        let key = (guardian.to_string(), wallet.to_string());
+        let stocked = self
+            .stock
+            .lock()
+            .map_err(|_| "stock poisoned")?
+            .get_mut(&key)
+            .and_then(|held| held.take(inputs));
+        let taken = match stocked {
+            Some(taken) => taken,
+            None => {
+                let mut fresh = self.preprocess(guardian, index, wallet, inputs).await?;
+                let taken = fresh
+                    .take(inputs)
+                    .ok_or_else(|| format!("{guardian} handed out too few commitments"))?;
+                self.restock(&key, fresh);
+                taken
+            }
+        };
+        self.top_up(key, index);
+        Ok(taken)
+    }
+
+    /// Adds commitments just handed out to the stock (a guardian answering
+    /// with another key replaces what was held of it).
+    fn restock(&self, key: &(String, String), fresh: Held) {
+        let Ok(mut stock) = self.stock.lock() else {
+            return;
+        };
+        match stock.get_mut(key) {
+            Some(held)
+                if held.identifier == fresh.identifier
+                    && held.public_key_package == fresh.public_key_package =>
+            {
+                held.commitments.extend(fresh.commitments);
+            }
+            _ => {
+                stock.insert(key.clone(), fresh);
+            }
+        }
+    }
+
+    /// Asks for a batch of commitments in the background once the stock of
+    /// `key` runs low.
+    fn top_up(&self, key: (String, String), index: u16) {
+        {
+            let Ok(mut stock) = self.stock.lock() else {
+                return;
+            };
+            match stock.get_mut(&key) {
+                Some(held) if !held.refilling && held.commitments.len() < LOW_STOCK => {
+                    held.refilling = true;
+                }
+                _ => return,
+            }
+        }
+        let step = self.clone();
+        tokio::spawn(async move {
+            let (guardian, wallet) = &key;
+            let fresh = step.preprocess(guardian, index, wallet, 1).await;
+            match fresh {
+                Ok(fresh) => step.restock(&key, fresh),
+                Err(reason) => tracing::debug!(%guardian, %reason, "commitments not topped up"),
+            }
+            if let Ok(mut stock) = step.stock.lock()
+                && let Some(held) = stock.get_mut(&key)
+            {
+                held.refilling = false;
+            }
+        });
+    }
+
+    /// One attempt with `signers`: the signatures, or why not.
     async fn attempt(
         &self,
         workflow_id: &str,
+        wallet: &str,
         signers: &[(String, u16)],
         checked: &CheckedSpend,
         group_key: &str,
-    ) -> Result<Vec<sign::Aggregated>, Vec<(String, String)>> {
+    ) -> Result<Vec<sign::Aggregated>, Failure> {
+        let coordinator = |e: String| Failure::Blamed(vec![("coordinator".to_string(), e)]);
         let session_id = format!("{workflow_id}-{}", hex::encode(rand::random::<[u8; 8]>()));
         let sighashes = checked
             .sighashes()
-            .map_err(|e| vec![("coordinator".to_string(), e.to_string())])?;
-        let commit = SignRequest::Commit {
-            session_id: session_id.clone(),
-            workflow_id: workflow_id.to_string(),
-        };
-        let replies = join_all(signers.iter().map(|(g, _)| self.ask(g, &commit))).await;
+            .map_err(|e| coordinator(e.to_string()))?;
+        let stocked = join_all(
+            signers
+                .iter()
+                .map(|(g, index)| self.commitments(g, *index, wallet, sighashes.len())),
+        )
+        .await;
         let mut blamed = Vec::new();
         let mut commitments: Vec<BTreeMap<Identifier, SigningCommitments>> =
             vec![BTreeMap::new(); sighashes.len()];
         let mut packages_by_guardian: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut ids: BTreeMap<Identifier, String> = BTreeMap::new();
-        for ((g, index), reply) in signers.iter().zip(replies) {
-            match reply.and_then(|r| read_commitments(g, *index, r, sighashes.len())) {
+        for ((g, _), stocked) in signers.iter().zip(stocked) {
+            match stocked {
                 Ok((id, cs, pkp)) => {
                     for (i, c) in cs.into_iter().enumerate() {
                         commitments[i].insert(id, c);
@@ -333,9 +504,10 @@ impl SignStep {
             }
         }
         if !blamed.is_empty() {
-            return Err(blamed);
+            return Err(Failure::Blamed(blamed));
         }
-        let public = agreed_public_package(&packages_by_guardian, group_key)?;
+        let public =
+            agreed_public_package(&packages_by_guardian, group_key).map_err(Failure::Blamed)?;
         let packages: Vec<SigningPackage> = commitments
             .into_iter()
             .zip(&sighashes)
@@ -343,19 +515,26 @@ impl SignStep {
             .collect();
         let mut serialized = Vec::with_capacity(packages.len());
         for p in &packages {
-            serialized.push(
-                p.serialize()
-                    .map_err(|e| vec![("coordinator".to_string(), e.to_string())])?,
-            );
+            serialized.push(p.serialize().map_err(|e| coordinator(e.to_string()))?);
         }
-        let share = SignRequest::Share {
+        let share = SignRequest::Sign {
             session_id,
+            workflow_id: workflow_id.to_string(),
             packages: serialized,
         };
         let replies = join_all(signers.iter().map(|(g, _)| self.ask(g, &share))).await;
         let mut shares: Vec<BTreeMap<Identifier, SignatureShare>> =
             vec![BTreeMap::new(); packages.len()];
+        let mut stale = false;
         for ((g, index), reply) in signers.iter().zip(replies) {
+            if let Ok(SignReply::Stale { reason }) = &reply {
+                tracing::info!(guardian = %g, %reason, "commitments dropped as stale");
+                if let Ok(mut stock) = self.stock.lock() {
+                    stock.remove(&(g.clone(), wallet.to_string()));
+                }
+                stale = true;
+                continue;
+            }
             match reply.and_then(|r| read_shares(g, r, packages.len())) {
                 Ok(ss) => {
                     let Ok(id) = Identifier::try_from(*index) else {
@@ -370,22 +549,27 @@ impl SignStep {
             }
         }
         if !blamed.is_empty() {
-            return Err(blamed);
+            return Err(Failure::Blamed(blamed));
+        }
+        if stale {
+            return Err(Failure::Stale);
         }
         let mut signatures = Vec::with_capacity(packages.len());
         for (package, shares) in packages.iter().zip(&shares) {
             match sign::aggregate(package, shares, &public.aggregation) {
                 Ok(sig) => signatures.push(sig),
                 Err(AggregateError::InvalidShares { culprits }) => {
-                    return Err(culprits
-                        .iter()
-                        .map(|c| {
-                            let who = ids.get(c).cloned().unwrap_or_else(|| "unknown".into());
-                            (who, "sent an invalid signature share".to_string())
-                        })
-                        .collect());
+                    return Err(Failure::Blamed(
+                        culprits
+                            .iter()
+                            .map(|c| {
+                                let who = ids.get(c).cloned().unwrap_or_else(|| "unknown".into());
+                                (who, "sent an invalid signature share".to_string())
+                            })
+                            .collect(),
+                    ));
                 }
-                Err(e) => return Err(vec![("coordinator".to_string(), e.to_string())]),
+                Err(e) => return Err(coordinator(e.to_string())),
             }
         }
         Ok(signatures)
@@ -398,16 +582,13 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// A guardian's commitments for a signing: its identifier, one commitment per
+/// input, and its public key package.
 type Commitments = (Identifier, Vec<SigningCommitments>, Vec<u8>);
 
-fn read_commitments(
-    guardian: &str,
-    index: u16,
-    reply: SignReply,
-    inputs: usize,
-) -> Result<Commitments, String> {
+fn read_commitments(guardian: &str, index: u16, reply: SignReply) -> Result<Held, String> {
     match reply {
-        SignReply::Committed {
+        SignReply::Preprocessed {
             identifier,
             commitments,
             public_key_package,
@@ -417,21 +598,23 @@ fn read_commitments(
             if Identifier::try_from(index).ok() != Some(id) {
                 return Err(format!("{guardian} answered with another identifier"));
             }
-            if commitments.len() != inputs {
-                return Err(format!(
-                    "{guardian} committed for {} inputs, the transaction has {inputs}",
-                    commitments.len()
-                ));
-            }
-            let cs = commitments
+            let now = Instant::now();
+            let commitments = commitments
                 .iter()
-                .map(|c| SigningCommitments::deserialize(c))
-                .collect::<Result<Vec<_>, _>>()
+                .map(|c| SigningCommitments::deserialize(c).map(|c| (now, c)))
+                .collect::<Result<_, _>>()
                 .map_err(|e| format!("{guardian}: bad commitment: {e}"))?;
-            Ok((id, cs, public_key_package))
+            Ok(Held {
+                identifier: id,
+                public_key_package,
+                commitments,
+                refilling: false,
+            })
         }
         SignReply::Refused { reason } => Err(format!("{guardian} refused: {reason}")),
-        SignReply::Shares { .. } => Err(format!("{guardian} answered out of turn")),
+        SignReply::Shares { .. } | SignReply::Stale { .. } => {
+            Err(format!("{guardian} answered out of turn"))
+        }
     }
 }
 
@@ -450,8 +633,10 @@ fn read_shares(
             "{guardian} sent {} shares for {inputs} inputs",
             shares.len()
         )),
-        SignReply::Refused { reason } => Err(format!("{guardian} refused: {reason}")),
-        SignReply::Committed { .. } => Err(format!("{guardian} answered out of turn")),
+        SignReply::Refused { reason } | SignReply::Stale { reason } => {
+            Err(format!("{guardian} refused: {reason}"))
+        }
+        SignReply::Preprocessed { .. } => Err(format!("{guardian} answered out of turn")),
     }
 }
 
@@ -693,10 +878,11 @@ impl SignStep {
             .map(|g| (g.id.clone(), g.index))
             .collect();
         let mut excluded = Vec::new();
+        let mut stale = 0;
         while candidates.len() >= threshold && threshold > 0 {
             let signers: Vec<(String, u16)> = candidates[..threshold].to_vec();
             match self
-                .attempt(workflow_id, &signers, &checked, &group_key)
+                .attempt(workflow_id, &wallet.name, &signers, &checked, &group_key)
                 .await
             {
                 Ok(signatures) => {
@@ -710,7 +896,15 @@ impl SignStep {
                         excluded,
                     });
                 }
-                Err(blamed) => {
+                Err(Failure::Stale) => {
+                    stale += 1;
+                    if stale > STALE_RETRIES {
+                        return Err(format!(
+                            "guardians held no nonces for fresh commitments {stale} times in a row"
+                        ));
+                    }
+                }
+                Err(Failure::Blamed(blamed)) => {
                     let fatal = blamed
                         .iter()
                         .any(|(g, _)| g == "coordinator" || g == "guardians");

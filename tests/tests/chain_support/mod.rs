@@ -106,18 +106,15 @@ pub fn sign_as_guardians(
         .iter()
         .map(|_| check_spend(unsigned, &expectation).expect("guardian check"))
         .collect();
-    let mut signers: Vec<Signer> = quorum.iter().map(|_| Signer::new()).collect();
+    let mut signers: Vec<Signer<()>> = quorum.iter().map(|_| Signer::new(1)).collect();
     let mut rng = rand::thread_rng();
     let mut signatures = Vec::new();
     for input in 0..checked[0].tx.inputs.len() {
-        let session = format!("{}-{input}", checked[0].txid);
         let mut commitments = BTreeMap::new();
         for (s, i) in signers.iter_mut().zip(quorum) {
             let kp = w.key(i);
-            commitments.insert(
-                *kp.identifier(),
-                s.commit(&session, kp, &mut rng).expect("commit"),
-            );
+            let nonces = sign::preprocess(kp, &mut rng);
+            commitments.insert(*kp.identifier(), s.hand_out(nonces, (), 0).expect("commit"));
         }
         let coordinator_view = checked[0].sighash(input).expect("sighash");
         let package = sign::signing_package(commitments, &coordinator_view);
@@ -125,10 +122,10 @@ pub fn sign_as_guardians(
         for ((s, i), c) in signers.iter_mut().zip(quorum).zip(&checked) {
             let kp = w.key(i);
             let mine = c.sighash(input).expect("own sighash");
+            let ((), nonces) = s.take(&package, kp.identifier()).expect("outstanding");
             shares.insert(
                 *kp.identifier(),
-                s.sign(&session, &sign::TweakedKey::new(kp), &package, &mine)
-                    .expect("share"),
+                sign::round2(nonces, &sign::TweakedKey::new(kp), &package, &mine).expect("share"),
             );
         }
         signatures.push(
