@@ -279,8 +279,8 @@ impl SignService {
     }
 
     /// Checks the workflow, then signs each input's package with the nonces
-    /// of the commitment it carries for this guardian. Every commitment named
-    /// is spent, whatever the answer.
+    /// of the commitment it carries for this guardian. Once the workflow
+    /// checks out, every commitment named is spent, whatever the answer.
     async fn sign(
         &self,
         session_id: &str,
@@ -312,52 +312,51 @@ impl SignService {
         }
         let me = *share.key.identifier();
         let members = share.public.verifying_shares();
-        let (shares, claim) = {
+        // Every package's nonces are taken out before any is used: a refusal
+        // spends them all.
+        let taken: Vec<_> = {
             let mut state = self.state.lock().map_err(|_| refused("poisoned"))?;
             let signer = state.signer();
-            // Every package's nonces are taken out before any is used: a
-            // refusal spends them all.
-            let taken: Vec<_> = packages.iter().map(|p| signer.take(p, &me)).collect();
-            if let Some(Err(stale)) = taken
-                .iter()
-                .find(|t| matches!(t, Err(SignError::UnknownCommitment)))
-            {
-                return Err(SignReply::Stale {
-                    reason: stale.to_string(),
-                });
-            }
-            let mut shares = Vec::with_capacity(packages.len());
-            for (i, ((package, sighash), taken)) in
-                packages.iter().zip(&sighashes).zip(taken).enumerate()
-            {
-                let ((for_wallet, drawn_with), nonces) =
-                    taken.map_err(|e| refused(format!("input {i}: {e}")))?;
-                if for_wallet != wallet || !Arc::ptr_eq(&drawn_with, &share) {
-                    return Err(refused(format!(
-                        "input {i}: the commitment was handed out for another wallet or share"
-                    )));
-                }
-                // A stranger's commitment makes a share no signature can use.
-                if let Some(stranger) = package
-                    .signing_commitments()
-                    .keys()
-                    .find(|id| !members.contains_key(id))
-                {
-                    return Err(refused(format!(
-                        "package {i}: signer {} is not a guardian of {wallet}",
-                        hex::encode(stranger.serialize())
-                    )));
-                }
-                let signed = sign::round2(nonces, &share.tweaked, package, sighash)
-                    .map_err(|e| refused(format!("input {i}: {e}")))?;
-                shares.push(signed.serialize());
-            }
-            // Claiming is the final test that the id is new; the shares leave
-            // only once the claim is on disk, so this id never signs again,
-            // even after a restart.
-            let claim = self.sessions.claim(session_id).map_err(refused)?;
-            (shares, claim)
+            packages.iter().map(|p| signer.take(p, &me)).collect()
         };
+        if let Some(Err(stale)) = taken
+            .iter()
+            .find(|t| matches!(t, Err(SignError::UnknownCommitment)))
+        {
+            return Err(SignReply::Stale {
+                reason: stale.to_string(),
+            });
+        }
+        let mut shares = Vec::with_capacity(packages.len());
+        for (i, ((package, sighash), taken)) in
+            packages.iter().zip(&sighashes).zip(taken).enumerate()
+        {
+            let ((for_wallet, drawn_with), nonces) =
+                taken.map_err(|e| refused(format!("input {i}: {e}")))?;
+            if for_wallet != wallet || !Arc::ptr_eq(&drawn_with, &share) {
+                return Err(refused(format!(
+                    "input {i}: the commitment was handed out for another wallet or share"
+                )));
+            }
+            // A stranger's commitment makes a share no signature can use.
+            if let Some(stranger) = package
+                .signing_commitments()
+                .keys()
+                .find(|id| !members.contains_key(id))
+            {
+                return Err(refused(format!(
+                    "package {i}: signer {} is not a guardian of {wallet}",
+                    hex::encode(stranger.serialize())
+                )));
+            }
+            let signed = sign::round2(nonces, &share.tweaked, package, sighash)
+                .map_err(|e| refused(format!("input {i}: {e}")))?;
+            shares.push(signed.serialize());
+        }
+        // Claiming is the final test that the id is new; the shares leave
+        // only once the claim is on disk, so this id never signs again, even
+        // after a restart.
+        let claim = self.sessions.claim(session_id).map_err(refused)?;
         match claim.await {
             Ok(Ok(())) => Ok(SignReply::Shares { shares }),
             Ok(Err(e)) => Err(refused(e)),
