@@ -612,8 +612,9 @@ async fn start_guardians(
 }
 
 /// Threshold signing ceremonies by guardian processes over NATS (durable
-/// profile), 2-of-3 and 3-of-5: from the coordinator's start (guardians check
-/// the trail, two rounds, aggregation, BIP-340 check) to the signed
+/// profile), 2-of-3 and 3-of-5: from the coordinator's start (commitments
+/// from its stock, one request per guardian, which checks the trail and signs,
+/// aggregation, BIP-340 check) to the signed
 /// transaction, against the same signing computed in one process; then
 /// signatures/s with many ceremonies in flight.
 async fn signing(count: usize) -> anyhow::Result<std::process::ExitCode> {
