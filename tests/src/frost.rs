@@ -45,7 +45,7 @@ impl Guardian {
         Self::start_in(nats, id, tempfile::tempdir().expect("tempdir")).await
     }
 
-    /// Starts guardian `id` on the data (identity, shares, session markers) in `dir`.
+    /// Starts guardian `id` on the data (identity, shares, session log) in `dir`.
     pub async fn start_in(nats: &Nats, id: &str, dir: TempDir) -> Guardian {
         let upstream = SocketAddr::from(([127, 0, 0, 1], nats.server.port()));
         let proxy = Proxy::start(upstream).await;
@@ -75,6 +75,39 @@ impl Guardian {
         self.trigger.trigger();
         let _ = self.task.await;
         self.dir
+    }
+
+    /// Stops it and starts it again on the same data, once it announced
+    /// itself again (a heartbeat after the restart).
+    pub async fn restart(self, nats: &Nats) -> Guardian {
+        let heartbeats = nats
+            .js()
+            .await
+            .get_key_value(subjects::GUARDIANS_BUCKET)
+            .await
+            .expect("bucket");
+        let id = self.id.clone();
+        let dir = self.stop().await;
+        let last = heartbeats
+            .entry(&id)
+            .await
+            .expect("entry")
+            .map(|e| e.revision);
+        let guardian = Guardian::start_in(nats, &id, dir).await;
+        assert!(
+            eventually(Duration::from_secs(30), || async {
+                heartbeats
+                    .entry(&id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|e| e.revision)
+                    > last
+            })
+            .await,
+            "{id} is back"
+        );
+        guardian
     }
 
     /// Ends it at once, as a `kill -9` would: no shutdown path runs, its

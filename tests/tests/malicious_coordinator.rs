@@ -316,33 +316,8 @@ async fn forged_commitments_and_second_shares_are_refused() {
     // A restarted guardian knows the sessions it signed in (on disk), and
     // holds no nonces from before.
     let (id2, before) = commit(&client, "g2").await;
-    let heartbeats = nats
-        .js()
-        .await
-        .get_key_value(subjects::GUARDIANS_BUCKET)
-        .await
-        .expect("bucket");
-    let g2 = guardians.remove(1);
-    let dir = g2.stop().await;
-    let last = heartbeats
-        .entry("g2")
-        .await
-        .expect("entry")
-        .map(|e| e.revision);
-    guardians.insert(1, Guardian::start_in(&nats, "g2", dir).await);
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            heartbeats
-                .entry("g2")
-                .await
-                .ok()
-                .flatten()
-                .map(|e| e.revision)
-                > last
-        })
-        .await,
-        "g2 is back"
-    );
+    let g2 = guardians.remove(1).restart(&nats).await;
+    guardians.insert(1, g2);
     stale(
         &sign(
             "g2",
@@ -777,30 +752,8 @@ async fn a_restarted_guardian_is_asked_for_fresh_commitments_not_blamed() {
     assert_eq!(signed_by(&nats, &first).await, vec!["g1", "g2"]);
     // The coordinator holds g2's commitments of before; g2 restarts without
     // their nonces.
-    let heartbeats = js
-        .get_key_value(subjects::GUARDIANS_BUCKET)
-        .await
-        .expect("bucket");
-    let dir = guardians.remove(1).stop().await;
-    let last = heartbeats
-        .entry("g2")
-        .await
-        .expect("entry")
-        .map(|e| e.revision);
-    guardians.insert(1, Guardian::start_in(&nats, "g2", dir).await);
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            heartbeats
-                .entry("g2")
-                .await
-                .ok()
-                .flatten()
-                .map(|e| e.revision)
-                > last
-        })
-        .await,
-        "g2 is back"
-    );
+    let g2 = guardians.remove(1).restart(&nats).await;
+    guardians.insert(1, g2);
     let (second, _) = built_transfers(&nats, &engine, &wallet, "after-restart", 1)
         .await
         .remove(0);
