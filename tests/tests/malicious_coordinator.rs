@@ -104,6 +104,17 @@ async fn sign(
     .await
 }
 
+/// The guardians and their 2-of-3 wallet `vault` under the default policy.
+async fn vault(nats: &Nats, engine: &Engine) -> Frost {
+    frost_setup(
+        nats,
+        engine,
+        "vault",
+        policy::default_policy().expect("policy"),
+    )
+    .await
+}
+
 /// Commitments no guardian made (of an unrelated share).
 fn forged() -> SigningCommitments {
     let share = custos_custody::frost::keys::SigningShare::deserialize(&rand::random::<[u8; 32]>())
@@ -204,13 +215,7 @@ async fn forged_commitments_and_second_shares_are_refused() {
         wallet,
         trigger,
         shutdown,
-    } = frost_setup(
-        &nats,
-        &engine,
-        "vault",
-        policy::default_policy().expect("policy"),
-    )
-    .await;
+    } = vault(&nats, &engine).await;
     let transfers = built_transfers(&nats, &engine, &wallet, "rogue", 2).await;
     let (id, sighash) = &transfers[0];
     let sign = |g: &'static str, session: &'static str, package: SigningPackage| {
@@ -513,39 +518,17 @@ fn garbage(workflow_id: &str) -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 packages: vec![vec![0xFF; 64]; 5_000],
             }),
         ),
-        (
-            "sign",
-            "a path as wallet",
-            codec::to_msgpack(&SignRequest::Preprocess {
-                wallet: "../../shares/vault".into(),
-                count: 1,
-            }),
-        ),
-        (
-            "sign",
-            "65,535 commitments at once",
-            codec::to_msgpack(&SignRequest::Preprocess {
-                wallet: "vault".into(),
-                count: u16::MAX,
-            }),
-        ),
-        (
-            "sign",
-            "no commitments",
-            codec::to_msgpack(&SignRequest::Preprocess {
-                wallet: "vault".into(),
-                count: 0,
-            }),
-        ),
-        (
-            "sign",
-            "commitments for an unknown wallet",
-            codec::to_msgpack(&SignRequest::Preprocess {
-                wallet: "nowhere".into(),
-                count: 1,
-            }),
-        ),
     ]);
+    for (what, wallet, count) in [
+        ("a path as wallet", "../../shares/vault", 1),
+        ("65,535 commitments at once", "vault", u16::MAX),
+        ("no commitments", "vault", 0),
+        ("commitments for an unknown wallet", "nowhere", 1),
+    ] {
+        let wallet = wallet.into();
+        let preprocess = codec::to_msgpack(&SignRequest::Preprocess { wallet, count });
+        out.push(("sign", what, preprocess));
+    }
     out.extend(ceremonies.iter().map(|r| {
         (
             "ceremony",
@@ -568,13 +551,7 @@ async fn garbage_on_every_guardian_subject_is_refused_and_signing_goes_on() {
         wallet,
         trigger,
         shutdown,
-    } = frost_setup(
-        &nats,
-        &engine,
-        "vault",
-        policy::default_policy().expect("policy"),
-    )
-    .await;
+    } = vault(&nats, &engine).await;
     let transfers = built_transfers(&nats, &engine, &wallet, "after-garbage", 1).await;
     let heartbeats = js
         .get_key_value(subjects::GUARDIANS_BUCKET)
@@ -658,13 +635,7 @@ async fn a_guardian_killed_after_handing_out_commitments_is_named_and_replaced()
         wallet,
         trigger,
         shutdown,
-    } = frost_setup(
-        &nats,
-        &engine,
-        "vault",
-        policy::default_policy().expect("policy"),
-    )
-    .await;
+    } = vault(&nats, &engine).await;
     // The coordinator asks g1 and g2 (live, in the wallet's order) for
     // commitments. g2 hears nothing until g1 has handed its out and died;
     // then the coordinator's request for shares finds g1 gone.
@@ -738,13 +709,7 @@ async fn a_restarted_guardian_is_asked_for_fresh_commitments_not_blamed() {
         wallet,
         trigger,
         shutdown,
-    } = frost_setup(
-        &nats,
-        &engine,
-        "vault",
-        policy::default_policy().expect("policy"),
-    )
-    .await;
+    } = vault(&nats, &engine).await;
     run_coordinator(&nats, &engine, &shutdown).await;
     let (first, _) = built_transfers(&nats, &engine, &wallet, "before-restart", 1)
         .await
