@@ -63,6 +63,11 @@ pub struct AnvilNode {
 }
 
 impl AnvilNode {
+    /// The running node's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts anvil on `port` (0 picks a free one) with automine, and waits
     /// until it answers `eth_chainId`.
     pub async fn start(port: u16) -> Result<AnvilNode, AnvilError> {

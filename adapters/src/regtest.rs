@@ -63,6 +63,11 @@ pub struct RegtestNode {
 }
 
 impl RegtestNode {
+    /// The running node's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts a node storing under `data_dir` with RPC on `rpc_port` (0 picks a
     /// free one), loads or creates its wallet and mines until the wallet can
     /// spend block rewards. Restarting on the same directory keeps the chain.

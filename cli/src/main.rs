@@ -11,6 +11,7 @@ mod nats;
 mod policy;
 mod services;
 mod signer;
+mod started;
 mod tx;
 mod up;
 mod wallet;

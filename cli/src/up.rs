@@ -112,6 +112,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let data_dir = args.data_dir.unwrap_or_else(crate::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
+    // Declared before every child, so dropped (the record removed) after them.
+    let started = crate::started::Started::claim(&data_dir)?;
     let durability = if args.profile == "durable" {
         Durability::Always
     } else {
@@ -122,6 +124,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => {
             let server =
                 NatsServer::start(&data_dir.join("nats"), args.nats_port, durability).await?;
+            started.record("nats-server", server.pid())?;
             let url = server.url();
             (Some(server), url, true)
         }
@@ -245,6 +248,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if let Some(services::BitcoinNode::Local(n)) = &node {
+        started.record("litecoind", n.pid())?;
+    }
+    if let Some(services::EvmNode::Local(n)) = &evm {
+        started.record("anvil", n.pid())?;
+    }
     if node.is_some() || evm.is_some() {
         services::chain(
             &client,
@@ -275,10 +284,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         custos_schemas::subjects::REQ_TRANSFER
     );
     let guardians = start_local_guardians(&data_dir, &url, args.local_guardians)?;
+    for (i, guardian) in guardians.iter().enumerate() {
+        started.record(&format!("guardian g{}", i + 1), guardian.id())?;
+    }
     let _signer = if args.no_local_signer {
         None
     } else {
         let signer = start_local_signer(&data_dir, &url)?;
+        started.record(&format!("HD signer {LOCAL_SIGNER}"), signer.id())?;
         println!(
             "  HD signer   {LOCAL_SIGNER} (local process, seeds in {})",
             data_dir.join("signers").display()

@@ -149,6 +149,83 @@ fn up_runs_the_engine_stops_on_ctrl_c_and_resumes_on_the_same_data() {
     assert!(up.interrupt().success());
 }
 
+/// SIGKILLs the processes still running when dropped.
+struct Reap(Vec<u32>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        for pid in self.0.iter().filter(|pid| running(**pid)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// A `custos up` killed outright (SIGKILL) cannot stop the servers and
+/// guardians it started; the next one on the same data directory stops them,
+/// then starts its own on the same port.
+#[test]
+fn the_next_up_stops_what_a_killed_one_left_running() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port().expect("port");
+    let mut up = Up::start(dir.path(), port, &[]);
+    // The banner's last line comes once everything is started.
+    up.wait_for("Ctrl-C stops it.", Duration::from_secs(60));
+    let recorded = std::fs::read_to_string(dir.path().join("up.pids")).expect("the record");
+    let children: Vec<u32> = recorded
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let pid = line.split(' ').next().expect("a pid");
+            pid.parse().expect("a number")
+        })
+        .collect();
+    // Whatever the outcome, none of them outlives the test.
+    let _reap = Reap(children.clone());
+    assert!(
+        children.len() >= 5,
+        "nats-server, three guardians and the HD signer at least: {recorded}"
+    );
+    // A second one on the same data directory while it runs: refused.
+    let second = Command::new(env!("CARGO_BIN_EXE_custos"))
+        .args(["up", "--data-dir"])
+        .arg(dir.path())
+        .args(["--nats-port", &free_port().expect("port").to_string()])
+        .output()
+        .expect("custos up runs");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success() && said.contains("custos up already runs on"),
+        "{said}"
+    );
+    up.child.kill().expect("SIGKILL");
+    up.child.wait().expect("reaped");
+    assert!(
+        children.iter().all(|pid| running(*pid)) && !port_is_free(port),
+        "its children outlive it: {recorded}"
+    );
+
+    let again = Up::start(dir.path(), port, &[]);
+    let still: Vec<&u32> = children.iter().filter(|pid| running(**pid)).collect();
+    assert!(still.is_empty(), "left running: {still:?} of {recorded}");
+    assert!(again.interrupt().success());
+    assert!(port_is_free(port), "the embedded nats-server stopped");
+    assert!(
+        !dir.path().join("up.pids").exists(),
+        "a clean stop leaves no record"
+    );
+}
+
 /// The quick start's first step from the command line: a wallet is asked for
 /// as a change, and the default policy sends it to two administrators; nothing
 /// is created until they approve (the demo walks through their approvals).
