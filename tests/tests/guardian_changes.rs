@@ -69,13 +69,16 @@ fn restart_guardian(client: async_nats::Client, id: &str, dir: tempfile::TempDir
     Guardian { trigger, dir, task }
 }
 
-/// A guardian's share of `wallet` as it holds it on disk (decrypted).
+/// A guardian's share of `wallet` as it holds it on disk (decrypted), read as
+/// the guardian reads it: between a commit's two renames the share is bound
+/// to the staged ceremony marker, not yet to the current one.
 fn share_on_disk(dir: &Path, id: &str, wallet: &str) -> Option<(KeyPackage, PublicKeyPackage)> {
     let shares = dir.join("shares");
     let file = std::fs::read(shares.join(format!("{wallet}.share"))).ok()?;
-    let ceremony = std::fs::read_to_string(shares.join(format!("{wallet}.ceremony"))).ok()?;
-    let plain =
-        store::open_secret(&file, passphrase(id).as_bytes(), id, ceremony.trim()).expect("opens");
+    let plain = ["ceremony", "ceremony.new"].iter().find_map(|marker| {
+        let ceremony = std::fs::read_to_string(shares.join(format!("{wallet}.{marker}"))).ok()?;
+        store::open_secret(&file, passphrase(id).as_bytes(), id, ceremony.trim()).ok()
+    })?;
     let len = u32::from_be_bytes(plain[..4].try_into().expect("length")) as usize;
     Some((
         KeyPackage::deserialize(&plain[4..4 + len]).expect("key package"),
