@@ -309,9 +309,20 @@ async fn forged_commitments_and_second_shares_are_refused() {
         &sign("g2", "twice-1", package(&[(id1, c1), (id2, c2)], sighash)).await,
         "already consumed",
     );
-    let raced = package(&[(id2, c2), (id3, c3)], sighash);
-    let replies =
-        futures::future::join_all((0..4).map(|_| sign("g2", "race-1", raced.clone()))).await;
+    // Four packages at once naming one commitment of g2's, each with another
+    // co-signer commitment and in its own session: one share at most.
+    let mut raced = Vec::new();
+    for _ in 0..4 {
+        raced.push(package(&[(id2, c2), (id3, forged())], sighash));
+    }
+    let sessions = ["race-1", "race-2", "race-3", "race-4"];
+    let replies = futures::future::join_all(
+        sessions
+            .iter()
+            .zip(raced)
+            .map(|(session, p)| sign("g2", session, p)),
+    )
+    .await;
     let given = replies
         .iter()
         .filter(|r| matches!(r, SignReply::Shares { .. }))
@@ -331,7 +342,11 @@ async fn forged_commitments_and_second_shares_are_refused() {
         )
         .await,
     );
-    for session in ["twice-1", "race-1"] {
+    let raced = sessions.iter().zip(&replies);
+    let signed_in = raced
+        .filter(|(_, r)| matches!(r, SignReply::Shares { .. }))
+        .map(|(session, _)| *session);
+    for session in ["twice-1"].into_iter().chain(signed_in) {
         let (id2, c2) = commit(&client, "g2").await;
         refused(
             &sign("g2", session, package(&[(id2, c2), (id3, c3)], sighash)).await,
@@ -716,7 +731,10 @@ async fn a_restarted_guardian_is_asked_for_fresh_commitments_not_blamed() {
         .remove(0);
     assert_eq!(signed_by(&nats, &first).await, vec!["g1", "g2"]);
     // The coordinator holds g2's commitments of before; g2 restarts without
-    // their nonces.
+    // their nonces, and says so when they are named.
+    let client = nats.client().await;
+    let mut replies = client.subscribe("_INBOX.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
     let g2 = guardians.remove(1).restart(&nats).await;
     guardians.insert(1, g2);
     let (second, _) = built_transfers(&nats, &engine, &wallet, "after-restart", 1)
@@ -727,6 +745,15 @@ async fn a_restarted_guardian_is_asked_for_fresh_commitments_not_blamed() {
         vec!["g1", "g2"],
         "signed by the same guardians, with g2's fresh commitments"
     );
+    let stale = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = replies.next().await {
+            if let Ok(SignReply::Stale { .. }) = codec::from_msgpack(&msg.payload) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(stale.is_ok(), "g2 answered that its commitments were stale");
     let alerts: Vec<String> = all_events(&js)
         .await
         .into_iter()

@@ -86,9 +86,20 @@ async fn guardians_sign_only_what_the_trail_justifies() {
         built(&wallet, &destination, 250_000_000, 3),
     )
     .await;
+    // Each guardian refuses both itself when asked directly (the honest
+    // coordinator's own check stops them before it asks any).
+    for id in [&ids[1], &ids[2]] {
+        for g in ["g1", "g2", "g3"] {
+            let reply = ask_to_sign(&client, g, "vault", id, &format!("direct-{g}")).await;
+            assert!(
+                matches!(&reply, SignReply::Refused { reason } if reason.contains("not the approved transfer")),
+                "{g} on {id}: {reply:?}"
+            );
+        }
+    }
 
     // A misbehaving coordinator on a built transfer: a package for a message the
-    // guardian did not compute is refused, and the session is gone after.
+    // guardian did not compute is refused, and its commitment is spent after.
     append_built(
         &engine,
         &nats,

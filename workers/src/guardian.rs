@@ -186,11 +186,21 @@ pub async fn run(
                         Err(reason) => refused(reason),
                         Ok(()) => {
                             let mut unlisted = false;
-                            if let GuardianRequest::Commit { wallet, .. } = &request {
+                            let committed = match &request {
+                                GuardianRequest::Commit { wallet, .. } => Some(wallet.clone()),
+                                _ => None,
+                            };
+                            if let Some(wallet) = &committed {
                                 signing.forget_share(wallet);
                                 unlisted = not_a_guardian(&trail, wallet, &config.id).await;
                             }
-                            tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request, unlisted))
+                            let reply = tokio::task::block_in_place(|| handle(&keys, &config, &mut sessions, request, unlisted));
+                            // Again once the new share is in place: a signing
+                            // in between may have loaded the old one.
+                            if let Some(wallet) = &committed {
+                                signing.forget_share(wallet);
+                            }
+                            reply
                         }
                     },
                     Err(e) => GuardianReply::Refused { reason: format!("undecodable request: {e}") },

@@ -10,7 +10,7 @@
 //! is on disk before any share leaves.
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use custos_custody::frost::SigningPackage;
 use custos_custody::sign::{self, Preprocessed, Sighash, SignError, Signer};
@@ -23,8 +23,9 @@ use crate::signing::{self, COMMITMENT_TTL, MAX_PREPROCESS, SignReply, SignReques
 use crate::trail::Trail;
 
 /// Most nonces a guardian holds for commitments it handed out (about 400
-/// bytes each); beyond it the oldest are dropped.
-const OUTSTANDING: usize = 16_384;
+/// bytes each: 26 MB); beyond it the oldest are dropped. A coordinator keeps
+/// at most about 100 per wallet it signs for.
+const OUTSTANDING: usize = 65_536;
 
 /// What a handed-out commitment may sign for: the wallet, with the share its
 /// nonces were drawn with (a rotation makes another share).
@@ -42,7 +43,7 @@ impl State {
     /// The outstanding nonces, those older than their lifetime dropped.
     fn signer(&mut self) -> &mut Signer<Drawn> {
         self.signer
-            .expire(now_ms().saturating_sub(COMMITMENT_TTL.as_millis() as u64));
+            .expire(since_start().saturating_sub(COMMITMENT_TTL.as_millis() as u64));
         &mut self.signer
     }
 }
@@ -65,10 +66,18 @@ fn refused(reason: impl std::fmt::Display) -> SignReply {
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in ms: what the trail's checks are judged at.
+fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Milliseconds on a monotonic clock: when commitments were handed out (a
+/// wall clock set back would keep stale nonces).
+fn since_start() -> u64 {
+    static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+    START.elapsed().as_millis() as u64
 }
 
 impl SignService {
@@ -160,7 +169,7 @@ impl SignService {
         let mut commitments = Vec::with_capacity(drawn.len());
         {
             let mut state = self.state.lock().map_err(|_| "poisoned")?;
-            let at = now_ms();
+            let at = since_start();
             let signer = state.signer();
             for nonces in drawn {
                 let c = signer
@@ -222,7 +231,7 @@ impl SignService {
                     .find(|g| g.id == self.config.id)
                     .map(|g| g.index);
                 (
-                    script.and_then(|s| signing::check(view, workflow_id, &s, now_ms() as i64)),
+                    script.and_then(|s| signing::check(view, workflow_id, &s, now_ms())),
                     w.group_key.clone(),
                     index,
                 )
@@ -279,8 +288,9 @@ impl SignService {
     }
 
     /// Checks the workflow, then signs each input's package with the nonces
-    /// of the commitment it carries for this guardian. Once the workflow
-    /// checks out, every commitment named is spent, whatever the answer.
+    /// of the commitment it carries for this guardian. Once the workflow and
+    /// the packages check out, every commitment named is spent, whatever the
+    /// answer.
     async fn sign(
         &self,
         session_id: &str,
@@ -295,13 +305,6 @@ impl SignService {
                 "session {session_id} was already consumed"
             )));
         }
-        let packages = packages
-            .iter()
-            .enumerate()
-            .map(|(i, bytes)| {
-                SigningPackage::deserialize(bytes).map_err(|e| refused(format!("package {i}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         let (wallet, sighashes, share) = self.checked(workflow_id).await.map_err(refused)?;
         if packages.len() != sighashes.len() {
             return Err(refused(format!(
@@ -310,10 +313,17 @@ impl SignService {
                 sighashes.len()
             )));
         }
+        let packages = packages
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                SigningPackage::deserialize(bytes).map_err(|e| refused(format!("package {i}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let me = *share.key.identifier();
         let members = share.public.verifying_shares();
         // Every package's nonces are taken out before any is used: a refusal
-        // spends them all.
+        // from here on spends them all.
         let taken: Vec<_> = {
             let mut state = self.state.lock().map_err(|_| refused("poisoned"))?;
             let signer = state.signer();
@@ -333,10 +343,14 @@ impl SignService {
         {
             let ((for_wallet, drawn_with), nonces) =
                 taken.map_err(|e| refused(format!("input {i}: {e}")))?;
+            // Handed out for another wallet, or before a rotation replaced
+            // the share: spent, and the coordinator asks for fresh ones.
             if for_wallet != wallet || !Arc::ptr_eq(&drawn_with, &share) {
-                return Err(refused(format!(
-                    "input {i}: the commitment was handed out for another wallet or share"
-                )));
+                return Err(SignReply::Stale {
+                    reason: format!(
+                        "input {i}: the commitment was handed out for another wallet or share"
+                    ),
+                });
             }
             // A stranger's commitment makes a share no signature can use.
             if let Some(stranger) = package

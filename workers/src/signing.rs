@@ -240,9 +240,6 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
 const LOW_STOCK: usize = 32;
 /// Commitments are used only while well inside the guardian's keeping time.
 const FRESH: Duration = Duration::from_secs(COMMITMENT_TTL.as_secs() / 2);
-/// Attempts made again after a guardian no longer held the nonces of the
-/// commitments it was sent (it restarted, or they expired).
-const STALE_RETRIES: usize = 2;
 
 /// Commitments a guardian handed out ahead for a wallet, not yet used.
 #[derive(Debug)]
@@ -256,7 +253,7 @@ struct Held {
 
 impl Held {
     /// `n` fresh commitments, if the stock has them.
-    fn take(&mut self, n: usize) -> Option<Commitments> {
+    fn take(&mut self, n: usize) -> Option<Taken> {
         while self
             .commitments
             .front()
@@ -264,11 +261,23 @@ impl Held {
         {
             self.commitments.pop_front();
         }
-        (self.commitments.len() >= n).then(|| {
-            let taken = self.commitments.drain(..n).map(|(_, c)| c).collect();
-            (self.identifier, taken, self.public_key_package.clone())
+        (self.commitments.len() >= n).then(|| Taken {
+            identifier: self.identifier,
+            commitments: self.commitments.drain(..n).map(|(_, c)| c).collect(),
+            public_key_package: self.public_key_package.clone(),
+            stocked: true,
         })
     }
+}
+
+/// A guardian's commitments for one signing, one per input, with its
+/// identifier and public key package.
+struct Taken {
+    identifier: Identifier,
+    commitments: Vec<SigningCommitments>,
+    public_key_package: Vec<u8>,
+    /// From the stock, rather than handed out for this signing.
+    stocked: bool,
 }
 
 /// The guardians' commitments by (guardian, wallet).
@@ -278,9 +287,10 @@ type Stock = Arc<Mutex<HashMap<(String, String), Held>>>;
 enum Failure {
     /// The guardians to blame, and why.
     Blamed(Vec<(String, String)>),
-    /// A guardian no longer held the nonces of its commitments: its stock is
-    /// dropped, and another attempt gets fresh ones.
-    Stale,
+    /// These guardians no longer held the nonces of their commitments, or
+    /// their stock was of a key since rotated: it is dropped, and another
+    /// attempt gets fresh ones.
+    Stale(Vec<String>),
 }
 
 /// The signing step (coordinator).
@@ -371,14 +381,21 @@ impl SignStep {
         count: usize,
     ) -> Result<Held, String> {
         let mut held: Option<Held> = None;
+        // Every answer holds exactly what was asked, so this ends.
         while held.as_ref().map_or(0, |h| h.commitments.len()) < count {
             let request = SignRequest::Preprocess {
                 wallet: wallet.to_string(),
                 count: MAX_PREPROCESS,
             };
-            let fresh = read_commitments(guardian, index, self.ask(guardian, &request).await?)?;
+            let reply = self.ask(guardian, &request).await?;
+            let fresh = read_commitments(guardian, index, reply, MAX_PREPROCESS)?;
             match &mut held {
-                Some(h) => h.commitments.extend(fresh.commitments),
+                Some(h) if h.public_key_package == fresh.public_key_package => {
+                    h.commitments.extend(fresh.commitments)
+                }
+                Some(_) => {
+                    return Err(format!("{guardian} answered with two public key packages"));
+                }
                 None => held = Some(fresh),
             }
         }
@@ -394,21 +411,28 @@ impl SignStep {
         index: u16,
         wallet: &str,
         inputs: usize,
-    ) -> Result<Commitments, String> {
+    ) -> Result<Taken, String> {
         let key = (guardian.to_string(), wallet.to_string());
-        let stocked = self
-            .stock
-            .lock()
-            .map_err(|_| "stock poisoned")?
-            .get_mut(&key)
-            .and_then(|held| held.take(inputs));
+        let stocked = {
+            let mut stock = self.stock.lock().map_err(|_| "stock poisoned")?;
+            // A guardian's index can change with a new roster: its stock of
+            // before is of no use.
+            if stock
+                .get(&key)
+                .is_some_and(|held| Identifier::try_from(index).ok() != Some(held.identifier))
+            {
+                stock.remove(&key);
+            }
+            stock.get_mut(&key).and_then(|held| held.take(inputs))
+        };
         let taken = match stocked {
             Some(taken) => taken,
             None => {
                 let mut fresh = self.preprocess(guardian, index, wallet, inputs).await?;
-                let taken = fresh
+                let mut taken = fresh
                     .take(inputs)
                     .ok_or_else(|| format!("{guardian} handed out too few commitments"))?;
+                taken.stocked = false;
                 self.restock(&key, fresh);
                 taken
             }
@@ -432,6 +456,15 @@ impl SignStep {
             }
             _ => {
                 stock.insert(key.clone(), fresh);
+            }
+        }
+    }
+
+    /// Forgets the stock of `guardians` for `wallet`.
+    fn drop_stock(&self, guardians: &[String], wallet: &str) {
+        if let Ok(mut stock) = self.stock.lock() {
+            for g in guardians {
+                stock.remove(&(g.clone(), wallet.to_string()));
             }
         }
     }
@@ -491,14 +524,18 @@ impl SignStep {
             vec![BTreeMap::new(); sighashes.len()];
         let mut packages_by_guardian: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut ids: BTreeMap<Identifier, String> = BTreeMap::new();
-        for ((g, _), stocked) in signers.iter().zip(stocked) {
-            match stocked {
-                Ok((id, cs, pkp)) => {
-                    for (i, c) in cs.into_iter().enumerate() {
-                        commitments[i].insert(id, c);
+        let mut from_stock = Vec::new();
+        for ((g, _), taken) in signers.iter().zip(stocked) {
+            match taken {
+                Ok(taken) => {
+                    for (i, c) in taken.commitments.into_iter().enumerate() {
+                        commitments[i].insert(taken.identifier, c);
                     }
-                    packages_by_guardian.insert(g.clone(), pkp);
-                    ids.insert(id, g.clone());
+                    packages_by_guardian.insert(g.clone(), taken.public_key_package);
+                    ids.insert(taken.identifier, g.clone());
+                    if taken.stocked {
+                        from_stock.push(g.clone());
+                    }
                 }
                 Err(reason) => blamed.push((g.clone(), reason)),
             }
@@ -506,8 +543,16 @@ impl SignStep {
         if !blamed.is_empty() {
             return Err(Failure::Blamed(blamed));
         }
-        let public =
-            agreed_public_package(&packages_by_guardian, group_key).map_err(Failure::Blamed)?;
+        let public = match agreed_public_package(&packages_by_guardian, group_key) {
+            Ok(public) => public,
+            // A key rotation since some of the stock was handed out: ask
+            // those guardians again before blaming anyone.
+            Err(_) if !from_stock.is_empty() => {
+                self.drop_stock(&from_stock, wallet);
+                return Err(Failure::Stale(from_stock));
+            }
+            Err(blamed) => return Err(Failure::Blamed(blamed)),
+        };
         let packages: Vec<SigningPackage> = commitments
             .into_iter()
             .zip(&sighashes)
@@ -525,14 +570,11 @@ impl SignStep {
         let replies = join_all(signers.iter().map(|(g, _)| self.ask(g, &share))).await;
         let mut shares: Vec<BTreeMap<Identifier, SignatureShare>> =
             vec![BTreeMap::new(); packages.len()];
-        let mut stale = false;
+        let mut stale = Vec::new();
         for ((g, index), reply) in signers.iter().zip(replies) {
             if let Ok(SignReply::Stale { reason }) = &reply {
                 tracing::info!(guardian = %g, %reason, "commitments dropped as stale");
-                if let Ok(mut stock) = self.stock.lock() {
-                    stock.remove(&(g.clone(), wallet.to_string()));
-                }
-                stale = true;
+                stale.push(g.clone());
                 continue;
             }
             match reply.and_then(|r| read_shares(g, r, packages.len())) {
@@ -551,8 +593,9 @@ impl SignStep {
         if !blamed.is_empty() {
             return Err(Failure::Blamed(blamed));
         }
-        if stale {
-            return Err(Failure::Stale);
+        if !stale.is_empty() {
+            self.drop_stock(&stale, wallet);
+            return Err(Failure::Stale(stale));
         }
         let mut signatures = Vec::with_capacity(packages.len());
         for (package, shares) in packages.iter().zip(&shares) {
@@ -582,11 +625,12 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A guardian's commitments for a signing: its identifier, one commitment per
-/// input, and its public key package.
-type Commitments = (Identifier, Vec<SigningCommitments>, Vec<u8>);
-
-fn read_commitments(guardian: &str, index: u16, reply: SignReply) -> Result<Held, String> {
+fn read_commitments(
+    guardian: &str,
+    index: u16,
+    reply: SignReply,
+    asked: u16,
+) -> Result<Held, String> {
     match reply {
         SignReply::Preprocessed {
             identifier,
@@ -597,6 +641,12 @@ fn read_commitments(guardian: &str, index: u16, reply: SignReply) -> Result<Held
                 .map_err(|e| format!("{guardian}: bad identifier: {e}"))?;
             if Identifier::try_from(index).ok() != Some(id) {
                 return Err(format!("{guardian} answered with another identifier"));
+            }
+            if commitments.len() != usize::from(asked) {
+                return Err(format!(
+                    "{guardian} handed out {} commitments, {asked} were asked",
+                    commitments.len()
+                ));
             }
             let now = Instant::now();
             let commitments = commitments
@@ -878,7 +928,7 @@ impl SignStep {
             .map(|g| (g.id.clone(), g.index))
             .collect();
         let mut excluded = Vec::new();
-        let mut stale = 0;
+        let mut stale: BTreeMap<String, usize> = BTreeMap::new();
         while candidates.len() >= threshold && threshold > 0 {
             let signers: Vec<(String, u16)> = candidates[..threshold].to_vec();
             match self
@@ -896,22 +946,33 @@ impl SignStep {
                         excluded,
                     });
                 }
-                Err(Failure::Stale) => {
-                    stale += 1;
-                    if stale > STALE_RETRIES {
-                        return Err(format!(
-                            "guardians held no nonces for fresh commitments {stale} times in a row"
-                        ));
+                Err(Failure::Stale(guardians)) => {
+                    // Twice stale in one ceremony, the second time on
+                    // commitments it had just handed out: not a restart.
+                    let mut out = Vec::new();
+                    for g in guardians {
+                        let times = stale.entry(g.clone()).or_insert(0);
+                        *times += 1;
+                        if *times >= 2 {
+                            out.push((
+                                g,
+                                "held no nonces for commitments it had just handed out".to_string(),
+                            ));
+                        }
                     }
+                    candidates.retain(|(g, _)| !out.iter().any(|(o, _)| o == g));
+                    excluded.extend(out);
                 }
                 Err(Failure::Blamed(blamed)) => {
                     let fatal = blamed
                         .iter()
                         .any(|(g, _)| g == "coordinator" || g == "guardians");
                     let out: BTreeSet<String> = blamed.iter().map(|(g, _)| g.clone()).collect();
+                    let before = candidates.len();
                     candidates.retain(|(g, _)| !out.contains(g));
                     excluded.extend(blamed);
-                    if fatal {
+                    // A blame that excludes nobody would only repeat.
+                    if fatal || candidates.len() == before {
                         break;
                     }
                 }
