@@ -44,8 +44,10 @@ pub enum SignError {
     UnknownCommitment,
     #[error("refused: {signers} signers in the package, the threshold is {threshold}")]
     TooFewSigners { signers: usize, threshold: u16 },
-    #[error("refused: the nonces were drawn for another key share")]
-    WrongKey,
+    /// The nonces were drawn by a signer of another identifier (which share
+    /// of that identifier drew them is the caller's to check).
+    #[error("refused: the nonces were drawn by a signer of another identifier")]
+    WrongSigner,
     #[error("signing failed: {0}")]
     Frost(String),
 }
@@ -117,7 +119,7 @@ pub fn round2(
 ) -> Result<SignatureShare, SignError> {
     let key_package = &key.0;
     if *key_package.identifier() != nonces.identifier {
-        return Err(SignError::WrongKey);
+        return Err(SignError::WrongSigner);
     }
     if signing_package.message().as_slice() != my_sighash.as_bytes() {
         return Err(SignError::MessageMismatch {

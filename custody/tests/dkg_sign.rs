@@ -339,7 +339,7 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     let s = sign::preprocess(k1, &mut r);
     assert_eq!(
         sign::round2(s, &sign::TweakedKey::new(k2), &good, &mine).unwrap_err(),
-        SignError::WrongKey
+        SignError::WrongSigner
     );
 }
 

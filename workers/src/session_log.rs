@@ -1,7 +1,10 @@
 //! A guardian's record of the signing sessions it signed in: an append-only
 //! log, one claim per line (`<session id> <unix seconds>`). A session id is
 //! claimed once; shares leave only after the claim is on disk, so an id signs
-//! at most once, also across restarts. Claims are
+//! at most once, also across restarts. What keeps the key safe is that each
+//! nonce signs at most one package (`custody::sign::Signer`); this log is
+//! defence in depth beside it, and the guardian's own record of what it
+//! signed. Claims are
 //! group-committed: one writer thread appends every claim made meanwhile and
 //! syncs once for all of them (an fsync per signing, with its journal commit,
 //! cost more than the signing).
