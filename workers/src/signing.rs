@@ -235,9 +235,11 @@ pub fn wallet_script(wallet: &WalletDescriptor) -> Result<Vec<u8>, String> {
 const LIVE: Duration = Duration::from_secs(15);
 /// How long a guardian may take to answer one request.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
-/// A wallet's stock of a guardian's commitments is topped up, off any
-/// signing's path, once it falls below this.
-const LOW_STOCK: usize = 32;
+/// Commitments first asked of a guardian for a wallet. Each top-up asks
+/// twice the one before, up to [`MAX_PREPROCESS`]: a wallet that signs once
+/// in a while leaves a few outstanding nonces with its guardians, a busy one
+/// gets batches of 64.
+const FIRST_BATCH: u16 = 4;
 /// Commitments are used only while well inside the guardian's keeping time.
 const FRESH: Duration = Duration::from_secs(COMMITMENT_TTL.as_secs() / 2);
 
@@ -247,6 +249,9 @@ struct Held {
     identifier: Identifier,
     public_key_package: Vec<u8>,
     commitments: VecDeque<(Instant, SigningCommitments)>,
+    /// How many the last request asked for; the stock is topped up once it
+    /// falls below half of it.
+    batch: u16,
     /// A top-up is on its way.
     refilling: bool,
 }
@@ -382,13 +387,18 @@ impl SignStep {
     ) -> Result<Held, String> {
         let mut held: Option<Held> = None;
         // Every answer holds exactly what was asked, so this ends.
-        while held.as_ref().map_or(0, |h| h.commitments.len()) < count {
+        loop {
+            let have = held.as_ref().map_or(0, |h| h.commitments.len());
+            let Some(missing) = count.checked_sub(have).filter(|m| *m > 0) else {
+                break;
+            };
+            let asked = u16::try_from(missing).map_or(MAX_PREPROCESS, |m| m.min(MAX_PREPROCESS));
             let request = SignRequest::Preprocess {
                 wallet: wallet.to_string(),
-                count: MAX_PREPROCESS,
+                count: asked,
             };
             let reply = self.ask(guardian, &request).await?;
-            let fresh = read_commitments(guardian, index, reply, MAX_PREPROCESS)?;
+            let fresh = read_commitments(guardian, index, reply, asked)?;
             match &mut held {
                 Some(h) if h.public_key_package == fresh.public_key_package => {
                     h.commitments.extend(fresh.commitments)
@@ -428,7 +438,8 @@ impl SignStep {
         let taken = match stocked {
             Some(taken) => taken,
             None => {
-                let mut fresh = self.preprocess(guardian, index, wallet, inputs).await?;
+                let count = inputs.max(usize::from(FIRST_BATCH));
+                let mut fresh = self.preprocess(guardian, index, wallet, count).await?;
                 let mut taken = fresh
                     .take(inputs)
                     .ok_or_else(|| format!("{guardian} handed out too few commitments"))?;
@@ -453,6 +464,7 @@ impl SignStep {
                     && held.public_key_package == fresh.public_key_package =>
             {
                 held.commitments.extend(fresh.commitments);
+                held.batch = held.batch.max(fresh.batch);
             }
             _ => {
                 stock.insert(key.clone(), fresh);
@@ -472,21 +484,25 @@ impl SignStep {
     /// Asks for a batch of commitments in the background once the stock of
     /// `key` runs low.
     fn top_up(&self, key: (String, String), index: u16) {
-        {
+        let count = {
             let Ok(mut stock) = self.stock.lock() else {
                 return;
             };
             match stock.get_mut(&key) {
-                Some(held) if !held.refilling && held.commitments.len() < LOW_STOCK => {
+                Some(held)
+                    if !held.refilling && held.commitments.len() < usize::from(held.batch / 2) =>
+                {
                     held.refilling = true;
+                    held.batch = (held.batch * 2).min(MAX_PREPROCESS);
+                    usize::from(held.batch)
                 }
                 _ => return,
             }
-        }
+        };
         let step = self.clone();
         tokio::spawn(async move {
             let (guardian, wallet) = &key;
-            let fresh = step.preprocess(guardian, index, wallet, 1).await;
+            let fresh = step.preprocess(guardian, index, wallet, count).await;
             match fresh {
                 Ok(fresh) => step.restock(&key, fresh),
                 Err(reason) => tracing::debug!(%guardian, %reason, "commitments not topped up"),
@@ -658,6 +674,7 @@ fn read_commitments(
                 identifier: id,
                 public_key_package,
                 commitments,
+                batch: asked,
                 refilling: false,
             })
         }
