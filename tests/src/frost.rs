@@ -243,18 +243,33 @@ pub async fn ask_to_sign(
 /// An unsigned transaction of `wallet` paying `amount` satoshi to `destination`
 /// from one (made-up) 5 LTC output of the wallet.
 pub fn built(wallet: &WalletDescriptor, destination: &str, amount: u64, seed: u8) -> Payload {
+    built_from(wallet, destination, amount, &[(seed, 500_000_000)])
+}
+
+/// An unsigned transaction of `wallet` paying `amount` satoshi to
+/// `destination` from made-up outputs of the wallet (`(seed, value)` each: the
+/// seed makes its txid), as many as it takes.
+pub fn built_from(
+    wallet: &WalletDescriptor,
+    destination: &str,
+    amount: u64,
+    coins: &[(u8, u64)],
+) -> Payload {
     let script = wallet_script(wallet).expect("wallet script");
-    let utxo = SpentOutput {
-        txid: hex::encode([seed; 32]),
-        vout: 1,
-        value: 500_000_000,
-        script_pubkey: hex::encode(&script),
-    };
+    let utxos: Vec<SpentOutput> = coins
+        .iter()
+        .map(|(seed, value)| SpentOutput {
+            txid: hex::encode([*seed; 32]),
+            vout: 1,
+            value: *value,
+            script_pubkey: hex::encode(&script),
+        })
+        .collect();
     let dest = spend::script_pubkey_for_address(&wallet.chain, destination).expect("address");
     let unsigned = spend::build_spend(&SpendRequest {
         chain: &wallet.chain,
         wallet_script: &script,
-        utxos: &[utxo],
+        utxos: &utxos,
         destination: &dest,
         amount,
         fee_rate: Some(2),

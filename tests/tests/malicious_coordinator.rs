@@ -18,8 +18,8 @@ use custos_engine::policy;
 use custos_engine::transfer::{self, Stage};
 use custos_schemas::{EventType, IntakeReply, Payload, WalletDescriptor, codec, subjects};
 use custos_tests::frost::{
-    Frost, Guardian, append_built, ask, built, frost_setup, history, preprocess, sighashes,
-    stage_of,
+    Frost, Guardian, append_built, ask, built, built_from, frost_setup, history, preprocess,
+    sighashes, stage_of,
 };
 use custos_tests::*;
 use custos_workers::ceremony::{GuardianReply, GuardianRequest, Joining, RosterEntry};
@@ -296,6 +296,54 @@ async fn forged_commitments_and_second_shares_are_refused() {
     )
     .await;
     refused(&reply, "2 packages for 1 inputs");
+    // Two inputs' packages naming one commitment of g2's: one nonce would
+    // sign two messages. The second finds it spent, and nothing is signed.
+    let (two_inputs, _, _) = allowed_transfers(&nats, &engine, &wallet, "two-inputs", 1)
+        .await
+        .remove(0);
+    let destination = taproot_address("rltc", [9; 32]);
+    let payload = built_from(
+        &wallet,
+        &destination,
+        AMOUNT,
+        &[(31, 100_000_000), (32, 100_000_000)],
+    );
+    let two_sighashes = sighashes(&wallet, &payload, &destination, AMOUNT);
+    assert_eq!(two_sighashes.len(), 2, "a two-input transaction");
+    append_built(&engine, &nats, &two_inputs, payload).await;
+    let (id2, mine) = preprocess(&client, "g2", "vault", 3).await;
+    let (id3, theirs) = preprocess(&client, "g3", "vault", 2).await;
+    let two = |g2_first: SigningCommitments, g2_second: SigningCommitments| {
+        [g2_first, g2_second]
+            .into_iter()
+            .zip(&theirs)
+            .zip(&two_sighashes)
+            .map(|((g2, g3), h)| {
+                package(&[(id2, g2), (id3, *g3)], h)
+                    .serialize()
+                    .expect("package")
+            })
+            .collect::<Vec<_>>()
+    };
+    let ask_two = |session: &str, packages: Vec<Vec<u8>>| SignRequest::Sign {
+        session_id: session.into(),
+        workflow_id: two_inputs.clone(),
+        packages,
+    };
+    let reply = ask(&client, "g2", &ask_two("reused-1", two(mine[0], mine[0]))).await;
+    stale(&reply);
+    // With a commitment per input it signs both, once.
+    let reply = ask(
+        &client,
+        "g2",
+        &ask_two("two-inputs-1", two(mine[1], mine[2])),
+    )
+    .await;
+    assert!(
+        matches!(&reply, SignReply::Shares { shares } if shares.len() == 2),
+        "{reply:?}"
+    );
+
     // A second request after a share was given: the same package, another
     // one, or four at once: one share at most per commitment and session.
     let (id2, c2) = commit(&client, "g2").await;
