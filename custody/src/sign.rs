@@ -182,15 +182,16 @@ impl<T> Signer<T> {
     }
 
     /// Keeps `nonces` for a package that may name them, tagged `tag`, handed
-    /// out at `at`; returns the commitments to hand out.
+    /// out at `at`; returns the commitments to hand out, serialized (what
+    /// the nonces are found by again).
     pub fn hand_out(
         &mut self,
         nonces: Preprocessed,
         tag: T,
         at: u64,
-    ) -> Result<SigningCommitments, SignError> {
-        let commitments = nonces.commitments;
-        let commitment = commitments
+    ) -> Result<Vec<u8>, SignError> {
+        let commitment = nonces
+            .commitments
             .serialize()
             .map_err(|e| SignError::Frost(e.to_string()))?;
         while self.by_order.len() >= self.capacity {
@@ -205,12 +206,12 @@ impl<T> Signer<T> {
             Outstanding {
                 tag,
                 at,
-                commitment,
+                commitment: commitment.clone(),
                 nonces,
             },
         );
         self.next += 1;
-        Ok(commitments)
+        Ok(commitment)
     }
 
     /// Drops the nonces handed out before `before`.
@@ -370,6 +371,18 @@ mod tests {
     use super::*;
     use rand_core::SeedableRng;
 
+    /// Hands `nonces` out from `signer`: their commitments.
+    fn handed<T>(
+        signer: &mut Signer<T>,
+        nonces: Preprocessed,
+        tag: T,
+        at: u64,
+    ) -> SigningCommitments {
+        let commitments = *nonces.commitments();
+        signer.hand_out(nonces, tag, at).expect("handed out");
+        commitments
+    }
+
     /// Handed-out nonces sign the one package that names them; the oldest
     /// go beyond capacity, the stale on expiry, and a tag's on forgetting.
     #[test]
@@ -383,8 +396,8 @@ mod tests {
         );
         let sighash = Sighash::from_recomputed([5; 32]);
         let (mut g1, mut g2) = (Signer::new(4), Signer::new(4));
-        let c1 = g1.hand_out(preprocess(k1, &mut rng), "w", 0).expect("c1");
-        let c2 = g2.hand_out(preprocess(k2, &mut rng), "w", 0).expect("c2");
+        let c1 = handed(&mut g1, preprocess(k1, &mut rng), "w", 0);
+        let c2 = handed(&mut g2, preprocess(k2, &mut rng), "w", 0);
         let package = signing_package(
             [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
             &sighash,
@@ -403,7 +416,7 @@ mod tests {
         );
         // Two packages (two inputs) naming one commitment: the second finds
         // its nonces spent, so one nonce never signs two messages.
-        let c1 = g1.hand_out(preprocess(k1, &mut rng), "w", 0).expect("c1");
+        let c1 = handed(&mut g1, preprocess(k1, &mut rng), "w", 0);
         let first = signing_package(
             [(*k1.identifier(), c1), (*k2.identifier(), c2)].into(),
             &sighash,
@@ -426,7 +439,7 @@ mod tests {
         assert_eq!(g1.outstanding(), 4, "the oldest dropped beyond capacity");
         g1.expire(4);
         assert_eq!(g1.outstanding(), 2);
-        let kept = g1.hand_out(preprocess(k1, &mut rng), "x", 6).expect("x");
+        let kept = handed(&mut g1, preprocess(k1, &mut rng), "x", 6);
         g1.forget(|tag| *tag == "w");
         assert_eq!(g1.outstanding(), 1);
         let named = signing_package(

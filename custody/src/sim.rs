@@ -171,7 +171,8 @@ pub fn run_prepared_signing(
     let mut commitments = BTreeMap::new();
     for (g, (kp, _)) in guardians.iter_mut().zip(signers) {
         let nonces = sign::preprocess(kp, rng);
-        commitments.insert(*kp.identifier(), g.hand_out(nonces, (), 0).map_err(e)?);
+        commitments.insert(*kp.identifier(), *nonces.commitments());
+        g.hand_out(nonces, (), 0).map_err(e)?;
     }
     let package = sign::signing_package(commitments, sighash);
     let mut shares = BTreeMap::new();

@@ -269,8 +269,10 @@ fn guardian_refuses_coordinator_digest_replays_and_tampered_commitments() {
     let mine = msg(1);
     let mut g1 = Signer::new(8);
     let mut g2 = Signer::new(8);
-    let c1 = g1.hand_out(sign::preprocess(k1, &mut r), (), 0).unwrap();
-    let c2 = g2.hand_out(sign::preprocess(k2, &mut r), (), 0).unwrap();
+    let (n1, n2) = (sign::preprocess(k1, &mut r), sign::preprocess(k2, &mut r));
+    let (c1, c2) = (*n1.commitments(), *n2.commitments());
+    g1.hand_out(n1, (), 0).unwrap();
+    g2.hand_out(n2, (), 0).unwrap();
     // The coordinator asks g1 to sign another digest: refused, and the nonces are spent.
     let evil = sign::signing_package([(id(1), c1), (id(2), c2)].into(), &msg(2));
     let ((), nonces) = g1.take(&evil, &id(1)).unwrap();

@@ -172,10 +172,8 @@ impl SignService {
             let at = since_start();
             let signer = state.signer();
             for nonces in drawn {
-                let c = signer
-                    .hand_out(nonces, (wallet.to_string(), share.clone()), at)
-                    .map_err(|e| e.to_string())?;
-                commitments.push(c.serialize().map_err(|e| e.to_string())?);
+                let handed = signer.hand_out(nonces, (wallet.to_string(), share.clone()), at);
+                commitments.push(handed.map_err(|e| e.to_string())?);
             }
         }
         Ok(SignReply::Preprocessed {

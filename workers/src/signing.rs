@@ -389,10 +389,11 @@ impl SignStep {
         // Every answer holds exactly what was asked, so this ends.
         loop {
             let have = held.as_ref().map_or(0, |h| h.commitments.len());
-            let Some(missing) = count.checked_sub(have).filter(|m| *m > 0) else {
+            if have >= count {
                 break;
-            };
-            let asked = u16::try_from(missing).map_or(MAX_PREPROCESS, |m| m.min(MAX_PREPROCESS));
+            }
+            let asked =
+                u16::try_from(count - have).map_or(MAX_PREPROCESS, |m| m.min(MAX_PREPROCESS));
             let request = SignRequest::Preprocess {
                 wallet: wallet.to_string(),
                 count: asked,

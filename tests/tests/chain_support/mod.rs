@@ -114,7 +114,8 @@ pub fn sign_as_guardians(
         for (s, i) in signers.iter_mut().zip(quorum) {
             let kp = w.key(i);
             let nonces = sign::preprocess(kp, &mut rng);
-            commitments.insert(*kp.identifier(), s.hand_out(nonces, (), 0).expect("commit"));
+            commitments.insert(*kp.identifier(), *nonces.commitments());
+            s.hand_out(nonces, (), 0).expect("handed out");
         }
         let coordinator_view = checked[0].sighash(input).expect("sighash");
         let package = sign::signing_package(commitments, &coordinator_view);
